@@ -1,0 +1,24 @@
+"""FastAPI dependencies as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.settings import Settings
+from service.worker import FitWorker
+
+
+def get_worker(request: Request) -> FitWorker:
+    worker: FitWorker = request.app.state.worker
+    return worker
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+WorkerDep = Annotated[FitWorker, Depends(get_worker)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]

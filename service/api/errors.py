@@ -1,0 +1,61 @@
+"""Exception -> HTTP mapping. No handler ever echoes the request's input back."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from service.api.parsing import sanitize_errors
+from service.worker import FitError, Overloaded, Unavailable
+
+
+class UnsupportedMediaType(Exception):
+    def __init__(self, content_type: str) -> None:
+        self.content_type = content_type
+        super().__init__(
+            f"unsupported Content-Type {content_type!r}; send the body as application/json"
+        )
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready; nobody reads the response."""
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": sanitize_errors(exc.errors())}, status_code=422)
+
+
+async def _fit_error(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Overloaded)
+    return JSONResponse(
+        {"detail": str(exc)},
+        status_code=429,
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+
+async def _media_type(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=415)
+
+
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request"; never delivered
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(FitError, _fit_error)
+    app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(Unavailable, _unavailable)
+    app.add_exception_handler(UnsupportedMediaType, _media_type)
+    app.add_exception_handler(ClientDisconnected, _disconnected)

@@ -1,0 +1,181 @@
+"""POST /v1/fits/{linear,gaussian}: the seed's two fits."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+
+from service.api.deps import SettingsDep, WorkerDep
+from service.api.errors import ClientDisconnected, UnsupportedMediaType
+from service.api.openapi import json_body
+from service.api.parsing import Invalid, Parsed, parse_gaussian, parse_linear
+from service.api.schemas import (
+    GAUSSIAN_EXAMPLE,
+    LINEAR_EXAMPLE,
+    ErrorDetail,
+    GaussianFitRequest,
+    GaussianFitResponse,
+    GaussianParams,
+    LinearFitRequest,
+    LinearFitResponse,
+    LinearParams,
+    ValidationErrorBody,
+    limits_context,
+)
+from service.settings import Settings
+from service.worker import FitResult, FitWorker, GaussianJob, Job, LinearJob
+
+router = APIRouter(prefix="/v1/fits", tags=["fits"])
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+T = TypeVar("T")
+
+FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorDetail, "description": "Body larger than TAPEFIT_MAX_BODY_BYTES."},
+    415: {"model": ErrorDetail, "description": "Content-Type is not application/json."},
+    422: {
+        "model": ValidationErrorBody | ErrorDetail,
+        "description": "Invalid request (a list naming each field), or a fit that cannot "
+        "finish (a sentence): diverged (lower learning_rate) or degenerate data.",
+    },
+    429: {
+        "model": ErrorDetail,
+        "description": "Every fit slot and queue place is taken; retry after the "
+        "Retry-After header's seconds.",
+    },
+    503: {"model": ErrorDetail, "description": "Warming up or shutting down; retry."},
+}
+
+
+async def _read_json(request: Request) -> bytes:
+    content_type = request.headers.get("content-type", "application/json")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType(content_type)
+    return await request.body()
+
+
+async def _parse(
+    request: Request,
+    worker: FitWorker,
+    settings: Settings,
+    parser: Callable[[bytes, dict[str, Any]], Parsed[RequestT] | Invalid],
+) -> Parsed[RequestT]:
+    body = await _read_json(request)
+    context = limits_context(settings.max_points, settings.max_epochs)
+    parsed = await worker.parse(parser, body, context)
+    if isinstance(parsed, Invalid):
+        raise RequestValidationError(
+            [{**error, "loc": ["body", *error["loc"]]} for error in parsed.errors]
+        )
+    return parsed
+
+
+async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it (which abandons the fit)."""
+    result: list[T] = []
+    async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        result.append(await work())
+        tasks.cancel_scope.cancel()
+    if not result:
+        raise ClientDisconnected
+    return result[0]
+
+
+async def _fit(request: Request, worker: FitWorker, job: Job) -> FitResult:
+    return await _unless_disconnected(request, lambda: worker.fit(job))
+
+
+def _common(result: FitResult) -> dict[str, Any]:
+    return {
+        "loss_history": result.loss_history.tolist(),
+        "final_loss": result.final_loss,
+        "epochs_run": result.epochs_run,
+        "n": result.n,
+        "stop_reason": result.stop_reason,
+        "seed": result.seed,
+    }
+
+
+@router.post(
+    "/linear",
+    response_model=LinearFitResponse,
+    summary="Fit a line by gradient descent on the MSE",
+    responses=FIT_RESPONSES,
+    openapi_extra=json_body(
+        LinearFitRequest,
+        {
+            "seed-data": {
+                "summary": "Noisy line y = x + 2 (seed-style data)",
+                "value": LINEAR_EXAMPLE,
+            }
+        },
+    ),
+)
+async def fit_linear(
+    request: Request, worker: WorkerDep, settings: SettingsDep
+) -> LinearFitResponse:
+    """Fit y = slope·x + intercept to (x, y) with the seed's GradientTape loop, minimizing the
+    mean squared error; returns the parameters and the loss before every update."""
+    async with worker.admit():
+        parsed = await _parse(request, worker, settings, parse_linear)
+        body = parsed.request
+        initial = (body.initial.slope, body.initial.intercept) if body.initial else None
+        job = LinearJob(
+            x=parsed.arrays["x"],
+            y=parsed.arrays["y"],
+            learning_rate=body.learning_rate,
+            epochs=body.epochs,
+            initial=initial,
+            seed=body.seed,
+        )
+        result = await _fit(request, worker, job)
+    return LinearFitResponse(params=LinearParams(**result.params), **_common(result))
+
+
+@router.post(
+    "/gaussian",
+    response_model=GaussianFitResponse,
+    summary="Fit a normal distribution by maximum likelihood",
+    responses=FIT_RESPONSES,
+    openapi_extra=json_body(
+        GaussianFitRequest,
+        {
+            "seed-data": {
+                "summary": "Samples of N(2, 1) (seed-style data)",
+                "value": GAUSSIAN_EXAMPLE,
+            }
+        },
+    ),
+)
+async def fit_gaussian(
+    request: Request, worker: WorkerDep, settings: SettingsDep
+) -> GaussianFitResponse:
+    """Fit N(mean, std²) to the samples y with the seed's GradientTape loop, minimizing the
+    negative log-likelihood; returns the parameters and the loss before every update."""
+    async with worker.admit():
+        parsed = await _parse(request, worker, settings, parse_gaussian)
+        body = parsed.request
+        initial = (body.initial.mean, body.initial.std) if body.initial else None
+        job = GaussianJob(
+            y=parsed.arrays["y"],
+            learning_rate=body.learning_rate,
+            epochs=body.epochs,
+            initial=initial,
+            reduction=body.reduction,
+            seed=body.seed,
+        )
+        result = await _fit(request, worker, job)
+    return GaussianFitResponse(params=GaussianParams(**result.params), **_common(result))

@@ -1,0 +1,244 @@
+"""Request and response models of the HTTP API (pydantic v2; no TensorFlow here).
+
+Numbers are strict: JSON numbers only (no strings, no booleans), finite (no NaN, ±Infinity
+or 1e999). Limits that depend on settings (points, epochs) are checked with the limits passed
+as validation context, so the error names the field and the setting.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
+
+DEFAULT_LEARNING_RATE = 0.1
+DEFAULT_EPOCHS = 1000
+
+LINEAR_EXAMPLE: dict[str, Any] = {
+    "x": [0.625, 0.897, 0.776, 0.225, 0.3, 0.874, 0.005, 0.821, 0.797, 0.468, 0.303, 0.278],
+    "y": [2.641, 2.757, 2.772, 2.329, 2.098, 2.805, 1.72, 2.628, 2.521, 2.433, 2.113, 2.319],
+    "learning_rate": 0.1,
+    "epochs": 1000,
+    "seed": 42,
+}
+GAUSSIAN_EXAMPLE: dict[str, Any] = {
+    "y": [
+        *(2.157, 1.813, -0.517, 1.461, 1.951, 2.113, 0.47, 1.522),
+        *(1.021, 1.191, 3.061, 1.192, 1.967, 2.884, 1.416, 1.888),
+    ],
+    "learning_rate": 0.1,
+    "epochs": 1000,
+    "reduction": "mean",
+}
+
+
+def limits_context(max_points: int, max_epochs: int) -> dict[str, Any]:
+    """Validation context carrying the settings-dependent limits."""
+    return {"max_points": max_points, "max_epochs": max_epochs}
+
+
+def _limit(info: ValidationInfo, name: str) -> int | None:
+    context = info.context or {}
+    value = context.get(name)
+    return int(value) if value is not None else None
+
+
+def _check_points(values: list[float], info: ValidationInfo) -> list[float]:
+    limit = _limit(info, "max_points")
+    if limit is not None and len(values) > limit:
+        raise PydanticCustomError(
+            "too_many_points",
+            "at most {limit} points are allowed (TAPEFIT_MAX_POINTS), got {count}",
+            {"limit": limit, "count": len(values)},
+        )
+    return values
+
+
+def _check_not_constant(values: list[float], what: str) -> list[float]:
+    first = values[0]
+    if all(v == first for v in values):
+        raise PydanticCustomError(
+            "constant_data",
+            "all {what} values are equal; at least two distinct values are needed",
+            {"what": what},
+        )
+    return values
+
+
+Points = Annotated[
+    list[FiniteFloat],
+    Field(min_length=2, description="Finite numbers; at least 2, at most TAPEFIT_MAX_POINTS."),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _TrainingOptions(_Strict):
+    learning_rate: PositiveFloat = Field(
+        DEFAULT_LEARNING_RATE,
+        description="Gradient-descent step size (> 0). Too large a step makes the fit diverge "
+        "(answered with 422).",
+        examples=[DEFAULT_LEARNING_RATE],
+    )
+    epochs: Annotated[int, Field(strict=True, ge=1)] = Field(
+        DEFAULT_EPOCHS,
+        description="Gradient-descent steps (>= 1, at most TAPEFIT_MAX_EPOCHS).",
+        examples=[DEFAULT_EPOCHS],
+    )
+    seed: Annotated[int, Field(strict=True, ge=0, lt=2**63)] | None = Field(
+        None,
+        description="Seeds the random initial values: the same request with the same seed "
+        "gives the same response. Omitted: a fresh seed is drawn and returned.",
+        examples=[42],
+    )
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_within_limit(cls, epochs: int, info: ValidationInfo) -> int:
+        limit = _limit(info, "max_epochs")
+        if limit is not None and epochs > limit:
+            raise PydanticCustomError(
+                "too_many_epochs",
+                "at most {limit} epochs are allowed (TAPEFIT_MAX_EPOCHS), got {count}",
+                {"limit": limit, "count": epochs},
+            )
+        return epochs
+
+
+class LinearInitial(_Strict):
+    """Starting point of the linear fit."""
+
+    slope: FiniteFloat = Field(description="Initial slope m.", examples=[0.0])
+    intercept: FiniteFloat = Field(description="Initial intercept b.", examples=[0.0])
+
+
+class GaussianInitial(_Strict):
+    """Starting point of the Gaussian fit."""
+
+    mean: FiniteFloat = Field(description="Initial mean m.", examples=[1.0])
+    std: PositiveFloat = Field(description="Initial standard deviation s (> 0).", examples=[1.0])
+
+
+class LinearFitRequest(_TrainingOptions):
+    """Fit y = slope·x + intercept by gradient descent on the mean squared error."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [LINEAR_EXAMPLE]})
+
+    x: Points = Field(description="Inputs x (finite numbers, >= 2, not all equal).")
+    y: Points = Field(description="Targets y, one per x.")
+    initial: LinearInitial | None = Field(
+        None,
+        description="Initial parameters. Omitted: slope ~ N(0, 0.05²) drawn from `seed` and "
+        "intercept 0, like the seed's Keras `random_normal` / `zeros` initializers.",
+    )
+
+    @field_validator("x")
+    @classmethod
+    def _x_usable(cls, x: list[float], info: ValidationInfo) -> list[float]:
+        return _check_not_constant(_check_points(x, info), "x")
+
+    @field_validator("y")
+    @classmethod
+    def _y_matches_x(cls, y: list[float], info: ValidationInfo) -> list[float]:
+        _check_points(y, info)
+        x = info.data.get("x")
+        if x is not None and len(x) != len(y):
+            raise PydanticCustomError(
+                "length_mismatch",
+                "y has {ny} values but x has {nx}; they must pair up",
+                {"nx": len(x), "ny": len(y)},
+            )
+        return y
+
+
+class GaussianFitRequest(_TrainingOptions):
+    """Fit a normal distribution N(mean, std²) by maximum likelihood (gradient descent on the
+    negative log-likelihood)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [GAUSSIAN_EXAMPLE]})
+
+    y: Points = Field(description="Samples (finite numbers, >= 2, not all equal).")
+    initial: GaussianInitial | None = Field(
+        None,
+        description="Initial parameters. Omitted: mean 0.7·mean(y), std 1.3·std(y), as in the "
+        "seed.",
+    )
+    reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description='"sum": the seed\'s NLL, (N/2)·log(2π s²) + Σ(y-m)²/(2 s²); "mean": the '
+        "same divided by N, so the learning rate does not depend on N.",
+    )
+
+    @field_validator("y")
+    @classmethod
+    def _y_usable(cls, y: list[float], info: ValidationInfo) -> list[float]:
+        return _check_not_constant(_check_points(y, info), "y")
+
+
+class LinearParams(BaseModel):
+    slope: float = Field(description="Fitted slope m.")
+    intercept: float = Field(description="Fitted intercept b.")
+
+
+class GaussianParams(BaseModel):
+    mean: float = Field(description="Fitted mean m.")
+    std: float = Field(description="Fitted standard deviation s (always > 0).")
+
+
+StopReasonField = Literal["max_epochs", "timeout"]
+
+
+class _FitResponse(BaseModel):
+    loss_history: list[float] = Field(
+        description="Loss before each update: entry i is the loss at the parameters before "
+        "update i."
+    )
+    final_loss: float = Field(description="Loss at the returned parameters.")
+    epochs_run: int = Field(description="Updates applied (< epochs only on timeout).")
+    n: int = Field(description="Number of data points.")
+    stop_reason: StopReasonField = Field(
+        description='"max_epochs": all epochs ran; "timeout": the deadline stopped the fit and '
+        "the response carries what was reached."
+    )
+    seed: int | None = Field(
+        description="Seed of the random initial values (null when none were random)."
+    )
+
+
+class LinearFitResponse(_FitResponse):
+    model: Literal["linear"] = "linear"
+    params: LinearParams
+
+
+class GaussianFitResponse(_FitResponse):
+    model: Literal["gaussian"] = "gaussian"
+    params: GaussianParams
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "starting", "stopping"]
+
+
+class ErrorDetail(BaseModel):
+    """An error whose cause is one sentence (divergence, overload, readiness, size)."""
+
+    detail: str
+
+
+class ValidationErrorItem(BaseModel):
+    loc: list[str | int] = Field(description='Where: ["body", field, index...].')
+    msg: str
+    type: str
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrorBody(BaseModel):
+    """FastAPI's usual 422 shape (the offending input is never echoed back)."""
+
+    detail: list[ValidationErrorItem]

@@ -1,0 +1,61 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api.errors import install_error_handlers
+from service.api.openapi import install_openapi
+from service.api.routes import fits, health
+from service.api.schemas import GaussianFitRequest, LinearFitRequest
+from service.settings import Settings, get_settings
+from service.worker import FitWorker
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Fits models with custom TensorFlow training loops (`tf.GradientTape`): POST the data and,
+optionally, hyperparameters; get the fitted parameters and the loss history back as JSON.
+
+- **linear**: y = slope·x + intercept, gradient descent on the mean squared error;
+- **gaussian**: N(mean, std²), gradient descent on the negative log-likelihood.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the worker warms up in the background (``/readyz`` says when)."""
+    settings = settings or get_settings()
+    worker = FitWorker(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        starting = asyncio.create_task(worker.start(), name="worker-start")
+        app.state.worker_started = starting
+        try:
+            yield
+        finally:
+            worker.begin_drain()
+            if not starting.done():
+                starting.cancel()
+            await worker.stop()
+
+    app = FastAPI(
+        title="tapefit",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.settings = settings
+    app.state.worker = worker
+    install_error_handlers(app)
+    app.include_router(fits.router)
+    app.include_router(health.router)
+    install_openapi(app, [LinearFitRequest, GaussianFitRequest])
+    return app

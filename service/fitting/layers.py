@@ -1,0 +1,46 @@
+"""The seed's models as Keras ``Layer`` subclasses holding their weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+
+class LinearRegressionLayer(tf.keras.layers.Layer):
+    """Maps x to ``m * x + b``; m starts random-normal and b at zero, as in the seed."""
+
+    def __init__(
+        self,
+        m_initializer: Any = "random_normal",
+        b_initializer: Any = "zeros",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.m = self.add_weight(shape=(1,), initializer=m_initializer, name="m")
+        self.b = self.add_weight(shape=(1,), initializer=b_initializer, name="b")
+        self.built = True  # weights exist from __init__, as in the seed
+
+    def call(self, inputs: Any) -> Any:
+        return self.m * inputs + self.b
+
+
+class GaussianFitLayer(tf.keras.layers.Layer):
+    """A normal distribution with mean m and standard deviation s.
+
+    ``ivs`` are the initial values (m0, s0). Calling the layer draws one sample per input,
+    as in the seed; fitting uses the weights directly through the negative log-likelihood.
+    """
+
+    def __init__(self, ivs: Sequence[float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        constant = tf.keras.initializers.Constant
+        self.m = self.add_weight(shape=(1,), initializer=constant(float(ivs[0])), name="m")
+        self.s = self.add_weight(shape=(1,), initializer=constant(float(ivs[1])), name="s")
+        self.built = True
+
+    def call(self, inputs: Any) -> Any:
+        return tf.random.normal(
+            shape=tf.shape(inputs), mean=self.m[0], stddev=self.s[0], dtype=self.compute_dtype
+        )

@@ -1,0 +1,50 @@
+"""Plain-data results and errors of the fitting engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+ModelName = Literal["linear", "gaussian"]
+StopReason = Literal["max_epochs", "timeout"]
+
+
+@dataclass(frozen=True, slots=True)
+class FitResult:
+    """What a fit produced. ``loss_history[i]`` is the loss before update i (as in the seed)."""
+
+    model: ModelName
+    params: dict[str, float]
+    loss_history: npt.NDArray[np.float64]
+    final_loss: float
+    epochs_run: int
+    n: int
+    stop_reason: StopReason
+    seed: int | None = None
+
+
+class FitError(ValueError):
+    """A fit that cannot produce an answer for this data and these hyperparameters."""
+
+
+class FitDiverged(FitError):
+    """The loss or the parameters stopped being finite during training."""
+
+    def __init__(self, epoch: int, learning_rate: float) -> None:
+        self.epoch = epoch
+        self.learning_rate = learning_rate
+        super().__init__(
+            f"the fit diverged at epoch {epoch}: the loss or the parameters became non-finite; "
+            f"lower learning_rate (it was {learning_rate:g})"
+        )
+
+
+class DegenerateData(FitError):
+    """The data do not determine the model's parameters (e.g. all x equal)."""
+
+
+class FitCancelled(Exception):
+    """The caller asked the fit to stop and wants no result (e.g. the client went away)."""

@@ -1,0 +1,57 @@
+"""Sufficient statistics of a data set, computed once per fit in float64.
+
+Means first, then second moments about them (two passes), so large offsets in the data do
+not cancel away the spread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tensorflow as tf
+
+LINEAR_FIELDS = ("n", "x_mean", "y_mean", "vxx", "vxy", "vyy")
+GAUSSIAN_FIELDS = ("n", "y_mean", "vyy")
+
+_VECTOR = tf.TensorSpec([None], tf.float64)
+
+
+@tf.function(input_signature=[_VECTOR, _VECTOR])
+def linear_summary(x: Any, y: Any) -> Any:
+    """[n, x̄, ȳ, Vxx, Vxy, Vyy] of paired samples."""
+    n = tf.cast(tf.size(x), tf.float64)
+    x_mean, dx = _centre(x)
+    y_mean, dy = _centre(y)
+    return tf.stack(
+        [
+            n,
+            x_mean,
+            y_mean,
+            tf.reduce_mean(dx * dx),
+            tf.reduce_mean(dx * dy),
+            tf.reduce_mean(dy * dy),
+        ]
+    )
+
+
+@tf.function(input_signature=[_VECTOR])
+def gaussian_summary(y: Any) -> Any:
+    """[n, ȳ, Vyy] of samples (Vyy is the population variance)."""
+    n = tf.cast(tf.size(y), tf.float64)
+    y_mean, dy = _centre(y)
+    return tf.stack([n, y_mean, tf.reduce_mean(dy * dy)])
+
+
+def _centre(v: Any) -> tuple[Any, Any]:
+    """Mean and deviations of ``v``; the second pass corrects the first pass's rounding."""
+    mean = tf.reduce_mean(v)
+    dev = v - mean
+    correction = tf.reduce_mean(dev)
+    return mean + correction, dev - correction
+
+
+def as_vector(values: npt.ArrayLike) -> Any:
+    """A float64 tensor of shape [n] from any 1-D array-like."""
+    return tf.convert_to_tensor(np.asarray(values, dtype=np.float64).reshape(-1))

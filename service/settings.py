@@ -1,0 +1,75 @@
+"""Runtime settings, read from the environment (prefix ``TAPEFIT_``)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (cgroup/affinity aware where the OS tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is the env var ``TAPEFIT_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TAPEFIT_", extra="ignore", frozen=True)
+
+    host: str = Field("0.0.0.0", description="Interface uvicorn binds to.")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(8000, description="TCP port.")
+    log_level: str = Field("info", description="uvicorn / service log level.")
+
+    max_points: Annotated[int, Field(ge=2)] = Field(
+        1_000_000, description="Most data points one fit may carry."
+    )
+    max_epochs: Annotated[int, Field(ge=1)] = Field(
+        100_000, description="Most epochs one fit may ask for."
+    )
+    max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
+        64 * 1024 * 1024, description="Largest request body accepted (413 above)."
+    )
+
+    max_concurrent_fits: Annotated[int, Field(ge=1)] = Field(
+        default_factory=available_cpus, description="Fits that run at the same time."
+    )
+    max_queued_fits: Annotated[int, Field(ge=0)] = Field(
+        default_factory=lambda: 2 * available_cpus(),
+        description="Fits that may wait for a slot; beyond it the service answers 429.",
+    )
+    fit_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        60.0, description="Wall-clock budget of one fit, queueing included."
+    )
+    epochs_per_call: Annotated[int, Field(ge=1, le=65536)] = Field(
+        4096,
+        description="Epochs run per call of the compiled loop; deadlines and cancellation "
+        "are checked between calls.",
+    )
+
+    intra_op_threads: Annotated[int, Field(ge=0)] = Field(
+        default_factory=available_cpus, description="TensorFlow intra-op threads (0 = TF default)."
+    )
+    inter_op_threads: Annotated[int, Field(ge=0)] = Field(
+        2, description="TensorFlow inter-op threads (0 = TF default)."
+    )
+
+    parse_inline_max_bytes: Annotated[int, Field(ge=0)] = Field(
+        256 * 1024,
+        description="JSON bodies up to this size are parsed in the server process; larger ones "
+        "in a separate parser process so that parsing never stalls other requests.",
+    )
+    parse_processes: Annotated[int, Field(ge=0)] = Field(
+        1, description="Parser processes for large JSON bodies (0 = parse in a thread)."
+    )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

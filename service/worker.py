@@ -1,0 +1,256 @@
+"""Bounded execution of fits off the event loop: admission, deadlines, cancellation, parsing.
+
+- At most ``max_concurrent_fits`` fits run at once, in a dedicated thread pool; up to
+  ``max_queued_fits`` more may wait. Beyond that :class:`Overloaded` is raised at once
+  (the API answers 429 with Retry-After) instead of piling up threads.
+- Every fit has a deadline; the engine checks it between compiled chunks of epochs and
+  returns what it reached with ``stop_reason="timeout"``.
+- A caller that stops waiting (client gone) sets the fit's cancel flag; the engine abandons
+  the fit at the next chunk boundary.
+- Large request bodies are parsed in a separate process so that pydantic, which holds the
+  GIL for the whole parse, never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from service.fitting import (
+    DegenerateData,
+    FitCancelled,
+    FitDiverged,
+    FitEngine,
+    FitError,
+    FitResult,
+    StopReason,
+    configure_threads,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Array = npt.NDArray[np.float64]
+
+__all__ = [
+    "DegenerateData",
+    "FitDiverged",
+    "FitError",
+    "FitResult",
+    "FitWorker",
+    "GaussianJob",
+    "LinearJob",
+    "Overloaded",
+    "Unavailable",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class LinearJob:
+    x: Array
+    y: Array
+    learning_rate: float
+    epochs: int
+    initial: tuple[float, float] | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GaussianJob:
+    y: Array
+    learning_rate: float
+    epochs: int
+    initial: tuple[float, float] | None = None
+    reduction: Literal["sum", "mean"] = "mean"
+    seed: int | None = None
+
+
+Job = LinearJob | GaussianJob
+
+
+class Overloaded(Exception):
+    """Every fit slot and queue place is taken; try again after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"too many fits in progress; retry after {retry_after} s")
+
+
+class Unavailable(Exception):
+    """The worker is not taking fits (still warming up, or shutting down)."""
+
+
+@lru_cache(maxsize=4)
+def shared_engine(epochs_per_call: int) -> FitEngine:
+    """One engine per process and chunk size: it is stateless and thread-safe."""
+    engine = FitEngine(epochs_per_call=epochs_per_call)
+    engine.warm_up()
+    return engine
+
+
+class FitWorker:
+    """Owns the fit thread pool, the parser process pool and admission control."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.capacity = settings.max_concurrent_fits + settings.max_queued_fits
+        self.in_flight = 0
+        self.ready = False
+        self.draining = False
+        self.engine: FitEngine | None = None
+        self._fit_pool = ThreadPoolExecutor(
+            max_workers=settings.max_concurrent_fits, thread_name_prefix="fit"
+        )
+        self._parse_pool: Executor | None = None
+        self._parse_lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Set TensorFlow's threads, build and warm the compiled loops, start the parser."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        configure_threads(s.intra_op_threads, s.inter_op_threads)
+        parser_ready = loop.run_in_executor(None, self._start_parser)
+        self.engine = await loop.run_in_executor(self._fit_pool, shared_engine, s.epochs_per_call)
+        await parser_ready
+        self.ready = True
+        log.info("worker ready", extra={"trace_counts": self.engine.trace_counts()})
+
+    def begin_drain(self) -> None:
+        """Stop admitting fits; those in progress go on."""
+        self.draining = True
+
+    async def stop(self) -> None:
+        self.begin_drain()
+        self.ready = False
+        self._fit_pool.shutdown(wait=False, cancel_futures=True)
+        with self._parse_lock:
+            if self._parse_pool is not None:
+                self._parse_pool.shutdown(wait=False, cancel_futures=True)
+                self._parse_pool = None
+
+    # -- admission ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Hold one of the ``capacity`` places (running or queued) for a whole request."""
+        if self.draining:
+            raise Unavailable("the service is shutting down")
+        if not self.ready:
+            raise Unavailable("the service is warming up")
+        if self.in_flight >= self.capacity:
+            raise Overloaded(retry_after=self._retry_after())
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def _retry_after(self) -> int:
+        return 1
+
+    # -- parsing --------------------------------------------------------------------------
+
+    def _start_parser(self) -> None:
+        if self.settings.parse_processes < 1:
+            return
+        from service.api import parsing  # the parser function lives with the API
+
+        pool = ProcessPoolExecutor(
+            max_workers=self.settings.parse_processes,
+            mp_context=multiprocessing.get_context("spawn"),
+        )
+        futures = [pool.submit(parsing.warm) for _ in range(self.settings.parse_processes)]
+        for future in futures:
+            future.result()
+        with self._parse_lock:
+            self._parse_pool = pool
+
+    async def parse(
+        self, fn: Callable[[bytes, dict[str, Any]], T], body: bytes, ctx: dict[str, Any]
+    ) -> T:
+        """Run a pure parse function: inline when small, else in the parser process."""
+        if len(body) <= self.settings.parse_inline_max_bytes:
+            return fn(body, ctx)
+        loop = asyncio.get_running_loop()
+        pool = self._parse_pool
+        if pool is None:
+            return await loop.run_in_executor(None, fn, body, ctx)
+        try:
+            return await loop.run_in_executor(pool, fn, body, ctx)
+        except BrokenProcessPool:
+            log.warning("parser process died; restarting it")
+            await loop.run_in_executor(None, self._restart_parser, pool)
+            return await loop.run_in_executor(None, fn, body, ctx)
+
+    def _restart_parser(self, broken: Executor) -> None:
+        with self._parse_lock:
+            if self._parse_pool is broken:
+                self._parse_pool = None
+        broken.shutdown(wait=False, cancel_futures=True)
+        self._start_parser()
+
+    # -- fitting --------------------------------------------------------------------------
+
+    async def fit(self, job: Job, timeout_s: float | None = None) -> FitResult:
+        """Run one fit in the pool; cancelling the caller abandons the fit."""
+        if self.engine is None:
+            raise Unavailable("the service is warming up")
+        budget = (
+            self.settings.fit_timeout_s
+            if timeout_s is None
+            else min(timeout_s, self.settings.fit_timeout_s)
+        )
+        deadline = time.monotonic() + budget
+        cancelled = threading.Event()
+
+        def should_stop() -> StopReason | None:
+            if cancelled.is_set():
+                raise FitCancelled
+            return "timeout" if time.monotonic() >= deadline else None
+
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._fit_pool, self._run, self.engine, job, should_stop)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    def _run(
+        self, engine: FitEngine, job: Job, should_stop: Callable[[], StopReason | None]
+    ) -> FitResult:
+        if isinstance(job, LinearJob):
+            return engine.fit_linear(
+                job.x,
+                job.y,
+                learning_rate=job.learning_rate,
+                epochs=job.epochs,
+                initial=job.initial,
+                seed=job.seed,
+                should_stop=should_stop,
+            )
+        return engine.fit_gaussian(
+            job.y,
+            learning_rate=job.learning_rate,
+            epochs=job.epochs,
+            initial=job.initial,
+            reduction=job.reduction,
+            seed=job.seed,
+            should_stop=should_stop,
+        )
