@@ -256,7 +256,33 @@ class FitEngine:
         if not math.isfinite(final_loss):
             raise FitDiverged(epoch=done_total, learning_rate=learning_rate)
         history_all = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        _check_descended(history_all, final_loss, learning_rate)
         return [float(v) for v in values], history_all, final_loss, done_total, stop
+
+
+#: Relative slack before "the loss ended above its start" counts as divergence (rounding).
+RISE_TOLERANCE = 1e-9
+
+
+def _check_descended(
+    history: npt.NDArray[np.float64], final_loss: float, learning_rate: float
+) -> None:
+    """Gradient descent that ends above its starting loss has overshot, however finite.
+
+    (The Gaussian NLL rarely overflows: a too-large step throws s far out, where the
+    gradients are tiny, and the loss stays finite but far worse than at the start.)
+    """
+    start = float(history[0])
+    limit = start + RISE_TOLERANCE * max(1.0, abs(start))
+    if final_loss <= limit:
+        return
+    above = np.flatnonzero(history > limit)
+    epoch = int(above[0]) + 1 if above.size else len(history)
+    raise FitDiverged(
+        epoch=epoch,
+        learning_rate=learning_rate,
+        reason=f"the loss rose above its starting value {start:.6g} and ended at {final_loss:.6g}",
+    )
 
 
 __all__ = ["FitEngine", "ModelName", "Reduction", "StopCheck"]

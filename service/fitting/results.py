@@ -31,13 +31,17 @@ class FitError(ValueError):
 
 
 class FitDiverged(FitError):
-    """The loss or the parameters stopped being finite during training."""
+    """Training blew up: the loss or the parameters became non-finite, or the loss ended
+    above where it started."""
 
-    def __init__(self, epoch: int, learning_rate: float) -> None:
+    NON_FINITE = "the loss or the parameters became non-finite"
+
+    def __init__(self, epoch: int, learning_rate: float, reason: str = NON_FINITE) -> None:
         self.epoch = epoch
         self.learning_rate = learning_rate
+        self.reason = reason
         super().__init__(
-            f"the fit diverged at epoch {epoch}: the loss or the parameters became non-finite; "
+            f"the fit diverged at epoch {epoch}: {reason}; "
             f"lower learning_rate (it was {learning_rate:g})"
         )
 

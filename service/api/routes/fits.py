@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
@@ -76,26 +76,28 @@ async def _parse(
     return parsed
 
 
-async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
-    """Run ``work``; if the client disconnects first, cancel it (which abandons the fit)."""
-    result: list[T] = []
-    async with anyio.create_task_group() as tasks:
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            tasks.cancel_scope.cancel()
 
-        tasks.start_soon(watch)
-        result.append(await work())
-        tasks.cancel_scope.cancel()
-    if not result:
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (which abandons the fit)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
         raise ClientDisconnected
-    return result[0]
+    return task.result()
 
 
 async def _fit(request: Request, worker: FitWorker, job: Job) -> FitResult:
-    return await _unless_disconnected(request, lambda: worker.fit(job))
+    return await _unless_disconnected(request, worker.fit(job))
 
 
 def _common(result: FitResult) -> dict[str, Any]:

@@ -1,0 +1,307 @@
+"""In-process HTTP tests of the fit routes (AsyncClient + ASGITransport, lifespan run)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from service.api.schemas import GAUSSIAN_EXAMPLE, LINEAR_EXAMPLE
+from service.fitting.reference import (
+    gaussian_closed_form,
+    linear_closed_form,
+    reference_gaussian,
+    reference_linear,
+)
+from tests.conftest import app_settings, running_app, seed_gaussian_data, seed_linear_data
+
+pytestmark = pytest.mark.anyio
+
+LINEAR = "/v1/fits/linear"
+GAUSSIAN = "/v1/fits/gaussian"
+
+
+def _no_nan(response: httpx.Response) -> None:
+    text = response.text
+    assert "NaN" not in text and "Infinity" not in text
+
+
+async def test_linear_example_fits(client: httpx.AsyncClient) -> None:
+    r = await client.post(LINEAR, json=LINEAR_EXAMPLE)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "linear"
+    assert set(body["params"]) == {"slope", "intercept"}
+    assert body["n"] == len(LINEAR_EXAMPLE["x"])
+    assert body["epochs_run"] == LINEAR_EXAMPLE["epochs"] == len(body["loss_history"])
+    assert body["stop_reason"] == "max_epochs"
+    assert body["seed"] == 42
+    slope, intercept = linear_closed_form(LINEAR_EXAMPLE["x"], LINEAR_EXAMPLE["y"])
+    assert body["params"]["slope"] == pytest.approx(slope, abs=1e-3)
+    assert body["params"]["intercept"] == pytest.approx(intercept, abs=1e-3)
+    assert body["final_loss"] <= body["loss_history"][-1]
+
+
+async def test_gaussian_example_fits(client: httpx.AsyncClient) -> None:
+    r = await client.post(GAUSSIAN, json=GAUSSIAN_EXAMPLE)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "gaussian"
+    mean, std = gaussian_closed_form(GAUSSIAN_EXAMPLE["y"])
+    assert body["params"]["mean"] == pytest.approx(mean, abs=1e-4)
+    assert body["params"]["std"] == pytest.approx(std, abs=1e-4)
+    assert body["params"]["std"] > 0
+    assert len(body["loss_history"]) == body["epochs_run"] == 1000
+
+
+@pytest.mark.parametrize("data_seed", [0, 1])
+async def test_defaults_converge_on_seed_data(client: httpx.AsyncClient, data_seed: int) -> None:
+    x, y = seed_linear_data(data_seed)
+    r = await client.post(LINEAR, json={"x": x.tolist(), "y": y.tolist()})
+    assert r.status_code == 200, r.text
+    slope, intercept = linear_closed_form(x, y)
+    assert abs(r.json()["params"]["slope"] - slope) < 1e-2
+    assert abs(r.json()["params"]["intercept"] - intercept) < 1e-2
+
+    yg = seed_gaussian_data(data_seed)
+    r = await client.post(GAUSSIAN, json={"y": yg.tolist()})
+    assert r.status_code == 200, r.text
+    mean, std = gaussian_closed_form(yg)
+    assert abs(r.json()["params"]["mean"] - mean) < 1e-2
+    assert abs(r.json()["params"]["std"] - std) < 1e-2
+
+
+async def test_seed_hyperparameters_give_the_seed_loop_numbers(client: httpx.AsyncClient) -> None:
+    x, y = seed_linear_data(2)
+    m, b, history = reference_linear(x, y, learning_rate=0.05, epochs=30, initial=(0.02, 0.0))
+    r = await client.post(
+        LINEAR,
+        json={
+            "x": x.tolist(),
+            "y": y.tolist(),
+            "learning_rate": 0.05,
+            "epochs": 30,
+            "initial": {"slope": 0.02, "intercept": 0.0},
+        },
+    )
+    body = r.json()
+    np.testing.assert_allclose(body["loss_history"], history, rtol=2e-5)
+    assert body["params"]["slope"] == pytest.approx(m, rel=2e-5)
+    assert body["params"]["intercept"] == pytest.approx(b, rel=2e-5)
+    assert body["seed"] is None
+
+    yg = seed_gaussian_data(2)
+    mg, sg, hg = reference_gaussian(yg, learning_rate=0.0005, epochs=50)
+    r = await client.post(
+        GAUSSIAN,
+        json={"y": yg.tolist(), "learning_rate": 0.0005, "epochs": 50, "reduction": "sum"},
+    )
+    body = r.json()
+    np.testing.assert_allclose(body["loss_history"], hg, rtol=2e-5)
+    assert body["params"]["mean"] == pytest.approx(mg, rel=2e-5)
+    assert body["params"]["std"] == pytest.approx(sg, rel=2e-5)
+
+
+async def test_same_seed_same_response(client: httpx.AsyncClient) -> None:
+    x, y = seed_linear_data(3)
+    payload = {"x": x.tolist(), "y": y.tolist(), "epochs": 20, "seed": 7}
+    first, second = (await client.post(LINEAR, json=payload)).json(), None
+    second = (await client.post(LINEAR, json=payload)).json()
+    assert first == second
+    unseeded = (await client.post(LINEAR, json={**payload, "seed": None})).json()
+    replay = (await client.post(LINEAR, json={**payload, "seed": unseeded["seed"]})).json()
+    assert replay == unseeded
+
+
+async def test_divergence_is_a_clear_422(client: httpx.AsyncClient) -> None:
+    x, y = seed_linear_data(0)
+    r = await client.post(
+        LINEAR, json={"x": x.tolist(), "y": y.tolist(), "learning_rate": 100, "seed": 1}
+    )
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert isinstance(detail, str)
+    assert "diverged at epoch" in detail and "lower learning_rate" in detail
+    _no_nan(r)
+
+    r = await client.post(GAUSSIAN, json={"y": seed_gaussian_data(0).tolist(), "learning_rate": 50})
+    assert r.status_code == 422
+    assert "diverged" in r.json()["detail"]
+    _no_nan(r)
+
+
+GOOD_LINEAR: dict[str, Any] = {"x": [0.0, 1.0, 2.0], "y": [1.0, 3.0, 5.0]}
+GOOD_GAUSSIAN: dict[str, Any] = {"y": [1.0, 2.0, 4.0]}
+
+
+def _replace(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**base, **changes}
+
+
+INVALID_LINEAR: list[tuple[str, Any, str]] = [
+    ("unknown field", _replace(GOOD_LINEAR, slope=1), "slope"),
+    ("string number", _replace(GOOD_LINEAR, x=["0", 1.0, 2.0]), "x"),
+    ("boolean number", _replace(GOOD_LINEAR, y=[1.0, True, 5.0]), "y"),
+    ("null point", _replace(GOOD_LINEAR, y=[1.0, None, 5.0]), "y"),
+    ("mismatched lengths", _replace(GOOD_LINEAR, y=[1.0, 2.0]), "y"),
+    ("empty", _replace(GOOD_LINEAR, x=[], y=[]), "x"),
+    ("one point", _replace(GOOD_LINEAR, x=[1.0], y=[2.0]), "x"),
+    ("x all equal", _replace(GOOD_LINEAR, x=[1.0, 1.0, 1.0]), "x"),
+    ("zero learning rate", _replace(GOOD_LINEAR, learning_rate=0), "learning_rate"),
+    ("negative learning rate", _replace(GOOD_LINEAR, learning_rate=-0.1), "learning_rate"),
+    ("string learning rate", _replace(GOOD_LINEAR, learning_rate="0.1"), "learning_rate"),
+    ("zero epochs", _replace(GOOD_LINEAR, epochs=0), "epochs"),
+    ("fractional epochs", _replace(GOOD_LINEAR, epochs=2.5), "epochs"),
+    ("too many epochs", _replace(GOOD_LINEAR, epochs=100_001), "epochs"),
+    ("negative seed", _replace(GOOD_LINEAR, seed=-1), "seed"),
+    ("bad initial", _replace(GOOD_LINEAR, initial={"slope": 1.0}), "initial"),
+    ("x not a list", _replace(GOOD_LINEAR, x=3.0), "x"),
+    ("missing y", {"x": [0.0, 1.0]}, "y"),
+]
+INVALID_GAUSSIAN: list[tuple[str, Any, str]] = [
+    ("y all equal", _replace(GOOD_GAUSSIAN, y=[2.0, 2.0, 2.0]), "y"),
+    ("zero initial std", _replace(GOOD_GAUSSIAN, initial={"mean": 0, "std": 0}), "initial"),
+    ("unknown reduction", _replace(GOOD_GAUSSIAN, reduction="max"), "reduction"),
+    ("x is not a gaussian field", _replace(GOOD_GAUSSIAN, x=[1.0, 2.0, 3.0]), "x"),
+]
+
+
+def _assert_422_naming(r: httpx.Response, field: str) -> None:
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, list) and detail
+    assert any(field in error["loc"] for error in detail), detail
+    for error in detail:
+        assert error["loc"][0] == "body"
+        assert "input" not in error
+        assert error["msg"]
+    _no_nan(r)
+
+
+@pytest.mark.parametrize(
+    ("case", "payload", "field"), INVALID_LINEAR, ids=[c[0] for c in INVALID_LINEAR]
+)
+async def test_invalid_linear_requests_name_the_field(
+    client: httpx.AsyncClient, case: str, payload: Any, field: str
+) -> None:
+    _assert_422_naming(await client.post(LINEAR, json=payload), field)
+
+
+@pytest.mark.parametrize(
+    ("case", "payload", "field"), INVALID_GAUSSIAN, ids=[c[0] for c in INVALID_GAUSSIAN]
+)
+async def test_invalid_gaussian_requests_name_the_field(
+    client: httpx.AsyncClient, case: str, payload: Any, field: str
+) -> None:
+    _assert_422_naming(await client.post(GAUSSIAN, json=payload), field)
+
+
+@pytest.mark.parametrize(
+    ("literal", "field"),
+    [
+        ('{"x": [0, 1, NaN], "y": [1, 2, 3]}', "x"),
+        ('{"x": [0, 1, 2], "y": [1, Infinity, 3]}', "y"),
+        ('{"x": [0, -Infinity, 2], "y": [1, 2, 3]}', "x"),
+        ('{"x": [0, 1, 2], "y": [1, 1e999, 3]}', "y"),
+        ('{"x": [0, 1, 2], "y": [1, 2, 3], "learning_rate": NaN}', "learning_rate"),
+        (
+            '{"x": [0, 1, 2], "y": [1, 2, 3], "initial": {"slope": Infinity, "intercept": 0}}',
+            "slope",
+        ),
+        ('{"x": [0, 1, 2], "y": [1, 2, ' + "9" * 400 + "]}", "y"),
+    ],
+)
+async def test_non_finite_numbers_are_refused_without_echo(
+    client: httpx.AsyncClient, literal: str, field: str
+) -> None:
+    r = await client.post(LINEAR, content=literal, headers={"content-type": "application/json"})
+    _assert_422_naming(r, field)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b"[1, 2]", b"null", b'{"x": [1, 2]', b"\xff\xfe", b"[" * 10_000]
+)
+async def test_malformed_bodies_are_4xx(client: httpx.AsyncClient, raw: bytes) -> None:
+    r = await client.post(LINEAR, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][0] == "body"
+
+
+async def test_wrong_content_type_is_415(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        LINEAR, content=json.dumps(GOOD_LINEAR), headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 415
+    assert "application/json" in r.json()["detail"]
+
+
+async def test_limits_come_from_settings() -> None:
+    settings = app_settings(max_points=5, max_epochs=50, max_body_bytes=4096)
+    async with running_app(settings) as c:
+        r = await c.post(LINEAR, json={"x": list(range(6)), "y": list(range(6))})
+        _assert_422_naming(r, "x")
+        assert "TAPEFIT_MAX_POINTS" in r.json()["detail"][0]["msg"]
+        r = await c.post(GAUSSIAN, json={"y": [1.0, 2.0], "epochs": 51})
+        _assert_422_naming(r, "epochs")
+        assert "TAPEFIT_MAX_EPOCHS" in r.json()["detail"][0]["msg"]
+        r = await c.post(GAUSSIAN, json={"y": [1.5] * 2000 + [2.0]})
+        assert r.status_code == 413
+        r = await c.post(GAUSSIAN, json={"y": [1.0, 2.0], "epochs": 50})
+        assert r.status_code == 200
+
+
+async def test_large_body_is_parsed_in_the_parser_process() -> None:
+    settings = app_settings(parse_processes=1, parse_inline_max_bytes=0)
+    x, y = seed_linear_data(4, n=50_000)
+    async with running_app(settings) as c:
+        r = await c.post(LINEAR, json={"x": x.tolist(), "y": y.tolist(), "epochs": 2000})
+        assert r.status_code == 200, r.text
+        slope, _ = linear_closed_form(x, y)
+        assert r.json()["params"]["slope"] == pytest.approx(slope, abs=1e-3)
+        assert r.json()["n"] == 50_000
+        bad = '{"x": [1.0, NaN], "y": [1.0, 2.0], "padding": "' + "p" * 100 + '"}'
+        r = await c.post(LINEAR, content=bad, headers={"content-type": "application/json"})
+        _assert_422_naming(r, "x")
+
+
+async def test_timeout_returns_what_was_reached() -> None:
+    settings = app_settings(epochs_per_call=1, fit_timeout_s=0.3)
+    async with running_app(settings) as c:
+        yg = seed_gaussian_data(0)
+        r = await c.post(GAUSSIAN, json={"y": yg.tolist(), "epochs": 100_000})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["stop_reason"] == "timeout"
+        assert 0 < body["epochs_run"] < 100_000
+        assert len(body["loss_history"]) == body["epochs_run"]
+
+
+async def test_overload_is_429_with_retry_after() -> None:
+    settings = app_settings(
+        epochs_per_call=1, fit_timeout_s=5.0, max_concurrent_fits=1, max_queued_fits=0
+    )
+    async with running_app(settings) as c:
+        yg = seed_gaussian_data(0).tolist()
+        slow = asyncio.create_task(c.post(GAUSSIAN, json={"y": yg, "epochs": 100_000}))
+        app_worker = None
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            health = await c.get("/readyz")
+            assert health.status_code == 200
+            if slow.done():
+                break
+            r = await c.post(GAUSSIAN, json={"y": yg, "epochs": 10})
+            if r.status_code == 429:
+                app_worker = r
+                break
+        assert app_worker is not None, "the second fit was never refused"
+        assert app_worker.headers["Retry-After"] == "1"
+        assert "retry" in app_worker.json()["detail"]
+        first = await slow
+        assert first.status_code == 200
+        r = await c.post(GAUSSIAN, json={"y": yg, "epochs": 10})
+        assert r.status_code == 200

@@ -1,0 +1,52 @@
+"""Probes and the OpenAPI document."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from service.app import create_app
+from tests.conftest import app_settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    r = await client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready"}
+
+
+async def test_readyz_is_503_until_warm() -> None:
+    app = create_app(app_settings())  # lifespan not run: the worker never started
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tapefit") as c:
+        r = await c.get("/readyz")
+        assert r.status_code == 503
+        assert r.json() == {"status": "starting"}
+        assert (await c.get("/healthz")).status_code == 200
+        r = await c.post("/v1/fits/gaussian", json={"y": [1.0, 2.0]})
+        assert r.status_code == 503
+
+
+async def test_openapi_documents_bodies_examples_and_statuses(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+    for path, model in [
+        ("/v1/fits/linear", "LinearFitRequest"),
+        ("/v1/fits/gaussian", "GaussianFitRequest"),
+    ]:
+        op = spec["paths"][path]["post"]
+        content = op["requestBody"]["content"]["application/json"]
+        assert content["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        example = next(iter(content["examples"].values()))["value"]
+        r = await client.post(path, json=example)
+        assert r.status_code == 200, r.text
+        assert {"200", "413", "415", "422", "429", "503"} <= set(op["responses"])
+        assert op["summary"] and op["description"]
+        for name, prop in schemas[model]["properties"].items():
+            assert prop.get("description"), f"{model}.{name} has no description"
+    defaults = schemas["LinearFitRequest"]["properties"]
+    assert defaults["learning_rate"]["default"] == 0.1
+    assert defaults["epochs"]["default"] == 1000

@@ -1,0 +1,65 @@
+"""Shared fixtures: the seed's data sets, the engine, and an in-process app with lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import pytest
+from asgi_lifespan import LifespanManager
+
+from service.app import create_app
+from service.fitting import FitEngine
+from service.settings import Settings
+from service.worker import shared_engine
+
+Array = npt.NDArray[np.float64]
+
+
+def seed_linear_data(seed: int = 0, n: int = 100) -> tuple[Array, Array]:
+    """The seed's ``generate_noisy_data(m=1, b=2)``: x ~ U(0, 1), noise ~ N(0, 0.15²)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random(n)
+    return x, 1.0 * x + 2.0 + rng.normal(0.0, 0.15, n)
+
+
+def seed_gaussian_data(seed: int = 0, n: int = 1000) -> Array:
+    """The seed's ``generate_gaussian_data(m=2, s=1)``."""
+    return np.random.default_rng(seed).normal(2.0, 1.0, n)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def engine() -> FitEngine:
+    return shared_engine(Settings().epochs_per_call)
+
+
+def app_settings(**overrides: Any) -> Settings:
+    """Settings for in-process apps: no parser process unless a test asks for one."""
+    values: dict[str, Any] = {"parse_processes": 0, **overrides}
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan run and warm-up finished, behind an AsyncClient."""
+    app = create_app(settings)
+    async with LifespanManager(app, startup_timeout=120):
+        await app.state.worker_started
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tapefit") as client:
+            yield client
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with running_app(app_settings()) as c:
+        yield c

@@ -1,0 +1,203 @@
+"""The compiled engine against the seed's eager loop and closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.fitting import DegenerateData, FitCancelled, FitDiverged, FitEngine, StopReason
+from service.fitting.reference import (
+    gaussian_closed_form,
+    linear_closed_form,
+    reference_gaussian,
+    reference_linear,
+)
+from service.fitting.summary import as_vector, gaussian_summary, linear_summary
+from tests.conftest import seed_gaussian_data, seed_linear_data
+
+# float32 (the seed's dtype) against our float64 loop.
+RTOL = 2e-5
+
+
+@pytest.mark.parametrize("data_seed", [0, 1, 2])
+def test_linear_matches_seed_loop_with_seed_hyperparameters(
+    engine: FitEngine, data_seed: int
+) -> None:
+    x, y = seed_linear_data(data_seed)
+    m0 = 0.05 * np.random.default_rng(100 + data_seed).standard_normal()
+    m, b, history = reference_linear(x, y, learning_rate=0.05, epochs=30, initial=(m0, 0.0))
+
+    result = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, initial=(m0, 0.0))
+
+    assert result.epochs_run == 30
+    assert len(result.loss_history) == 30
+    np.testing.assert_allclose(result.loss_history, history, rtol=RTOL)
+    assert result.params["slope"] == pytest.approx(m, rel=RTOL, abs=1e-6)
+    assert result.params["intercept"] == pytest.approx(b, rel=RTOL, abs=1e-6)
+    # The seed's initial MSE is ~6.3 and its 30 epochs end near m=1.05, b=1.91.
+    assert 4.0 < result.loss_history[0] < 9.0
+    assert abs(result.params["slope"] - 1.0) < 0.2
+    assert abs(result.params["intercept"] - 2.0) < 0.2
+
+
+@pytest.mark.parametrize("data_seed", [0, 1, 2])
+def test_gaussian_matches_seed_loop_with_seed_hyperparameters(
+    engine: FitEngine, data_seed: int
+) -> None:
+    y = seed_gaussian_data(data_seed)
+    m, s, history = reference_gaussian(y, learning_rate=0.0005, epochs=50)
+
+    result = engine.fit_gaussian(y, learning_rate=0.0005, epochs=50, reduction="sum")
+
+    np.testing.assert_allclose(result.loss_history, history, rtol=RTOL)
+    assert result.params["mean"] == pytest.approx(m, rel=RTOL)
+    assert result.params["std"] == pytest.approx(s, rel=RTOL)
+    # The seed reports m = 2.02, s = 1.02 for its draw of N(2, 1).
+    assert abs(result.params["mean"] - 2.0) < 0.1
+    assert abs(result.params["std"] - 1.0) < 0.1
+
+
+def test_final_loss_is_loss_at_returned_parameters(engine: FitEngine) -> None:
+    x, y = seed_linear_data(3)
+    result = engine.fit_linear(x, y, learning_rate=0.1, epochs=200, initial=(0.0, 0.0))
+    slope, intercept = result.params["slope"], result.params["intercept"]
+    assert result.final_loss == pytest.approx(np.mean((slope * x + intercept - y) ** 2), rel=1e-10)
+    assert result.final_loss <= result.loss_history[-1]
+
+    yg = seed_gaussian_data(3)
+    g = engine.fit_gaussian(yg, learning_rate=0.1, epochs=200)
+    mean, std = g.params["mean"], g.params["std"]
+    expected = 0.5 * np.log(2 * np.pi * std**2) + np.mean((yg - mean) ** 2) / (2 * std**2)
+    assert g.final_loss == pytest.approx(expected, rel=1e-10)
+
+
+def test_mean_reduction_is_sum_divided_by_n(engine: FitEngine) -> None:
+    y = seed_gaussian_data(4, n=500)
+    total = engine.fit_gaussian(y, learning_rate=0.0001, epochs=20, reduction="sum")
+    mean = engine.fit_gaussian(y, learning_rate=0.0001 * 500, epochs=20, reduction="mean")
+    np.testing.assert_allclose(total.loss_history / 500, mean.loss_history, rtol=1e-10)
+
+
+@pytest.mark.parametrize("data_seed", [0, 5])
+def test_converges_to_closed_form(engine: FitEngine, data_seed: int) -> None:
+    x, y = seed_linear_data(data_seed)
+    slope, intercept = linear_closed_form(x, y)
+    fit = engine.fit_linear(x, y, learning_rate=0.1, epochs=1000, seed=data_seed)
+    assert fit.params["slope"] == pytest.approx(slope, abs=1e-3)
+    assert fit.params["intercept"] == pytest.approx(intercept, abs=1e-3)
+
+    yg = seed_gaussian_data(data_seed)
+    mean, std = gaussian_closed_form(yg)
+    g = engine.fit_gaussian(yg, learning_rate=0.1, epochs=1000)
+    assert g.params["mean"] == pytest.approx(mean, abs=1e-6)
+    assert g.params["std"] == pytest.approx(std, abs=1e-6)
+
+
+def test_one_trace_serves_every_n_epochs_and_learning_rate(engine: FitEngine) -> None:
+    engine.warm_up()
+    before = engine.trace_counts()
+    rng = np.random.default_rng(9)
+    for n, epochs, lr in [(2, 1, 0.5), (37, 10, 0.01), (5000, 300, 0.2), (100, 9000, 0.05)]:
+        x = rng.random(n)
+        engine.fit_linear(x, 3 * x - 1 + rng.normal(0, 0.1, n), learning_rate=lr, epochs=epochs)
+        engine.fit_gaussian(
+            rng.normal(0, 2, n), learning_rate=lr / n, epochs=epochs, reduction="sum"
+        )
+    assert engine.trace_counts() == before
+    assert set(before.values()) == {1}
+
+
+def test_chunked_loop_equals_one_call() -> None:
+    x, y = seed_linear_data(6)
+    small = FitEngine(epochs_per_call=7)
+    one = small.fit_linear(x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2))
+    reference = reference_linear(x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2))
+    np.testing.assert_allclose(one.loss_history, reference[2], rtol=RTOL)
+    assert one.epochs_run == 50
+
+
+def test_divergence_is_reported_with_epoch_and_advice(engine: FitEngine) -> None:
+    x, y = seed_linear_data(0)
+    with pytest.raises(FitDiverged) as info:
+        engine.fit_linear(x, y, learning_rate=100.0, epochs=1000, seed=1)
+    assert 1 <= info.value.epoch <= 1000
+    message = str(info.value)
+    assert "diverged" in message
+    assert f"epoch {info.value.epoch}" in message
+    assert "lower learning_rate" in message
+
+
+def test_gaussian_std_is_positive_even_from_a_negative_start(engine: FitEngine) -> None:
+    y = seed_gaussian_data(7)
+    fit = engine.fit_gaussian(y, learning_rate=0.1, epochs=1000, initial=(0.0, -3.0))
+    assert fit.params["std"] > 0
+    assert fit.params["std"] == pytest.approx(float(np.std(y)), abs=1e-6)
+
+
+def test_degenerate_data_is_refused(engine: FitEngine) -> None:
+    with pytest.raises(DegenerateData, match="x"):
+        engine.fit_linear([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], learning_rate=0.1, epochs=5)
+    with pytest.raises(DegenerateData, match="y"):
+        engine.fit_gaussian([2.0, 2.0], learning_rate=0.1, epochs=5)
+
+
+def test_seed_makes_random_start_reproducible(engine: FitEngine) -> None:
+    x, y = seed_linear_data(8)
+    a = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=123)
+    b = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=123)
+    c = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=124)
+    assert a.params == b.params
+    np.testing.assert_array_equal(a.loss_history, b.loss_history)
+    assert a.loss_history[0] != c.loss_history[0]
+    unseeded = engine.fit_linear(x, y, learning_rate=0.05, epochs=30)
+    assert unseeded.seed is not None
+    replay = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=unseeded.seed)
+    np.testing.assert_array_equal(unseeded.loss_history, replay.loss_history)
+
+
+def test_stop_check_times_out_between_chunks() -> None:
+    small = FitEngine(epochs_per_call=10)
+    calls = []
+
+    def stop_after_three_chunks() -> StopReason | None:
+        calls.append(1)
+        return "timeout" if len(calls) >= 3 else None
+
+    x, y = seed_linear_data(0)
+    fit = small.fit_linear(
+        x, y, learning_rate=0.1, epochs=1000, seed=0, should_stop=stop_after_three_chunks
+    )
+    assert fit.stop_reason == "timeout"
+    assert fit.epochs_run == 30
+    assert len(fit.loss_history) == 30
+
+
+def test_stop_check_can_cancel() -> None:
+    small = FitEngine(epochs_per_call=5)
+
+    def cancel() -> None:
+        raise FitCancelled
+
+    yg = seed_gaussian_data(0)
+    with pytest.raises(FitCancelled):
+        small.fit_gaussian(yg, learning_rate=0.1, epochs=100, should_stop=cancel)
+
+
+def test_summaries_survive_large_offsets() -> None:
+    rng = np.random.default_rng(11)
+    x = 1e7 + rng.random(10_000)
+    y = -3e6 + 0.5 * x + rng.normal(0, 0.01, 10_000)
+    s = linear_summary(as_vector(x), as_vector(y)).numpy()
+    dx, dy = x - x.mean(), y - y.mean()
+    np.testing.assert_allclose(
+        s[3:], [np.mean(dx * dx), np.mean(dx * dy), np.mean(dy * dy)], rtol=1e-9
+    )
+    g = gaussian_summary(as_vector(y)).numpy()
+    assert g[2] == pytest.approx(np.var(y), rel=1e-9)
+
+
+def test_gaussian_overshoot_that_stays_finite_is_divergence(engine: FitEngine) -> None:
+    y = seed_gaussian_data(0)
+    with pytest.raises(FitDiverged, match="rose above its starting value") as info:
+        engine.fit_gaussian(y, learning_rate=50.0, epochs=1000)
+    assert info.value.epoch == 2  # the first update already overshot
