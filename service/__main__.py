@@ -2,21 +2,69 @@
 
 from __future__ import annotations
 
+import logging
+import logging.config
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING
+
 import uvicorn
 
-from service.settings import get_settings
+from service.logs import logging_config
+from service.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from service.worker import FitWorker
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain phase on SIGTERM/SIGINT.
+
+    The first signal turns /readyz and new fits to 503 at once while the listener stays open
+    for ``drain_s`` seconds (load balancers see the pod leave); then uvicorn's own graceful
+    shutdown closes the listener and gives in-flight requests ``timeout_graceful_shutdown``
+    seconds. A second signal skips the drain.
+    """
+
+    def __init__(self, config: uvicorn.Config, worker: FitWorker, drain_s: float) -> None:
+        super().__init__(config)
+        self.worker = worker
+        self.drain_s = drain_s
+        self._drain_timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_timer is not None or self.drain_s <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self.worker.begin_drain()
+        log.info("draining before shutdown", extra={"signal": sig, "drain_s": self.drain_s})
+        self._drain_timer = threading.Timer(self.drain_s, super().handle_exit, (sig, None))
+        self._drain_timer.daemon = True
+        self._drain_timer.start()
+
+
+def build_server(settings: Settings) -> DrainingServer:
+    from service.app import create_app  # imports TensorFlow: after logging is set up
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=logging_config(settings.log_level),
+        access_log=False,  # service.logs.AccessLogMiddleware writes one JSON line per request
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        workers=1,  # scale with replicas: TensorFlow is not fork-safe
+    )
+    return DrainingServer(config, app.state.worker, settings.shutdown_drain_s)
 
 
 def main() -> None:
     settings = get_settings()
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        workers=1,  # scale with replicas: TensorFlow is not fork-safe
-    )
+    logging.config.dictConfig(logging_config(settings.log_level))
+    build_server(settings).run()
 
 
 if __name__ == "__main__":

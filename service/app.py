@@ -7,13 +7,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator, metrics
 
 from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.openapi import install_openapi
 from service.api.routes import fits, health
 from service.api.schemas import GaussianFitRequest, LinearFitRequest
+from service.logs import AccessLogMiddleware, valid_request_id
 from service.settings import Settings, get_settings
 from service.worker import FitWorker
 
@@ -31,7 +35,8 @@ optionally, hyperparameters; get the fitted parameters and the loss history back
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the worker warms up in the background (``/readyz`` says when)."""
     settings = settings or get_settings()
-    worker = FitWorker(settings)
+    registry = CollectorRegistry()
+    worker = FitWorker(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,5 +62,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(fits.router)
     app.include_router(health.router)
+    _instrument(app, registry)
+    # Outermost last: the request id exists before the access line is written.
+    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(
+        CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id
+    )
     install_openapi(app, [LinearFitRequest, GaussianFitRequest])
     return app
+
+
+def _instrument(app: FastAPI, registry: CollectorRegistry) -> None:
+    """Prometheus request counts and latency by route and status, exposed on /metrics."""
+    instrumentator = Instrumentator(
+        should_group_status_codes=False,
+        should_ignore_untemplated=True,
+        excluded_handlers=["/metrics"],
+        registry=registry,
+    )
+    instrumentator.add(
+        metrics.requests(should_include_status=True),
+        metrics.latency(should_include_status=True),
+    )
+    instrumentator.instrument(app).expose(
+        app, endpoint="/metrics", include_in_schema=True, tags=["health"]
+    )

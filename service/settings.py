@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     max_epochs: Annotated[int, Field(ge=1)] = Field(
         100_000, description="Most epochs one fit may ask for."
     )
+    max_work: Annotated[int, Field(ge=1)] = Field(
+        100_000_000_000,
+        description="Most points x epochs in one fit (422 above). The engine's cost grows as "
+        "points + epochs, so the default (the product of the two limits) never binds; lower it "
+        "to cap requests anyway.",
+    )
     max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
         64 * 1024 * 1024, description="Largest request body accepted (413 above)."
     )
@@ -46,6 +52,15 @@ class Settings(BaseSettings):
     )
     fit_timeout_s: Annotated[float, Field(gt=0)] = Field(
         60.0, description="Wall-clock budget of one fit, queueing included."
+    )
+    shutdown_drain_s: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="After SIGTERM, seconds during which /readyz and new fits answer 503 while "
+        "the listener stays open (lets load balancers notice) before shutdown begins.",
+    )
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = Field(
+        30.0,
+        description="After the listener closes, how long in-flight requests may take to finish.",
     )
     epochs_per_call: Annotated[int, Field(ge=1, le=65536)] = Field(
         4096,

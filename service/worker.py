@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.fitting import (
     DegenerateData,
@@ -94,6 +95,66 @@ class Unavailable(Exception):
     """The worker is not taking fits (still warming up, or shutting down)."""
 
 
+class FitMetrics:
+    """Prometheus metrics of the execution layer."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.in_flight = Gauge(
+            "tapefit_fits_in_flight",
+            "Fit requests admitted and not finished (running or queued).",
+            registry=registry,
+        )
+        self.running = Gauge(
+            "tapefit_fits_running", "Fits executing in the fit thread pool.", registry=registry
+        )
+        self.rejections = Counter(
+            "tapefit_fit_rejections",
+            "Fit requests refused at admission.",
+            ["reason"],
+            registry=registry,
+        )
+        self.fits = Counter(
+            "tapefit_fits",
+            "Finished fits by model and outcome "
+            "(max_epochs, timeout, diverged, degenerate, cancelled, error).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.epochs = Counter(
+            "tapefit_fit_epochs", "Training epochs run.", ["model"], registry=registry
+        )
+        self.duration = Histogram(
+            "tapefit_fit_duration_seconds",
+            "Wall time of a fit in the pool, queueing excluded.",
+            ["model"],
+            buckets=(
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+            ),
+            registry=registry,
+        )
+        self.parse_duration = Histogram(
+            "tapefit_parse_duration_seconds",
+            "Wall time of parsing and validating a request body.",
+            ["where"],
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+
+
 @lru_cache(maxsize=4)
 def shared_engine(epochs_per_call: int) -> FitEngine:
     """One engine per process and chunk size: it is stateless and thread-safe."""
@@ -105,8 +166,9 @@ def shared_engine(epochs_per_call: int) -> FitEngine:
 class FitWorker:
     """Owns the fit thread pool, the parser process pool and admission control."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
+        self.metrics = FitMetrics(registry or CollectorRegistry())
         self.capacity = settings.max_concurrent_fits + settings.max_queued_fits
         self.in_flight = 0
         self.ready = False
@@ -140,26 +202,33 @@ class FitWorker:
         self.ready = False
         self._fit_pool.shutdown(wait=False, cancel_futures=True)
         with self._parse_lock:
-            if self._parse_pool is not None:
-                self._parse_pool.shutdown(wait=False, cancel_futures=True)
-                self._parse_pool = None
+            pool, self._parse_pool = self._parse_pool, None
+        if pool is not None:
+            # Waiting lets the pool reap its process and semaphores (nothing is queued).
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: pool.shutdown(wait=True, cancel_futures=True)
+            )
 
     # -- admission ----------------------------------------------------------------------------
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
         """Hold one of the ``capacity`` places (running or queued) for a whole request."""
-        if self.draining:
-            raise Unavailable("the service is shutting down")
-        if not self.ready:
-            raise Unavailable("the service is warming up")
+        if self.draining or not self.ready:
+            self.metrics.rejections.labels("unavailable").inc()
+            raise Unavailable(
+                "the service is shutting down" if self.draining else "the service is warming up"
+            )
         if self.in_flight >= self.capacity:
+            self.metrics.rejections.labels("overloaded").inc()
             raise Overloaded(retry_after=self._retry_after())
         self.in_flight += 1
+        self.metrics.in_flight.inc()
         try:
             yield
         finally:
             self.in_flight -= 1
+            self.metrics.in_flight.dec()
 
     def _retry_after(self) -> int:
         return 1
@@ -185,8 +254,19 @@ class FitWorker:
         self, fn: Callable[[bytes, dict[str, Any]], T], body: bytes, ctx: dict[str, Any]
     ) -> T:
         """Run a pure parse function: inline when small, else in the parser process."""
+        start = time.perf_counter()
         if len(body) <= self.settings.parse_inline_max_bytes:
-            return fn(body, ctx)
+            result = fn(body, ctx)
+            where = "inline"
+        else:
+            result = await self._parse_elsewhere(fn, body, ctx)
+            where = "process" if self._parse_pool is not None else "thread"
+        self.metrics.parse_duration.labels(where).observe(time.perf_counter() - start)
+        return result
+
+    async def _parse_elsewhere(
+        self, fn: Callable[[bytes, dict[str, Any]], T], body: bytes, ctx: dict[str, Any]
+    ) -> T:
         loop = asyncio.get_running_loop()
         pool = self._parse_pool
         if pool is None:
@@ -234,6 +314,33 @@ class FitWorker:
 
     def _run(
         self, engine: FitEngine, job: Job, should_stop: Callable[[], StopReason | None]
+    ) -> FitResult:
+        model = "linear" if isinstance(job, LinearJob) else "gaussian"
+        outcome = "error"
+        start = time.perf_counter()
+        self.metrics.running.inc()
+        try:
+            result = self._dispatch(engine, job, should_stop)
+            outcome = result.stop_reason
+            self.metrics.epochs.labels(model).inc(result.epochs_run)
+            return result
+        except FitDiverged:
+            outcome = "diverged"
+            raise
+        except DegenerateData:
+            outcome = "degenerate"
+            raise
+        except FitCancelled:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.metrics.running.dec()
+            self.metrics.duration.labels(model).observe(time.perf_counter() - start)
+            self.metrics.fits.labels(model, outcome).inc()
+
+    @staticmethod
+    def _dispatch(
+        engine: FitEngine, job: Job, should_stop: Callable[[], StopReason | None]
     ) -> FitResult:
         if isinstance(job, LinearJob):
             return engine.fit_linear(

@@ -36,9 +36,9 @@ GAUSSIAN_EXAMPLE: dict[str, Any] = {
 }
 
 
-def limits_context(max_points: int, max_epochs: int) -> dict[str, Any]:
+def limits_context(max_points: int, max_epochs: int, max_work: int) -> dict[str, Any]:
     """Validation context carrying the settings-dependent limits."""
-    return {"max_points": max_points, "max_epochs": max_epochs}
+    return {"max_points": max_points, "max_epochs": max_epochs, "max_work": max_work}
 
 
 def _limit(info: ValidationInfo, name: str) -> int | None:
@@ -54,6 +54,15 @@ def _check_points(values: list[float], info: ValidationInfo) -> list[float]:
             "too_many_points",
             "at most {limit} points are allowed (TAPEFIT_MAX_POINTS), got {count}",
             {"limit": limit, "count": len(values)},
+        )
+    work_limit = _limit(info, "max_work")
+    epochs = info.data.get("epochs")
+    if work_limit is not None and isinstance(epochs, int) and len(values) * epochs > work_limit:
+        raise PydanticCustomError(
+            "too_much_work",
+            "points x epochs = {work} exceeds {limit} (TAPEFIT_MAX_WORK); "
+            "send fewer points or ask for fewer epochs",
+            {"limit": work_limit, "work": len(values) * epochs},
         )
     return values
 
@@ -90,6 +99,13 @@ class _TrainingOptions(_Strict):
         DEFAULT_EPOCHS,
         description="Gradient-descent steps (>= 1, at most TAPEFIT_MAX_EPOCHS).",
         examples=[DEFAULT_EPOCHS],
+    )
+    timeout_s: PositiveFloat | None = Field(
+        None,
+        description="Wall-clock budget of this fit in seconds, capped by TAPEFIT_FIT_TIMEOUT_S. "
+        'When it runs out the fit stops and answers 200 with `"stop_reason": "timeout"` and '
+        "the parameters reached.",
+        examples=[10.0],
     )
     seed: Annotated[int, Field(strict=True, ge=0, lt=2**63)] | None = Field(
         None,

@@ -67,7 +67,7 @@ async def _parse(
     parser: Callable[[bytes, dict[str, Any]], Parsed[RequestT] | Invalid],
 ) -> Parsed[RequestT]:
     body = await _read_json(request)
-    context = limits_context(settings.max_points, settings.max_epochs)
+    context = limits_context(settings.max_points, settings.max_epochs, settings.max_work)
     parsed = await worker.parse(parser, body, context)
     if isinstance(parsed, Invalid):
         raise RequestValidationError(
@@ -96,8 +96,8 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _fit(request: Request, worker: FitWorker, job: Job) -> FitResult:
-    return await _unless_disconnected(request, worker.fit(job))
+async def _fit(request: Request, worker: FitWorker, job: Job, timeout_s: float | None) -> FitResult:
+    return await _unless_disconnected(request, worker.fit(job, timeout_s))
 
 
 def _common(result: FitResult) -> dict[str, Any]:
@@ -143,7 +143,7 @@ async def fit_linear(
             initial=initial,
             seed=body.seed,
         )
-        result = await _fit(request, worker, job)
+        result = await _fit(request, worker, job, body.timeout_s)
     return LinearFitResponse(params=LinearParams(**result.params), **_common(result))
 
 
@@ -179,5 +179,5 @@ async def fit_gaussian(
             reduction=body.reduction,
             seed=body.seed,
         )
-        result = await _fit(request, worker, job)
+        result = await _fit(request, worker, job, body.timeout_s)
     return GaussianFitResponse(params=GaussianParams(**result.params), **_common(result))
