@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator, metrics
 
@@ -85,5 +86,11 @@ def _instrument(app: FastAPI, registry: CollectorRegistry) -> None:
         metrics.latency(should_include_status=True),
     )
     instrumentator.instrument(app).expose(
-        app, endpoint="/metrics", include_in_schema=True, tags=["health"]
+        app,
+        endpoint="/metrics",
+        include_in_schema=True,
+        tags=["health"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Metrics in the Prometheus text format."}},
     )

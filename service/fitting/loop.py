@@ -132,7 +132,7 @@ class FitEngine:
         Without ``initial``, m starts from N(0, 0.05²) drawn with ``seed`` (a fresh seed is
         drawn and reported when none is given) and b from 0, as the seed's layer does.
         """
-        summary = linear_summary(as_vector(x), as_vector(y)).numpy()
+        summary = _finite(linear_summary(as_vector(x), as_vector(y)).numpy())
         n = int(summary[0])
         if not summary[3] > 0.0:
             raise DegenerateData("all x values are equal: the slope is not determined")
@@ -171,7 +171,7 @@ class FitEngine:
         suits any N. Without ``initial`` the start is (0.7·mean(y), 1.3·std(y)), as in the
         seed. The returned std is |s| (the NLL depends on s only through s²).
         """
-        summary = gaussian_summary(as_vector(y)).numpy()
+        summary = _finite(gaussian_summary(as_vector(y)).numpy())
         n = int(summary[0])
         if not summary[2] > 0.0:
             raise DegenerateData("all y values are equal: the standard deviation is zero")
@@ -258,6 +258,15 @@ class FitEngine:
         history_all = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         _check_descended(history_all, final_loss, learning_rate)
         return [float(v) for v in values], history_all, final_loss, done_total, stop
+
+
+def _finite(summary: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    if not np.all(np.isfinite(summary)):
+        raise DegenerateData(
+            "the data are too large in magnitude: their mean or variance overflows float64; "
+            "rescale them"
+        )
+    return summary
 
 
 #: Relative slack before "the loss ended above its start" counts as divergence (rounding).

@@ -305,3 +305,39 @@ async def test_overload_is_429_with_retry_after() -> None:
         assert first.status_code == 200
         r = await c.post(GAUSSIAN, json={"y": yg, "epochs": 10})
         assert r.status_code == 200
+
+
+async def test_request_timeout_is_capped_by_the_setting() -> None:
+    settings = app_settings(epochs_per_call=1, fit_timeout_s=0.3)
+    async with running_app(settings) as c:
+        y = seed_gaussian_data(0).tolist()
+        r = await c.post(GAUSSIAN, json={"y": y, "epochs": 100_000, "timeout_s": 3600})
+        assert r.json()["stop_reason"] == "timeout"
+        r = await c.post(GAUSSIAN, json={"y": y, "epochs": 100_000, "timeout_s": 0.05})
+        assert r.json()["stop_reason"] == "timeout"
+        r = await c.post(GAUSSIAN, json={"y": y, "epochs": 20, "timeout_s": 30})
+        assert r.json()["stop_reason"] == "max_epochs"
+        _assert_422_naming(await c.post(GAUSSIAN, json={"y": y, "timeout_s": 0}), "timeout_s")
+
+
+async def test_work_cap_refuses_before_fitting() -> None:
+    async with running_app(app_settings(max_work=1000)) as c:
+        r = await c.post(GAUSSIAN, json={"y": [1.0, 2.0, 3.0, 4.0], "epochs": 251})
+        _assert_422_naming(r, "y")
+        assert "TAPEFIT_MAX_WORK" in r.json()["detail"][0]["msg"]
+        r = await c.post(GAUSSIAN, json={"y": [1.0, 2.0, 3.0, 4.0], "epochs": 250})
+        assert r.status_code == 200
+        metrics = (await c.get("/metrics")).text
+        assert 'tapefit_fits_total{model="gaussian",outcome="max_epochs"} 1.0' in metrics
+
+
+async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncClient) -> None:
+    await client.post(GAUSSIAN, json={"y": [1.0, 2.0, 4.0], "epochs": 5})
+    await client.post(GAUSSIAN, json={"y": [1.0, 2.0, 4.0], "learning_rate": 1e9})
+    await client.post(GAUSSIAN, json={"y": [1.0]})
+    text = (await client.get("/metrics")).text
+    assert 'http_requests_total{handler="/v1/fits/gaussian",method="POST",status="200"} 1.0' in text
+    assert 'http_requests_total{handler="/v1/fits/gaussian",method="POST",status="422"} 2.0' in text
+    assert 'tapefit_fits_total{model="gaussian",outcome="diverged"} 1.0' in text
+    assert 'tapefit_fit_epochs_total{model="gaussian"} 5.0' in text
+    assert "http_request_duration_seconds_bucket" in text

@@ -201,3 +201,11 @@ def test_gaussian_overshoot_that_stays_finite_is_divergence(engine: FitEngine) -
     with pytest.raises(FitDiverged, match="rose above its starting value") as info:
         engine.fit_gaussian(y, learning_rate=50.0, epochs=1000)
     assert info.value.epoch == 2  # the first update already overshot
+
+
+def test_data_whose_moments_overflow_are_refused(engine: FitEngine) -> None:
+    huge = [-1.7976931348623157e308, 1.0, 1e300]
+    with pytest.raises(DegenerateData, match="overflows"):
+        engine.fit_gaussian(huge, learning_rate=0.1, epochs=5)
+    with pytest.raises(DegenerateData, match="overflows"):
+        engine.fit_linear(huge, [1.0, 2.0, 3.0], learning_rate=0.1, epochs=5)
