@@ -68,7 +68,10 @@ def test_schemathesis_finds_no_failure() -> None:
     config = Path(__file__).with_name("schemathesis.toml")
     with serve() as server:
         run = subprocess.run(
-            [cli, "--config-file", str(config), "run", f"{server.url}/openapi.json", "--checks", "all", "--seed", "20261126"],
+            [
+                *(cli, "--config-file", str(config), "run", f"{server.url}/openapi.json"),
+                *("--checks", "all", "--seed", "20261126"),
+            ],
             capture_output=True,
             text=True,
             timeout=300,
