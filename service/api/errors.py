@@ -14,7 +14,8 @@ class UnsupportedMediaType(Exception):
     def __init__(self, content_type: str) -> None:
         self.content_type = content_type
         super().__init__(
-            f"unsupported Content-Type {content_type!r}; send the body as application/json"
+            f"unsupported Content-Type {content_type!r}; send application/json, "
+            "application/x-npy or application/octet-stream"
         )
 
 

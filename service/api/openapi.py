@@ -18,19 +18,67 @@ from pydantic.json_schema import models_json_schema
 REF = "#/components/schemas/{model}"
 
 
-def json_body(model: type[BaseModel], examples: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``openapi_extra`` declaring a required JSON body of ``model`` with named examples."""
+BINARY = {"type": "string", "format": "binary"}
+
+
+def fit_body(
+    model: type[BaseModel],
+    options: type[BaseModel],
+    examples: dict[str, dict[str, Any]],
+    binary_layout: str,
+) -> dict[str, Any]:
+    """``openapi_extra`` for a fit: a JSON body of ``model``, or a binary body whose options
+    (the fields of ``options``) travel in the query string."""
     return {
         "requestBody": {
             "required": True,
+            "description": "JSON (below), or the data as binary: "
+            f"`application/x-npy` ({binary_layout}) or `application/octet-stream` (the same "
+            "values as raw little-endian floats, dtype from the `dtype` query parameter). "
+            "With a binary body the other fields go in the query string.",
             "content": {
                 "application/json": {
                     "schema": {"$ref": REF.format(model=model.__name__)},
                     "examples": examples,
-                }
+                },
+                "application/x-npy": {"schema": BINARY},
+                "application/octet-stream": {"schema": BINARY},
             },
-        }
+        },
+        "parameters": _query_parameters(options),
     }
+
+
+def _query_parameters(options: type[BaseModel]) -> list[dict[str, Any]]:
+    parameters: list[dict[str, Any]] = []
+    properties = options.model_json_schema()["properties"]
+    for name, field in options.model_fields.items():
+        schema = dict(properties[name])
+        description = schema.pop("description", field.description or "")
+        schema.pop("title", None)
+        schema.pop("examples", None)
+        if name == "initial":
+            schema = {"type": "string"}
+            description += ' As JSON text, e.g. {"slope": 0, "intercept": 0}.'
+        parameters.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": f"Binary bodies only (JSON bodies carry it inside). {description}",
+                "schema": schema,
+            }
+        )
+    parameters.append(
+        {
+            "name": "dtype",
+            "in": "query",
+            "required": False,
+            "description": "application/octet-stream only: the raw values' type.",
+            "schema": {"type": "string", "enum": ["float64", "float32"], "default": "float64"},
+        }
+    )
+    return parameters
 
 
 def install_openapi(app: FastAPI, body_models: list[type[BaseModel]]) -> None:

@@ -8,16 +8,32 @@ TensorFlow or FastAPI, so that a parser process starts light.
 
 from __future__ import annotations
 
+import io
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
-from service.api.schemas import GaussianFitRequest, LinearFitRequest
+from service.api.schemas import (
+    GaussianFitRequest,
+    GaussianOptions,
+    LinearFitRequest,
+    LinearOptions,
+    constant_error,
+    points_error,
+)
+
+#: Binary bodies: raw little-endian floats (x then y for a line), or one NumPy .npy array.
+OCTET_STREAM = "application/octet-stream"
+NPY = "application/x-npy"
+BINARY_MEDIA_TYPES = (OCTET_STREAM, NPY)
+RAW_DTYPES: dict[str, np.dtype[Any]] = {"float64": np.dtype("<f8"), "float32": np.dtype("<f4")}
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
@@ -62,25 +78,161 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+def _errors(exc: ValidationError, where: str) -> Invalid:
+    errors = sanitize_errors(exc.errors(include_url=False, include_input=False))
+    return Invalid([{**error, "loc": [where, *error["loc"]]} for error in errors])
+
+
 def _parse(
     model: type[RequestT], array_fields: tuple[str, ...], body: bytes, context: dict[str, Any]
 ) -> Parsed[RequestT] | Invalid:
     try:
         request = model.model_validate_json(body, context=context)
     except ValidationError as exc:
-        return Invalid(sanitize_errors(exc.errors(include_url=False, include_input=False)))
+        return _errors(exc, "body")
     arrays = {name: np.asarray(getattr(request, name), dtype=np.float64) for name in array_fields}
     # Drop the big lists so the request pickles cheaply out of a parser process.
     slim = request.model_copy(update={name: [] for name in array_fields})
     return Parsed(slim, arrays)
 
 
-def parse_linear(body: bytes, context: dict[str, Any]) -> Parsed[LinearFitRequest] | Invalid:
+def parse_linear(body: bytes, context: dict[str, Any]) -> Parsed[LinearOptions] | Invalid:
     return _parse(LinearFitRequest, ("x", "y"), body, context)
 
 
-def parse_gaussian(body: bytes, context: dict[str, Any]) -> Parsed[GaussianFitRequest] | Invalid:
+def parse_gaussian(body: bytes, context: dict[str, Any]) -> Parsed[GaussianOptions] | Invalid:
     return _parse(GaussianFitRequest, ("y",), body, context)
+
+
+# -- binary bodies ------------------------------------------------------------------------
+
+
+def _error(loc: list[str | int], error: PydanticCustomError) -> dict[str, Any]:
+    item: dict[str, Any] = {"loc": loc, "msg": error.message(), "type": error.type}
+    if error.context:
+        item["ctx"] = {k: _json_safe(v) for k, v in error.context.items()}
+    return item
+
+
+def _invalid(loc: list[str | int], kind: str, message: str) -> Invalid:
+    return Invalid([_error(loc, PydanticCustomError(kind, message))])
+
+
+def _query_values(query: Mapping[str, str]) -> dict[str, Any]:
+    """Query strings as JSON values where they parse ("0.1" -> 0.1, '{"mean": 1}' -> dict)."""
+    values: dict[str, Any] = {}
+    for key, raw in query.items():
+        try:
+            values[key] = json.loads(raw)
+        except ValueError:
+            values[key] = raw
+    return values
+
+
+def _decode(
+    body: bytes, media: str, dtype_name: object, rows: int
+) -> npt.NDArray[np.float64] | Invalid:
+    """The body as a float64 array of shape (rows, n)."""
+    if media == NPY:
+        try:
+            array = np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            return _invalid(["body"], "npy_invalid", f"not a readable .npy array: {exc}")
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+            return _invalid(["body"], "npy_dtype", "the .npy array must hold real numbers")
+        expected = "(n,)" if rows == 1 else f"({rows}, n)"
+        if array.ndim != (1 if rows == 1 else 2) or (rows > 1 and array.shape[0] != rows):
+            return _invalid(
+                ["body"],
+                "npy_shape",
+                f"the .npy array must have shape {expected}, not {array.shape}",
+            )
+        return array.astype(np.float64).reshape(rows, -1)
+    dtype = RAW_DTYPES.get(str(dtype_name))
+    if dtype is None:
+        return _invalid(["query", "dtype"], "dtype", 'dtype must be "float64" or "float32"')
+    if len(body) % (dtype.itemsize * rows):
+        return _invalid(
+            ["body"],
+            "raw_length",
+            f"the body must hold {rows} equal runs of little-endian {dtype.name} values "
+            f"({dtype.itemsize * rows}-byte multiples), got {len(body)} bytes",
+        )
+    return np.frombuffer(body, dtype=dtype).astype(np.float64).reshape(rows, -1)
+
+
+def _check_array(
+    values: npt.NDArray[np.float64],
+    name: str,
+    epochs: object,
+    context: dict[str, Any],
+    *,
+    distinct: bool,
+) -> dict[str, Any] | None:
+    if values.size < 2:
+        return _error(
+            ["body", name],
+            PydanticCustomError(
+                "too_short",
+                "at least 2 points are needed, got {count}",
+                {"count": int(values.size)},
+            ),
+        )
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        return _error(
+            ["body", name, int(bad[0])],
+            PydanticCustomError("finite_number", "Input should be a finite number"),
+        )
+    error = points_error(int(values.size), epochs, context) or (
+        constant_error(bool(np.all(values == values[0])), name) if distinct else None
+    )
+    return _error(["body", name], error) if error is not None else None
+
+
+def _parse_binary(
+    options_model: type[RequestT],
+    names: tuple[str, ...],
+    distinct: tuple[bool, ...],
+    body: bytes,
+    media: str,
+    query: Mapping[str, str],
+    context: dict[str, Any],
+) -> Parsed[RequestT] | Invalid:
+    values = _query_values(query)
+    dtype_name = values.pop("dtype", "float64")
+    try:
+        options = options_model.model_validate(values, context=context)
+    except ValidationError as exc:
+        return _errors(exc, "query")
+    decoded = _decode(body, media, dtype_name, len(names))
+    if isinstance(decoded, Invalid):
+        return decoded
+    epochs = getattr(options, "epochs", None)
+    errors = [
+        error
+        for name, row, must_vary in zip(names, decoded, distinct, strict=True)
+        if (error := _check_array(row, name, epochs, context, distinct=must_vary)) is not None
+    ]
+    if errors:
+        return Invalid(errors)
+    return Parsed(
+        options, {name: np.ascontiguousarray(row) for name, row in zip(names, decoded, strict=True)}
+    )
+
+
+def parse_linear_binary(
+    body: bytes, media: str, query: Mapping[str, str], context: dict[str, Any]
+) -> Parsed[LinearOptions] | Invalid:
+    """x then y: a (2, n) .npy array, or 2n raw little-endian floats."""
+    return _parse_binary(LinearOptions, ("x", "y"), (True, False), body, media, query, context)
+
+
+def parse_gaussian_binary(
+    body: bytes, media: str, query: Mapping[str, str], context: dict[str, Any]
+) -> Parsed[GaussianOptions] | Invalid:
+    """y: an (n,) .npy array, or n raw little-endian floats."""
+    return _parse_binary(GaussianOptions, ("y",), (True,), body, media, query, context)
 
 
 def warm() -> bool:

@@ -41,40 +41,62 @@ def limits_context(max_points: int, max_epochs: int, max_work: int) -> dict[str,
     return {"max_points": max_points, "max_epochs": max_epochs, "max_work": max_work}
 
 
-def _limit(info: ValidationInfo, name: str) -> int | None:
-    context = info.context or {}
-    value = context.get(name)
+def _limit(context: dict[str, Any] | None, name: str) -> int | None:
+    value = (context or {}).get(name)
     return int(value) if value is not None else None
 
 
-def _check_points(values: list[float], info: ValidationInfo) -> list[float]:
-    limit = _limit(info, "max_points")
-    if limit is not None and len(values) > limit:
-        raise PydanticCustomError(
+def points_error(
+    count: int, epochs: object, context: dict[str, Any] | None
+) -> PydanticCustomError | None:
+    """The points limit and the points x epochs work cap (shared by JSON and binary bodies)."""
+    limit = _limit(context, "max_points")
+    if limit is not None and count > limit:
+        return PydanticCustomError(
             "too_many_points",
             "at most {limit} points are allowed (TAPEFIT_MAX_POINTS), got {count}",
-            {"limit": limit, "count": len(values)},
+            {"limit": limit, "count": count},
         )
-    work_limit = _limit(info, "max_work")
-    epochs = info.data.get("epochs")
-    if work_limit is not None and isinstance(epochs, int) and len(values) * epochs > work_limit:
-        raise PydanticCustomError(
+    work_limit = _limit(context, "max_work")
+    if work_limit is not None and isinstance(epochs, int) and count * epochs > work_limit:
+        return PydanticCustomError(
             "too_much_work",
             "points x epochs = {work} exceeds {limit} (TAPEFIT_MAX_WORK); "
             "send fewer points or ask for fewer epochs",
-            {"limit": work_limit, "work": len(values) * epochs},
+            {"limit": work_limit, "work": count * epochs},
         )
-    return values
+    return None
 
 
-def _check_not_constant(values: list[float], what: str) -> list[float]:
+def constant_error(all_equal: bool, what: str) -> PydanticCustomError | None:
+    if not all_equal:
+        return None
+    return PydanticCustomError(
+        "constant_data",
+        "all {what} values are equal; at least two distinct values are needed",
+        {"what": what},
+    )
+
+
+def length_error(nx: int, ny: int) -> PydanticCustomError | None:
+    if nx == ny:
+        return None
+    return PydanticCustomError(
+        "length_mismatch",
+        "y has {ny} values but x has {nx}; they must pair up",
+        {"nx": nx, "ny": ny},
+    )
+
+
+def _raise(error: PydanticCustomError | None) -> None:
+    if error is not None:
+        raise error
+
+
+def _usable(values: list[float], info: ValidationInfo, what: str) -> list[float]:
+    _raise(points_error(len(values), info.data.get("epochs"), info.context))
     first = values[0]
-    if all(v == first for v in values):
-        raise PydanticCustomError(
-            "constant_data",
-            "all {what} values are equal; at least two distinct values are needed",
-            {"what": what},
-        )
+    _raise(constant_error(all(v == first for v in values), what))
     return values
 
 
@@ -117,7 +139,7 @@ class _TrainingOptions(_Strict):
     @field_validator("epochs")
     @classmethod
     def _epochs_within_limit(cls, epochs: int, info: ValidationInfo) -> int:
-        limit = _limit(info, "max_epochs")
+        limit = _limit(info.context, "max_epochs")
         if limit is not None and epochs > limit:
             raise PydanticCustomError(
                 "too_many_epochs",
@@ -141,45 +163,42 @@ class GaussianInitial(_Strict):
     std: PositiveFloat = Field(description="Initial standard deviation s (> 0).", examples=[1.0])
 
 
-class LinearFitRequest(_TrainingOptions):
-    """Fit y = slope·x + intercept by gradient descent on the mean squared error."""
+class LinearOptions(_TrainingOptions):
+    """Everything of a linear fit but the data."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [LINEAR_EXAMPLE]})
-
-    x: Points = Field(description="Inputs x (finite numbers, >= 2, not all equal).")
-    y: Points = Field(description="Targets y, one per x.")
     initial: LinearInitial | None = Field(
         None,
         description="Initial parameters. Omitted: slope ~ N(0, 0.05²) drawn from `seed` and "
         "intercept 0, like the seed's Keras `random_normal` / `zeros` initializers.",
     )
 
+
+class LinearFitRequest(LinearOptions):
+    """Fit y = slope·x + intercept by gradient descent on the mean squared error."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [LINEAR_EXAMPLE]})
+
+    x: Points = Field(description="Inputs x (finite numbers, >= 2, not all equal).")
+    y: Points = Field(description="Targets y, one per x.")
+
     @field_validator("x")
     @classmethod
     def _x_usable(cls, x: list[float], info: ValidationInfo) -> list[float]:
-        return _check_not_constant(_check_points(x, info), "x")
+        return _usable(x, info, "x")
 
     @field_validator("y")
     @classmethod
     def _y_matches_x(cls, y: list[float], info: ValidationInfo) -> list[float]:
-        _check_points(y, info)
+        _raise(points_error(len(y), info.data.get("epochs"), info.context))
         x = info.data.get("x")
-        if x is not None and len(x) != len(y):
-            raise PydanticCustomError(
-                "length_mismatch",
-                "y has {ny} values but x has {nx}; they must pair up",
-                {"nx": len(x), "ny": len(y)},
-            )
+        if x is not None:
+            _raise(length_error(len(x), len(y)))
         return y
 
 
-class GaussianFitRequest(_TrainingOptions):
-    """Fit a normal distribution N(mean, std²) by maximum likelihood (gradient descent on the
-    negative log-likelihood)."""
+class GaussianOptions(_TrainingOptions):
+    """Everything of a Gaussian fit but the data."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [GAUSSIAN_EXAMPLE]})
-
-    y: Points = Field(description="Samples (finite numbers, >= 2, not all equal).")
     initial: GaussianInitial | None = Field(
         None,
         description="Initial parameters. Omitted: mean 0.7·mean(y), std 1.3·std(y), as in the "
@@ -191,10 +210,19 @@ class GaussianFitRequest(_TrainingOptions):
         "same divided by N, so the learning rate does not depend on N.",
     )
 
+
+class GaussianFitRequest(GaussianOptions):
+    """Fit a normal distribution N(mean, std²) by maximum likelihood (gradient descent on the
+    negative log-likelihood)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [GAUSSIAN_EXAMPLE]})
+
+    y: Points = Field(description="Samples (finite numbers, >= 2, not all equal).")
+
     @field_validator("y")
     @classmethod
     def _y_usable(cls, y: list[float], info: ValidationInfo) -> list[float]:
-        return _check_not_constant(_check_points(y, info), "y")
+        return _usable(y, info, "y")
 
 
 class LinearParams(BaseModel):

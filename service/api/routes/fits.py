@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -12,17 +12,27 @@ from pydantic import BaseModel
 
 from service.api.deps import SettingsDep, WorkerDep
 from service.api.errors import ClientDisconnected, UnsupportedMediaType
-from service.api.openapi import json_body
-from service.api.parsing import Invalid, Parsed, parse_gaussian, parse_linear
+from service.api.openapi import fit_body
+from service.api.parsing import (
+    BINARY_MEDIA_TYPES,
+    Invalid,
+    Parsed,
+    parse_gaussian,
+    parse_gaussian_binary,
+    parse_linear,
+    parse_linear_binary,
+)
 from service.api.schemas import (
     GAUSSIAN_EXAMPLE,
     LINEAR_EXAMPLE,
     ErrorDetail,
     GaussianFitRequest,
     GaussianFitResponse,
+    GaussianOptions,
     GaussianParams,
     LinearFitRequest,
     LinearFitResponse,
+    LinearOptions,
     LinearParams,
     ValidationErrorBody,
     limits_context,
@@ -37,7 +47,11 @@ T = TypeVar("T")
 
 FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorDetail, "description": "Body larger than TAPEFIT_MAX_BODY_BYTES."},
-    415: {"model": ErrorDetail, "description": "Content-Type is not application/json."},
+    415: {
+        "model": ErrorDetail,
+        "description": "Content-Type is not application/json, application/x-npy or "
+        "application/octet-stream.",
+    },
     422: {
         "model": ValidationErrorBody | ErrorDetail,
         "description": "Invalid request (a list naming each field), or a fit that cannot "
@@ -52,27 +66,36 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _read_json(request: Request) -> bytes:
+JsonParser = Callable[[bytes, dict[str, Any]], "Parsed[RequestT] | Invalid"]
+BinaryParser = Callable[
+    [bytes, str, Mapping[str, str], dict[str, Any]], "Parsed[RequestT] | Invalid"
+]
+
+
+def _media_type(request: Request) -> str:
     content_type = request.headers.get("content-type", "application/json")
     media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json":
+    if media != "application/json" and media not in BINARY_MEDIA_TYPES:
         raise UnsupportedMediaType(content_type)
-    return await request.body()
+    return media
 
 
 async def _parse(
     request: Request,
     worker: FitWorker,
     settings: Settings,
-    parser: Callable[[bytes, dict[str, Any]], Parsed[RequestT] | Invalid],
+    parse_json: JsonParser[RequestT],
+    parse_binary: BinaryParser[RequestT],
 ) -> Parsed[RequestT]:
-    body = await _read_json(request)
+    media = _media_type(request)
+    body = await request.body()
     context = limits_context(settings.max_points, settings.max_epochs, settings.max_work)
-    parsed = await worker.parse(parser, body, context)
+    if media == "application/json":
+        parsed = await worker.parse(parse_json, body, context)
+    else:  # numpy decoding: no per-number Python objects, cheap enough inline
+        parsed = parse_binary(body, media, request.query_params, context)
     if isinstance(parsed, Invalid):
-        raise RequestValidationError(
-            [{**error, "loc": ["body", *error["loc"]]} for error in parsed.errors]
-        )
+        raise RequestValidationError(parsed.errors)
     return parsed
 
 
@@ -116,14 +139,16 @@ def _common(result: FitResult) -> dict[str, Any]:
     response_model=LinearFitResponse,
     summary="Fit a line by gradient descent on the MSE",
     responses=FIT_RESPONSES,
-    openapi_extra=json_body(
+    openapi_extra=fit_body(
         LinearFitRequest,
+        LinearOptions,
         {
             "seed-data": {
                 "summary": "Noisy line y = x + 2 (seed-style data)",
                 "value": LINEAR_EXAMPLE,
             }
         },
+        binary_layout="shape (2, n): x then y",
     ),
 )
 async def fit_linear(
@@ -132,7 +157,7 @@ async def fit_linear(
     """Fit y = slope·x + intercept to (x, y) with the seed's GradientTape loop, minimizing the
     mean squared error; returns the parameters and the loss before every update."""
     async with worker.admit():
-        parsed = await _parse(request, worker, settings, parse_linear)
+        parsed = await _parse(request, worker, settings, parse_linear, parse_linear_binary)
         body = parsed.request
         initial = (body.initial.slope, body.initial.intercept) if body.initial else None
         job = LinearJob(
@@ -152,14 +177,16 @@ async def fit_linear(
     response_model=GaussianFitResponse,
     summary="Fit a normal distribution by maximum likelihood",
     responses=FIT_RESPONSES,
-    openapi_extra=json_body(
+    openapi_extra=fit_body(
         GaussianFitRequest,
+        GaussianOptions,
         {
             "seed-data": {
                 "summary": "Samples of N(2, 1) (seed-style data)",
                 "value": GAUSSIAN_EXAMPLE,
             }
         },
+        binary_layout="shape (n,): y",
     ),
 )
 async def fit_gaussian(
@@ -168,7 +195,7 @@ async def fit_gaussian(
     """Fit N(mean, std²) to the samples y with the seed's GradientTape loop, minimizing the
     negative log-likelihood; returns the parameters and the loss before every update."""
     async with worker.admit():
-        parsed = await _parse(request, worker, settings, parse_gaussian)
+        parsed = await _parse(request, worker, settings, parse_gaussian, parse_gaussian_binary)
         body = parsed.request
         initial = (body.initial.mean, body.initial.std) if body.initial else None
         job = GaussianJob(
