@@ -42,7 +42,7 @@ async def test_npy_and_raw_bodies_fit_exactly_like_json(client: httpx.AsyncClien
 
 async def test_float32_bodies(client: httpx.AsyncClient) -> None:
     y32 = seed_gaussian_data(2).astype(np.float32)
-    params = {"reduction": "sum", "learning_rate": 0.0005, "epochs": 50}
+    params: dict[str, str | float] = {"reduction": "sum", "learning_rate": 0.0005, "epochs": 50}
     as_json = (await client.post(GAUSSIAN, json={"y": y32.tolist(), **params})).json()
     raw = y32.astype("<f4").tobytes()
     as_raw = await client.post(
