@@ -1,0 +1,1 @@
+"""``python -m bench``: tapefit's benchmark (see README, "Performance")."""

@@ -1,0 +1,33 @@
+"""Run the benchmark and print its tables (Markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench import engine, http  # noqa: E402  (after the TF log level is set)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter loads")
+    parser.add_argument("--no-http", action="store_true", help="engine table only")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    print(f"# tapefit benchmark ({'quick' if args.quick else 'full'})")
+    print(f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
+    rows, first = engine.run(args.quick)
+    print(engine.table(rows, first))
+    print()
+    if not args.no_http:
+        print(http.report(http.run(args.quick)))
+    print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
