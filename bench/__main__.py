@@ -9,7 +9,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import engine, http  # noqa: E402  (after the TF log level is set)
+from bench import engine, http
 
 
 def main() -> None:

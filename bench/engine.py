@@ -126,7 +126,9 @@ def measure(engine: FitEngine, model: str, n: int, epochs: int, eager_cap: int) 
         engine_t = timed(lambda: engine.fit_linear(x, y, learning_rate=lr, epochs=epochs, seed=0))
         closed = timed(lambda: linear_closed_form(x, y))
         loop_only = timed(
-            lambda: engine.fit_linear(tiny_x, tiny_y + [0, 1], learning_rate=lr, epochs=epochs)
+            lambda: engine.fit_linear(
+                tiny_x, tiny_y + np.array([0.0, 1.0]), learning_rate=lr, epochs=epochs
+            )
         )
     else:
         eager_epochs = min(epochs, eager_cap)
@@ -135,7 +137,11 @@ def measure(engine: FitEngine, model: str, n: int, epochs: int, eager_cap: int) 
         numpy_t = timed(lambda: numpy_gaussian(y, lr, epochs), max_reps=5)
         engine_t = timed(lambda: engine.fit_gaussian(y, learning_rate=lr, epochs=epochs))
         closed = timed(lambda: gaussian_closed_form(y))
-        loop_only = timed(lambda: engine.fit_gaussian(tiny_y + [0, 1], learning_rate=lr, epochs=epochs))
+        loop_only = timed(
+            lambda: engine.fit_gaussian(
+                tiny_y + np.array([0.0, 1.0]), learning_rate=lr, epochs=epochs
+            )
+        )
     floor = timed(lambda: one_pass(x, y)) + loop_only
     return Row(model, n, epochs, eager, numpy_t, engine_t, closed, floor)
 
@@ -176,8 +182,8 @@ def table(rows: list[Row], first: dict[str, float]) -> str:
     for r in rows:
         lines.append(
             f"| {r.model} | {r.n:,} | {r.epochs:,} | {fmt_time(r.eager)} | {fmt_time(r.numpy)} "
-            f"| {fmt_time(r.engine)} | {fmt_time(r.closed)} | {r.vs_eager:,.0f}× "
-            f"| {r.vs_numpy:,.1f}× | {r.vs_floor:.2f} |"
+            f"| {fmt_time(r.engine)} | {fmt_time(r.closed)} | {r.vs_eager:,.0f}x "
+            f"| {r.vs_numpy:,.1f}x | {r.vs_floor:.2f} |"
         )
     lines.append("")
     lines.append(

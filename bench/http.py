@@ -65,7 +65,9 @@ def wrk_load(url: str, path: str, body: bytes | None, seconds: int, connections:
         lua_body = ""
         if body is not None:
             (Path(tmp) / "body.json").write_bytes(body)
-            lua_body = f'local f = io.open("{tmp}/body.json", "rb"); wrk.body = f:read("*a"); f:close()'
+            lua_body = (
+                f'local f = io.open("{tmp}/body.json", "rb"); wrk.body = f:read("*a"); f:close()'
+            )
         script.write_text(_WRK_LUA.format(method="POST" if body else "GET", body=lua_body))
         out = subprocess.run(
             [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url + path],
@@ -153,9 +155,10 @@ def _npy(array: np.ndarray) -> bytes:  # type: ignore[type-arg]
 
 async def _big_request(url: str, body: bytes, headers: dict[str, str]) -> tuple[float, float]:
     """Seconds for one big fit, and the slowest /healthz answered meanwhile (another client)."""
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client, httpx.AsyncClient(
-        base_url=url, timeout=120
-    ) as prober:
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=120) as client,
+        httpx.AsyncClient(base_url=url, timeout=120) as prober,
+    ):
         slowest = 0.0
         t0 = time.perf_counter()
         task = asyncio.create_task(client.post("/v1/fits/linear", content=body, headers=headers))
@@ -254,10 +257,13 @@ def report(r: HttpReport) -> str:
         "| endpoint | requests | req/s | p50 | p99 | p99/p50 | errors |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, load_ in (("GET /healthz (trivial JSON)", r.trivial), (
-        f"POST /v1/fits/linear (n={SMALL_N}, {SMALL_EPOCHS} epochs)",
-        r.fits,
-    )):
+    for name, load_ in (
+        ("GET /healthz (trivial JSON)", r.trivial),
+        (
+            f"POST /v1/fits/linear (n={SMALL_N}, {SMALL_EPOCHS} epochs)",
+            r.fits,
+        ),
+    ):
         lines.append(
             f"| {name} | {load_.requests:,} | {load_.rps:,.0f} | {load_.p50_ms:.2f} ms "
             f"| {load_.p99_ms:.2f} ms | {load_.p99_ms / load_.p50_ms:.1f} | {load_.errors} |"
@@ -275,9 +281,9 @@ def report(r: HttpReport) -> str:
         lines += [
             f"- 1,000,000-point linear fit, 1000 epochs: parsing its {b.body_mb:.0f} MB JSON body "
             f"alone (pydantic + numpy) {b.parse_json * 1e3:.0f} ms; the JSON request end to end "
-            f"{b.json_request * 1e3:.0f} ms ({b.json_request / b.parse_json:.2f}× the parse); "
+            f"{b.json_request * 1e3:.0f} ms ({b.json_request / b.parse_json:.2f}x the parse); "
             f"as application/x-npy {b.npy_request * 1e3:.0f} ms "
-            f"({b.npy_request / b.parse_json:.2f}× the JSON parse)",
+            f"({b.npy_request / b.parse_json:.2f}x the JSON parse)",
             f"- slowest /healthz answered during those requests: JSON "
             f"{b.json_health_max * 1e3:.1f} ms, npy {b.npy_health_max * 1e3:.1f} ms",
         ]

@@ -1,4 +1,4 @@
-"""FastAPI dependencies as ``Annotated`` aliases."""
+"""FastAPI dependencies as ``Annotated`` aliases (async: sync ones would cost a thread hop)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from service.settings import Settings
 from service.worker import FitWorker
 
 
-def get_worker(request: Request) -> FitWorker:
+async def get_worker(request: Request) -> FitWorker:
     worker: FitWorker = request.app.state.worker
     return worker
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

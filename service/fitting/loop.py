@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import secrets
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -29,7 +28,12 @@ from service.fitting.results import (
     ModelName,
     StopReason,
 )
-from service.fitting.summary import gaussian_moments, linear_moments
+from service.fitting.summary import (
+    gaussian_moments,
+    gaussian_moments_numpy,
+    linear_moments,
+    linear_moments_numpy,
+)
 
 Reduction = Literal["sum", "mean"]
 #: Called between chunks: None to go on, "timeout" to stop and return what was reached.
@@ -47,21 +51,22 @@ LossFn = Callable[[Any, Any], Any]
 def _compile_chunk(loss_fn: LossFn, summary_size: int, chunk: int) -> Any:
     """An XLA-compiled loop of up to ``chunk`` gradient-descent epochs on ``loss_fn``.
 
-    Returns ``(params, history[chunk], epochs_done, finite, final_loss)``. It stops early
-    when the loss or the updated parameters are non-finite; ``params`` are then those
-    before the failing update.
+    ``controls`` = [param0, param1, learning_rate, epochs (<= chunk)]. Returns one packed
+    vector (one device-to-host copy): [param0, param1, epochs_done, finite, final_loss,
+    history(chunk)]. The loop stops early when the loss or the updated parameters are
+    non-finite; the parameters are then those before the failing update.
     """
 
     @tf.function(
         jit_compile=True,
         input_signature=[
             tf.TensorSpec([summary_size], tf.float64),  # data summary (+ loss constants)
-            tf.TensorSpec([2], tf.float64),  # parameters
-            tf.TensorSpec([], tf.float64),  # learning rate
-            tf.TensorSpec([], tf.int32),  # epochs to run, <= chunk
+            tf.TensorSpec([4], tf.float64),  # controls
         ],
     )
-    def run(summary: Any, params: Any, learning_rate: Any, steps: Any) -> Any:
+    def run(summary: Any, controls: Any) -> Any:
+        params, learning_rate = controls[0:2], controls[2]
+        steps = tf.cast(controls[3], tf.int32)
         history = tf.TensorArray(tf.float64, size=chunk, element_shape=[])
 
         def epoch(i: Any, p: Any, history: Any, finite: Any) -> Any:
@@ -79,7 +84,10 @@ def _compile_chunk(loss_fn: LossFn, summary_size: int, chunk: int) -> Any:
             epoch,
             [tf.constant(0), params, history, tf.constant(True)],
         )
-        return params, history.stack(), done, finite, loss_fn(params, summary)
+        flags = tf.stack(
+            [tf.cast(done, tf.float64), tf.cast(finite, tf.float64), loss_fn(params, summary)]
+        )
+        return tf.concat([params, flags, history.stack()], axis=0)
 
     return run
 
@@ -99,15 +107,18 @@ class FitEngine:
     compiled loops evaluate them statelessly on loop-carried tensors, so concurrent fits never
     share mutable state.
 
-    Each fit makes one call of a "start" function (data in as ``TensorSpec([None])``: the
-    summary, the initial values and the first chunk of epochs, in one graph) and, for long
-    fits, further calls of the XLA-compiled chunk loop.
+    A fit of large data makes one call of a "start" function (data in as
+    ``TensorSpec([None])``: the summary, the initial values and the first chunk of epochs, in
+    one graph); below ``graph_min_points`` the same summary comes from numpy (a graph call
+    costs more than the whole computation there) and the XLA-compiled loop is called
+    directly. Long fits call the loop again for further chunks.
     """
 
-    def __init__(self, epochs_per_call: int = 4096) -> None:
+    def __init__(self, epochs_per_call: int = 4096, graph_min_points: int = 32_768) -> None:
         if epochs_per_call < 1:
             raise ValueError("epochs_per_call must be >= 1")
         self.epochs_per_call = epochs_per_call
+        self.graph_min_points = graph_min_points
         self.linear_layer = LinearRegressionLayer(dtype="float64", name="linear")
         self.gaussian_layer = GaussianFitLayer((0.0, 1.0), dtype="float64", name="gaussian")
         self._linear_fn = _compile_chunk(self._linear_loss, 6, epochs_per_call)
@@ -141,7 +152,7 @@ class FitEngine:
             params, learning_rate, steps = controls[0:2], controls[2], _steps(controls[3])
             summary = linear_moments(x, y)
             usable = tf.reduce_all(tf.math.is_finite(summary)) & (summary[3] > 0.0)
-            return _pack(summary, chunk(summary, params, learning_rate, _only_if(usable, steps)))
+            return _start_outputs(chunk, summary, params, learning_rate, _only_if(usable, steps))
 
         return start
 
@@ -165,7 +176,7 @@ class FitEngine:
                 & tf.reduce_all(tf.math.is_finite(params))
                 & (moments[2] > 0.0)
             )
-            return _pack(summary, chunk(summary, params, learning_rate, _only_if(usable, steps)))
+            return _start_outputs(chunk, summary, params, learning_rate, _only_if(usable, steps))
 
         return start
 
@@ -188,19 +199,23 @@ class FitEngine:
         drawn and reported when none is given) and b from 0, as the seed's layer does.
         """
         if initial is None:
-            seed = secrets.randbits(63) if seed is None else seed
+            seed = _fresh_seed() if seed is None else seed
             initial = (random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
         _check_hyperparameters(learning_rate, epochs, initial)
         steps = min(self.epochs_per_call, epochs)
-        controls = (*initial, learning_rate, steps)
-        first = _Unpacked(self._linear_start(_vector(x), _vector(y), _vector(controls)), 6)
-        summary = first.summary
-        if not np.all(np.isfinite(summary)):
-            raise _overflow()
-        if not summary[3] > 0.0:
-            raise DegenerateData("all x values are equal: the slope is not determined")
+        xs, ys = _array(x), _array(y)
+        controls = _vector((*initial, learning_rate, steps))
+        if xs.size < self.graph_min_points:
+            summary = linear_moments_numpy(xs, ys)
+            _check_linear(summary)
+            first = _Chunk(self._linear_chunk(_vector(summary), controls).numpy())
+        else:
+            values = self._linear_start(_vector(xs), _vector(ys), controls).numpy()
+            summary = values[:6]
+            _check_linear(summary)
+            first = _Chunk(values[6:])
         params, history, final_loss, epochs_run, stop = self._continue(
-            self._linear_chunk, first, learning_rate, epochs, should_stop
+            self._linear_chunk, summary, first, learning_rate, epochs, should_stop
         )
         return FitResult(
             model="linear",
@@ -234,15 +249,24 @@ class FitEngine:
         steps = min(self.epochs_per_call, epochs)
         m0, s0 = initial or (0.0, 1.0)
         flags = (float(initial is None), float(reduction == "sum"))
-        controls = (m0, s0, learning_rate, steps, *flags)
-        first = _Unpacked(self._gaussian_start(_vector(y), _vector(controls)), 4)
-        summary = first.summary
-        if not (np.all(np.isfinite(summary)) and np.all(np.isfinite(first.params))):
-            raise _overflow()
-        if not summary[2] > 0.0:
-            raise DegenerateData("all y values are equal: the standard deviation is zero")
+        ys = _array(y)
+        if ys.size < self.graph_min_points:
+            summary = np.append(gaussian_moments_numpy(ys), ys.size if reduction == "sum" else 1.0)
+            if initial is None:
+                m_factor, s_factor = GAUSSIAN_INIT_FACTORS
+                with np.errstate(over="ignore", invalid="ignore"):
+                    m0, s0 = m_factor * summary[1], s_factor * np.sqrt(summary[2])
+            _check_gaussian(summary, (m0, s0))
+            controls = _vector((m0, s0, learning_rate, steps))
+            first = _Chunk(self._gaussian_chunk(_vector(summary), controls).numpy())
+        else:
+            controls = _vector((m0, s0, learning_rate, steps, *flags))
+            values = self._gaussian_start(_vector(ys), controls).numpy()
+            summary = values[:4]
+            first = _Chunk(values[4:])
+            _check_gaussian(summary, first.params)
         params, history, final_loss, epochs_run, stop = self._continue(
-            self._gaussian_chunk, first, learning_rate, epochs, should_stop
+            self._gaussian_chunk, summary, first, learning_rate, epochs, should_stop
         )
         return FitResult(
             model="gaussian",
@@ -256,12 +280,14 @@ class FitEngine:
         )
 
     def warm_up(self) -> None:
-        """Run both loops once so the first request pays no tracing or XLA compilation."""
+        """Run every compiled function once (small data, large data, a second chunk) so no
+        request pays tracing or XLA compilation."""
         rng = np.random.default_rng(0)
-        x = rng.random(16)
-        y = 2.0 * x + 1.0 + rng.normal(0, 0.1, 16)
-        self.fit_linear(x, y, learning_rate=0.1, epochs=2, seed=0)
-        self.fit_gaussian(y, learning_rate=0.1, epochs=2)
+        for n in (16, self.graph_min_points):
+            x = rng.random(n)
+            y = 2.0 * x + 1.0 + rng.normal(0, 0.1, n)
+            self.fit_linear(x, y, learning_rate=0.1, epochs=2, seed=0)
+            self.fit_gaussian(y, learning_rate=0.1, epochs=2)
 
     def trace_counts(self) -> dict[str, int]:
         """How often each compiled function was traced (stays 1 after warm-up)."""
@@ -278,61 +304,39 @@ class FitEngine:
     def _continue(
         self,
         chunk_fn: Any,
-        first: _Unpacked,
+        summary: npt.NDArray[np.float64],
+        first: _Chunk,
         learning_rate: float,
         epochs: int,
         should_stop: StopCheck | None,
     ) -> tuple[list[float], npt.NDArray[np.float64], float, int, StopReason]:
-        """Check the first chunk's outcome, then run further chunks until ``epochs``."""
-        params_np, done, finite, final_loss = first.params, first.done, first.finite, first.final
-        pieces = [first.history]
+        """Check each chunk's outcome and run further chunks until ``epochs``."""
+        chunk = first
+        pieces: list[npt.NDArray[np.float64]] = []
         stop: StopReason = "max_epochs"
         done_total = 0
-        summary_t = lr_t = params_t = None
+        summary_t = None
         while True:
-            if not finite:
-                raise FitDiverged(epoch=done_total + done, learning_rate=learning_rate)
-            done_total += done
+            if not chunk.finite:
+                raise FitDiverged(epoch=done_total + chunk.done, learning_rate=learning_rate)
+            pieces.append(chunk.history)
+            done_total += chunk.done
             if done_total >= epochs:
                 break
             if should_stop is not None and (reason := should_stop()) is not None:
                 stop = reason
                 break
             if summary_t is None:
-                summary_t, lr_t = _vector(first.summary), _f64(learning_rate)
-                params_t = _vector(params_np)
+                summary_t = _vector(summary)
             steps = min(self.epochs_per_call, epochs - done_total)
-            params_t, history, done_t, finite_t, final_t = chunk_fn(
-                summary_t, params_t, lr_t, _i32(steps)
-            )
-            done, finite, final_loss = int(done_t), bool(finite_t), float(final_t)
-            params_np = params_t.numpy()
-            pieces.append(history.numpy()[:done])
+            controls = _vector((*chunk.params, learning_rate, steps))
+            chunk = _Chunk(chunk_fn(summary_t, controls).numpy())
+        final_loss = chunk.final
         if not math.isfinite(final_loss):
             raise FitDiverged(epoch=done_total, learning_rate=learning_rate)
-        history_all = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        _check_descended(history_all, final_loss, learning_rate)
-        return [float(v) for v in params_np], history_all, final_loss, done_total, stop
-
-
-class _Unpacked:
-    """The start functions' single packed output, read with one device-to-host copy:
-    [params(2), epochs_done, finite, final_loss, summary(summary_size), history(chunk)]."""
-
-    def __init__(self, packed: Any, summary_size: int) -> None:
-        values = packed.numpy()
-        self.params = values[0:2]
-        self.done = int(values[2])
-        self.finite = bool(values[3] > 0.5)
-        self.final = float(values[4])
-        self.summary = values[5 : 5 + summary_size]
-        self.history = values[5 + summary_size : 5 + summary_size + self.done]
-
-
-def _pack(summary: Any, chunk_outputs: Any) -> Any:
-    params, history, done, finite, final = chunk_outputs
-    flags = tf.stack([tf.cast(done, tf.float64), tf.cast(finite, tf.float64), final])
-    return tf.concat([params, flags, summary, history], axis=0)
+        history = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        _check_descended(history, final_loss, learning_rate)
+        return [float(v) for v in chunk.params], history, final_loss, done_total, stop
 
 
 def _fast_call(function: Any) -> Callable[..., Any]:
@@ -354,20 +358,53 @@ def _fast_call(function: Any) -> Callable[..., Any]:
     return call
 
 
+class _Chunk:
+    """A chunk's packed output: [param0, param1, epochs_done, finite, final_loss, history]."""
+
+    def __init__(self, values: npt.NDArray[np.float64]) -> None:
+        self.params = values[0:2]
+        self.done = int(values[2])
+        self.finite = bool(values[3] > 0.5)
+        self.final = float(values[4])
+        self.history = values[5 : 5 + self.done]
+
+
+def _start_outputs(chunk: Any, summary: Any, params: Any, learning_rate: Any, steps: Any) -> Any:
+    """[summary, the chunk's packed output]: one vector, one device-to-host copy."""
+    controls = tf.concat([params, tf.stack([learning_rate, tf.cast(steps, tf.float64)])], 0)
+    return tf.concat([summary, chunk(summary, controls)], axis=0)
+
+
 def _only_if(condition: Any, steps: Any) -> Any:
     return tf.where(condition, steps, tf.zeros_like(steps))
 
 
+def _fresh_seed() -> int:
+    """A seed for a request that gave none (reported back, so the fit can be replayed).
+    Not a secret: the process-wide Mersenne Twister is enough and costs no system call."""
+    return random.getrandbits(63)
+
+
+def _array(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
 def _vector(values: npt.ArrayLike) -> Any:
-    return tf.constant(np.asarray(values, dtype=np.float64).reshape(-1))
+    return tf.constant(_array(values))
 
 
-def _f64(value: float) -> Any:
-    return tf.constant(value, tf.float64)
+def _check_linear(summary: npt.NDArray[np.float64]) -> None:
+    if not np.all(np.isfinite(summary)):
+        raise _overflow()
+    if not summary[3] > 0.0:
+        raise DegenerateData("all x values are equal: the slope is not determined")
 
 
-def _i32(value: int) -> Any:
-    return tf.constant(value, tf.int32)
+def _check_gaussian(summary: npt.NDArray[np.float64], initial: npt.ArrayLike) -> None:
+    if not (np.all(np.isfinite(summary)) and np.all(np.isfinite(initial))):
+        raise _overflow()
+    if not summary[2] > 0.0:
+        raise DegenerateData("all y values are equal: the standard deviation is zero")
 
 
 def _check_hyperparameters(learning_rate: float, epochs: int, initial: tuple[float, float]) -> None:

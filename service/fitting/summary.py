@@ -55,6 +55,34 @@ def _centre(v: Any) -> tuple[Any, Any]:
     return mean + correction, dev - correction
 
 
+def linear_moments_numpy(
+    x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """:func:`linear_moments` in numpy, for small data (no graph call)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as inf/nan
+        x_mean, dx = _centre_numpy(x)
+        y_mean, dy = _centre_numpy(y)
+        n = x.size
+        moments = (np.dot(dx, dx) / n, np.dot(dx, dy) / n, np.dot(dy, dy) / n)
+    return np.array([n, x_mean, y_mean, *moments])
+
+
+def gaussian_moments_numpy(y: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """:func:`gaussian_moments` in numpy, for small data (no graph call)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as inf/nan
+        y_mean, dy = _centre_numpy(y)
+        return np.array([y.size, y_mean, np.dot(dy, dy) / y.size])
+
+
+def _centre_numpy(
+    v: npt.NDArray[np.float64],
+) -> tuple[float, npt.NDArray[np.float64]]:
+    mean = float(v.mean())
+    dev = v - mean
+    correction = float(dev.mean())
+    return mean + correction, dev - correction
+
+
 def as_vector(values: npt.ArrayLike) -> Any:
     """A float64 tensor of shape [n] from any 1-D array-like."""
     return tf.convert_to_tensor(np.asarray(values, dtype=np.float64).reshape(-1))

@@ -209,3 +209,25 @@ def test_data_whose_moments_overflow_are_refused(engine: FitEngine) -> None:
         engine.fit_gaussian(huge, learning_rate=0.1, epochs=5)
     with pytest.raises(DegenerateData, match="overflows"):
         engine.fit_linear(huge, [1.0, 2.0, 3.0], learning_rate=0.1, epochs=5)
+
+
+@pytest.mark.parametrize("n", [50, 5000])
+def test_numpy_and_graph_summaries_give_the_same_fit(n: int) -> None:
+    """Small data take numpy moments, large data the compiled start function: same answer."""
+    x, y = seed_linear_data(12, n=n)
+    graph = FitEngine(graph_min_points=1)
+    eager_moments = FitEngine(graph_min_points=10**9)
+    a = graph.fit_linear(x, y, learning_rate=0.1, epochs=300, seed=3)
+    b = eager_moments.fit_linear(x, y, learning_rate=0.1, epochs=300, seed=3)
+    np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-12)
+    assert a.params == pytest.approx(b.params, rel=1e-12)
+    for reduction, lr in (("sum", 0.1 / n), ("mean", 0.1)):
+        for initial in (None, (1.0, 2.0)):
+            g = graph.fit_gaussian(
+                y, learning_rate=lr, epochs=40, reduction=reduction, initial=initial
+            )
+            h = eager_moments.fit_gaussian(
+                y, learning_rate=lr, epochs=40, reduction=reduction, initial=initial
+            )
+            np.testing.assert_allclose(g.loss_history, h.loss_history, rtol=1e-12)
+            assert g.params == pytest.approx(h.params, rel=1e-12)
