@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.fitting import DegenerateData, FitCancelled, FitDiverged, FitEngine, StopReason
+from service.fitting import (
+    DegenerateData,
+    FitCancelled,
+    FitDiverged,
+    FitEngine,
+    Reduction,
+    StopReason,
+)
 from service.fitting.reference import (
     gaussian_closed_form,
     linear_closed_form,
@@ -221,7 +228,8 @@ def test_numpy_and_graph_summaries_give_the_same_fit(n: int) -> None:
     b = eager_moments.fit_linear(x, y, learning_rate=0.1, epochs=300, seed=3)
     np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-12)
     assert a.params == pytest.approx(b.params, rel=1e-12)
-    for reduction, lr in (("sum", 0.1 / n), ("mean", 0.1)):
+    cases: list[tuple[Reduction, float]] = [("sum", 0.1 / n), ("mean", 0.1)]
+    for reduction, lr in cases:
         for initial in (None, (1.0, 2.0)):
             g = graph.fit_gaussian(
                 y, learning_rate=lr, epochs=40, reduction=reduction, initial=initial
