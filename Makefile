@@ -36,5 +36,11 @@ pytest: $(VENV)/.installed-test
 
 test: lint typecheck pytest
 
+bench: $(VENV)/.installed-test
+	$(PY) -m bench
+
+bench-quick: $(VENV)/.installed-test
+	$(PY) -m bench --quick
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -147,7 +147,7 @@ def cold_start(runs: int) -> tuple[float, float]:
     return statistics.median(starts), statistics.median(imports)
 
 
-def _npy(array: np.ndarray) -> bytes:  # type: ignore[type-arg]
+def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
