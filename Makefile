@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck pytest bench bench-quick clean
+.PHONY: run test lint typecheck pytest bench bench-quick deploy-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +42,8 @@ bench: $(VENV)/.installed-test
 bench-quick: $(VENV)/.installed-test
 	$(PY) -m bench --quick
 
+deploy-check:
+	bash deploy/check.sh
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-deploy .mypy_cache .pytest_cache .ruff_cache
