@@ -135,6 +135,9 @@ print("POST /v1/fits/linear ->", r.status, fit["params"], "final_loss", fit["fin
 assert abs(fit["params"]["slope"] - 0.976) < 1e-3 and abs(fit["params"]["intercept"] - 2.016) < 1e-3
 PY
 
+say "the image's own HEALTHCHECK (Python, no curl)"
+podman healthcheck run "$CONTAINER" && echo "healthcheck: healthy"
+
 say "podman stop (SIGTERM) and a clean exit"
 podman stop --time 40 "$CONTAINER" >/dev/null
 code=$(podman inspect --format '{{.State.ExitCode}}' "$CONTAINER")
