@@ -10,8 +10,10 @@ from contextlib import asynccontextmanager
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator, metrics
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api.errors import install_error_handlers
@@ -51,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 starting.cancel()
             await worker.stop()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc with Swagger UI / ReDoc assets served by the app itself
+    # (from the fastapi-offline package), so the pages work without any CDN.
+    app = FastAPIOffline(
         title="tapefit",
         version=__version__,
         description=DESCRIPTION,
@@ -70,7 +74,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id
     )
     install_openapi(app, [LinearFitRequest, GaussianFitRequest])
+    app.add_middleware(DocsContentSecurityPolicy)
     return app
+
+
+class DocsContentSecurityPolicy:
+    """Keep the docs pages on this origin: the browser may load nothing from elsewhere (ReDoc's
+    bundle would otherwise fetch its logo from a CDN)."""
+
+    PAGES = frozenset({"/docs", "/redoc"})
+    POLICY = (
+        b"default-src 'self'; script-src 'self' 'unsafe-inline'; "
+        b"style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+        b"worker-src 'self' blob:; connect-src 'self'"
+    )
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.PAGES:
+            await self.app(scope, receive, send)
+            return
+
+        async def with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"content-security-policy", self.POLICY)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_policy)
 
 
 def _instrument(app: FastAPI, registry: CollectorRegistry) -> None:

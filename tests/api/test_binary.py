@@ -133,3 +133,9 @@ async def test_openapi_documents_binary_bodies(client: httpx.AsyncClient) -> Non
     )
     names = {p["name"] for p in op["parameters"]}
     assert {"learning_rate", "epochs", "seed", "timeout_s", "initial", "dtype"} <= names
+
+
+async def test_query_options_with_a_json_body_are_refused(client: httpx.AsyncClient) -> None:
+    r = await client.post(GAUSSIAN, json={"y": [1.0, 2.0, 3.0]}, params={"epochs": "5"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", "epochs"]

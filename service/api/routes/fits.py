@@ -91,6 +91,18 @@ async def _parse(
     body = await request.body()
     context = limits_context(settings.max_points, settings.max_epochs, settings.max_work)
     if media == "application/json":
+        if request.query_params:
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ["query", name],
+                        "msg": "query parameters are only for binary bodies; "
+                        "send this option inside the JSON body",
+                        "type": "query_with_json_body",
+                    }
+                    for name in request.query_params
+                ]
+            )
         parsed = await worker.parse(parse_json, body, context)
     else:  # numpy decoding: no per-number Python objects, cheap enough inline
         parsed = parse_binary(body, media, request.query_params, context)
