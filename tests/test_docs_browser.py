@@ -97,6 +97,8 @@ def test_try_it_out_executes_a_fit(
 
     ARTIFACTS.mkdir(exist_ok=True)
     block.screenshot(path=str(ARTIFACTS / f"docs-{operation}.png"))
+    page.set_viewport_size({"width": 900, "height": 1200})
+    live.screenshot(path=str(ARTIFACTS / f"docs-{operation}-response.png"))
     page.close()
 
     foreign = [url for url in requested if not url.startswith((server.url, "data:", "blob:"))]

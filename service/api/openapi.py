@@ -57,6 +57,11 @@ def _query_parameters(options: type[BaseModel]) -> list[dict[str, Any]]:
         description = schema.pop("description", field.description or "")
         schema.pop("title", None)
         schema.pop("examples", None)
+        # No "default" in the query schema: Swagger UI would pre-fill it and send it along
+        # with JSON bodies too. The default is the JSON field's, stated in its description.
+        default = schema.pop("default", None)
+        if default is not None:
+            description += f" Default: {default}."
         if name == "initial":
             schema = {"type": "string"}
             description += ' As JSON text, e.g. {"slope": 0, "intercept": 0}.'
@@ -74,8 +79,8 @@ def _query_parameters(options: type[BaseModel]) -> list[dict[str, Any]]:
             "name": "dtype",
             "in": "query",
             "required": False,
-            "description": "application/octet-stream only: the raw values' type.",
-            "schema": {"type": "string", "enum": ["float64", "float32"], "default": "float64"},
+            "description": "application/octet-stream only: the raw values' type (default float64).",
+            "schema": {"type": "string", "enum": ["float64", "float32"]},
         }
     )
     return parameters

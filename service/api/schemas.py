@@ -7,7 +7,7 @@ as validation context, so the error names the field and the setting.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -238,7 +238,12 @@ class GaussianParams(BaseModel):
 StopReasonField = Literal["max_epochs", "timeout"]
 
 
-class _FitResponse(BaseModel):
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
+
+
+class _FitResponse(BaseModel, Generic[ParamsT]):
+    model: str = Field(description="Which model was fitted.")
+    params: ParamsT = Field(description="The fitted parameters.")
     loss_history: list[float] = Field(
         description="Loss before each update: entry i is the loss at the parameters before "
         "update i."
@@ -255,14 +260,12 @@ class _FitResponse(BaseModel):
     )
 
 
-class LinearFitResponse(_FitResponse):
+class LinearFitResponse(_FitResponse[LinearParams]):
     model: Literal["linear"] = "linear"
-    params: LinearParams
 
 
-class GaussianFitResponse(_FitResponse):
+class GaussianFitResponse(_FitResponse[GaussianParams]):
     model: Literal["gaussian"] = "gaussian"
-    params: GaussianParams
 
 
 class Health(BaseModel):
