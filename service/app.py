@@ -19,7 +19,12 @@ from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.openapi import install_openapi
 from service.api.routes import fits, health
-from service.api.schemas import GaussianFitRequest, LinearFitRequest
+from service.api.schemas import (
+    GaussianBatchRequest,
+    GaussianFitRequest,
+    LinearBatchRequest,
+    LinearFitRequest,
+)
 from service.logs import AccessLogMiddleware, valid_request_id
 from service.settings import Settings, get_settings
 from service.worker import FitWorker
@@ -73,7 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id
     )
-    install_openapi(app, [LinearFitRequest, GaussianFitRequest])
+    install_openapi(
+        app, [LinearFitRequest, GaussianFitRequest, LinearBatchRequest, GaussianBatchRequest]
+    )
     app.add_middleware(DocsContentSecurityPolicy)
     return app
 

@@ -39,6 +39,14 @@ class Settings(BaseSettings):
         "points + epochs, so the default (the product of the two limits) never binds; lower it "
         "to cap requests anyway.",
     )
+    max_batch: Annotated[int, Field(ge=1)] = Field(
+        10_000, description="Most data sets in one batch request (422 above)."
+    )
+    max_batch_history: Annotated[int, Field(ge=1)] = Field(
+        2_000_000,
+        description="Most loss-history values one batch response may carry (data sets x "
+        "recorded epochs; 422 above: raise history_every).",
+    )
     max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
         64 * 1024 * 1024, description="Largest request body accepted (413 above)."
     )

@@ -40,6 +40,7 @@ from service.fitting import (
     StopReason,
     configure_threads,
 )
+from service.fitting.batch import BatchEngine, Ragged
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ T = TypeVar("T")
 Array = npt.NDArray[np.float64]
 
 __all__ = [
+    "BatchJob",
     "DegenerateData",
     "FitDiverged",
     "FitError",
@@ -78,6 +80,22 @@ class GaussianJob:
     initial: tuple[float, float] | None = None
     reduction: Literal["sum", "mean"] = "mean"
     seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchJob:
+    """Many data sets of one model: values laid end to end, cut by ``lengths``."""
+
+    model: Literal["linear", "gaussian"]
+    lengths: npt.NDArray[np.int64]
+    y: Array
+    learning_rate: float
+    epochs: int
+    x: Array | None = None
+    initial: list[tuple[float, float] | None] | None = None
+    reduction: Literal["sum", "mean"] = "mean"
+    seed: int | None = None
+    history_every: int = 1
 
 
 Job = LinearJob | GaussianJob
@@ -163,6 +181,14 @@ def shared_engine(epochs_per_call: int) -> FitEngine:
     return engine
 
 
+@lru_cache(maxsize=1)
+def shared_batch_engine() -> BatchEngine:
+    """One batch engine per process; its smallest bucket is compiled ahead of traffic."""
+    engine = BatchEngine()
+    engine.warm_up()
+    return engine
+
+
 class FitWorker:
     """Owns the fit thread pool, the parser process pool and admission control."""
 
@@ -174,6 +200,7 @@ class FitWorker:
         self.ready = False
         self.draining = False
         self.engine: FitEngine | None = None
+        self.batch_engine: BatchEngine | None = None
         self._fit_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent_fits, thread_name_prefix="fit"
         )
@@ -189,6 +216,7 @@ class FitWorker:
         configure_threads(s.intra_op_threads, s.inter_op_threads)
         parser_ready = loop.run_in_executor(None, self._start_parser)
         self.engine = await loop.run_in_executor(self._fit_pool, shared_engine, s.epochs_per_call)
+        self.batch_engine = await loop.run_in_executor(self._fit_pool, shared_batch_engine)
         await parser_ready
         self.ready = True
         log.info("worker ready", extra={"trace_counts": self.engine.trace_counts()})
@@ -291,12 +319,7 @@ class FitWorker:
         """Run one fit in the pool; cancelling the caller abandons the fit."""
         if self.engine is None:
             raise Unavailable("the service is warming up")
-        budget = (
-            self.settings.fit_timeout_s
-            if timeout_s is None
-            else min(timeout_s, self.settings.fit_timeout_s)
-        )
-        deadline = time.monotonic() + budget
+        deadline = time.monotonic() + self._budget(timeout_s)
         cancelled = threading.Event()
 
         def should_stop() -> StopReason | None:
@@ -311,6 +334,50 @@ class FitWorker:
         except asyncio.CancelledError:
             cancelled.set()
             raise
+
+    async def fit_batch(
+        self, job: BatchJob, timeout_s: float | None = None
+    ) -> list[FitResult | FitError]:
+        """Run a batch in the pool: one vectorized loop; per-set errors come back in place."""
+        if self.batch_engine is None:
+            raise Unavailable("the service is warming up")
+        engine = self.batch_engine
+        deadline = time.monotonic() + self._budget(timeout_s)
+        cancelled = threading.Event()
+
+        def should_stop() -> StopReason | None:
+            if cancelled.is_set():
+                raise FitCancelled
+            return "timeout" if time.monotonic() >= deadline else None
+
+        def run() -> list[FitResult | FitError]:
+            start = time.perf_counter()
+            outcome = "error"
+            self.metrics.running.inc()
+            try:
+                results = _run_batch(engine, job, should_stop)
+                outcome = "batch"
+                return results
+            except FitCancelled:
+                outcome = "cancelled"
+                raise
+            finally:
+                self.metrics.running.dec()
+                self.metrics.duration.labels(f"{job.model}_batch").observe(
+                    time.perf_counter() - start
+                )
+                self.metrics.fits.labels(f"{job.model}_batch", outcome).inc()
+
+        future = asyncio.get_running_loop().run_in_executor(self._fit_pool, run)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    def _budget(self, timeout_s: float | None) -> float:
+        limit = self.settings.fit_timeout_s
+        return limit if timeout_s is None else min(timeout_s, limit)
 
     def _run(
         self, engine: FitEngine, job: Job, should_stop: Callable[[], StopReason | None]
@@ -361,3 +428,30 @@ class FitWorker:
             seed=job.seed,
             should_stop=should_stop,
         )
+
+
+def _run_batch(
+    engine: BatchEngine, job: BatchJob, should_stop: Callable[[], StopReason | None]
+) -> list[FitResult | FitError]:
+    y = Ragged(job.y, job.lengths)
+    if job.model == "linear":
+        assert job.x is not None
+        return engine.fit_linear(
+            Ragged(job.x, job.lengths),
+            y,
+            learning_rate=job.learning_rate,
+            epochs=job.epochs,
+            initial=job.initial,
+            seed=job.seed,
+            history_every=job.history_every,
+            should_stop=should_stop,
+        )
+    return engine.fit_gaussian(
+        y,
+        learning_rate=job.learning_rate,
+        epochs=job.epochs,
+        initial=job.initial,
+        reduction=job.reduction,
+        history_every=job.history_every,
+        should_stop=should_stop,
+    )

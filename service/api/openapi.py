@@ -49,6 +49,21 @@ def fit_body(
     }
 
 
+def json_only_body(model: type[BaseModel], examples: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``openapi_extra`` for a required JSON body of ``model`` with named examples."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": REF.format(model=model.__name__)},
+                    "examples": examples,
+                }
+            },
+        }
+    }
+
+
 def _query_parameters(options: type[BaseModel]) -> list[dict[str, Any]]:
     parameters: list[dict[str, Any]] = []
     properties = options.model_json_schema()["properties"]

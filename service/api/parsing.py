@@ -21,8 +21,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from service.api.schemas import (
+    GaussianBatchRequest,
     GaussianFitRequest,
     GaussianOptions,
+    LinearBatchRequest,
     LinearFitRequest,
     LinearOptions,
     constant_error,
@@ -102,6 +104,41 @@ def parse_linear(body: bytes, context: dict[str, Any]) -> Parsed[LinearOptions] 
 
 def parse_gaussian(body: bytes, context: dict[str, Any]) -> Parsed[GaussianOptions] | Invalid:
     return _parse(GaussianFitRequest, ("y",), body, context)
+
+
+def _parse_batch(
+    model: type[RequestT], names: tuple[str, ...], body: bytes, context: dict[str, Any]
+) -> Parsed[RequestT] | Invalid:
+    """Batches: every set's arrays laid end to end, plus "lengths" and "initial" (NaN rows
+    where a set gave none)."""
+    try:
+        request = model.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        return _errors(exc, "body")
+    datasets = getattr(request, "datasets")  # noqa: B009  (typed per model)
+    arrays = {
+        name: np.fromiter((v for d in datasets for v in getattr(d, name)), dtype=np.float64)
+        for name in names
+    }
+    arrays["lengths"] = np.array([len(getattr(d, names[0])) for d in datasets], dtype=np.float64)
+    initial = np.full((len(datasets), 2), np.nan)
+    for i, d in enumerate(datasets):
+        if d.initial is not None:
+            initial[i] = tuple(d.initial.model_dump().values())
+    arrays["initial"] = initial
+    return Parsed(request.model_copy(update={"datasets": []}), arrays)
+
+
+def parse_linear_batch(
+    body: bytes, context: dict[str, Any]
+) -> Parsed[LinearBatchRequest] | Invalid:
+    return _parse_batch(LinearBatchRequest, ("x", "y"), body, context)
+
+
+def parse_gaussian_batch(
+    body: bytes, context: dict[str, Any]
+) -> Parsed[GaussianBatchRequest] | Invalid:
+    return _parse_batch(GaussianBatchRequest, ("y",), body, context)
 
 
 # -- binary bodies ------------------------------------------------------------------------

@@ -36,9 +36,21 @@ GAUSSIAN_EXAMPLE: dict[str, Any] = {
 }
 
 
-def limits_context(max_points: int, max_epochs: int, max_work: int) -> dict[str, Any]:
+def limits_context(
+    max_points: int,
+    max_epochs: int,
+    max_work: int,
+    max_batch: int | None = None,
+    max_batch_history: int | None = None,
+) -> dict[str, Any]:
     """Validation context carrying the settings-dependent limits."""
-    return {"max_points": max_points, "max_epochs": max_epochs, "max_work": max_work}
+    return {
+        "max_points": max_points,
+        "max_epochs": max_epochs,
+        "max_work": max_work,
+        "max_batch": max_batch,
+        "max_batch_history": max_batch_history,
+    }
 
 
 def _limit(context: dict[str, Any] | None, name: str) -> int | None:
@@ -225,6 +237,128 @@ class GaussianFitRequest(GaussianOptions):
         return _usable(y, info, "y")
 
 
+# -- batches ------------------------------------------------------------------------------------
+
+LINEAR_BATCH_EXAMPLE: dict[str, Any] = {
+    "datasets": [
+        {"x": LINEAR_EXAMPLE["x"], "y": LINEAR_EXAMPLE["y"]},
+        {"x": [0.0, 1.0, 2.0, 3.0], "y": [1.1, 2.9, 5.2, 6.8]},
+        {"x": [1.0, 1.0, 1.0], "y": [1.0, 2.0, 3.0]},
+    ],
+    "learning_rate": 0.1,
+    "epochs": 1000,
+    "seed": 42,
+    "history_every": 100,
+}
+GAUSSIAN_BATCH_EXAMPLE: dict[str, Any] = {
+    "datasets": [{"y": GAUSSIAN_EXAMPLE["y"]}, {"y": [10.2, 8.7, 11.4, 10.1, 9.3, 11.0]}],
+    "learning_rate": 0.1,
+    "epochs": 1000,
+    "history_every": 100,
+}
+
+
+class LinearDataset(_Strict):
+    """One data set of a linear batch. Constant x is not a request error here: that entry
+    alone answers with an error."""
+
+    x: Points = Field(description="Inputs x (finite numbers, >= 2).")
+    y: Points = Field(description="Targets y, one per x.")
+    initial: LinearInitial | None = Field(
+        None, description="Initial parameters of this set; omitted: as for a single fit."
+    )
+
+    @field_validator("y")
+    @classmethod
+    def _y_matches_x(cls, y: list[float], info: ValidationInfo) -> list[float]:
+        x = info.data.get("x")
+        if x is not None:
+            _raise(length_error(len(x), len(y)))
+        return y
+
+
+class GaussianDataset(_Strict):
+    """One data set of a Gaussian batch."""
+
+    y: Points = Field(description="Samples (finite numbers, >= 2).")
+    initial: GaussianInitial | None = Field(
+        None, description="Initial parameters of this set; omitted: as for a single fit."
+    )
+
+
+class _BatchOptions(_TrainingOptions):
+    history_every: Annotated[int, Field(strict=True, ge=1)] = Field(
+        1,
+        description="Record the loss every this many epochs (epoch 0 included), so large "
+        "batches stay small: data sets x recorded epochs must stay within "
+        "TAPEFIT_MAX_BATCH_HISTORY.",
+        examples=[100],
+    )
+
+
+def _check_batch(datasets: list[Any], fields: tuple[str, ...], info: ValidationInfo) -> None:
+    limit = _limit(info.context, "max_batch")
+    if limit is not None and len(datasets) > limit:
+        raise PydanticCustomError(
+            "too_many_datasets",
+            "at most {limit} data sets per batch (TAPEFIT_MAX_BATCH), got {count}",
+            {"limit": limit, "count": len(datasets)},
+        )
+    points = sum(len(getattr(d, fields[0])) for d in datasets)
+    _raise(points_error(points, info.data.get("epochs"), info.context))
+    history_limit = _limit(info.context, "max_batch_history")
+    epochs, every = info.data.get("epochs"), info.data.get("history_every")
+    if history_limit is not None and isinstance(epochs, int) and isinstance(every, int):
+        values = len(datasets) * -(-epochs // every)
+        if values > history_limit:
+            raise PydanticCustomError(
+                "too_much_history",
+                "{values} loss-history values exceed {limit} (TAPEFIT_MAX_BATCH_HISTORY); "
+                "raise history_every",
+                {"values": values, "limit": history_limit},
+            )
+
+
+class LinearBatchRequest(_BatchOptions):
+    """Fit y = slope·x + intercept to many data sets at once, in one vectorized loop. Set i
+    without `initial` starts like a single fit with seed `seed + i`."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [LINEAR_BATCH_EXAMPLE]})
+
+    datasets: list[LinearDataset] = Field(
+        min_length=1,
+        description="The data sets (each its own x and y, lengths may differ); at most "
+        "TAPEFIT_MAX_BATCH, all points together at most TAPEFIT_MAX_POINTS.",
+    )
+
+    @field_validator("datasets")
+    @classmethod
+    def _within_limits(cls, datasets: list[LinearDataset], info: ValidationInfo) -> Any:
+        _check_batch(datasets, ("x",), info)
+        return datasets
+
+
+class GaussianBatchRequest(_BatchOptions):
+    """Fit N(mean, std²) to many data sets at once, in one vectorized loop."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [GAUSSIAN_BATCH_EXAMPLE]})
+
+    datasets: list[GaussianDataset] = Field(
+        min_length=1,
+        description="The data sets (lengths may differ); at most TAPEFIT_MAX_BATCH, all points "
+        "together at most TAPEFIT_MAX_POINTS.",
+    )
+    reduction: Literal["mean", "sum"] = Field(
+        "mean", description="As for a single Gaussian fit, for every set."
+    )
+
+    @field_validator("datasets")
+    @classmethod
+    def _within_limits(cls, datasets: list[GaussianDataset], info: ValidationInfo) -> Any:
+        _check_batch(datasets, ("y",), info)
+        return datasets
+
+
 class LinearParams(BaseModel):
     slope: float = Field(description="Fitted slope m.")
     intercept: float = Field(description="Fitted intercept b.")
@@ -266,6 +400,32 @@ class LinearFitResponse(_FitResponse[LinearParams]):
 
 class GaussianFitResponse(_FitResponse[GaussianParams]):
     model: Literal["gaussian"] = "gaussian"
+
+
+class LinearBatchItem(BaseModel):
+    index: int = Field(description="Position of the data set in the request.")
+    result: LinearFitResponse | None = Field(description="The fit, or null on error.")
+    error: str | None = Field(description="Why this set has no fit (diverged, constant x...).")
+
+
+class GaussianBatchItem(BaseModel):
+    index: int = Field(description="Position of the data set in the request.")
+    result: GaussianFitResponse | None = Field(description="The fit, or null on error.")
+    error: str | None = Field(description="Why this set has no fit (diverged, constant y...).")
+
+
+class LinearBatchResponse(BaseModel):
+    model: Literal["linear"] = "linear"
+    succeeded: int = Field(description="Data sets fitted.")
+    failed: int = Field(description="Data sets that answer with an error.")
+    results: list[LinearBatchItem] = Field(description="One entry per data set, in order.")
+
+
+class GaussianBatchResponse(BaseModel):
+    model: Literal["gaussian"] = "gaussian"
+    succeeded: int = Field(description="Data sets fitted.")
+    failed: int = Field(description="Data sets that answer with an error.")
+    results: list[GaussianBatchItem] = Field(description="One entry per data set, in order.")
 
 
 class Health(BaseModel):

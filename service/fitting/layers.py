@@ -9,17 +9,22 @@ import tensorflow as tf
 
 
 class LinearRegressionLayer(tf.keras.layers.Layer):
-    """Maps x to ``m * x + b``; m starts random-normal and b at zero, as in the seed."""
+    """Maps x to ``m * x + b``; m starts random-normal and b at zero, as in the seed.
+
+    ``units`` > 1 holds that many independent lines (one (m, b) per element of x), for fitting
+    many data sets at once.
+    """
 
     def __init__(
         self,
         m_initializer: Any = "random_normal",
         b_initializer: Any = "zeros",
+        units: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.m = self.add_weight(shape=(1,), initializer=m_initializer, name="m")
-        self.b = self.add_weight(shape=(1,), initializer=b_initializer, name="b")
+        self.m = self.add_weight(shape=(units,), initializer=m_initializer, name="m")
+        self.b = self.add_weight(shape=(units,), initializer=b_initializer, name="b")
         self.built = True  # weights exist from __init__, as in the seed
 
     def call(self, inputs: Any) -> Any:

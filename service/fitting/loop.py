@@ -335,7 +335,7 @@ class FitEngine:
         if not math.isfinite(final_loss):
             raise FitDiverged(epoch=done_total, learning_rate=learning_rate)
         history = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        _check_descended(history, final_loss, learning_rate)
+        check_descended(history, final_loss, learning_rate)
         return [float(v) for v in chunk.params], history, final_loss, done_total, stop
 
 
@@ -427,7 +427,7 @@ def _overflow() -> DegenerateData:
 RISE_TOLERANCE = 1e-9
 
 
-def _check_descended(
+def check_descended(
     history: npt.NDArray[np.float64], final_loss: float, learning_rate: float
 ) -> None:
     """Gradient descent that ends above its starting loss has overshot, however finite.

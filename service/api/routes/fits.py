@@ -6,30 +6,41 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
 from service.api.deps import SettingsDep, WorkerDep
 from service.api.errors import ClientDisconnected, UnsupportedMediaType
-from service.api.openapi import fit_body
+from service.api.openapi import fit_body, json_only_body
 from service.api.parsing import (
     BINARY_MEDIA_TYPES,
     Invalid,
     Parsed,
     parse_gaussian,
+    parse_gaussian_batch,
     parse_gaussian_binary,
     parse_linear,
+    parse_linear_batch,
     parse_linear_binary,
 )
 from service.api.schemas import (
+    GAUSSIAN_BATCH_EXAMPLE,
     GAUSSIAN_EXAMPLE,
+    LINEAR_BATCH_EXAMPLE,
     LINEAR_EXAMPLE,
     ErrorDetail,
+    GaussianBatchItem,
+    GaussianBatchRequest,
+    GaussianBatchResponse,
     GaussianFitRequest,
     GaussianFitResponse,
     GaussianOptions,
     GaussianParams,
+    LinearBatchItem,
+    LinearBatchRequest,
+    LinearBatchResponse,
     LinearFitRequest,
     LinearFitResponse,
     LinearOptions,
@@ -38,7 +49,7 @@ from service.api.schemas import (
     limits_context,
 )
 from service.settings import Settings
-from service.worker import FitResult, FitWorker, GaussianJob, Job, LinearJob
+from service.worker import BatchJob, FitResult, FitWorker, GaussianJob, Job, LinearJob
 
 router = APIRouter(prefix="/v1/fits", tags=["fits"])
 
@@ -220,3 +231,141 @@ async def fit_gaussian(
         )
         result = await _fit(request, worker, job, body.timeout_s)
     return GaussianFitResponse(params=GaussianParams(**result.params), **_common(result))
+
+
+BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **FIT_RESPONSES,
+    415: {"model": ErrorDetail, "description": "Content-Type is not application/json."},
+    422: {
+        "model": ValidationErrorBody,
+        "description": "Invalid request, naming each field. A data set that cannot be fitted "
+        "(diverged, constant data) is not a request error: its entry carries `error`.",
+    },
+}
+
+
+async def _parse_batch(
+    request: Request, worker: FitWorker, settings: Settings, parse_json: JsonParser[RequestT]
+) -> Parsed[RequestT]:
+    content_type = request.headers.get("content-type", "application/json")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(content_type)
+    if request.query_params:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ["query", name],
+                    "msg": "batch options go inside the JSON body",
+                    "type": "query_with_json_body",
+                }
+                for name in request.query_params
+            ]
+        )
+    body = await request.body()
+    context = limits_context(
+        settings.max_points,
+        settings.max_epochs,
+        settings.max_work,
+        settings.max_batch,
+        settings.max_batch_history,
+    )
+    parsed = await worker.parse(parse_json, body, context)
+    if isinstance(parsed, Invalid):
+        raise RequestValidationError(parsed.errors)
+    return parsed
+
+
+def _initials(initial: Any) -> list[tuple[float, float] | None]:
+    return [None if np.isnan(row[0]) else (float(row[0]), float(row[1])) for row in initial]
+
+
+@router.post(
+    "/linear/batch",
+    response_model=LinearBatchResponse,
+    summary="Fit a line to many data sets at once",
+    responses=BATCH_RESPONSES,
+    openapi_extra=json_only_body(
+        LinearBatchRequest,
+        {
+            "three-sets": {
+                "summary": "Two lines and one constant-x set",
+                "value": LINEAR_BATCH_EXAMPLE,
+            }
+        },
+    ),
+)
+async def fit_linear_batch(
+    request: Request, worker: WorkerDep, settings: SettingsDep
+) -> LinearBatchResponse:
+    """Fit y = slope·x + intercept to every data set in one vectorized GradientTape loop; the
+    results come back in order, a set that cannot be fitted carrying an error instead."""
+    async with worker.admit():
+        parsed = await _parse_batch(request, worker, settings, parse_linear_batch)
+        body = parsed.request
+        job = BatchJob(
+            model="linear",
+            lengths=parsed.arrays["lengths"].astype(np.int64),
+            x=parsed.arrays["x"],
+            y=parsed.arrays["y"],
+            learning_rate=body.learning_rate,
+            epochs=body.epochs,
+            initial=_initials(parsed.arrays["initial"]),
+            seed=body.seed,
+            history_every=body.history_every,
+        )
+        results = await _unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
+    items = [
+        LinearBatchItem(index=i, result=None, error=str(r))
+        if isinstance(r, Exception)
+        else LinearBatchItem(
+            index=i,
+            result=LinearFitResponse(params=LinearParams(**r.params), **_common(r)),
+            error=None,
+        )
+        for i, r in enumerate(results)
+    ]
+    failed = sum(item.error is not None for item in items)
+    return LinearBatchResponse(succeeded=len(items) - failed, failed=failed, results=items)
+
+
+@router.post(
+    "/gaussian/batch",
+    response_model=GaussianBatchResponse,
+    summary="Fit normal distributions to many data sets at once",
+    responses=BATCH_RESPONSES,
+    openapi_extra=json_only_body(
+        GaussianBatchRequest,
+        {"two-sets": {"summary": "Two samples", "value": GAUSSIAN_BATCH_EXAMPLE}},
+    ),
+)
+async def fit_gaussian_batch(
+    request: Request, worker: WorkerDep, settings: SettingsDep
+) -> GaussianBatchResponse:
+    """Fit N(mean, std²) to every data set in one vectorized GradientTape loop; the results
+    come back in order, a set that cannot be fitted carrying an error instead."""
+    async with worker.admit():
+        parsed = await _parse_batch(request, worker, settings, parse_gaussian_batch)
+        body = parsed.request
+        job = BatchJob(
+            model="gaussian",
+            lengths=parsed.arrays["lengths"].astype(np.int64),
+            y=parsed.arrays["y"],
+            learning_rate=body.learning_rate,
+            epochs=body.epochs,
+            initial=_initials(parsed.arrays["initial"]),
+            reduction=body.reduction,
+            history_every=body.history_every,
+        )
+        results = await _unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
+    items = [
+        GaussianBatchItem(index=i, result=None, error=str(r))
+        if isinstance(r, Exception)
+        else GaussianBatchItem(
+            index=i,
+            result=GaussianFitResponse(params=GaussianParams(**r.params), **_common(r)),
+            error=None,
+        )
+        for i, r in enumerate(results)
+    ]
+    failed = sum(item.error is not None for item in items)
+    return GaussianBatchResponse(succeeded=len(items) - failed, failed=failed, results=items)

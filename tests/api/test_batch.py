@@ -1,0 +1,128 @@
+"""Batch fits: many data sets in one request and one vectorized loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from service.api.schemas import GAUSSIAN_BATCH_EXAMPLE, LINEAR_BATCH_EXAMPLE
+from service.fitting import FitEngine
+from service.fitting.reference import gaussian_closed_form, linear_closed_form
+from tests.conftest import app_settings, running_app
+
+pytestmark = pytest.mark.anyio
+
+LINEAR = "/v1/fits/linear/batch"
+GAUSSIAN = "/v1/fits/gaussian/batch"
+
+
+def _sets(seed: int, sizes: list[int]) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, n in enumerate(sizes):
+        x = rng.random(n) * (i + 1)
+        out.append({"x": x.tolist(), "y": (0.5 * i * x - i + rng.normal(0, 0.1, n)).tolist()})
+    return out
+
+
+async def test_linear_example(client: httpx.AsyncClient) -> None:
+    r = await client.post(LINEAR, json=LINEAR_BATCH_EXAMPLE)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "linear"
+    assert (body["succeeded"], body["failed"]) == (2, 1)
+    assert [item["index"] for item in body["results"]] == [0, 1, 2]
+    for item, data in zip(body["results"][:2], LINEAR_BATCH_EXAMPLE["datasets"], strict=False):
+        slope, intercept = linear_closed_form(data["x"], data["y"])
+        assert item["error"] is None
+        assert item["result"]["params"]["slope"] == pytest.approx(slope, abs=1e-3)
+        assert item["result"]["params"]["intercept"] == pytest.approx(intercept, abs=1e-3)
+        assert len(item["result"]["loss_history"]) == 10  # epochs 1000, history_every 100
+    failed = body["results"][2]
+    assert failed["result"] is None and "all x values are equal" in failed["error"]
+
+
+async def test_batch_equals_single_fits(client: httpx.AsyncClient, engine: FitEngine) -> None:
+    datasets = _sets(1, [2, 7, 50, 300, 13])
+    r = await client.post(LINEAR, json={"datasets": datasets, "epochs": 200, "seed": 5})
+    assert r.status_code == 200, r.text
+    for i, (item, data) in enumerate(zip(r.json()["results"], datasets, strict=True)):
+        single = engine.fit_linear(data["x"], data["y"], learning_rate=0.1, epochs=200, seed=5 + i)
+        result = item["result"]
+        assert result["seed"] == 5 + i
+        np.testing.assert_allclose(result["loss_history"], single.loss_history, rtol=1e-10)
+        assert result["params"]["slope"] == pytest.approx(single.params["slope"], rel=1e-10)
+        assert result["params"]["intercept"] == pytest.approx(single.params["intercept"], rel=1e-10)
+        assert result["final_loss"] == pytest.approx(single.final_loss, rel=1e-10)
+
+
+async def test_gaussian_batch_equals_single_fits(
+    client: httpx.AsyncClient, engine: FitEngine
+) -> None:
+    rng = np.random.default_rng(2)
+    datasets: list[dict[str, Any]] = [
+        {"y": rng.normal(i, 1 + i, n).tolist()} for i, n in enumerate([3, 40, 400])
+    ]
+    datasets[1]["initial"] = {"mean": 5.0, "std": 3.0}
+    r = await client.post(
+        GAUSSIAN,
+        json={"datasets": datasets, "epochs": 100, "reduction": "sum", "learning_rate": 0.001},
+    )
+    assert r.status_code == 200, r.text
+    for item, data in zip(r.json()["results"], datasets, strict=True):
+        initial = (data["initial"]["mean"], data["initial"]["std"]) if "initial" in data else None
+        single = engine.fit_gaussian(
+            data["y"], learning_rate=0.001, epochs=100, reduction="sum", initial=initial
+        )
+        np.testing.assert_allclose(item["result"]["loss_history"], single.loss_history, rtol=1e-10)
+        assert item["result"]["params"]["std"] == pytest.approx(single.params["std"], rel=1e-10)
+
+
+async def test_one_bad_set_does_not_spoil_the_others(client: httpx.AsyncClient) -> None:
+    datasets = _sets(3, [20, 20, 20])
+    big = np.linspace(0, 100, 20)  # Vxx ~ 850: learning rate 0.1 overshoots at once
+    datasets.insert(1, {"x": big.tolist(), "y": (2 * big).tolist()})
+    datasets.append({"x": [1.0, 2.0], "y": [3.0, 3.0]})  # constant y is fine for a line
+    r = await client.post(LINEAR, json={"datasets": datasets, "seed": 0})
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["succeeded"], body["failed"]) == (4, 1)
+    assert "diverged at epoch" in body["results"][1]["error"]
+    assert "lower learning_rate" in body["results"][1]["error"]
+    for item, data in zip(body["results"], datasets, strict=True):
+        if item["error"] is None:
+            slope, _ = linear_closed_form(data["x"], data["y"])
+            assert item["result"]["params"]["slope"] == pytest.approx(slope, abs=1e-2)
+    assert "NaN" not in r.text and "Infinity" not in r.text
+
+    r = await client.post(GAUSSIAN, json=GAUSSIAN_BATCH_EXAMPLE)
+    assert r.json()["failed"] == 0
+    mean, _ = gaussian_closed_form(GAUSSIAN_BATCH_EXAMPLE["datasets"][1]["y"])
+    assert r.json()["results"][1]["result"]["params"]["mean"] == pytest.approx(mean, abs=1e-3)
+    r = await client.post(GAUSSIAN, json={"datasets": [{"y": [1.0, 1.0]}, {"y": [1.0, 2.0]}]})
+    assert r.json()["failed"] == 1
+    assert "all y values are equal" in r.json()["results"][0]["error"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "loc"),
+    [
+        ({"datasets": []}, ["body", "datasets"]),
+        ({"datasets": [{"x": [1.0, 2.0], "y": [1.0]}]}, ["body", "datasets", 0, "y"]),
+        ({"datasets": [{"x": [1.0, "2"], "y": [1.0, 2.0]}]}, ["body", "datasets", 0, "x", 1]),
+        ({"datasets": _sets(0, [2, 2, 2])}, ["body", "datasets"]),  # over TAPEFIT_MAX_BATCH
+        ({"datasets": _sets(0, [30])}, ["body", "datasets"]),  # over TAPEFIT_MAX_POINTS
+        ({"datasets": _sets(0, [5, 5]), "epochs": 100}, ["body", "datasets"]),  # history cap
+        ({"datasets": _sets(0, [5]), "history_every": 0}, ["body", "history_every"]),
+    ],
+)
+async def test_batch_limits_and_invalid_requests(payload: dict[str, Any], loc: list[Any]) -> None:
+    settings = app_settings(max_batch=2, max_points=20, max_batch_history=150)
+    async with running_app(settings) as c:
+        r = await c.post(LINEAR, json=payload)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == loc
+        assert "input" not in r.json()["detail"][0]
