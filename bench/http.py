@@ -215,6 +215,76 @@ def _time(fn: object) -> float:
 
 
 @dataclass
+class BatchBench:
+    datasets: int
+    batch_request: float
+    single_requests: float
+    numpy_loop: float
+
+
+def _numpy_batch_loop(x: np.ndarray, y: np.ndarray, lr: float, epochs: int) -> np.ndarray:
+    """Gradient descent on every row at once (vectorized over the batch), MSE per row."""
+    m = np.zeros(x.shape[0])
+    b = np.zeros(x.shape[0])
+    for _ in range(epochs):
+        r = m[:, None] * x + b[:, None] - y
+        m -= lr * 2.0 * np.mean(r * x, axis=1)
+        b -= lr * 2.0 * np.mean(r, axis=1)
+    return m
+
+
+async def _singles(url: str, bodies: list[bytes], connections: int = 16) -> float:
+    limits = httpx.Limits(max_connections=connections)
+    queue = list(reversed(bodies))
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+        async def user() -> None:
+            while queue:
+                body = queue.pop()
+                r = await client.post(
+                    "/v1/fits/linear", content=body, headers={"content-type": "application/json"}
+                )
+                assert r.status_code == 200, r.text[:200]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(connections)))
+        return time.perf_counter() - t0
+
+
+def batch_bench(server: Server, count: int, n: int = 100, epochs: int = 1000) -> BatchBench:
+    rng = np.random.default_rng(3)
+    x = rng.random((count, n))
+    y = 2.0 * x + 1.0 + rng.normal(0.0, 0.1, (count, n))
+    datasets = [{"x": xi.tolist(), "y": yi.tolist()} for xi, yi in zip(x, y, strict=True)]
+    body = json.dumps(
+        {"datasets": datasets, "epochs": epochs, "seed": 0, "history_every": epochs}
+    ).encode()
+
+    def post_batch() -> float:
+        t0 = time.perf_counter()
+        r = httpx.post(
+            server.url + "/v1/fits/linear/batch",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=300,
+        )
+        assert r.status_code == 200 and r.json()["failed"] == 0, r.text[:300]
+        return time.perf_counter() - t0
+
+    post_batch()  # the first batch of this size compiles its bucket
+    batch = min(post_batch() for _ in range(2))
+    singles = [
+        json.dumps({"x": d["x"], "y": d["y"], "epochs": epochs, "seed": 0}).encode()
+        for d in datasets
+    ]
+    single = asyncio.run(_singles(server.url, singles))
+    t0 = time.perf_counter()
+    _numpy_batch_loop(x, y, 0.1, epochs)
+    numpy_time = time.perf_counter() - t0
+    return BatchBench(count, batch, single, numpy_time)
+
+
+@dataclass
 class HttpReport:
     trivial: Load
     fits: Load
@@ -224,6 +294,7 @@ class HttpReport:
     cold: float
     tf_import: float
     big: Big | None
+    batch: BatchBench
     driver: str
 
 
@@ -243,10 +314,13 @@ def run(quick: bool) -> HttpReport:
             total += load(server.url, "/v1/fits/linear", body, 3).requests
         rss_after = rss_mib(server)
         big = None if quick else big_requests(server)
+        batch = batch_bench(server, 1_000 if quick else 10_000)
         server.stop()
     cold, tf_import = cold_start(1 if quick else 3)
     driver = "wrk -t2 -c16" if shutil.which("wrk") else "httpx async, 16 connections"
-    return HttpReport(trivial, fits, rss_warm, rss_after, total, cold, tf_import, big, driver)
+    return HttpReport(
+        trivial, fits, rss_warm, rss_after, total, cold, tf_import, big, batch, driver
+    )
 
 
 def report(r: HttpReport) -> str:
@@ -287,4 +361,17 @@ def report(r: HttpReport) -> str:
             f"- slowest /healthz answered during those requests: JSON "
             f"{b.json_health_max * 1e3:.1f} ms, npy {b.npy_health_max * 1e3:.1f} ms",
         ]
+    bb = r.batch
+    lines += [
+        "",
+        f"Batch: {bb.datasets:,} data sets of 100 points, 1000 epochs (linear):",
+        "",
+        "| path | time | batch request is |",
+        "|---|---|---|",
+        f"| one batch request (JSON, history_every=1000) | {bb.batch_request:.2f} s | |",
+        f"| {bb.datasets:,} single requests (httpx, 16 connections) | {bb.single_requests:.2f} s "
+        f"| {bb.single_requests / bb.batch_request:.0f}x faster |",
+        f"| numpy loop vectorized over the batch (in process, no HTTP) | {bb.numpy_loop:.2f} s "
+        f"| {bb.numpy_loop / bb.batch_request:.1f}x faster |",
+    ]
     return "\n".join(lines)

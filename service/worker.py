@@ -200,7 +200,7 @@ class FitWorker:
         self.ready = False
         self.draining = False
         self.engine: FitEngine | None = None
-        self.batch_engine: BatchEngine | None = None
+        self._batch_ready: asyncio.Future[BatchEngine] | None = None
         self._fit_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent_fits, thread_name_prefix="fit"
         )
@@ -216,9 +216,11 @@ class FitWorker:
         configure_threads(s.intra_op_threads, s.inter_op_threads)
         parser_ready = loop.run_in_executor(None, self._start_parser)
         self.engine = await loop.run_in_executor(self._fit_pool, shared_engine, s.epochs_per_call)
-        self.batch_engine = await loop.run_in_executor(self._fit_pool, shared_batch_engine)
         await parser_ready
         self.ready = True
+        # Batch loops warm after readiness (single fits need not wait for them); a batch
+        # arriving earlier waits for this, not for a second compilation.
+        self._batch_ready = loop.run_in_executor(self._fit_pool, shared_batch_engine)
         log.info("worker ready", extra={"trace_counts": self.engine.trace_counts()})
 
     def begin_drain(self) -> None:
@@ -339,9 +341,9 @@ class FitWorker:
         self, job: BatchJob, timeout_s: float | None = None
     ) -> list[FitResult | FitError]:
         """Run a batch in the pool: one vectorized loop; per-set errors come back in place."""
-        if self.batch_engine is None:
+        if self._batch_ready is None:
             raise Unavailable("the service is warming up")
-        engine = self.batch_engine
+        engine = await asyncio.shield(self._batch_ready)
         deadline = time.monotonic() + self._budget(timeout_s)
         cancelled = threading.Event()
 
