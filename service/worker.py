@@ -175,9 +175,10 @@ class FitMetrics:
 
 @lru_cache(maxsize=4)
 def shared_engine(epochs_per_call: int) -> FitEngine:
-    """One engine per process and chunk size: it is stateless and thread-safe."""
+    """One engine per process and chunk size: it is stateless and thread-safe. Returned warm
+    for small data (enough for readiness); see :meth:`FitWorker.start` for the rest."""
     engine = FitEngine(epochs_per_call=epochs_per_call)
-    engine.warm_up()
+    engine.warm_up(large=False)
     return engine
 
 
@@ -201,6 +202,7 @@ class FitWorker:
         self.draining = False
         self.engine: FitEngine | None = None
         self._batch_ready: asyncio.Future[BatchEngine] | None = None
+        self._warming: list[asyncio.Future[Any]] = []
         self._fit_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent_fits, thread_name_prefix="fit"
         )
@@ -214,14 +216,26 @@ class FitWorker:
         s = self.settings
         loop = asyncio.get_running_loop()
         configure_threads(s.intra_op_threads, s.inter_op_threads)
-        parser_ready = loop.run_in_executor(None, self._start_parser)
         self.engine = await loop.run_in_executor(self._fit_pool, shared_engine, s.epochs_per_call)
-        await parser_ready
         self.ready = True
-        # Batch loops warm after readiness (single fits need not wait for them); a batch
-        # arriving earlier waits for this, not for a second compilation.
+        # The large-data entry points and the batch loops warm after readiness, so start-up
+        # stays close to a bare TensorFlow import; a request that needs them earlier waits
+        # for the same one-time tracing (a lock), never for a second one.
+        engine = self.engine
+        # Until the parser process is up, large bodies are parsed in a thread.
         self._batch_ready = loop.run_in_executor(self._fit_pool, shared_batch_engine)
-        log.info("worker ready", extra={"trace_counts": self.engine.trace_counts()})
+        self._warming = [
+            loop.run_in_executor(None, self._start_parser),
+            loop.run_in_executor(self._fit_pool, engine.warm_up),
+            self._batch_ready,
+        ]
+        for future in self._warming:
+            future.add_done_callback(_log_failure)
+        log.info("worker ready", extra={"trace_counts": engine.trace_counts()})
+
+    async def wait_warm(self) -> None:
+        """Wait for the background warm-ups that follow readiness (tests, benchmarks)."""
+        await asyncio.gather(*self._warming)
 
     def begin_drain(self) -> None:
         """Stop admitting fits; those in progress go on."""
@@ -270,15 +284,19 @@ class FitWorker:
             return
         from service.api import parsing  # the parser function lives with the API
 
-        pool = ProcessPoolExecutor(
+        pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
             max_workers=self.settings.parse_processes,
             mp_context=multiprocessing.get_context("spawn"),
         )
+        assert pool is not None
         futures = [pool.submit(parsing.warm) for _ in range(self.settings.parse_processes)]
         for future in futures:
             future.result()
         with self._parse_lock:
-            self._parse_pool = pool
+            if not self.draining:
+                self._parse_pool, pool = pool, None
+        if pool is not None:  # shut down while starting
+            pool.shutdown(wait=True, cancel_futures=True)
 
     async def parse(
         self, fn: Callable[[bytes, dict[str, Any]], T], body: bytes, ctx: dict[str, Any]
@@ -430,6 +448,11 @@ class FitWorker:
             seed=job.seed,
             should_stop=should_stop,
         )
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.error("background warm-up failed", exc_info=error)
 
 
 def _run_batch(

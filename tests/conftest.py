@@ -54,6 +54,7 @@ async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     async with LifespanManager(app, startup_timeout=120):
         await app.state.worker_started
+        await app.state.worker.wait_warm()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://tapefit") as client:
             yield client

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -127,8 +128,10 @@ class FitEngine:
         self._gaussian_start_fn = self._build_gaussian_start()
         self._linear_chunk = _fast_call(self._linear_fn)
         self._gaussian_chunk = _fast_call(self._gaussian_fn)
-        self._linear_start = _fast_call(self._linear_start_fn)
-        self._gaussian_start = _fast_call(self._gaussian_start_fn)
+        # The large-data entry points are traced on first use (or by warm_up): a fresh
+        # process becomes ready on the small-data path alone.
+        self._starts: dict[str, Callable[..., Any]] = {}
+        self._starts_lock = threading.Lock()
 
     # -- losses on loop-carried parameters -------------------------------------------------
 
@@ -142,6 +145,16 @@ class FitEngine:
         return nll_from_moments(p[0], p[1], summary, summary[3])
 
     # -- the compiled entry points -----------------------------------------------------------
+
+    def _start(self, model: str) -> Callable[..., Any]:
+        start = self._starts.get(model)
+        if start is None:
+            with self._starts_lock:
+                if model not in self._starts:
+                    fn = self._linear_start_fn if model == "linear" else self._gaussian_start_fn
+                    self._starts[model] = _fast_call(fn)
+                start = self._starts[model]
+        return start
 
     def _build_linear_start(self) -> Any:
         chunk = self._linear_fn
@@ -210,7 +223,8 @@ class FitEngine:
             _check_linear(summary)
             first = _Chunk(self._linear_chunk(_vector(summary), controls).numpy())
         else:
-            values = self._linear_start(_vector(xs), _vector(ys), controls).numpy()
+            start = self._start("linear")
+            values = start(_vector(xs), _vector(ys), controls).numpy()
             summary = values[:6]
             _check_linear(summary)
             first = _Chunk(values[6:])
@@ -261,7 +275,7 @@ class FitEngine:
             first = _Chunk(self._gaussian_chunk(_vector(summary), controls).numpy())
         else:
             controls = _vector((m0, s0, learning_rate, steps, *flags))
-            values = self._gaussian_start(_vector(ys), controls).numpy()
+            values = self._start("gaussian")(_vector(ys), controls).numpy()
             summary = values[:4]
             first = _Chunk(values[4:])
             _check_gaussian(summary, first.params)
@@ -279,11 +293,11 @@ class FitEngine:
             seed=seed,
         )
 
-    def warm_up(self) -> None:
-        """Run every compiled function once (small data, large data, a second chunk) so no
-        request pays tracing or XLA compilation."""
+    def warm_up(self, large: bool = True) -> None:
+        """Run the compiled functions once so no request pays tracing or XLA compilation:
+        the small-data path, and with ``large`` the large-data entry points too."""
         rng = np.random.default_rng(0)
-        for n in (16, self.graph_min_points):
+        for n in (16, self.graph_min_points) if large else (16,):
             x = rng.random(n)
             y = 2.0 * x + 1.0 + rng.normal(0, 0.1, n)
             self.fit_linear(x, y, learning_rate=0.1, epochs=2, seed=0)

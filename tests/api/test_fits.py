@@ -263,6 +263,8 @@ async def test_large_body_is_parsed_in_the_parser_process() -> None:
         slope, _ = linear_closed_form(x, y)
         assert r.json()["params"]["slope"] == pytest.approx(slope, abs=1e-3)
         assert r.json()["n"] == 50_000
+        metrics = (await c.get("/metrics")).text
+        assert 'tapefit_parse_duration_seconds_count{where="process"} 1.0' in metrics
         bad = '{"x": [1.0, NaN], "y": [1.0, 2.0], "padding": "' + "p" * 100 + '"}'
         r = await c.post(LINEAR, content=bad, headers={"content-type": "application/json"})
         _assert_422_naming(r, "x")
