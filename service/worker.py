@@ -223,10 +223,11 @@ class FitWorker:
         # for the same one-time tracing (a lock), never for a second one.
         engine = self.engine
         # Until the parser process is up, large bodies are parsed in a thread.
-        self._batch_ready = loop.run_in_executor(self._fit_pool, shared_batch_engine)
+        # (In the default executor: warm-ups never take a fit slot.)
+        self._batch_ready = loop.run_in_executor(None, shared_batch_engine)
         self._warming = [
             loop.run_in_executor(None, self._start_parser),
-            loop.run_in_executor(self._fit_pool, engine.warm_up),
+            loop.run_in_executor(None, engine.warm_up),
             self._batch_ready,
         ]
         for future in self._warming:
@@ -352,7 +353,9 @@ class FitWorker:
         try:
             return await future
         except asyncio.CancelledError:
+            # Counted here, queued or running: a running fit stops at its next chunk.
             cancelled.set()
+            self.metrics.fits.labels(_model_name(job), "cancelled").inc()
             raise
 
     async def fit_batch(
@@ -379,20 +382,22 @@ class FitWorker:
                 outcome = "batch"
                 return results
             except FitCancelled:
-                outcome = "cancelled"
+                outcome = "cancelled"  # counted by the caller
                 raise
             finally:
                 self.metrics.running.dec()
                 self.metrics.duration.labels(f"{job.model}_batch").observe(
                     time.perf_counter() - start
                 )
-                self.metrics.fits.labels(f"{job.model}_batch", outcome).inc()
+                if outcome != "cancelled":
+                    self.metrics.fits.labels(f"{job.model}_batch", outcome).inc()
 
         future = asyncio.get_running_loop().run_in_executor(self._fit_pool, run)
         try:
             return await future
         except asyncio.CancelledError:
             cancelled.set()
+            self.metrics.fits.labels(f"{job.model}_batch", "cancelled").inc()
             raise
 
     def _budget(self, timeout_s: float | None) -> float:
@@ -402,7 +407,7 @@ class FitWorker:
     def _run(
         self, engine: FitEngine, job: Job, should_stop: Callable[[], StopReason | None]
     ) -> FitResult:
-        model = "linear" if isinstance(job, LinearJob) else "gaussian"
+        model = _model_name(job)
         outcome = "error"
         start = time.perf_counter()
         self.metrics.running.inc()
@@ -423,7 +428,8 @@ class FitWorker:
         finally:
             self.metrics.running.dec()
             self.metrics.duration.labels(model).observe(time.perf_counter() - start)
-            self.metrics.fits.labels(model, outcome).inc()
+            if outcome != "cancelled":  # counted by the caller
+                self.metrics.fits.labels(model, outcome).inc()
 
     @staticmethod
     def _dispatch(
@@ -448,6 +454,10 @@ class FitWorker:
             seed=job.seed,
             should_stop=should_stop,
         )
+
+
+def _model_name(job: Job) -> str:
+    return "linear" if isinstance(job, LinearJob) else "gaussian"
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
