@@ -340,23 +340,10 @@ class FitWorker:
         """Run one fit in the pool; cancelling the caller abandons the fit."""
         if self.engine is None:
             raise Unavailable("the service is warming up")
-        deadline = time.monotonic() + self._budget(timeout_s)
-        cancelled = threading.Event()
-
-        def should_stop() -> StopReason | None:
-            if cancelled.is_set():
-                raise FitCancelled
-            return "timeout" if time.monotonic() >= deadline else None
-
+        cancelled, should_stop = self._stop_check(timeout_s)
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._fit_pool, self._run, self.engine, job, should_stop)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            # Counted here, queued or running: a running fit stops at its next chunk.
-            cancelled.set()
-            self.metrics.fits.labels(_model_name(job), "cancelled").inc()
-            raise
+        return await self._cancellable(future, cancelled, _model_name(job))
 
     async def fit_batch(
         self, job: BatchJob, timeout_s: float | None = None
@@ -365,13 +352,7 @@ class FitWorker:
         if self._batch_ready is None:
             raise Unavailable("the service is warming up")
         engine = await asyncio.shield(self._batch_ready)
-        deadline = time.monotonic() + self._budget(timeout_s)
-        cancelled = threading.Event()
-
-        def should_stop() -> StopReason | None:
-            if cancelled.is_set():
-                raise FitCancelled
-            return "timeout" if time.monotonic() >= deadline else None
+        cancelled, should_stop = self._stop_check(timeout_s)
 
         def run() -> list[FitResult | FitError]:
             start = time.perf_counter()
@@ -393,11 +374,31 @@ class FitWorker:
                     self.metrics.fits.labels(f"{job.model}_batch", outcome).inc()
 
         future = asyncio.get_running_loop().run_in_executor(self._fit_pool, run)
+        return await self._cancellable(future, cancelled, f"{job.model}_batch")
+
+    def _stop_check(
+        self, timeout_s: float | None
+    ) -> tuple[threading.Event, Callable[[], StopReason | None]]:
+        """A cancel flag, and the check the engine runs between compiled chunks."""
+        deadline = time.monotonic() + self._budget(timeout_s)
+        cancelled = threading.Event()
+
+        def should_stop() -> StopReason | None:
+            if cancelled.is_set():
+                raise FitCancelled
+            return "timeout" if time.monotonic() >= deadline else None
+
+        return cancelled, should_stop
+
+    async def _cancellable(
+        self, future: asyncio.Future[T], cancelled: threading.Event, label: str
+    ) -> T:
         try:
             return await future
         except asyncio.CancelledError:
+            # Counted here, queued or running: a running fit stops at its next chunk.
             cancelled.set()
-            self.metrics.fits.labels(f"{job.model}_batch", "cancelled").inc()
+            self.metrics.fits.labels(label, "cancelled").inc()
             raise
 
     def _budget(self, timeout_s: float | None) -> float:

@@ -275,6 +275,24 @@ async def _parse_batch(
     return parsed
 
 
+def _entry(
+    index: int,
+    outcome: FitResult | Exception,
+    response: type[LinearFitResponse | GaussianFitResponse],
+    params: type[LinearParams | GaussianParams],
+) -> dict[str, Any]:
+    """One batch entry: the fit, or the reason there is none."""
+    if isinstance(outcome, Exception):
+        return {"index": index, "result": None, "error": str(outcome)}
+    fit = response(params=params(**outcome.params), **_common(outcome))
+    return {"index": index, "result": fit, "error": None}
+
+
+def _tally(items: list[LinearBatchItem] | list[GaussianBatchItem]) -> dict[str, int]:
+    failed = sum(item.error is not None for item in items)
+    return {"succeeded": len(items) - failed, "failed": failed}
+
+
 def _initials(initial: Any) -> list[tuple[float, float] | None]:
     return [None if np.isnan(row[0]) else (float(row[0]), float(row[1])) for row in initial]
 
@@ -315,17 +333,10 @@ async def fit_linear_batch(
         )
         results = await _unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
     items = [
-        LinearBatchItem(index=i, result=None, error=str(r))
-        if isinstance(r, Exception)
-        else LinearBatchItem(
-            index=i,
-            result=LinearFitResponse(params=LinearParams(**r.params), **_common(r)),
-            error=None,
-        )
+        LinearBatchItem(**_entry(i, r, LinearFitResponse, LinearParams))
         for i, r in enumerate(results)
     ]
-    failed = sum(item.error is not None for item in items)
-    return LinearBatchResponse(succeeded=len(items) - failed, failed=failed, results=items)
+    return LinearBatchResponse(**_tally(items), results=items)
 
 
 @router.post(
@@ -358,14 +369,7 @@ async def fit_gaussian_batch(
         )
         results = await _unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
     items = [
-        GaussianBatchItem(index=i, result=None, error=str(r))
-        if isinstance(r, Exception)
-        else GaussianBatchItem(
-            index=i,
-            result=GaussianFitResponse(params=GaussianParams(**r.params), **_common(r)),
-            error=None,
-        )
+        GaussianBatchItem(**_entry(i, r, GaussianFitResponse, GaussianParams))
         for i, r in enumerate(results)
     ]
-    failed = sum(item.error is not None for item in items)
-    return GaussianBatchResponse(succeeded=len(items) - failed, failed=failed, results=items)
+    return GaussianBatchResponse(**_tally(items), results=items)
