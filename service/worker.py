@@ -45,6 +45,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: Seconds a refused client is told to wait (429): fits take milliseconds to a few seconds.
+RETRY_AFTER_S = 1
+
 T = TypeVar("T")
 Array = npt.NDArray[np.float64]
 
@@ -92,7 +95,7 @@ class BatchJob:
     learning_rate: float
     epochs: int
     x: Array | None = None
-    initial: list[tuple[float, float] | None] | None = None
+    initial: Array | None = None  # [B, 2], NaN rows where a set gave none
     reduction: Literal["sum", "mean"] = "mean"
     seed: int | None = None
     history_every: int = 1
@@ -227,7 +230,7 @@ class FitWorker:
         self._batch_ready = loop.run_in_executor(None, shared_batch_engine)
         self._warming = [
             loop.run_in_executor(None, self._start_parser),
-            loop.run_in_executor(None, engine.warm_up),
+            loop.run_in_executor(None, lambda: engine.warm_up(small=False)),
             self._batch_ready,
         ]
         for future in self._warming:
@@ -266,7 +269,7 @@ class FitWorker:
             )
         if self.in_flight >= self.capacity:
             self.metrics.rejections.labels("overloaded").inc()
-            raise Overloaded(retry_after=self._retry_after())
+            raise Overloaded(retry_after=RETRY_AFTER_S)
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
@@ -274,9 +277,6 @@ class FitWorker:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
-
-    def _retry_after(self) -> int:
-        return 1
 
     # -- parsing --------------------------------------------------------------------------
 

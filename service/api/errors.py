@@ -11,12 +11,14 @@ from service.worker import FitError, Overloaded, Unavailable
 
 
 class UnsupportedMediaType(Exception):
-    def __init__(self, content_type: str) -> None:
+    def __init__(self, content_type: str, binary: bool) -> None:
         self.content_type = content_type
-        super().__init__(
-            f"unsupported Content-Type {content_type!r}; send application/json, "
-            "application/x-npy or application/octet-stream"
+        accepted = (
+            "application/json, application/x-npy or application/octet-stream"
+            if binary
+            else "application/json"
         )
+        super().__init__(f"unsupported Content-Type {content_type!r}; send {accepted}")
 
 
 class ClientDisconnected(Exception):

@@ -29,24 +29,18 @@ def fit_body(
 ) -> dict[str, Any]:
     """``openapi_extra`` for a fit: a JSON body of ``model``, or a binary body whose options
     (the fields of ``options``) travel in the query string."""
-    return {
-        "requestBody": {
-            "required": True,
-            "description": "JSON (below), or the data as binary: "
-            f"`application/x-npy` ({binary_layout}) or `application/octet-stream` (the same "
-            "values as raw little-endian floats, dtype from the `dtype` query parameter). "
-            "With a binary body the other fields go in the query string.",
-            "content": {
-                "application/json": {
-                    "schema": {"$ref": REF.format(model=model.__name__)},
-                    "examples": examples,
-                },
-                "application/x-npy": {"schema": BINARY},
-                "application/octet-stream": {"schema": BINARY},
-            },
-        },
-        "parameters": _query_parameters(options),
-    }
+    extra = json_only_body(model, examples)
+    body = extra["requestBody"]
+    body["description"] = (
+        "JSON (below), or the data as binary: "
+        f"`application/x-npy` ({binary_layout}) or `application/octet-stream` (the same "
+        "values as raw little-endian floats, dtype from the `dtype` query parameter). "
+        "With a binary body the other fields go in the query string."
+    )
+    body["content"]["application/x-npy"] = {"schema": BINARY}
+    body["content"]["application/octet-stream"] = {"schema": BINARY}
+    extra["parameters"] = _query_parameters(options)
+    return extra
 
 
 def json_only_body(model: type[BaseModel], examples: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -286,7 +286,7 @@ class GaussianDataset(_Strict):
     )
 
 
-class _BatchOptions(_TrainingOptions):
+class BatchOptions(_TrainingOptions):
     history_every: Annotated[int, Field(strict=True, ge=1)] = Field(
         1,
         description="Record the loss every this many epochs (epoch 0 included), so large "
@@ -319,7 +319,7 @@ def _check_batch(datasets: list[Any], fields: tuple[str, ...], info: ValidationI
             )
 
 
-class LinearBatchRequest(_BatchOptions):
+class LinearBatchRequest(BatchOptions):
     """Fit y = slope·x + intercept to many data sets at once, in one vectorized loop. Set i
     without `initial` starts like a single fit with seed `seed + i`."""
 
@@ -338,7 +338,7 @@ class LinearBatchRequest(_BatchOptions):
         return datasets
 
 
-class GaussianBatchRequest(_BatchOptions):
+class GaussianBatchRequest(BatchOptions):
     """Fit N(mean, std²) to many data sets at once, in one vectorized loop."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [GAUSSIAN_BATCH_EXAMPLE]})
@@ -402,30 +402,39 @@ class GaussianFitResponse(_FitResponse[GaussianParams]):
     model: Literal["gaussian"] = "gaussian"
 
 
-class LinearBatchItem(BaseModel):
+FitT = TypeVar("FitT", bound=BaseModel)
+
+
+class _BatchItem(BaseModel, Generic[FitT]):
     index: int = Field(description="Position of the data set in the request.")
-    result: LinearFitResponse | None = Field(description="The fit, or null on error.")
-    error: str | None = Field(description="Why this set has no fit (diverged, constant x...).")
+    result: FitT | None = Field(description="The fit, or null on error.")
+    error: str | None = Field(description="Why this set has no fit (diverged, constant data...).")
 
 
-class GaussianBatchItem(BaseModel):
-    index: int = Field(description="Position of the data set in the request.")
-    result: GaussianFitResponse | None = Field(description="The fit, or null on error.")
-    error: str | None = Field(description="Why this set has no fit (diverged, constant y...).")
+class LinearBatchItem(_BatchItem[LinearFitResponse]):
+    pass
 
 
-class LinearBatchResponse(BaseModel):
+class GaussianBatchItem(_BatchItem[GaussianFitResponse]):
+    pass
+
+
+ItemT = TypeVar("ItemT", bound=BaseModel)
+
+
+class _BatchResponse(BaseModel, Generic[ItemT]):
+    model: str = Field(description="Which model was fitted.")
+    succeeded: int = Field(description="Data sets fitted.")
+    failed: int = Field(description="Data sets that answer with an error.")
+    results: list[ItemT] = Field(description="One entry per data set, in order.")
+
+
+class LinearBatchResponse(_BatchResponse[LinearBatchItem]):
     model: Literal["linear"] = "linear"
-    succeeded: int = Field(description="Data sets fitted.")
-    failed: int = Field(description="Data sets that answer with an error.")
-    results: list[LinearBatchItem] = Field(description="One entry per data set, in order.")
 
 
-class GaussianBatchResponse(BaseModel):
+class GaussianBatchResponse(_BatchResponse[GaussianBatchItem]):
     model: Literal["gaussian"] = "gaussian"
-    succeeded: int = Field(description="Data sets fitted.")
-    failed: int = Field(description="Data sets that answer with an error.")
-    results: list[GaussianBatchItem] = Field(description="One entry per data set, in order.")
 
 
 class Health(BaseModel):

@@ -31,9 +31,10 @@ from service.fitting.loop import (
     Reduction,
     StopCheck,
     check_descended,
+    unusable,
 )
 from service.fitting.losses import mse_from_moments, nll_from_moments
-from service.fitting.results import DegenerateData, FitDiverged, FitError, FitResult, StopReason
+from service.fitting.results import FitDiverged, FitError, FitResult, StopReason
 
 Array = npt.NDArray[np.float64]
 #: Most history values one compiled call may hold (rows x recorded epochs), ~32 MB of float64.
@@ -115,28 +116,24 @@ class BatchEngine:
         *,
         learning_rate: float,
         epochs: int,
-        initial: Sequence[tuple[float, float] | None] | None = None,
+        initial: npt.ArrayLike | None = None,
         seed: int | None = None,
         history_every: int = 1,
         should_stop: StopCheck | None = None,
     ) -> list[FitResult | FitError]:
-        """Fit y = m·x + b to every set. Set i with no initial values starts like a single fit
-        with seed ``seed + i``; results come back in order, each a result or an error."""
+        """Fit y = m·x + b to every set. ``initial`` is [B, 2] with NaN rows where a set gave
+        none; such a set starts like a single fit with seed ``seed + i``. Results come back in
+        order, each a result or an error."""
         rows = len(x.lengths)
         base_seed = random.getrandbits(62) if seed is None else seed
-        starts = np.zeros((rows, 2))
-        seeds: list[int | None] = []
-        for i in range(rows):
-            given = initial[i] if initial is not None else None
-            if given is None:
-                seeds.append(base_seed + i)
-                starts[i] = (random.Random(base_seed + i).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
-            else:
-                seeds.append(None)
-                starts[i] = given
+        starts = _given(initial, rows)
+        seeds: list[int | None] = [None] * rows
+        for i in np.flatnonzero(np.isnan(starts[:, 0])):
+            seeds[i] = base_seed + int(i)
+            starts[i] = (random.Random(base_seed + int(i)).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
         summaries = linear_summaries(x, y)
         usable = np.all(np.isfinite(summaries), axis=1) & (summaries[:, 3] > 0.0)
-        errors = {int(i): _unusable(summaries[i], "x", 3) for i in np.flatnonzero(~usable)}
+        errors = {int(i): _why(summaries[i], 3, "x") for i in np.flatnonzero(~usable)}
         return self._run(
             "linear",
             summaries,
@@ -156,7 +153,7 @@ class BatchEngine:
         *,
         learning_rate: float,
         epochs: int,
-        initial: Sequence[tuple[float, float] | None] | None = None,
+        initial: npt.ArrayLike | None = None,
         reduction: Reduction = "mean",
         history_every: int = 1,
         should_stop: StopCheck | None = None,
@@ -169,16 +166,15 @@ class BatchEngine:
         summaries = np.concatenate([moments, scale[:, None]], axis=1)
         m_factor, s_factor = GAUSSIAN_INIT_FACTORS
         with np.errstate(over="ignore", invalid="ignore"):
-            starts = np.stack([m_factor * moments[:, 1], s_factor * np.sqrt(moments[:, 2])], 1)
-        for i, given in enumerate(initial or ()):
-            if given is not None:
-                starts[i] = given
+            seed_start = np.stack([m_factor * moments[:, 1], s_factor * np.sqrt(moments[:, 2])], 1)
+        given = _given(initial, rows)
+        starts = np.where(np.isnan(given), seed_start, given)
         usable = (
             np.all(np.isfinite(summaries), axis=1)
             & np.all(np.isfinite(starts), axis=1)
             & (summaries[:, 2] > 0.0)
         )
-        errors = {int(i): _unusable(summaries[i], "y", 2) for i in np.flatnonzero(~usable)}
+        errors = {int(i): _why(summaries[i], 2, "y", starts[i]) for i in np.flatnonzero(~usable)}
         return self._run(
             "gaussian",
             summaries,
@@ -201,7 +197,9 @@ class BatchEngine:
         self.fit_gaussian(y, learning_rate=0.1, epochs=2)
 
     def compiled_buckets(self) -> list[tuple[str, int]]:
-        return sorted(self._loops)
+        """The (model, padded size) loops compiled so far: one per bucket, never per batch."""
+        with self._lock:
+            return sorted(self._loops)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -345,15 +343,18 @@ def _result(
     )
 
 
-def _unusable(summary: Array, name: str, spread: int) -> FitError:
-    if not np.all(np.isfinite(summary)):
-        return DegenerateData(
-            "the data are too large in magnitude: their mean or variance overflows float64; "
-            "rescale them"
-        )
-    if name == "x":
-        return DegenerateData("all x values are equal: the slope is not determined")
-    return DegenerateData("all y values are equal: the standard deviation is zero")
+def _given(initial: npt.ArrayLike | None, rows: int) -> Array:
+    """Initial values as [rows, 2], NaN where a set gave none."""
+    if initial is None:
+        return np.full((rows, 2), np.nan)
+    return np.array(initial, dtype=np.float64).reshape(rows, 2)
+
+
+def _why(summary: Array, spread: int, what: str, initial: npt.ArrayLike = ()) -> FitError:
+    """The single-fit reason for a row the vectorized mask found unusable."""
+    error = unusable(summary, spread, what, initial)
+    assert error is not None
+    return error
 
 
 def _compile_batch_loop(model: str, size: int, capacity: int) -> Any:

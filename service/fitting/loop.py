@@ -220,13 +220,13 @@ class FitEngine:
         controls = _vector((*initial, learning_rate, steps))
         if xs.size < self.graph_min_points:
             summary = linear_moments_numpy(xs, ys)
-            _check_linear(summary)
+            _check(summary, 3, "x")
             first = _Chunk(self._linear_chunk(_vector(summary), controls).numpy())
         else:
             start = self._start("linear")
             values = start(_vector(xs), _vector(ys), controls).numpy()
             summary = values[:6]
-            _check_linear(summary)
+            _check(summary, 3, "x")
             first = _Chunk(values[6:])
         params, history, final_loss, epochs_run, stop = self._continue(
             self._linear_chunk, summary, first, learning_rate, epochs, should_stop
@@ -270,7 +270,7 @@ class FitEngine:
                 m_factor, s_factor = GAUSSIAN_INIT_FACTORS
                 with np.errstate(over="ignore", invalid="ignore"):
                     m0, s0 = m_factor * summary[1], s_factor * np.sqrt(summary[2])
-            _check_gaussian(summary, (m0, s0))
+            _check(summary, 2, "y", (m0, s0))
             controls = _vector((m0, s0, learning_rate, steps))
             first = _Chunk(self._gaussian_chunk(_vector(summary), controls).numpy())
         else:
@@ -278,7 +278,7 @@ class FitEngine:
             values = self._start("gaussian")(_vector(ys), controls).numpy()
             summary = values[:4]
             first = _Chunk(values[4:])
-            _check_gaussian(summary, first.params)
+            _check(summary, 2, "y", first.params)
         params, history, final_loss, epochs_run, stop = self._continue(
             self._gaussian_chunk, summary, first, learning_rate, epochs, should_stop
         )
@@ -293,15 +293,21 @@ class FitEngine:
             seed=seed,
         )
 
-    def warm_up(self, large: bool = True) -> None:
+    def warm_up(self, small: bool = True, large: bool = True) -> None:
         """Run the compiled functions once so no request pays tracing or XLA compilation:
-        the small-data path, and with ``large`` the large-data entry points too."""
+        the small-data path (numpy moments, XLA loop) and the large-data entry points."""
         rng = np.random.default_rng(0)
-        for n in (16, self.graph_min_points) if large else (16,):
+        sizes = ([16] if small else []) + ([self.graph_min_points] if large else [])
+        for n in sizes:
             x = rng.random(n)
             y = 2.0 * x + 1.0 + rng.normal(0, 0.1, n)
             self.fit_linear(x, y, learning_rate=0.1, epochs=2, seed=0)
             self.fit_gaussian(y, learning_rate=0.1, epochs=2)
+
+    def xla_input_signatures(self) -> list[Any]:
+        """Input specs of the XLA-compiled loops: fully static, so one compilation serves all
+        requests (XLA compiles per input shape, and no other shape can reach them)."""
+        return [*self._linear_fn.input_signature, *self._gaussian_fn.input_signature]
 
     def trace_counts(self) -> dict[str, int]:
         """How often each compiled function was traced (stays 1 after warm-up)."""
@@ -407,18 +413,32 @@ def _vector(values: npt.ArrayLike) -> Any:
     return tf.constant(_array(values))
 
 
-def _check_linear(summary: npt.NDArray[np.float64]) -> None:
-    if not np.all(np.isfinite(summary)):
-        raise _overflow()
-    if not summary[3] > 0.0:
-        raise DegenerateData("all x values are equal: the slope is not determined")
+_CONSTANT = {
+    "x": "all x values are equal: the slope is not determined",
+    "y": "all y values are equal: the standard deviation is zero",
+}
 
 
-def _check_gaussian(summary: npt.NDArray[np.float64], initial: npt.ArrayLike) -> None:
+def unusable(
+    summary: npt.NDArray[np.float64], spread: int, what: str, initial: npt.ArrayLike = ()
+) -> DegenerateData | None:
+    """Why data with this summary cannot be fitted (``summary[spread]`` is the variance that
+    must be positive), or None. Shared by single and batch fits."""
     if not (np.all(np.isfinite(summary)) and np.all(np.isfinite(initial))):
-        raise _overflow()
-    if not summary[2] > 0.0:
-        raise DegenerateData("all y values are equal: the standard deviation is zero")
+        return DegenerateData(
+            "the data are too large in magnitude: their mean or variance overflows float64; "
+            "rescale them"
+        )
+    if not summary[spread] > 0.0:
+        return DegenerateData(_CONSTANT[what])
+    return None
+
+
+def _check(
+    summary: npt.NDArray[np.float64], spread: int, what: str, initial: npt.ArrayLike = ()
+) -> None:
+    if (error := unusable(summary, spread, what, initial)) is not None:
+        raise error
 
 
 def _check_hyperparameters(learning_rate: float, epochs: int, initial: tuple[float, float]) -> None:
@@ -428,13 +448,6 @@ def _check_hyperparameters(learning_rate: float, epochs: int, initial: tuple[flo
         raise ValueError("learning_rate must be a positive finite number")
     if not all(math.isfinite(v) for v in initial):
         raise ValueError("initial values must be finite")
-
-
-def _overflow() -> DegenerateData:
-    return DegenerateData(
-        "the data are too large in magnitude: their mean or variance overflows float64; "
-        "rescale them"
-    )
 
 
 #: Relative slack before "the loss ended above its start" counts as divergence (rounding).

@@ -12,9 +12,6 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
-LINEAR_FIELDS = ("n", "x_mean", "y_mean", "vxx", "vxy", "vyy")
-GAUSSIAN_FIELDS = ("n", "y_mean", "vyy")
-
 _VECTOR = tf.TensorSpec([None], tf.float64)
 
 

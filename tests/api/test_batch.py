@@ -126,3 +126,14 @@ async def test_batch_limits_and_invalid_requests(payload: dict[str, Any], loc: l
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == loc
         assert "input" not in r.json()["detail"][0]
+
+
+async def test_batches_take_json_only(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        LINEAR, content=b"\x93NUMPY", headers={"content-type": "application/x-npy"}
+    )
+    assert r.status_code == 415
+    assert r.json()["detail"].endswith("send application/json")
+    r = await client.post(LINEAR, json=LINEAR_BATCH_EXAMPLE, params={"epochs": "5"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", "epochs"]

@@ -109,7 +109,7 @@ async def test_seed_hyperparameters_give_the_seed_loop_numbers(client: httpx.Asy
 async def test_same_seed_same_response(client: httpx.AsyncClient) -> None:
     x, y = seed_linear_data(3)
     payload = {"x": x.tolist(), "y": y.tolist(), "epochs": 20, "seed": 7}
-    first, second = (await client.post(LINEAR, json=payload)).json(), None
+    first = (await client.post(LINEAR, json=payload)).json()
     second = (await client.post(LINEAR, json=payload)).json()
     assert first == second
     unseeded = (await client.post(LINEAR, json={**payload, "seed": None})).json()
@@ -182,22 +182,18 @@ def _assert_422_naming(r: httpx.Response, field: str) -> None:
     _no_nan(r)
 
 
-@pytest.mark.parametrize(
-    ("case", "payload", "field"), INVALID_LINEAR, ids=[c[0] for c in INVALID_LINEAR]
-)
-async def test_invalid_linear_requests_name_the_field(
-    client: httpx.AsyncClient, case: str, payload: Any, field: str
-) -> None:
-    _assert_422_naming(await client.post(LINEAR, json=payload), field)
+INVALID = [(LINEAR, *case) for case in INVALID_LINEAR] + [
+    (GAUSSIAN, *case) for case in INVALID_GAUSSIAN
+]
 
 
 @pytest.mark.parametrize(
-    ("case", "payload", "field"), INVALID_GAUSSIAN, ids=[c[0] for c in INVALID_GAUSSIAN]
+    ("path", "case", "payload", "field"), INVALID, ids=[f"{c[0]}: {c[1]}" for c in INVALID]
 )
-async def test_invalid_gaussian_requests_name_the_field(
-    client: httpx.AsyncClient, case: str, payload: Any, field: str
+async def test_invalid_requests_name_the_field(
+    client: httpx.AsyncClient, path: str, case: str, payload: Any, field: str
 ) -> None:
-    _assert_422_naming(await client.post(GAUSSIAN, json=payload), field)
+    _assert_422_naming(await client.post(path, json=payload), field)
 
 
 @pytest.mark.parametrize(

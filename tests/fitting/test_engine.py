@@ -13,6 +13,7 @@ from service.fitting import (
     Reduction,
     StopReason,
 )
+from service.fitting.batch import BatchEngine, Ragged
 from service.fitting.reference import (
     gaussian_closed_form,
     linear_closed_form,
@@ -112,6 +113,24 @@ def test_one_trace_serves_every_n_epochs_and_learning_rate(engine: FitEngine) ->
         )
     assert engine.trace_counts() == before
     assert set(before.values()) == {1}
+    # No recompilation either: XLA compiles per input shape, and the loops' shapes are fixed.
+    assert all(spec.shape.is_fully_defined() for spec in engine.xla_input_signatures())
+
+
+def test_batch_loops_compile_once_per_size_bucket() -> None:
+    batch = BatchEngine()
+    rng = np.random.default_rng(13)
+    for sets in (3, 5, 8, 2, 9, 16):
+        data = [rng.random(int(n)) for n in rng.integers(2, 40, sets)]
+        y = Ragged.of([2 * d + 1 for d in data])
+        batch.fit_linear(Ragged.of(data), y, learning_rate=0.1, epochs=int(sets) * 7, seed=1)
+        batch.fit_gaussian(y, learning_rate=0.05, epochs=20)
+    assert batch.compiled_buckets() == [
+        ("gaussian", 8),
+        ("gaussian", 16),
+        ("linear", 8),
+        ("linear", 16),
+    ]
 
 
 def test_chunked_loop_equals_one_call() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -30,6 +30,7 @@ from service.api.schemas import (
     GAUSSIAN_EXAMPLE,
     LINEAR_BATCH_EXAMPLE,
     LINEAR_EXAMPLE,
+    BatchOptions,
     ErrorDetail,
     GaussianBatchItem,
     GaussianBatchRequest,
@@ -49,7 +50,15 @@ from service.api.schemas import (
     limits_context,
 )
 from service.settings import Settings
-from service.worker import BatchJob, FitResult, FitWorker, GaussianJob, Job, LinearJob
+from service.worker import (
+    BatchJob,
+    FitError,
+    FitResult,
+    FitWorker,
+    GaussianJob,
+    Job,
+    LinearJob,
+)
 
 router = APIRouter(prefix="/v1/fits", tags=["fits"])
 
@@ -83,11 +92,14 @@ BinaryParser = Callable[
 ]
 
 
-def _media_type(request: Request) -> str:
-    content_type = request.headers.get("content-type", "application/json")
+JSON = "application/json"
+
+
+def _media_type(request: Request, binary: bool) -> str:
+    content_type = request.headers.get("content-type", JSON)
     media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and media not in BINARY_MEDIA_TYPES:
-        raise UnsupportedMediaType(content_type)
+    if media != JSON and not (binary and media in BINARY_MEDIA_TYPES):
+        raise UnsupportedMediaType(content_type, binary=binary)
     return media
 
 
@@ -96,19 +108,26 @@ async def _parse(
     worker: FitWorker,
     settings: Settings,
     parse_json: JsonParser[RequestT],
-    parse_binary: BinaryParser[RequestT],
+    parse_binary: BinaryParser[RequestT] | None = None,
 ) -> Parsed[RequestT]:
-    media = _media_type(request)
+    """The validated request: JSON (parsed off the loop when large), or a binary body whose
+    options are in the query string (single fits only)."""
+    media = _media_type(request, binary=parse_binary is not None)
     body = await request.body()
-    context = limits_context(settings.max_points, settings.max_epochs, settings.max_work)
-    if media == "application/json":
-        if request.query_params:
+    context = limits_context(
+        settings.max_points,
+        settings.max_epochs,
+        settings.max_work,
+        settings.max_batch,
+        settings.max_batch_history,
+    )
+    if media == JSON:
+        if request.query_params:  # never silently ignored
             raise RequestValidationError(
                 [
                     {
                         "loc": ["query", name],
-                        "msg": "query parameters are only for binary bodies; "
-                        "send this option inside the JSON body",
+                        "msg": "with a JSON body, options go inside it",
                         "type": "query_with_json_body",
                     }
                     for name in request.query_params
@@ -116,6 +135,7 @@ async def _parse(
             )
         parsed = await worker.parse(parse_json, body, context)
     else:  # numpy decoding: no per-number Python objects, cheap enough inline
+        assert parse_binary is not None
         parsed = parse_binary(body, media, request.query_params, context)
     if isinstance(parsed, Invalid):
         raise RequestValidationError(parsed.errors)
@@ -244,35 +264,32 @@ BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _parse_batch(
-    request: Request, worker: FitWorker, settings: Settings, parse_json: JsonParser[RequestT]
-) -> Parsed[RequestT]:
-    content_type = request.headers.get("content-type", "application/json")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(content_type)
-    if request.query_params:
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ["query", name],
-                    "msg": "batch options go inside the JSON body",
-                    "type": "query_with_json_body",
-                }
-                for name in request.query_params
-            ]
+BatchT = TypeVar("BatchT", bound=BatchOptions)
+
+
+async def _fit_batch(
+    request: Request,
+    worker: FitWorker,
+    settings: Settings,
+    parse_json: JsonParser[BatchT],
+    model: Literal["linear", "gaussian"],
+) -> list[FitResult | FitError]:
+    async with worker.admit():
+        parsed = await _parse(request, worker, settings, parse_json)
+        body = parsed.request
+        job = BatchJob(
+            model=model,
+            lengths=parsed.arrays["lengths"].astype(np.int64),
+            x=parsed.arrays.get("x"),
+            y=parsed.arrays["y"],
+            learning_rate=body.learning_rate,
+            epochs=body.epochs,
+            initial=parsed.arrays["initial"],
+            reduction=getattr(body, "reduction", "mean"),
+            seed=body.seed,
+            history_every=body.history_every,
         )
-    body = await request.body()
-    context = limits_context(
-        settings.max_points,
-        settings.max_epochs,
-        settings.max_work,
-        settings.max_batch,
-        settings.max_batch_history,
-    )
-    parsed = await worker.parse(parse_json, body, context)
-    if isinstance(parsed, Invalid):
-        raise RequestValidationError(parsed.errors)
-    return parsed
+        return await _unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
 
 
 def _entry(
@@ -291,10 +308,6 @@ def _entry(
 def _tally(items: list[LinearBatchItem] | list[GaussianBatchItem]) -> dict[str, int]:
     failed = sum(item.error is not None for item in items)
     return {"succeeded": len(items) - failed, "failed": failed}
-
-
-def _initials(initial: Any) -> list[tuple[float, float] | None]:
-    return [None if np.isnan(row[0]) else (float(row[0]), float(row[1])) for row in initial]
 
 
 @router.post(
@@ -317,21 +330,7 @@ async def fit_linear_batch(
 ) -> LinearBatchResponse:
     """Fit y = slope·x + intercept to every data set in one vectorized GradientTape loop; the
     results come back in order, a set that cannot be fitted carrying an error instead."""
-    async with worker.admit():
-        parsed = await _parse_batch(request, worker, settings, parse_linear_batch)
-        body = parsed.request
-        job = BatchJob(
-            model="linear",
-            lengths=parsed.arrays["lengths"].astype(np.int64),
-            x=parsed.arrays["x"],
-            y=parsed.arrays["y"],
-            learning_rate=body.learning_rate,
-            epochs=body.epochs,
-            initial=_initials(parsed.arrays["initial"]),
-            seed=body.seed,
-            history_every=body.history_every,
-        )
-        results = await _unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
+    results = await _fit_batch(request, worker, settings, parse_linear_batch, "linear")
     items = [
         LinearBatchItem(**_entry(i, r, LinearFitResponse, LinearParams))
         for i, r in enumerate(results)
@@ -354,20 +353,7 @@ async def fit_gaussian_batch(
 ) -> GaussianBatchResponse:
     """Fit N(mean, std²) to every data set in one vectorized GradientTape loop; the results
     come back in order, a set that cannot be fitted carrying an error instead."""
-    async with worker.admit():
-        parsed = await _parse_batch(request, worker, settings, parse_gaussian_batch)
-        body = parsed.request
-        job = BatchJob(
-            model="gaussian",
-            lengths=parsed.arrays["lengths"].astype(np.int64),
-            y=parsed.arrays["y"],
-            learning_rate=body.learning_rate,
-            epochs=body.epochs,
-            initial=_initials(parsed.arrays["initial"]),
-            reduction=body.reduction,
-            history_every=body.history_every,
-        )
-        results = await _unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
+    results = await _fit_batch(request, worker, settings, parse_gaussian_batch, "gaussian")
     items = [
         GaussianBatchItem(**_entry(i, r, GaussianFitResponse, GaussianParams))
         for i, r in enumerate(results)

@@ -1,0 +1,38 @@
+"""The worker in a fresh process: TensorFlow's thread pools come from settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROGRAM = """
+import asyncio
+import tensorflow as tf
+from service.settings import Settings
+from service.worker import FitWorker
+
+async def main():
+    worker = FitWorker(Settings(intra_op_threads=1, inter_op_threads=3, parse_processes=0))
+    await worker.start()
+    await worker.wait_warm()
+    await worker.stop()
+
+asyncio.run(main())
+threading = tf.config.threading
+print(threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())
+"""
+
+
+def test_thread_pools_are_set_from_settings_before_the_first_op() -> None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    run = subprocess.run(
+        [sys.executable, "-c", PROGRAM], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1", "3"]
+    assert "not applied" not in run.stderr  # configure_threads' warning when TF had started
