@@ -41,6 +41,8 @@ from service.fitting import (
     configure_threads,
 )
 from service.fitting.batch import BatchEngine, Ragged
+from service.fitting.options import NO_STOPPING, SGD, Optimizer, Stopping
+from service.fitting.results import FitStats
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,32 +59,47 @@ __all__ = [
     "FitDiverged",
     "FitError",
     "FitResult",
+    "FitStats",
     "FitWorker",
     "GaussianJob",
     "LinearJob",
+    "Optimizer",
     "Overloaded",
+    "Stopping",
+    "Training",
     "Unavailable",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class Training:
+    """How a single fit trains: step size, length, update rule, stopping, history."""
+
+    learning_rate: float
+    epochs: int
+    optimizer: Optimizer = SGD
+    stopping: Stopping = NO_STOPPING
+    history_every: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class LinearJob:
     x: Array
     y: Array
-    learning_rate: float
-    epochs: int
+    training: Training
     initial: tuple[float, float] | None = None
     seed: int | None = None
+    weights: Array | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GaussianJob:
     y: Array
-    learning_rate: float
-    epochs: int
+    training: Training
     initial: tuple[float, float] | None = None
     reduction: Literal["sum", "mean"] = "mean"
     seed: int | None = None
+    weights: Array | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,25 +453,21 @@ class FitWorker:
     def _dispatch(
         engine: FitEngine, job: Job, should_stop: Callable[[], StopReason | None]
     ) -> FitResult:
+        t = job.training
+        options: dict[str, Any] = {
+            "learning_rate": t.learning_rate,
+            "epochs": t.epochs,
+            "optimizer": t.optimizer,
+            "stopping": t.stopping,
+            "history_every": t.history_every,
+            "initial": job.initial,
+            "seed": job.seed,
+            "weights": job.weights,
+            "should_stop": should_stop,
+        }
         if isinstance(job, LinearJob):
-            return engine.fit_linear(
-                job.x,
-                job.y,
-                learning_rate=job.learning_rate,
-                epochs=job.epochs,
-                initial=job.initial,
-                seed=job.seed,
-                should_stop=should_stop,
-            )
-        return engine.fit_gaussian(
-            job.y,
-            learning_rate=job.learning_rate,
-            epochs=job.epochs,
-            initial=job.initial,
-            reduction=job.reduction,
-            seed=job.seed,
-            should_stop=should_stop,
-        )
+            return engine.fit_linear(job.x, job.y, **options)
+        return engine.fit_gaussian(job.y, reduction=job.reduction, **options)
 
 
 def _model_name(job: Job) -> str:

@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from service.api.parsing import sanitize_errors
-from service.worker import FitError, Overloaded, Unavailable
+from service.worker import FitDiverged, FitError, Overloaded, Unavailable
 
 
 class UnsupportedMediaType(Exception):
@@ -30,8 +30,16 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": sanitize_errors(exc.errors())}, status_code=422)
 
 
+def fit_error_body(exc: FitError) -> dict[str, object]:
+    """A fit that cannot answer: a sentence, plus the stop reason and epoch if it diverged."""
+    if isinstance(exc, FitDiverged):
+        return {"detail": str(exc), "stop_reason": "diverged", "epoch": exc.epoch}
+    return {"detail": str(exc)}
+
+
 async def _fit_error(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=422)
+    assert isinstance(exc, FitError)
+    return JSONResponse(fit_error_body(exc), status_code=422)
 
 
 async def _overloaded(request: Request, exc: Exception) -> JSONResponse:

@@ -92,6 +92,8 @@ def _parse(
         request = model.model_validate_json(body, context=context)
     except ValidationError as exc:
         return _errors(exc, "body")
+    if getattr(request, "weights", None) is not None:
+        array_fields = (*array_fields, "weights")
     arrays = {name: np.asarray(getattr(request, name), dtype=np.float64) for name in array_fields}
     # Drop the big lists so the request pickles cheaply out of a parser process.
     slim = request.model_copy(update={name: [] for name in array_fields})

@@ -90,13 +90,15 @@ def constant_error(all_equal: bool, what: str) -> PydanticCustomError | None:
     )
 
 
-def length_error(nx: int, ny: int) -> PydanticCustomError | None:
+def length_error(
+    nx: int, ny: int, first: str = "x", second: str = "y"
+) -> PydanticCustomError | None:
     if nx == ny:
         return None
     return PydanticCustomError(
         "length_mismatch",
-        "y has {ny} values but x has {nx}; they must pair up",
-        {"nx": nx, "ny": ny},
+        "{second} has {ny} values but {first} has {nx}; they must pair up",
+        {"nx": nx, "ny": ny, "first": first, "second": second},
     )
 
 
@@ -161,6 +163,77 @@ class _TrainingOptions(_Strict):
         return epochs
 
 
+Fraction = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, lt=1)]
+Tolerance = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
+#: With history_every omitted, the history is thinned to at most this many values.
+DEFAULT_MAX_HISTORY = 1000
+
+
+class _SingleFitOptions(_TrainingOptions):
+    """Options of a single fit beyond the seed: update rule, early stopping, history."""
+
+    optimizer: Literal["sgd", "momentum", "adam"] = Field(
+        "sgd",
+        description='"sgd": the seed\'s update p -= learning_rate·gradient; "momentum": '
+        'v = momentum·v - learning_rate·gradient, p += v; "adam": Adam with beta_1, beta_2, '
+        "epsilon (Keras's formulas and defaults).",
+        examples=["adam"],
+    )
+    momentum: Fraction = Field(0.9, description='Velocity decay of "momentum", in [0, 1).')
+    beta_1: Fraction = Field(0.9, description="Adam's first-moment decay, in [0, 1).")
+    beta_2: Fraction = Field(0.999, description="Adam's second-moment decay, in [0, 1).")
+    epsilon: PositiveFloat = Field(1e-7, description="Adam's denominator guard (> 0).")
+    tolerance: Tolerance | None = Field(
+        None,
+        description='Early stopping on the loss: stop (`"stop_reason": "converged"`) once '
+        "the loss has failed `patience` epochs in a row to improve on its best value by more "
+        "than tolerance·max(|loss|, 1) (relative, like scipy's ftol). Omitted: off.",
+        examples=[1e-10],
+    )
+    patience: Annotated[int, Field(strict=True, ge=1)] = Field(
+        10, description="Epochs without enough improvement before `tolerance` stops the fit."
+    )
+    gradient_tolerance: Tolerance | None = Field(
+        None,
+        description="Early stopping on the gradient: stop once its Euclidean norm is at most "
+        "this. Omitted: off.",
+        examples=[1e-8],
+    )
+    history_every: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        None,
+        description="Return the loss every this many epochs (epoch 0 included). Omitted: 1 up "
+        f"to {DEFAULT_MAX_HISTORY} epochs, else the smallest step that keeps the history "
+        f"within {DEFAULT_MAX_HISTORY} values.",
+        examples=[1],
+    )
+
+    def history_step(self) -> int:
+        if self.history_every is not None:
+            return self.history_every
+        return max(1, -(-self.epochs // DEFAULT_MAX_HISTORY))
+
+
+Weight = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
+
+
+def _weights_usable(weights: list[float] | None, info: ValidationInfo, of: str) -> Any:
+    if weights is None:
+        return None
+    values = info.data.get(of)
+    if values is not None:
+        _raise(length_error(len(values), len(weights), first=of, second="weights"))
+    if sum(1 for w in weights if w > 0) < 2:
+        raise PydanticCustomError("too_few_weights", "at least 2 points need a positive weight", {})
+    return weights
+
+
+WEIGHTS_DESCRIPTION = (
+    "Optional weights, one per point (finite, >= 0, at least 2 positive). Linear: weighted "
+    "least squares, loss Σw·(y - m·x - b)²/Σw (weights are inverse noise variances, as in "
+    "statsmodels' WLS). Gaussian: the NLL becomes Σw·nll(y). A zero weight drops its point."
+)
+
+
 class LinearInitial(_Strict):
     """Starting point of the linear fit."""
 
@@ -175,7 +248,7 @@ class GaussianInitial(_Strict):
     std: PositiveFloat = Field(description="Initial standard deviation s (> 0).", examples=[1.0])
 
 
-class LinearOptions(_TrainingOptions):
+class LinearOptions(_SingleFitOptions):
     """Everything of a linear fit but the data."""
 
     initial: LinearInitial | None = Field(
@@ -207,8 +280,15 @@ class LinearFitRequest(LinearOptions):
             _raise(length_error(len(x), len(y)))
         return y
 
+    weights: list[Weight] | None = Field(None, description=WEIGHTS_DESCRIPTION)
 
-class GaussianOptions(_TrainingOptions):
+    @field_validator("weights")
+    @classmethod
+    def _weights_match(cls, weights: list[float] | None, info: ValidationInfo) -> Any:
+        return _weights_usable(weights, info, "y")
+
+
+class GaussianOptions(_SingleFitOptions):
     """Everything of a Gaussian fit but the data."""
 
     initial: GaussianInitial | None = Field(
@@ -230,11 +310,17 @@ class GaussianFitRequest(GaussianOptions):
     model_config = ConfigDict(json_schema_extra={"examples": [GAUSSIAN_EXAMPLE]})
 
     y: Points = Field(description="Samples (finite numbers, >= 2, not all equal).")
+    weights: list[Weight] | None = Field(None, description=WEIGHTS_DESCRIPTION)
 
     @field_validator("y")
     @classmethod
     def _y_usable(cls, y: list[float], info: ValidationInfo) -> list[float]:
         return _usable(y, info, "y")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_match(cls, weights: list[float] | None, info: ValidationInfo) -> Any:
+        return _weights_usable(weights, info, "y")
 
 
 # -- batches ------------------------------------------------------------------------------------
@@ -369,36 +455,105 @@ class GaussianParams(BaseModel):
     std: float = Field(description="Fitted standard deviation s (always > 0).")
 
 
-StopReasonField = Literal["max_epochs", "timeout"]
+StopReasonField = Literal["max_epochs", "converged", "timeout"]
 
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
+ErrorsT = TypeVar("ErrorsT", bound=BaseModel)
 
 
-class _FitResponse(BaseModel, Generic[ParamsT]):
+class LinearStdErrors(BaseModel):
+    slope: float | None = Field(description="Standard error of the slope.")
+    intercept: float | None = Field(description="Standard error of the intercept.")
+
+
+class GaussianStdErrors(BaseModel):
+    mean: float | None = Field(description="Standard error of the mean.")
+    std: float | None = Field(description="Standard error of the standard deviation.")
+
+
+class _Reference(BaseModel, Generic[ParamsT]):
+    params: ParamsT
+    loss: float
+
+
+class _Stats(BaseModel, Generic[ParamsT, ErrorsT]):
+    """Statistics at the returned parameters. Values that do not exist there (e.g. standard
+    errors away from a minimum, where the Hessian is not positive definite) are null."""
+
+    parameters: list[str] = Field(description="Order of the rows and columns of the matrices.")
+    n_used: int = Field(description="Points with positive weight (all points without weights).")
+    dof: int = Field(description="Residual degrees of freedom: n_used - 2.")
+    gradient_norm: float = Field(description="Euclidean norm of the loss gradient.")
+    std_errors: ErrorsT = Field(
+        description="Square roots of the covariance diagonal: from the Hessian of the loss "
+        "(nested GradientTapes) scaled by the residual variance (linear), or the inverse "
+        "observed information (Gaussian)."
+    )
+    covariance: list[list[float | None]] = Field(description="Covariance of the parameters.")
+    correlation: list[list[float | None]] = Field(description="Correlation of the parameters.")
+    log_likelihood: float | None = Field(description="Log-likelihood at the parameters.")
+    aic: float | None = Field(description="2k - 2·log_likelihood, k = 2.")
+    bic: float | None = Field(description="k·ln(n_used) - 2·log_likelihood, k = 2.")
+    closed_form: _Reference[ParamsT] = Field(
+        description="The exact optimum (least squares; sample mean and population std) and "
+        "the loss there."
+    )
+    gap: _Reference[ParamsT] = Field(
+        description="Returned minus closed-form parameters, and final_loss minus the "
+        "closed-form loss: near zero when gradient descent converged."
+    )
+
+
+class LinearStats(_Stats[LinearParams, LinearStdErrors]):
+    r_squared: float | None = Field(description="1 - residual variance / variance of y.")
+    residual_std: float | None = Field(
+        description="sqrt(Σw·r² / (n_used - 2)): the noise standard deviation."
+    )
+
+
+class GaussianStats(_Stats[GaussianParams, GaussianStdErrors]):
+    pass
+
+
+StatsT = TypeVar("StatsT", bound=BaseModel)
+
+
+class _FitResponse(BaseModel, Generic[ParamsT, StatsT]):
     model: str = Field(description="Which model was fitted.")
     params: ParamsT = Field(description="The fitted parameters.")
     loss_history: list[float] = Field(
-        description="Loss before each update: entry i is the loss at the parameters before "
-        "update i."
+        description="Loss before the updates: entry k is the loss at the parameters before "
+        "update k·history_every."
     )
+    history_every: int = Field(1, description="Epochs between loss_history entries.")
     final_loss: float = Field(description="Loss at the returned parameters.")
-    epochs_run: int = Field(description="Updates applied (< epochs only on timeout).")
+    epochs_run: int = Field(description="Updates applied (< epochs when stopped early).")
     n: int = Field(description="Number of data points.")
     stop_reason: StopReasonField = Field(
-        description='"max_epochs": all epochs ran; "timeout": the deadline stopped the fit and '
-        "the response carries what was reached."
+        description='"max_epochs": all epochs ran; "converged": `tolerance` or '
+        '`gradient_tolerance` stopped the fit; "timeout": the deadline stopped it and the '
+        "response carries what was reached. (A diverged fit answers 422 with "
+        '`"stop_reason": "diverged"`.)'
+    )
+    converged: bool = Field(
+        False,
+        description='True when a stopping rule fired ("converged"), or the fit ended with a '
+        "gradient norm within gradient_tolerance (default 1e-6·max(|loss|, 1)).",
     )
     seed: int | None = Field(
         description="Seed of the random initial values (null when none were random)."
     )
+    stats: StatsT | None = Field(
+        None, description="Uncertainties, fit quality and the closed-form check (single fits)."
+    )
 
 
-class LinearFitResponse(_FitResponse[LinearParams]):
+class LinearFitResponse(_FitResponse[LinearParams, LinearStats]):
     model: Literal["linear"] = "linear"
 
 
-class GaussianFitResponse(_FitResponse[GaussianParams]):
+class GaussianFitResponse(_FitResponse[GaussianParams, GaussianStats]):
     model: Literal["gaussian"] = "gaussian"
 
 
@@ -445,6 +600,15 @@ class ErrorDetail(BaseModel):
     """An error whose cause is one sentence (divergence, overload, readiness, size)."""
 
     detail: str
+
+
+class FitFailure(ErrorDetail):
+    """A fit that cannot answer (422): degenerate data, or divergence, which also says where."""
+
+    stop_reason: Literal["diverged"] | None = Field(
+        None, description='"diverged" when the loss or parameters blew up.'
+    )
+    epoch: int | None = Field(None, description="The epoch at which the fit diverged.")
 
 
 class ValidationErrorItem(BaseModel):

@@ -239,7 +239,9 @@ class BatchEngine:
                 should_stop,
             )
             for row, result in zip(rows, trained, strict=True):
-                out[row] = _result(model, result, summaries[row], seeds[row], learning_rate)
+                out[row] = _result(
+                    model, result, summaries[row], seeds[row], learning_rate, history_every
+                )
         return [r for r in out if r is not None]
 
     def _train(
@@ -315,7 +317,12 @@ class _Row:
 
 
 def _result(
-    model: str, row: _Row, summary: Array, seed: int | None, learning_rate: float
+    model: str,
+    row: _Row,
+    summary: Array,
+    seed: int | None,
+    learning_rate: float,
+    history_every: int,
 ) -> FitResult | FitError:
     if row.diverged_at:
         return FitDiverged(epoch=row.diverged_at, learning_rate=learning_rate)
@@ -339,6 +346,7 @@ def _result(
         epochs_run=row.epochs_run,
         n=int(summary[0]),
         stop_reason=row.stop,
+        history_every=history_every,
         seed=seed,
     )
 

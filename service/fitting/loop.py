@@ -22,13 +22,23 @@ import tensorflow as tf
 
 from service.fitting.layers import GaussianFitLayer, LinearRegressionLayer
 from service.fitting.losses import mse_from_moments, nll_from_moments
+from service.fitting.options import (
+    DEFAULT_GRADIENT_TOLERANCE,
+    NO_STOPPING,
+    OPTIMIZER_IDS,
+    SGD,
+    Optimizer,
+    Stopping,
+)
 from service.fitting.results import (
     DegenerateData,
     FitDiverged,
     FitResult,
+    FitStats,
     ModelName,
     StopReason,
 )
+from service.fitting.stats import WeightSummary, compile_curvature, gaussian_stats, linear_stats
 from service.fitting.summary import (
     gaussian_moments,
     gaussian_moments_numpy,
@@ -49,56 +59,101 @@ GAUSSIAN_INIT_FACTORS = (0.7, 1.3)
 LossFn = Callable[[Any, Any], Any]
 
 
-def _compile_chunk(loss_fn: LossFn, summary_size: int, chunk: int) -> Any:
-    """An XLA-compiled loop of up to ``chunk`` gradient-descent epochs on ``loss_fn``.
+#: Carried between chunks: [param0, param1, slot0 (2), slot1 (2), step, best_loss, stall].
+#: The slots are the optimizer's (momentum's velocity, Adam's two moments); ``best_loss`` and
+#: ``stall`` serve the loss tolerance.
+STATE_SIZE = 9
+#: [learning_rate, steps, optimizer id, momentum|beta_1, beta_2, epsilon, tolerance, patience,
+#: gradient_tolerance]; a negative tolerance disables that criterion.
+CONTROLS_SIZE = 9
+#: How a chunk ended.
+RUNNING, CONVERGED, NON_FINITE = 0, 1, 2
+_HEAD = STATE_SIZE + 3
 
-    ``controls`` = [param0, param1, learning_rate, epochs (<= chunk)]. Returns one packed
-    vector (one device-to-host copy): [param0, param1, epochs_done, finite, final_loss,
-    history(chunk)]. The loop stops early when the loss or the updated parameters are
-    non-finite; the parameters are then those before the failing update.
+
+def _compile_chunk(loss_fn: LossFn, summary_size: int, chunk: int) -> Any:
+    """An XLA-compiled loop of up to ``chunk`` epochs of the seed's GradientTape step on
+    ``loss_fn``, with the update rule and the stopping rules chosen by ``controls``.
+
+    Returns one packed vector (one device-to-host copy): [state (9), epochs_done, status,
+    final_loss, history (chunk)]. Each epoch evaluates the loss and its gradient at the current
+    parameters, stops there if a stopping rule holds (no update), and otherwise updates. The
+    loop also stops when the loss or the update is non-finite; the state is then the one
+    before the failing update.
     """
 
     @tf.function(
         jit_compile=True,
         input_signature=[
             tf.TensorSpec([summary_size], tf.float64),  # data summary (+ loss constants)
-            tf.TensorSpec([4], tf.float64),  # controls
+            tf.TensorSpec([STATE_SIZE], tf.float64),
+            tf.TensorSpec([CONTROLS_SIZE], tf.float64),
         ],
     )
-    def run(summary: Any, controls: Any) -> Any:
-        params, learning_rate = controls[0:2], controls[2]
-        steps = tf.cast(controls[3], tf.int32)
+    def run(summary: Any, state: Any, controls: Any) -> Any:
+        learning_rate, steps, optimizer = controls[0], tf.cast(controls[1], tf.int32), controls[2]
+        beta_1, beta_2, epsilon = controls[3], controls[4], controls[5]
+        tolerance, patience, gradient_tolerance = controls[6], controls[7], controls[8]
         history = tf.TensorArray(tf.float64, size=chunk, element_shape=[])
+        one = tf.constant(1.0, tf.float64)
 
-        def epoch(i: Any, p: Any, history: Any, finite: Any) -> Any:
+        def epoch(i: Any, s: Any, history: Any, status: Any) -> Any:
+            p = s[0:2]
             with tf.GradientTape() as tape:
                 tape.watch(p)
                 loss = loss_fn(p, summary)
-            gradients = tape.gradient(loss, p)
-            updated = p - learning_rate * gradients
+            g = tape.gradient(loss, p)
+
+            improved = (s[7] - loss) > tolerance * tf.maximum(tf.abs(loss), one)
+            stall = tf.where(improved, tf.zeros_like(loss), s[8] + 1.0)
+            converged = tf.math.is_finite(loss) & (
+                ((tolerance >= 0.0) & (stall >= patience))
+                | ((gradient_tolerance >= 0.0) & (tf.norm(g) <= gradient_tolerance))
+            )
+
+            step = s[6] + 1.0
+            velocity = beta_1 * s[2:4] - learning_rate * g
+            first = s[2:4] + (g - s[2:4]) * (1.0 - beta_1)
+            second = s[4:6] + (g * g - s[4:6]) * (1.0 - beta_2)
+            alpha = learning_rate * tf.sqrt(1.0 - beta_2**step) / (1.0 - beta_1**step)
+            zeros = tf.zeros_like(p)
+            adam = p - alpha * first / (tf.sqrt(second) + epsilon)
+            new_p = tf.where(
+                optimizer < 0.5,
+                p - learning_rate * g,
+                tf.where(optimizer < 1.5, p + velocity, adam),
+            )
+            slot0 = tf.where(optimizer < 0.5, zeros, tf.where(optimizer < 1.5, velocity, first))
+            slot1 = tf.where(optimizer > 1.5, second, zeros)
+            best = tf.minimum(s[7], loss)
+            updated = tf.concat([new_p, slot0, slot1, tf.stack([step, best, stall])], axis=0)
+
             finite = tf.math.is_finite(loss) & tf.reduce_all(tf.math.is_finite(updated))
             history = history.write(i, loss)
-            return i + 1, tf.where(finite, updated, p), history, finite
+            status = tf.where(converged, CONVERGED, tf.where(finite, RUNNING, NON_FINITE))
+            go_on = finite & ~converged
+            return i + tf.where(converged, 0, 1), tf.where(go_on, updated, s), history, status
 
-        done, params, history, finite = tf.while_loop(
-            lambda i, p, h, finite: (i < steps) & finite,
+        done, state, history, status = tf.while_loop(
+            lambda i, s, h, status: (i < steps) & (status == RUNNING),
             epoch,
-            [tf.constant(0), params, history, tf.constant(True)],
+            [tf.constant(0), state, history, tf.constant(RUNNING)],
         )
         flags = tf.stack(
-            [tf.cast(done, tf.float64), tf.cast(finite, tf.float64), loss_fn(params, summary)]
+            [
+                tf.cast(done, tf.float64),
+                tf.cast(status, tf.float64),
+                loss_fn(state[0:2], summary),
+            ]
         )
-        return tf.concat([params, flags, history.stack()], axis=0)
+        return tf.concat([state, flags, history.stack()], axis=0)
 
     return run
 
 
 _VECTOR = tf.TensorSpec([None], tf.float64)
-_CONTROLS = tf.TensorSpec([None], tf.float64)
-
-
-def _steps(value: Any) -> Any:
-    return tf.cast(value, tf.int32)
+_STATE = tf.TensorSpec([STATE_SIZE], tf.float64)
+_CONTROLS = tf.TensorSpec([CONTROLS_SIZE], tf.float64)
 
 
 class FitEngine:
@@ -110,9 +165,11 @@ class FitEngine:
 
     A fit of large data makes one call of a "start" function (data in as
     ``TensorSpec([None])``: the summary, the initial values and the first chunk of epochs, in
-    one graph); below ``graph_min_points`` the same summary comes from numpy (a graph call
-    costs more than the whole computation there) and the XLA-compiled loop is called
-    directly. Long fits call the loop again for further chunks.
+    one graph); below ``graph_min_points``, or with weights, the same summary comes from numpy
+    (a graph call costs more than the whole computation there) and the XLA-compiled loop is
+    called directly. Long fits call the loop again for further chunks. Every fit ends with one
+    call of a compiled curvature function (loss, gradient and Hessian by nested tapes) for its
+    statistics.
     """
 
     def __init__(self, epochs_per_call: int = 4096, graph_min_points: int = 32_768) -> None:
@@ -124,10 +181,14 @@ class FitEngine:
         self.gaussian_layer = GaussianFitLayer((0.0, 1.0), dtype="float64", name="gaussian")
         self._linear_fn = _compile_chunk(self._linear_loss, 6, epochs_per_call)
         self._gaussian_fn = _compile_chunk(self._gaussian_loss, 4, epochs_per_call)
+        self._linear_curvature_fn = compile_curvature(self._linear_loss, 6)
+        self._gaussian_curvature_fn = compile_curvature(self._gaussian_loss, 4)
         self._linear_start_fn = self._build_linear_start()
         self._gaussian_start_fn = self._build_gaussian_start()
         self._linear_chunk = _fast_call(self._linear_fn)
         self._gaussian_chunk = _fast_call(self._gaussian_fn)
+        self._linear_curvature = _fast_call(self._linear_curvature_fn)
+        self._gaussian_curvature = _fast_call(self._gaussian_curvature_fn)
         # The large-data entry points are traced on first use (or by warm_up): a fresh
         # process becomes ready on the small-data path alone.
         self._starts: dict[str, Callable[..., Any]] = {}
@@ -159,13 +220,11 @@ class FitEngine:
     def _build_linear_start(self) -> Any:
         chunk = self._linear_fn
 
-        @tf.function(input_signature=[_VECTOR, _VECTOR, _CONTROLS])
-        def start(x: Any, y: Any, controls: Any) -> Any:
-            """controls = [slope0, intercept0, learning_rate, steps]."""
-            params, learning_rate, steps = controls[0:2], controls[2], _steps(controls[3])
+        @tf.function(input_signature=[_VECTOR, _VECTOR, _STATE, _CONTROLS])
+        def start(x: Any, y: Any, state: Any, controls: Any) -> Any:
             summary = linear_moments(x, y)
             usable = tf.reduce_all(tf.math.is_finite(summary)) & (summary[3] > 0.0)
-            return _start_outputs(chunk, summary, params, learning_rate, _only_if(usable, steps))
+            return tf.concat([summary, chunk(summary, state, _only_if(usable, controls))], 0)
 
         return start
 
@@ -173,23 +232,22 @@ class FitEngine:
         chunk = self._gaussian_fn
         m_factor, s_factor = GAUSSIAN_INIT_FACTORS
 
-        @tf.function(input_signature=[_VECTOR, _CONTROLS])
-        def start(y: Any, controls: Any) -> Any:
-            """controls = [mean0, std0, learning_rate, steps, seed_start, summed]; the last two
-            are 0/1 flags: start from the seed's (0.7·mean, 1.3·std), use the summed NLL."""
-            params, learning_rate, steps = controls[0:2], controls[2], _steps(controls[3])
-            seed_start, summed = controls[4] > 0.5, controls[5] > 0.5
+        @tf.function(input_signature=[_VECTOR, _STATE, _CONTROLS, tf.TensorSpec([2], tf.float64)])
+        def start(y: Any, state: Any, controls: Any, flags: Any) -> Any:
+            """flags = [seed_start, summed], 0/1: start from the seed's (0.7·mean, 1.3·std),
+            use the summed NLL."""
+            seed_start, summed = flags[0] > 0.5, flags[1] > 0.5
             moments = gaussian_moments(y)
             scale = tf.where(summed, moments[0], tf.constant(1.0, tf.float64))
             summary = tf.concat([moments, tf.reshape(scale, [1])], axis=0)
             seed_values = tf.stack([m_factor * moments[1], s_factor * tf.sqrt(moments[2])])
-            params = tf.where(seed_start, seed_values, params)
+            state = tf.concat([tf.where(seed_start, seed_values, state[0:2]), state[2:]], 0)
             usable = (
                 tf.reduce_all(tf.math.is_finite(summary))
-                & tf.reduce_all(tf.math.is_finite(params))
+                & tf.reduce_all(tf.math.is_finite(state[0:2]))
                 & (moments[2] > 0.0)
             )
-            return _start_outputs(chunk, summary, params, learning_rate, _only_if(usable, steps))
+            return tf.concat([summary, chunk(summary, state, _only_if(usable, controls))], 0)
 
         return start
 
@@ -204,43 +262,39 @@ class FitEngine:
         epochs: int,
         initial: tuple[float, float] | None = None,
         seed: int | None = None,
+        weights: npt.ArrayLike | None = None,
+        optimizer: Optimizer = SGD,
+        stopping: Stopping = NO_STOPPING,
+        history_every: int = 1,
         should_stop: StopCheck | None = None,
     ) -> FitResult:
-        """Fit y = m·x + b by gradient descent on the MSE.
+        """Fit y = m·x + b by minimizing the (weighted) MSE.
 
         Without ``initial``, m starts from N(0, 0.05²) drawn with ``seed`` (a fresh seed is
         drawn and reported when none is given) and b from 0, as the seed's layer does.
+        ``weights`` (one per point, >= 0) make the loss Σw(y - mx - b)² / Σw.
         """
         if initial is None:
             seed = _fresh_seed() if seed is None else seed
             initial = (random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
-        _check_hyperparameters(learning_rate, epochs, initial)
-        steps = min(self.epochs_per_call, epochs)
+        _check_hyperparameters(learning_rate, epochs, initial, history_every)
         xs, ys = _array(x), _array(y)
-        controls = _vector((*initial, learning_rate, steps))
-        if xs.size < self.graph_min_points:
-            summary = linear_moments_numpy(xs, ys)
+        ws = _weights(weights, xs.size)
+        controls = _controls(learning_rate, min(self.epochs_per_call, epochs), optimizer, stopping)
+        state = _initial_state(initial)
+        if ws is not None or xs.size < self.graph_min_points:
+            summary = linear_moments_numpy(xs, ys, ws)
             _check(summary, 3, "x")
-            first = _Chunk(self._linear_chunk(_vector(summary), controls).numpy())
+            first = _Chunk(self._linear_chunk(_vector(summary), state, _vector(controls)).numpy())
         else:
             start = self._start("linear")
-            values = start(_vector(xs), _vector(ys), controls).numpy()
+            values = start(_vector(xs), _vector(ys), state, _vector(controls)).numpy()
             summary = values[:6]
             _check(summary, 3, "x")
             first = _Chunk(values[6:])
-        params, history, final_loss, epochs_run, stop = self._continue(
-            self._linear_chunk, summary, first, learning_rate, epochs, should_stop
-        )
-        return FitResult(
-            model="linear",
-            params={"slope": params[0], "intercept": params[1]},
-            loss_history=history,
-            final_loss=final_loss,
-            epochs_run=epochs_run,
-            n=int(summary[0]),
-            stop_reason=stop,
-            seed=seed,
-        )
+        run = self._continue(self._linear_chunk, summary, first, controls, epochs, should_stop)
+        stats = linear_stats(self._linear_curvature, summary, _extras(ws, xs.size), run.params)
+        return _result("linear", ("slope", "intercept"), run, stats, stopping, history_every, seed)
 
     def fit_gaussian(
         self,
@@ -251,51 +305,51 @@ class FitEngine:
         initial: tuple[float, float] | None = None,
         reduction: Reduction = "mean",
         seed: int | None = None,
+        weights: npt.ArrayLike | None = None,
+        optimizer: Optimizer = SGD,
+        stopping: Stopping = NO_STOPPING,
+        history_every: int = 1,
         should_stop: StopCheck | None = None,
     ) -> FitResult:
-        """Fit N(m, s²) by gradient descent on the negative log-likelihood.
+        """Fit N(m, s²) by minimizing the (weighted) negative log-likelihood.
 
-        ``reduction="sum"`` is the seed's NLL; ``"mean"`` divides it by N so one learning rate
-        suits any N. Without ``initial`` the start is (0.7·mean(y), 1.3·std(y)), as in the
-        seed. The returned std is |s| (the NLL depends on s only through s²).
+        ``reduction="sum"`` is the seed's NLL; ``"mean"`` divides it by N (by Σw with weights)
+        so one learning rate suits any N. Without ``initial`` the start is
+        (0.7·mean(y), 1.3·std(y)), as in the seed. The returned std is |s| (the NLL depends on
+        s only through s²). ``weights`` make the NLL Σ w·nll(y).
         """
-        _check_hyperparameters(learning_rate, epochs, initial or (0.0, 1.0))
-        steps = min(self.epochs_per_call, epochs)
+        _check_hyperparameters(learning_rate, epochs, initial or (0.0, 1.0), history_every)
+        controls = _controls(learning_rate, min(self.epochs_per_call, epochs), optimizer, stopping)
         m0, s0 = initial or (0.0, 1.0)
-        flags = (float(initial is None), float(reduction == "sum"))
         ys = _array(y)
-        if ys.size < self.graph_min_points:
-            summary = np.append(gaussian_moments_numpy(ys), ys.size if reduction == "sum" else 1.0)
+        ws = _weights(weights, ys.size)
+        if ws is not None or ys.size < self.graph_min_points:
+            moments = gaussian_moments_numpy(ys, ws)
+            total = moments[0] if ws is None else float(ws.sum())
+            summary = np.append(moments, total if reduction == "sum" else 1.0)
             if initial is None:
                 m_factor, s_factor = GAUSSIAN_INIT_FACTORS
                 with np.errstate(over="ignore", invalid="ignore"):
                     m0, s0 = m_factor * summary[1], s_factor * np.sqrt(summary[2])
             _check(summary, 2, "y", (m0, s0))
-            controls = _vector((m0, s0, learning_rate, steps))
-            first = _Chunk(self._gaussian_chunk(_vector(summary), controls).numpy())
+            state = _initial_state((m0, s0))
+            first = _Chunk(self._gaussian_chunk(_vector(summary), state, _vector(controls)).numpy())
         else:
-            controls = _vector((m0, s0, learning_rate, steps, *flags))
-            values = self._start("gaussian")(_vector(ys), controls).numpy()
+            flags = _vector((float(initial is None), float(reduction == "sum")))
+            state = _initial_state((m0, s0))
+            values = self._start("gaussian")(_vector(ys), state, _vector(controls), flags).numpy()
             summary = values[:4]
             first = _Chunk(values[4:])
             _check(summary, 2, "y", first.params)
-        params, history, final_loss, epochs_run, stop = self._continue(
-            self._gaussian_chunk, summary, first, learning_rate, epochs, should_stop
-        )
-        return FitResult(
-            model="gaussian",
-            params={"mean": params[0], "std": abs(params[1])},
-            loss_history=history,
-            final_loss=final_loss,
-            epochs_run=epochs_run,
-            n=int(summary[0]),
-            stop_reason=stop,
-            seed=seed,
-        )
+        run = self._continue(self._gaussian_chunk, summary, first, controls, epochs, should_stop)
+        stats = gaussian_stats(self._gaussian_curvature, summary, _extras(ws, ys.size), run.params)
+        run.params[1] = abs(run.params[1])
+        return _result("gaussian", ("mean", "std"), run, stats, stopping, history_every, seed)
 
     def warm_up(self, small: bool = True, large: bool = True) -> None:
         """Run the compiled functions once so no request pays tracing or XLA compilation:
-        the small-data path (numpy moments, XLA loop) and the large-data entry points."""
+        the small-data path (numpy moments, XLA loop, curvature) and the large-data entry
+        points."""
         rng = np.random.default_rng(0)
         sizes = ([16] if small else []) + ([self.graph_min_points] if large else [])
         for n in sizes:
@@ -305,9 +359,15 @@ class FitEngine:
             self.fit_gaussian(y, learning_rate=0.1, epochs=2)
 
     def xla_input_signatures(self) -> list[Any]:
-        """Input specs of the XLA-compiled loops: fully static, so one compilation serves all
-        requests (XLA compiles per input shape, and no other shape can reach them)."""
-        return [*self._linear_fn.input_signature, *self._gaussian_fn.input_signature]
+        """Input specs of the XLA-compiled functions: fully static, so one compilation serves
+        all requests (XLA compiles per input shape, and no other shape can reach them)."""
+        functions = (
+            self._linear_fn,
+            self._gaussian_fn,
+            self._linear_curvature_fn,
+            self._gaussian_curvature_fn,
+        )
+        return [spec for fn in functions for spec in fn.input_signature]
 
     def trace_counts(self) -> dict[str, int]:
         """How often each compiled function was traced (stays 1 after warm-up)."""
@@ -316,6 +376,8 @@ class FitEngine:
             "gaussian_start": self._gaussian_start_fn,
             "linear_loop": self._linear_fn,
             "gaussian_loop": self._gaussian_fn,
+            "linear_curvature": self._linear_curvature_fn,
+            "gaussian_curvature": self._gaussian_curvature_fn,
         }
         return {name: int(fn.experimental_get_tracing_count()) for name, fn in functions.items()}
 
@@ -326,21 +388,25 @@ class FitEngine:
         chunk_fn: Any,
         summary: npt.NDArray[np.float64],
         first: _Chunk,
-        learning_rate: float,
+        controls: npt.NDArray[np.float64],
         epochs: int,
         should_stop: StopCheck | None,
-    ) -> tuple[list[float], npt.NDArray[np.float64], float, int, StopReason]:
-        """Check each chunk's outcome and run further chunks until ``epochs``."""
+    ) -> _Run:
+        """Check each chunk's outcome and run further chunks until ``epochs`` or a stop."""
+        learning_rate = float(controls[0])
         chunk = first
         pieces: list[npt.NDArray[np.float64]] = []
         stop: StopReason = "max_epochs"
         done_total = 0
         summary_t = None
         while True:
-            if not chunk.finite:
+            if chunk.status == NON_FINITE:
                 raise FitDiverged(epoch=done_total + chunk.done, learning_rate=learning_rate)
             pieces.append(chunk.history)
             done_total += chunk.done
+            if chunk.status == CONVERGED:
+                stop = "converged"
+                break
             if done_total >= epochs:
                 break
             if should_stop is not None and (reason := should_stop()) is not None:
@@ -348,15 +414,66 @@ class FitEngine:
                 break
             if summary_t is None:
                 summary_t = _vector(summary)
-            steps = min(self.epochs_per_call, epochs - done_total)
-            controls = _vector((*chunk.params, learning_rate, steps))
-            chunk = _Chunk(chunk_fn(summary_t, controls).numpy())
+            controls = controls.copy()
+            controls[1] = min(self.epochs_per_call, epochs - done_total)
+            chunk = _Chunk(chunk_fn(summary_t, _vector(chunk.state), _vector(controls)).numpy())
         final_loss = chunk.final
         if not math.isfinite(final_loss):
             raise FitDiverged(epoch=done_total, learning_rate=learning_rate)
         history = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        check_descended(history, final_loss, learning_rate)
-        return [float(v) for v in chunk.params], history, final_loss, done_total, stop
+        if history.size:
+            check_descended(history, final_loss, learning_rate)
+        return _Run([float(v) for v in chunk.params], history, final_loss, done_total, stop)
+
+
+class _Run:
+    """What the driver reached: parameters, full loss history, final loss, updates, why."""
+
+    __slots__ = ("epochs_run", "final_loss", "history", "params", "stop")
+
+    def __init__(
+        self,
+        params: list[float],
+        history: npt.NDArray[np.float64],
+        final_loss: float,
+        epochs_run: int,
+        stop: StopReason,
+    ) -> None:
+        self.params = params
+        self.history = history
+        self.final_loss = final_loss
+        self.epochs_run = epochs_run
+        self.stop = stop
+
+
+def _result(
+    model: ModelName,
+    names: tuple[str, str],
+    run: _Run,
+    stats: FitStats,
+    stopping: Stopping,
+    history_every: int,
+    seed: int | None,
+) -> FitResult:
+    if stopping.gradient_tolerance is not None:
+        small_gradient = stats.gradient_norm <= stopping.gradient_tolerance
+    else:
+        small_gradient = stats.gradient_norm <= DEFAULT_GRADIENT_TOLERANCE * max(
+            1.0, abs(run.final_loss)
+        )
+    return FitResult(
+        model=model,
+        params=dict(zip(names, run.params, strict=True)),
+        loss_history=run.history[::history_every],
+        final_loss=run.final_loss,
+        epochs_run=run.epochs_run,
+        n=stats.n,
+        stop_reason=run.stop,
+        converged=run.stop == "converged" or small_gradient,
+        history_every=history_every,
+        stats=stats,
+        seed=seed,
+    )
 
 
 def _fast_call(function: Any) -> Callable[..., Any]:
@@ -379,24 +496,73 @@ def _fast_call(function: Any) -> Callable[..., Any]:
 
 
 class _Chunk:
-    """A chunk's packed output: [param0, param1, epochs_done, finite, final_loss, history]."""
+    """A chunk's packed output: [state (9), epochs_done, status, final_loss, history]."""
 
     def __init__(self, values: npt.NDArray[np.float64]) -> None:
+        self.state = values[0:STATE_SIZE]
         self.params = values[0:2]
-        self.done = int(values[2])
-        self.finite = bool(values[3] > 0.5)
-        self.final = float(values[4])
-        self.history = values[5 : 5 + self.done]
+        self.done = int(values[STATE_SIZE])
+        self.status = int(values[STATE_SIZE + 1])
+        self.final = float(values[STATE_SIZE + 2])
+        self.history = values[_HEAD : _HEAD + self.done]
 
 
-def _start_outputs(chunk: Any, summary: Any, params: Any, learning_rate: Any, steps: Any) -> Any:
-    """[summary, the chunk's packed output]: one vector, one device-to-host copy."""
-    controls = tf.concat([params, tf.stack([learning_rate, tf.cast(steps, tf.float64)])], 0)
-    return tf.concat([summary, chunk(summary, controls)], axis=0)
+def _only_if(condition: Any, controls: Any) -> Any:
+    """``controls`` with zero steps unless ``condition``."""
+    steps = tf.where(condition, controls[1], tf.zeros_like(controls[1]))
+    return tf.concat([controls[0:1], tf.reshape(steps, [1]), controls[2:]], axis=0)
 
 
-def _only_if(condition: Any, steps: Any) -> Any:
-    return tf.where(condition, steps, tf.zeros_like(steps))
+def _controls(
+    learning_rate: float, steps: int, optimizer: Optimizer, stopping: Stopping
+) -> npt.NDArray[np.float64]:
+    def disabled_if_none(value: float | None) -> float:
+        return -1.0 if value is None else value
+
+    return np.array(
+        [
+            learning_rate,
+            steps,
+            OPTIMIZER_IDS[optimizer.name],
+            optimizer.first_rate,
+            optimizer.beta_2,
+            optimizer.epsilon,
+            disabled_if_none(stopping.tolerance),
+            stopping.patience,
+            disabled_if_none(stopping.gradient_tolerance),
+        ],
+        dtype=np.float64,
+    )
+
+
+def _initial_state(params: tuple[float, float]) -> Any:
+    """Parameters, empty optimizer slots, step 0, best loss +inf, no stall."""
+    return _vector((*params, 0.0, 0.0, 0.0, 0.0, 0.0, math.inf, 0.0))
+
+
+def _weights(weights: npt.ArrayLike | None, n: int) -> npt.NDArray[np.float64] | None:
+    if weights is None:
+        return None
+    ws = _array(weights)
+    if ws.size != n:
+        raise ValueError(f"{ws.size} weights for {n} points")
+    if not (np.all(np.isfinite(ws)) and np.all(ws >= 0.0)):
+        raise ValueError("weights must be finite and >= 0")
+    if not np.count_nonzero(ws) >= 2:
+        raise DegenerateData("fewer than 2 points have a positive weight")
+    return ws
+
+
+def _extras(ws: npt.NDArray[np.float64] | None, n: int) -> WeightSummary:
+    if ws is None:
+        return WeightSummary(total=float(n), count=n, log_sum=0.0, points=n)
+    positive = ws[ws > 0.0]
+    return WeightSummary(
+        total=float(ws.sum()),
+        count=int(positive.size),
+        log_sum=float(np.log(positive).sum()),
+        points=n,
+    )
 
 
 def _fresh_seed() -> int:
@@ -441,7 +607,11 @@ def _check(
         raise error
 
 
-def _check_hyperparameters(learning_rate: float, epochs: int, initial: tuple[float, float]) -> None:
+def _check_hyperparameters(
+    learning_rate: float, epochs: int, initial: tuple[float, float], history_every: int
+) -> None:
+    if history_every < 1:
+        raise ValueError("history_every must be >= 1")
     if epochs < 1:
         raise ValueError("epochs must be >= 1")
     if not (math.isfinite(learning_rate) and learning_rate > 0):

@@ -9,7 +9,35 @@ import numpy as np
 import numpy.typing as npt
 
 ModelName = Literal["linear", "gaussian"]
-StopReason = Literal["max_epochs", "timeout"]
+StopReason = Literal["max_epochs", "converged", "timeout"]
+
+
+@dataclass(frozen=True, slots=True)
+class FitStats:
+    """Statistics of a fit at the parameters it reached (None where undefined).
+
+    ``covariance``/``correlation`` are 2x2 in ``names`` order. ``closed_form`` is the exact
+    optimum (least squares; weighted mean and population std), ``closed_form_loss`` the loss
+    there, and ``gap`` the fitted minus the closed-form parameters.
+    """
+
+    names: tuple[str, str]
+    n: int
+    n_used: int
+    dof: int
+    loss: float
+    gradient_norm: float
+    std_errors: tuple[float | None, float | None]
+    covariance: tuple[tuple[float | None, float | None], tuple[float | None, float | None]]
+    correlation: float | None
+    log_likelihood: float | None
+    aic: float | None
+    bic: float | None
+    closed_form: tuple[float, float]
+    closed_form_loss: float
+    gap: tuple[float, float]
+    r_squared: float | None = None
+    residual_std: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +51,9 @@ class FitResult:
     epochs_run: int
     n: int
     stop_reason: StopReason
+    converged: bool = False
+    history_every: int = 1
+    stats: FitStats | None = None
     seed: int | None = None
 
 

@@ -53,30 +53,42 @@ def _centre(v: Any) -> tuple[Any, Any]:
 
 
 def linear_moments_numpy(
-    x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.float64],
+    weights: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float64]:
-    """:func:`linear_moments` in numpy, for small data (no graph call)."""
+    """:func:`linear_moments` in numpy, for small data (no graph call). With ``weights`` the
+    means and moments are weighted (weights normalized to sum 1); n stays the point count."""
+    w = None if weights is None else weights / weights.sum()
     with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as inf/nan
-        x_mean, dx = _centre_numpy(x)
-        y_mean, dy = _centre_numpy(y)
-        n = x.size
-        moments = (np.dot(dx, dx) / n, np.dot(dx, dy) / n, np.dot(dy, dy) / n)
-    return np.array([n, x_mean, y_mean, *moments])
+        x_mean, dx = _centre_numpy(x, w)
+        y_mean, dy = _centre_numpy(y, w)
+        wdx = dx / x.size if w is None else w * dx
+        moments = (np.dot(wdx, dx), np.dot(wdx, dy), _mean_square(dy, w))
+    return np.array([x.size, x_mean, y_mean, *moments])
 
 
-def gaussian_moments_numpy(y: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """:func:`gaussian_moments` in numpy, for small data (no graph call)."""
+def gaussian_moments_numpy(
+    y: npt.NDArray[np.float64], weights: npt.NDArray[np.float64] | None = None
+) -> npt.NDArray[np.float64]:
+    """:func:`gaussian_moments` in numpy, for small data (no graph call); weighted as in
+    :func:`linear_moments_numpy`."""
+    w = None if weights is None else weights / weights.sum()
     with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as inf/nan
-        y_mean, dy = _centre_numpy(y)
-        return np.array([y.size, y_mean, np.dot(dy, dy) / y.size])
+        y_mean, dy = _centre_numpy(y, w)
+        return np.array([y.size, y_mean, _mean_square(dy, w)])
+
+
+def _mean_square(d: npt.NDArray[np.float64], w: npt.NDArray[np.float64] | None) -> float:
+    return float(np.dot(d, d) / d.size if w is None else np.dot(w * d, d))
 
 
 def _centre_numpy(
-    v: npt.NDArray[np.float64],
+    v: npt.NDArray[np.float64], w: npt.NDArray[np.float64] | None = None
 ) -> tuple[float, npt.NDArray[np.float64]]:
-    mean = float(v.mean())
+    mean = float(v.mean() if w is None else np.dot(w, v))
     dev = v - mean
-    correction = float(dev.mean())
+    correction = float(dev.mean() if w is None else np.dot(w, dev))
     return mean + correction, dev - correction
 
 

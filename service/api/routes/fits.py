@@ -32,6 +32,7 @@ from service.api.schemas import (
     LINEAR_EXAMPLE,
     BatchOptions,
     ErrorDetail,
+    FitFailure,
     GaussianBatchItem,
     GaussianBatchRequest,
     GaussianBatchResponse,
@@ -54,10 +55,14 @@ from service.worker import (
     BatchJob,
     FitError,
     FitResult,
+    FitStats,
     FitWorker,
     GaussianJob,
     Job,
     LinearJob,
+    Optimizer,
+    Stopping,
+    Training,
 )
 
 router = APIRouter(prefix="/v1/fits", tags=["fits"])
@@ -73,9 +78,10 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
         "application/octet-stream.",
     },
     422: {
-        "model": ValidationErrorBody | ErrorDetail,
+        "model": ValidationErrorBody | FitFailure,
         "description": "Invalid request (a list naming each field), or a fit that cannot "
-        "finish (a sentence): diverged (lower learning_rate) or degenerate data.",
+        'finish (a sentence): diverged (lower learning_rate; with `"stop_reason": '
+        '"diverged"` and the epoch) or degenerate data.',
     },
     429: {
         "model": ErrorDetail,
@@ -169,12 +175,65 @@ async def _fit(request: Request, worker: FitWorker, job: Job, timeout_s: float |
 def _common(result: FitResult) -> dict[str, Any]:
     return {
         "loss_history": result.loss_history.tolist(),
+        "history_every": result.history_every,
         "final_loss": result.final_loss,
         "epochs_run": result.epochs_run,
         "n": result.n,
         "stop_reason": result.stop_reason,
+        "converged": result.converged,
         "seed": result.seed,
+        "stats": _stats(result.stats, result.final_loss) if result.stats is not None else None,
     }
+
+
+def _stats(stats: FitStats, final_loss: float) -> dict[str, Any]:
+    """The engine's statistics in the response's shape (validated by the response model)."""
+    names = stats.names
+    correlation = stats.correlation
+    return {
+        "parameters": list(names),
+        "n_used": stats.n_used,
+        "dof": stats.dof,
+        "gradient_norm": stats.gradient_norm,
+        "std_errors": dict(zip(names, stats.std_errors, strict=True)),
+        "covariance": [list(row) for row in stats.covariance],
+        "correlation": [[1.0, correlation], [correlation, 1.0]]
+        if correlation is not None
+        else [[None, None], [None, None]],
+        "log_likelihood": stats.log_likelihood,
+        "aic": stats.aic,
+        "bic": stats.bic,
+        "closed_form": {
+            "params": dict(zip(names, stats.closed_form, strict=True)),
+            "loss": stats.closed_form_loss,
+        },
+        "gap": {
+            "params": dict(zip(names, stats.gap, strict=True)),
+            "loss": final_loss - stats.closed_form_loss,
+        },
+        "r_squared": stats.r_squared,
+        "residual_std": stats.residual_std,
+    }
+
+
+def _training(body: LinearOptions | GaussianOptions) -> Training:
+    return Training(
+        learning_rate=body.learning_rate,
+        epochs=body.epochs,
+        optimizer=Optimizer(
+            body.optimizer,
+            momentum=body.momentum,
+            beta_1=body.beta_1,
+            beta_2=body.beta_2,
+            epsilon=body.epsilon,
+        ),
+        stopping=Stopping(
+            tolerance=body.tolerance,
+            patience=body.patience,
+            gradient_tolerance=body.gradient_tolerance,
+        ),
+        history_every=body.history_step(),
+    )
 
 
 @router.post(
@@ -206,10 +265,10 @@ async def fit_linear(
         job = LinearJob(
             x=parsed.arrays["x"],
             y=parsed.arrays["y"],
-            learning_rate=body.learning_rate,
-            epochs=body.epochs,
+            training=_training(body),
             initial=initial,
             seed=body.seed,
+            weights=parsed.arrays.get("weights"),
         )
         result = await _fit(request, worker, job, body.timeout_s)
     return LinearFitResponse(params=LinearParams(**result.params), **_common(result))
@@ -243,11 +302,11 @@ async def fit_gaussian(
         initial = (body.initial.mean, body.initial.std) if body.initial else None
         job = GaussianJob(
             y=parsed.arrays["y"],
-            learning_rate=body.learning_rate,
-            epochs=body.epochs,
+            training=_training(body),
             initial=initial,
             reduction=body.reduction,
             seed=body.seed,
+            weights=parsed.arrays.get("weights"),
         )
         result = await _fit(request, worker, job, body.timeout_s)
     return GaussianFitResponse(params=GaussianParams(**result.params), **_common(result))

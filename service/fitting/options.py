@@ -1,0 +1,78 @@
+"""Training options beyond the seed's plain gradient descent: the optimizer and when to stop."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+OptimizerName = Literal["sgd", "momentum", "adam"]
+
+#: Ids the compiled loop switches on.
+OPTIMIZER_IDS: dict[OptimizerName, int] = {"sgd": 0, "momentum": 1, "adam": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Optimizer:
+    """The update rule, with Keras's defaults and formulas.
+
+    - ``sgd``: p ← p - lr·g (the seed's ``assign_sub``).
+    - ``momentum``: v ← momentum·v - lr·g; p ← p + v (``keras.optimizers.SGD(momentum=…)``).
+    - ``adam``: bias-corrected first and second moments (``keras.optimizers.Adam``).
+    """
+
+    name: OptimizerName = "sgd"
+    momentum: float = 0.9
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZER_IDS:
+            raise ValueError(f"unknown optimizer {self.name!r}")
+        for name in ("momentum", "beta_1", "beta_2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1)")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0.0):
+            raise ValueError("epsilon must be a positive finite number")
+
+    @property
+    def first_rate(self) -> float:
+        """The decay of the first slot: ``momentum`` for momentum, ``beta_1`` for Adam."""
+        return self.momentum if self.name == "momentum" else self.beta_1
+
+
+@dataclass(frozen=True, slots=True)
+class Stopping:
+    """Early stopping; None disables a criterion.
+
+    - ``tolerance``: stop once the loss has failed, ``patience`` epochs in a row, to improve on
+      the best loss so far by more than ``tolerance·max(|loss|, 1)`` (relative, like scipy's
+      ``ftol``).
+    - ``gradient_tolerance``: stop once the gradient's Euclidean norm is at most this.
+    """
+
+    tolerance: float | None = None
+    patience: int = 10
+    gradient_tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tolerance", "gradient_tolerance"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{name} must be a finite number >= 0")
+        if self.patience < 1:
+            raise ValueError("patience must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tolerance is not None or self.gradient_tolerance is not None
+
+
+SGD = Optimizer()
+NO_STOPPING = Stopping()
+
+#: A fit counts as converged without a stopping rule when it ends with a gradient norm at
+#: most this (relative to max(|loss|, 1)).
+DEFAULT_GRADIENT_TOLERANCE = 1e-6
