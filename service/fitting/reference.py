@@ -20,11 +20,15 @@ def reference_linear(
     learning_rate: float = 0.05,
     epochs: int = 30,
     initial: tuple[float, float] = (0.0, 0.0),
+    optimizer: tf.keras.optimizers.Optimizer | None = None,
+    dtype: str = "float32",
 ) -> tuple[float, float, list[float]]:
-    """The seed's linear-regression loop; returns (m, b, mse_loss)."""
-    x_train = tf.constant(np.asarray(x), tf.float32)
-    y_train = tf.constant(np.asarray(y), tf.float32)
-    linear_regression_layer = LinearRegressionLayer()
+    """The seed's linear-regression loop; returns (m, b, mse_loss). With a Keras
+    ``optimizer`` its ``apply_gradients`` replaces the seed's ``assign_sub`` update;
+    ``dtype`` is the seed's float32 unless asked otherwise."""
+    x_train = tf.constant(np.asarray(x), dtype)
+    y_train = tf.constant(np.asarray(y), dtype)
+    linear_regression_layer = LinearRegressionLayer(dtype=dtype)
     linear_regression_layer.m.assign([initial[0]])
     linear_regression_layer.b.assign([initial[1]])
 
@@ -35,6 +39,11 @@ def reference_linear(
             current_mse_loss = mse(predictions, y_train)
 
         gradients = tape.gradient(current_mse_loss, linear_regression_layer.trainable_variables)
+        if optimizer is not None:
+            variables = linear_regression_layer.trainable_variables
+            optimizer.apply_gradients(zip(gradients, variables, strict=True))
+            mse_loss.append(float(current_mse_loss))
+            continue
         linear_regression_layer.m.assign_sub(learning_rate * gradients[0])
         linear_regression_layer.b.assign_sub(learning_rate * gradients[1])
         mse_loss.append(float(current_mse_loss))
@@ -48,20 +57,29 @@ def reference_gaussian(
     learning_rate: float = 0.0005,
     epochs: int = 50,
     initial: tuple[float, float] | None = None,
+    optimizer: tf.keras.optimizers.Optimizer | None = None,
+    dtype: str = "float32",
 ) -> tuple[float, float, list[float]]:
-    """The seed's maximum-likelihood loop (summed NLL); returns (m, s, nll_loss)."""
-    y_train = tf.constant(np.asarray(y), tf.float32)
+    """The seed's maximum-likelihood loop (summed NLL); returns (m, s, nll_loss). With a Keras
+    ``optimizer`` its ``apply_gradients`` replaces the seed's ``assign_sub`` update;
+    ``dtype`` is the seed's float32 unless asked otherwise."""
+    y_train = tf.constant(np.asarray(y), dtype)
     if initial is None:
         m0 = 0.7 * tf.reduce_mean(y_train)
         s0 = 1.3 * tf.math.reduce_std(y_train)
         initial = (float(m0), float(s0))
-    gaussian_fit_layer = GaussianFitLayer(initial)
+    gaussian_fit_layer = GaussianFitLayer(initial, dtype=dtype)
 
     nll_loss = []
     for _ in range(epochs):
         with tf.GradientTape() as tape:
             current_nll_loss = nll(y_train, gaussian_fit_layer.m, gaussian_fit_layer.s)
         gradients = tape.gradient(current_nll_loss, gaussian_fit_layer.trainable_variables)
+        if optimizer is not None:
+            variables = gaussian_fit_layer.trainable_variables
+            optimizer.apply_gradients(zip(gradients, variables, strict=True))
+            nll_loss.append(float(np.squeeze(current_nll_loss.numpy())))
+            continue
         gaussian_fit_layer.m.assign_sub(learning_rate * gradients[0])
         gaussian_fit_layer.s.assign_sub(learning_rate * gradients[1])
         nll_loss.append(float(np.squeeze(current_nll_loss.numpy())))
