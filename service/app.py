@@ -18,11 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.openapi import install_openapi
-from service.api.routes import fits, health
+from service.api.routes import datasets, fits, health, plots
 from service.api.schemas import (
     GaussianBatchRequest,
+    GaussianDatasetRequest,
     GaussianFitRequest,
     LinearBatchRequest,
+    LinearDatasetRequest,
     LinearFitRequest,
 )
 from service.logs import AccessLogMiddleware, valid_request_id
@@ -71,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.worker = worker
     install_error_handlers(app)
     app.include_router(fits.router)
+    app.include_router(plots.router)
+    app.include_router(datasets.router)
     app.include_router(health.router)
     _instrument(app, registry)
     # Outermost last: the request id exists before the access line is written.
@@ -79,7 +83,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id
     )
     install_openapi(
-        app, [LinearFitRequest, GaussianFitRequest, LinearBatchRequest, GaussianBatchRequest]
+        app,
+        [
+            LinearFitRequest,
+            GaussianFitRequest,
+            LinearBatchRequest,
+            GaussianBatchRequest,
+            LinearDatasetRequest,
+            GaussianDatasetRequest,
+        ],
     )
     app.add_middleware(DocsContentSecurityPolicy)
     return app

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         description="Most loss-history values one batch response may carry (data sets x "
         "recorded epochs; 422 above: raise history_every).",
     )
+    max_dataset_points: Annotated[int, Field(ge=2)] = Field(
+        100_000, description="Most points one synthetic data set may have (422 above)."
+    )
     max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
         64 * 1024 * 1024, description="Largest request body accepted (413 above)."
     )

@@ -41,6 +41,7 @@ from service.fitting import (
     configure_threads,
 )
 from service.fitting.batch import BatchEngine, Ragged
+from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Stopping
 from service.fitting.results import FitStats
 from service.settings import Settings
@@ -65,9 +66,13 @@ __all__ = [
     "LinearJob",
     "Optimizer",
     "Overloaded",
+    "Reporter",
     "Stopping",
     "Training",
     "Unavailable",
+    "gaussian_data",
+    "gaussian_samples",
+    "linear_data",
 ]
 
 
@@ -119,6 +124,15 @@ class BatchJob:
 
 
 Job = LinearJob | GaussianJob
+
+
+@dataclass(frozen=True, slots=True)
+class Reporter:
+    """Where a fit reports its progress: ``report(epochs_done, loss)`` every ``every`` epochs
+    (called from the fit's thread)."""
+
+    report: Callable[[int, float], None]
+    every: int
 
 
 class Overloaded(Exception):
@@ -353,13 +367,18 @@ class FitWorker:
 
     # -- fitting --------------------------------------------------------------------------
 
-    async def fit(self, job: Job, timeout_s: float | None = None) -> FitResult:
-        """Run one fit in the pool; cancelling the caller abandons the fit."""
+    async def fit(
+        self, job: Job, timeout_s: float | None = None, progress: Reporter | None = None
+    ) -> FitResult:
+        """Run one fit in the pool; cancelling the caller abandons the fit. ``progress``
+        receives (epochs done, loss) in the fit's thread every ``progress.every`` epochs."""
         if self.engine is None:
             raise Unavailable("the service is warming up")
         cancelled, should_stop = self._stop_check(timeout_s)
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._fit_pool, self._run, self.engine, job, should_stop)
+        future = loop.run_in_executor(
+            self._fit_pool, self._run, self.engine, job, should_stop, progress
+        )
         return await self._cancellable(future, cancelled, _model_name(job))
 
     async def fit_batch(
@@ -423,14 +442,18 @@ class FitWorker:
         return limit if timeout_s is None else min(timeout_s, limit)
 
     def _run(
-        self, engine: FitEngine, job: Job, should_stop: Callable[[], StopReason | None]
+        self,
+        engine: FitEngine,
+        job: Job,
+        should_stop: Callable[[], StopReason | None],
+        progress: Reporter | None = None,
     ) -> FitResult:
         model = _model_name(job)
         outcome = "error"
         start = time.perf_counter()
         self.metrics.running.inc()
         try:
-            result = self._dispatch(engine, job, should_stop)
+            result = self._dispatch(engine, job, should_stop, progress)
             outcome = result.stop_reason
             self.metrics.epochs.labels(model).inc(result.epochs_run)
             return result
@@ -451,7 +474,10 @@ class FitWorker:
 
     @staticmethod
     def _dispatch(
-        engine: FitEngine, job: Job, should_stop: Callable[[], StopReason | None]
+        engine: FitEngine,
+        job: Job,
+        should_stop: Callable[[], StopReason | None],
+        progress: Reporter | None = None,
     ) -> FitResult:
         t = job.training
         options: dict[str, Any] = {
@@ -464,6 +490,8 @@ class FitWorker:
             "seed": job.seed,
             "weights": job.weights,
             "should_stop": should_stop,
+            "on_progress": progress.report if progress is not None else None,
+            "progress_every": progress.every if progress is not None else None,
         }
         if isinstance(job, LinearJob):
             return engine.fit_linear(job.x, job.y, **options)

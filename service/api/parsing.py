@@ -100,6 +100,14 @@ def _parse(
     return Parsed(slim, arrays)
 
 
+def parse_model(model: type[RequestT], body: bytes, context: dict[str, Any]) -> RequestT | Invalid:
+    """A small JSON body with no data arrays."""
+    try:
+        return model.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        return _errors(exc, "body")
+
+
 def parse_linear(body: bytes, context: dict[str, Any]) -> Parsed[LinearOptions] | Invalid:
     return _parse(LinearFitRequest, ("x", "y"), body, context)
 

@@ -25,6 +25,17 @@ LINEAR_EXAMPLE: dict[str, Any] = {
     "epochs": 1000,
     "seed": 42,
 }
+LINEAR_ADAM_EXAMPLE: dict[str, Any] = {
+    "x": LINEAR_EXAMPLE["x"],
+    "y": LINEAR_EXAMPLE["y"],
+    "weights": [1.0, 1.0, 1.0, 0.5, 0.5, 1.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5],
+    "optimizer": "adam",
+    "learning_rate": 0.05,
+    "epochs": 20000,
+    "tolerance": 1e-12,
+    "patience": 20,
+    "seed": 7,
+}
 GAUSSIAN_EXAMPLE: dict[str, Any] = {
     "y": [
         *(2.157, 1.813, -0.517, 1.461, 1.951, 2.113, 0.47, 1.522),
@@ -42,6 +53,7 @@ def limits_context(
     max_work: int,
     max_batch: int | None = None,
     max_batch_history: int | None = None,
+    max_dataset_points: int | None = None,
 ) -> dict[str, Any]:
     """Validation context carrying the settings-dependent limits."""
     return {
@@ -50,6 +62,7 @@ def limits_context(
         "max_work": max_work,
         "max_batch": max_batch,
         "max_batch_history": max_batch_history,
+        "max_dataset_points": max_dataset_points,
     }
 
 
@@ -205,6 +218,13 @@ class _SingleFitOptions(_TrainingOptions):
         f"to {DEFAULT_MAX_HISTORY} epochs, else the smallest step that keeps the history "
         f"within {DEFAULT_MAX_HISTORY} values.",
         examples=[1],
+    )
+
+    progress_every: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        None,
+        description="With `Accept: text/event-stream`: epochs between progress events. "
+        "Omitted: about 100 events per fit.",
+        examples=[100],
     )
 
     def history_step(self) -> int:
@@ -590,6 +610,72 @@ class LinearBatchResponse(_BatchResponse[LinearBatchItem]):
 
 class GaussianBatchResponse(_BatchResponse[GaussianBatchItem]):
     model: Literal["gaussian"] = "gaussian"
+
+
+# -- synthetic data ------------------------------------------------------------------------------
+
+
+def _dataset_size(n: int, info: ValidationInfo) -> int:
+    limit = _limit(info.context, "max_dataset_points")
+    if limit is not None and n > limit:
+        raise PydanticCustomError(
+            "too_many_points",
+            "at most {limit} points per data set (TAPEFIT_MAX_DATASET_POINTS), got {count}",
+            {"limit": limit, "count": n},
+        )
+    return n
+
+
+class _DatasetRequest(_Strict):
+    n: Annotated[int, Field(strict=True, ge=2)] = Field(
+        description="Number of points (>= 2, at most TAPEFIT_MAX_DATASET_POINTS)."
+    )
+    seed: Annotated[int, Field(strict=True, ge=0, lt=2**63)] | None = Field(
+        None,
+        description="Seeds the draws: the same request with the same seed gives the same data "
+        "on every replica. Omitted: a fresh seed is drawn and returned.",
+    )
+
+    @field_validator("n")
+    @classmethod
+    def _within_limit(cls, n: int, info: ValidationInfo) -> int:
+        return _dataset_size(n, info)
+
+
+class LinearDatasetRequest(_DatasetRequest):
+    """The seed's `generate_noisy_data`: x ~ U(0, 1), y = slope·x + intercept + N(0, noise_std²)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"n": 100, "slope": 1.0, "intercept": 2.0, "noise_std": 0.15, "seed": 1}]
+        }
+    )
+
+    slope: FiniteFloat = Field(1.0, description="True slope m (the seed's 1).")
+    intercept: FiniteFloat = Field(2.0, description="True intercept b (the seed's 2).")
+    noise_std: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)] = Field(
+        0.15, description="Standard deviation of the Gaussian noise on y (the seed's 0.15)."
+    )
+
+
+class GaussianDatasetRequest(_DatasetRequest):
+    """The seed's `generate_gaussian_data`: y ~ N(mean, std²), and x ~ U(0, 1) to plot against."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"n": 1000, "mean": 2.0, "std": 1.0, "seed": 1}]}
+    )
+
+    mean: FiniteFloat = Field(2.0, description="True mean (the seed's 2).")
+    std: PositiveFloat = Field(1.0, description="True standard deviation (> 0; the seed's 1).")
+
+
+class Dataset(BaseModel):
+    """Synthetic data: POST `{"x": ..., "y": ...}` (linear) or `{"y": ...}` (Gaussian) to the
+    fit of the same model."""
+
+    x: list[float] = Field(description="x ~ U(0, 1).")
+    y: list[float] = Field(description="The targets (linear) or the samples (Gaussian).")
+    seed: int = Field(description="The seed used (replays the same data).")
 
 
 class Health(BaseModel):

@@ -50,6 +50,8 @@ Reduction = Literal["sum", "mean"]
 #: Called between chunks: None to go on, "timeout" to stop and return what was reached.
 #: Raise :class:`FitCancelled` from it to abandon the fit.
 StopCheck = Callable[[], StopReason | None]
+#: Called between chunks with (epochs done, loss at the current parameters).
+Progress = Callable[[int, float], None]
 
 #: The seed's Keras ``random_normal`` initializer: mean 0, standard deviation 0.05.
 SLOPE_INIT_STDDEV = 0.05
@@ -267,12 +269,16 @@ class FitEngine:
         stopping: Stopping = NO_STOPPING,
         history_every: int = 1,
         should_stop: StopCheck | None = None,
+        on_progress: Progress | None = None,
+        progress_every: int | None = None,
     ) -> FitResult:
         """Fit y = m·x + b by minimizing the (weighted) MSE.
 
         Without ``initial``, m starts from N(0, 0.05²) drawn with ``seed`` (a fresh seed is
         drawn and reported when none is given) and b from 0, as the seed's layer does.
         ``weights`` (one per point, >= 0) make the loss Σw(y - mx - b)² / Σw.
+        ``on_progress(epochs_done, loss)`` is called after every ``progress_every`` epochs
+        (and at the end); ``should_stop`` is checked as often.
         """
         if initial is None:
             seed = _fresh_seed() if seed is None else seed
@@ -280,7 +286,8 @@ class FitEngine:
         _check_hyperparameters(learning_rate, epochs, initial, history_every)
         xs, ys = _array(x), _array(y)
         ws = _weights(weights, xs.size)
-        controls = _controls(learning_rate, min(self.epochs_per_call, epochs), optimizer, stopping)
+        per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
+        controls = _controls(learning_rate, min(per_call, epochs), optimizer, stopping)
         state = _initial_state(initial)
         if ws is not None or xs.size < self.graph_min_points:
             summary = linear_moments_numpy(xs, ys, ws)
@@ -292,7 +299,9 @@ class FitEngine:
             summary = values[:6]
             _check(summary, 3, "x")
             first = _Chunk(values[6:])
-        run = self._continue(self._linear_chunk, summary, first, controls, epochs, should_stop)
+        run = self._continue(
+            self._linear_chunk, summary, first, controls, epochs, should_stop, on_progress
+        )
         stats = linear_stats(self._linear_curvature, summary, _extras(ws, xs.size), run.params)
         return _result("linear", ("slope", "intercept"), run, stats, stopping, history_every, seed)
 
@@ -310,16 +319,20 @@ class FitEngine:
         stopping: Stopping = NO_STOPPING,
         history_every: int = 1,
         should_stop: StopCheck | None = None,
+        on_progress: Progress | None = None,
+        progress_every: int | None = None,
     ) -> FitResult:
         """Fit N(m, s²) by minimizing the (weighted) negative log-likelihood.
 
         ``reduction="sum"`` is the seed's NLL; ``"mean"`` divides it by N (by Σw with weights)
         so one learning rate suits any N. Without ``initial`` the start is
         (0.7·mean(y), 1.3·std(y)), as in the seed. The returned std is |s| (the NLL depends on
-        s only through s²). ``weights`` make the NLL Σ w·nll(y).
+        s only through s²). ``weights`` make the NLL Σ w·nll(y). ``on_progress`` and
+        ``progress_every`` as for :meth:`fit_linear`.
         """
         _check_hyperparameters(learning_rate, epochs, initial or (0.0, 1.0), history_every)
-        controls = _controls(learning_rate, min(self.epochs_per_call, epochs), optimizer, stopping)
+        per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
+        controls = _controls(learning_rate, min(per_call, epochs), optimizer, stopping)
         m0, s0 = initial or (0.0, 1.0)
         ys = _array(y)
         ws = _weights(weights, ys.size)
@@ -341,7 +354,9 @@ class FitEngine:
             summary = values[:4]
             first = _Chunk(values[4:])
             _check(summary, 2, "y", first.params)
-        run = self._continue(self._gaussian_chunk, summary, first, controls, epochs, should_stop)
+        run = self._continue(
+            self._gaussian_chunk, summary, first, controls, epochs, should_stop, on_progress
+        )
         stats = gaussian_stats(self._gaussian_curvature, summary, _extras(ws, ys.size), run.params)
         run.params[1] = abs(run.params[1])
         return _result("gaussian", ("mean", "std"), run, stats, stopping, history_every, seed)
@@ -391,9 +406,12 @@ class FitEngine:
         controls: npt.NDArray[np.float64],
         epochs: int,
         should_stop: StopCheck | None,
+        on_progress: Progress | None = None,
     ) -> _Run:
-        """Check each chunk's outcome and run further chunks until ``epochs`` or a stop."""
+        """Check each chunk's outcome and run further chunks until ``epochs`` or a stop;
+        every chunk has the first chunk's length (``controls[1]``)."""
         learning_rate = float(controls[0])
+        per_call = int(controls[1])
         chunk = first
         pieces: list[npt.NDArray[np.float64]] = []
         stop: StopReason = "max_epochs"
@@ -404,6 +422,8 @@ class FitEngine:
                 raise FitDiverged(epoch=done_total + chunk.done, learning_rate=learning_rate)
             pieces.append(chunk.history)
             done_total += chunk.done
+            if on_progress is not None:
+                on_progress(done_total, chunk.final)
             if chunk.status == CONVERGED:
                 stop = "converged"
                 break
@@ -415,7 +435,7 @@ class FitEngine:
             if summary_t is None:
                 summary_t = _vector(summary)
             controls = controls.copy()
-            controls[1] = min(self.epochs_per_call, epochs - done_total)
+            controls[1] = min(per_call, epochs - done_total)
             chunk = _Chunk(chunk_fn(summary_t, _vector(chunk.state), _vector(controls)).numpy())
         final_loss = chunk.final
         if not math.isfinite(final_loss):
@@ -645,4 +665,4 @@ def check_descended(
     )
 
 
-__all__ = ["FitEngine", "ModelName", "Reduction", "StopCheck"]
+__all__ = ["FitEngine", "ModelName", "Progress", "Reduction", "StopCheck"]

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from service.api.deps import SettingsDep, WorkerDep
-from service.api.errors import ClientDisconnected, UnsupportedMediaType
 from service.api.openapi import fit_body, json_only_body
 from service.api.parsing import (
-    BINARY_MEDIA_TYPES,
-    Invalid,
     Parsed,
     parse_gaussian,
     parse_gaussian_batch,
@@ -25,9 +21,11 @@ from service.api.parsing import (
     parse_linear_batch,
     parse_linear_binary,
 )
+from service.api.requests import BinaryParser, JsonParser, parse_request, unless_disconnected
 from service.api.schemas import (
     GAUSSIAN_BATCH_EXAMPLE,
     GAUSSIAN_EXAMPLE,
+    LINEAR_ADAM_EXAMPLE,
     LINEAR_BATCH_EXAMPLE,
     LINEAR_EXAMPLE,
     BatchOptions,
@@ -48,8 +46,9 @@ from service.api.schemas import (
     LinearOptions,
     LinearParams,
     ValidationErrorBody,
-    limits_context,
 )
+from service.api.streaming import EVENT_STREAM, EventStream, fit_events, progress_step, wants_stream
+from service.api.streaming import EXAMPLE as STREAM_EXAMPLE
 from service.settings import Settings
 from service.worker import (
     BatchJob,
@@ -92,84 +91,8 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-JsonParser = Callable[[bytes, dict[str, Any]], "Parsed[RequestT] | Invalid"]
-BinaryParser = Callable[
-    [bytes, str, Mapping[str, str], dict[str, Any]], "Parsed[RequestT] | Invalid"
-]
-
-
-JSON = "application/json"
-
-
-def _media_type(request: Request, binary: bool) -> str:
-    content_type = request.headers.get("content-type", JSON)
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != JSON and not (binary and media in BINARY_MEDIA_TYPES):
-        raise UnsupportedMediaType(content_type, binary=binary)
-    return media
-
-
-async def _parse(
-    request: Request,
-    worker: FitWorker,
-    settings: Settings,
-    parse_json: JsonParser[RequestT],
-    parse_binary: BinaryParser[RequestT] | None = None,
-) -> Parsed[RequestT]:
-    """The validated request: JSON (parsed off the loop when large), or a binary body whose
-    options are in the query string (single fits only)."""
-    media = _media_type(request, binary=parse_binary is not None)
-    body = await request.body()
-    context = limits_context(
-        settings.max_points,
-        settings.max_epochs,
-        settings.max_work,
-        settings.max_batch,
-        settings.max_batch_history,
-    )
-    if media == JSON:
-        if request.query_params:  # never silently ignored
-            raise RequestValidationError(
-                [
-                    {
-                        "loc": ["query", name],
-                        "msg": "with a JSON body, options go inside it",
-                        "type": "query_with_json_body",
-                    }
-                    for name in request.query_params
-                ]
-            )
-        parsed = await worker.parse(parse_json, body, context)
-    else:  # numpy decoding: no per-number Python objects, cheap enough inline
-        assert parse_binary is not None
-        parsed = parse_binary(body, media, request.query_params, context)
-    if isinstance(parsed, Invalid):
-        raise RequestValidationError(parsed.errors)
-    return parsed
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it (which abandons the fit)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise ClientDisconnected
-    return task.result()
-
-
 async def _fit(request: Request, worker: FitWorker, job: Job, timeout_s: float | None) -> FitResult:
-    return await _unless_disconnected(request, worker.fit(job, timeout_s))
+    return await unless_disconnected(request, worker.fit(job, timeout_s))
 
 
 def _common(result: FitResult) -> dict[str, Any]:
@@ -236,11 +159,81 @@ def _training(body: LinearOptions | GaussianOptions) -> Training:
     )
 
 
+SINGLE_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **FIT_RESPONSES,
+    200: {
+        "description": "The fit. With `Accept: text/event-stream`: server-sent events, "
+        "`progress` ({epoch, loss}) every `progress_every` epochs, then `result` (this same "
+        "JSON) or `error` (the 422 body); closing the connection stops the fit.",
+        "content": {EVENT_STREAM: {"schema": {"type": "string"}, "example": STREAM_EXAMPLE}},
+    },
+}
+
+OptionsT = TypeVar("OptionsT", LinearOptions, GaussianOptions)
+
+
+async def _single_fit(
+    request: Request,
+    worker: FitWorker,
+    settings: Settings,
+    parsers: tuple[JsonParser[OptionsT], BinaryParser[OptionsT]],
+    make_job: Callable[[Parsed[OptionsT]], Job],
+    respond: Callable[[FitResult], BaseModel],
+) -> BaseModel | Response:
+    """Admission, parsing, then the fit: answered as JSON, or streamed as server-sent events
+    (the admission place is then held until the stream ends)."""
+    resources = AsyncExitStack()
+    await resources.enter_async_context(worker.admit())
+    try:
+        parsed = await parse_request(request, worker, settings, *parsers)
+        body = parsed.request
+        job = make_job(parsed)
+        if wants_stream(request):
+            every = progress_step(body.epochs, body.progress_every)
+            events = fit_events(request, worker, job, body.timeout_s, every, respond)
+            return EventStream(events, resources.pop_all())
+        return respond(await _fit(request, worker, job, body.timeout_s))
+    finally:
+        await resources.aclose()
+
+
+def linear_job(parsed: Parsed[LinearOptions]) -> Job:
+    body = parsed.request
+    return LinearJob(
+        x=parsed.arrays["x"],
+        y=parsed.arrays["y"],
+        training=_training(body),
+        initial=(body.initial.slope, body.initial.intercept) if body.initial else None,
+        seed=body.seed,
+        weights=parsed.arrays.get("weights"),
+    )
+
+
+def gaussian_job(parsed: Parsed[GaussianOptions]) -> Job:
+    body = parsed.request
+    return GaussianJob(
+        y=parsed.arrays["y"],
+        training=_training(body),
+        initial=(body.initial.mean, body.initial.std) if body.initial else None,
+        reduction=body.reduction,
+        seed=body.seed,
+        weights=parsed.arrays.get("weights"),
+    )
+
+
+def linear_response(result: FitResult) -> LinearFitResponse:
+    return LinearFitResponse(params=LinearParams(**result.params), **_common(result))
+
+
+def gaussian_response(result: FitResult) -> GaussianFitResponse:
+    return GaussianFitResponse(params=GaussianParams(**result.params), **_common(result))
+
+
 @router.post(
     "/linear",
     response_model=LinearFitResponse,
     summary="Fit a line by gradient descent on the MSE",
-    responses=FIT_RESPONSES,
+    responses=SINGLE_FIT_RESPONSES,
     openapi_extra=fit_body(
         LinearFitRequest,
         LinearOptions,
@@ -248,37 +241,28 @@ def _training(body: LinearOptions | GaussianOptions) -> Training:
             "seed-data": {
                 "summary": "Noisy line y = x + 2 (seed-style data)",
                 "value": LINEAR_EXAMPLE,
-            }
+            },
+            "adam-early-stop": {
+                "summary": "Adam with early stopping and weights",
+                "value": LINEAR_ADAM_EXAMPLE,
+            },
         },
         binary_layout="shape (2, n): x then y",
     ),
 )
-async def fit_linear(
-    request: Request, worker: WorkerDep, settings: SettingsDep
-) -> LinearFitResponse:
+async def fit_linear(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
     """Fit y = slope·x + intercept to (x, y) with the seed's GradientTape loop, minimizing the
-    mean squared error; returns the parameters and the loss before every update."""
-    async with worker.admit():
-        parsed = await _parse(request, worker, settings, parse_linear, parse_linear_binary)
-        body = parsed.request
-        initial = (body.initial.slope, body.initial.intercept) if body.initial else None
-        job = LinearJob(
-            x=parsed.arrays["x"],
-            y=parsed.arrays["y"],
-            training=_training(body),
-            initial=initial,
-            seed=body.seed,
-            weights=parsed.arrays.get("weights"),
-        )
-        result = await _fit(request, worker, job, body.timeout_s)
-    return LinearFitResponse(params=LinearParams(**result.params), **_common(result))
+    (weighted) mean squared error; returns the parameters, the loss history, and statistics
+    (standard errors, R², AIC/BIC, the closed-form answer and the gap to it)."""
+    parsers = (parse_linear, parse_linear_binary)
+    return await _single_fit(request, worker, settings, parsers, linear_job, linear_response)
 
 
 @router.post(
     "/gaussian",
     response_model=GaussianFitResponse,
     summary="Fit a normal distribution by maximum likelihood",
-    responses=FIT_RESPONSES,
+    responses=SINGLE_FIT_RESPONSES,
     openapi_extra=fit_body(
         GaussianFitRequest,
         GaussianOptions,
@@ -291,25 +275,12 @@ async def fit_linear(
         binary_layout="shape (n,): y",
     ),
 )
-async def fit_gaussian(
-    request: Request, worker: WorkerDep, settings: SettingsDep
-) -> GaussianFitResponse:
+async def fit_gaussian(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
     """Fit N(mean, std²) to the samples y with the seed's GradientTape loop, minimizing the
-    negative log-likelihood; returns the parameters and the loss before every update."""
-    async with worker.admit():
-        parsed = await _parse(request, worker, settings, parse_gaussian, parse_gaussian_binary)
-        body = parsed.request
-        initial = (body.initial.mean, body.initial.std) if body.initial else None
-        job = GaussianJob(
-            y=parsed.arrays["y"],
-            training=_training(body),
-            initial=initial,
-            reduction=body.reduction,
-            seed=body.seed,
-            weights=parsed.arrays.get("weights"),
-        )
-        result = await _fit(request, worker, job, body.timeout_s)
-    return GaussianFitResponse(params=GaussianParams(**result.params), **_common(result))
+    (weighted) negative log-likelihood; returns the parameters, the loss history, and
+    statistics (standard errors, log-likelihood, AIC/BIC, the closed form and the gap)."""
+    parsers = (parse_gaussian, parse_gaussian_binary)
+    return await _single_fit(request, worker, settings, parsers, gaussian_job, gaussian_response)
 
 
 BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -334,7 +305,7 @@ async def _fit_batch(
     model: Literal["linear", "gaussian"],
 ) -> list[FitResult | FitError]:
     async with worker.admit():
-        parsed = await _parse(request, worker, settings, parse_json)
+        parsed = await parse_request(request, worker, settings, parse_json)
         body = parsed.request
         job = BatchJob(
             model=model,
@@ -348,7 +319,7 @@ async def _fit_batch(
             seed=body.seed,
             history_every=body.history_every,
         )
-        return await _unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
+        return await unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
 
 
 def _entry(

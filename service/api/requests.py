@@ -1,0 +1,97 @@
+"""Turning an HTTP request into a validated request, and waiting on work while watching
+for the client to go away. Shared by every route that takes a fit body."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+
+from service.api.errors import ClientDisconnected, UnsupportedMediaType
+from service.api.parsing import BINARY_MEDIA_TYPES, Invalid, Parsed
+from service.api.schemas import limits_context
+from service.settings import Settings
+from service.worker import FitWorker
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+T = TypeVar("T")
+
+JsonParser = Callable[[bytes, dict[str, Any]], "Parsed[RequestT] | Invalid"]
+BinaryParser = Callable[
+    [bytes, str, Mapping[str, str], dict[str, Any]], "Parsed[RequestT] | Invalid"
+]
+
+
+JSON = "application/json"
+
+
+def media_type(request: Request, binary: bool) -> str:
+    content_type = request.headers.get("content-type", JSON)
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != JSON and not (binary and media in BINARY_MEDIA_TYPES):
+        raise UnsupportedMediaType(content_type, binary=binary)
+    return media
+
+
+async def parse_request(
+    request: Request,
+    worker: FitWorker,
+    settings: Settings,
+    parse_json: JsonParser[RequestT],
+    parse_binary: BinaryParser[RequestT] | None = None,
+) -> Parsed[RequestT]:
+    """The validated request: JSON (parsed off the loop when large), or a binary body whose
+    options are in the query string (single fits only)."""
+    media = media_type(request, binary=parse_binary is not None)
+    body = await request.body()
+    context = limits_context(
+        settings.max_points,
+        settings.max_epochs,
+        settings.max_work,
+        settings.max_batch,
+        settings.max_batch_history,
+        settings.max_dataset_points,
+    )
+    if media == JSON:
+        if request.query_params:  # never silently ignored
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ["query", name],
+                        "msg": "with a JSON body, options go inside it",
+                        "type": "query_with_json_body",
+                    }
+                    for name in request.query_params
+                ]
+            )
+        parsed = await worker.parse(parse_json, body, context)
+    else:  # numpy decoding: no per-number Python objects, cheap enough inline
+        assert parse_binary is not None
+        parsed = parse_binary(body, media, request.query_params, context)
+    if isinstance(parsed, Invalid):
+        raise RequestValidationError(parsed.errors)
+    return parsed
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (which abandons the fit)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()

@@ -1,0 +1,114 @@
+"""POST /v1/datasets/{linear,gaussian}: the seed's synthetic data, seeded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+
+from service.api.deps import SettingsDep
+from service.api.openapi import json_only_body
+from service.api.parsing import Invalid, parse_model
+from service.api.requests import media_type
+from service.api.schemas import (
+    Dataset,
+    ErrorDetail,
+    GaussianDatasetRequest,
+    LinearDatasetRequest,
+    ValidationErrorBody,
+    limits_context,
+)
+from service.settings import Settings
+from service.worker import gaussian_data, linear_data
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    415: {"model": ErrorDetail, "description": "Content-Type is not application/json."},
+    422: {"model": ValidationErrorBody, "description": "Invalid request, naming each field."},
+}
+
+DatasetT = TypeVar("DatasetT", LinearDatasetRequest, GaussianDatasetRequest)
+
+
+async def _request(request: Request, settings: Settings, model: type[DatasetT]) -> DatasetT:
+    media_type(request, binary=False)
+    context = limits_context(
+        settings.max_points,
+        settings.max_epochs,
+        settings.max_work,
+        max_dataset_points=settings.max_dataset_points,
+    )
+    parsed = parse_model(model, await request.body(), context)
+    if isinstance(parsed, Invalid):
+        raise RequestValidationError(parsed.errors)
+    return parsed
+
+
+def _seed(seed: int | None) -> int:
+    return random.getrandbits(63) if seed is None else seed
+
+
+def _json(x: Any, y: Any, seed: int) -> bytes:
+    # Serialized here, in a worker thread: a 100,000-point answer never blocks the event loop.
+    return json.dumps({"x": x.tolist(), "y": y.tolist(), "seed": seed}).encode()
+
+
+@router.post(
+    "/linear",
+    response_model=Dataset,
+    summary="Noisy points along a line, as in the seed",
+    responses=RESPONSES,
+    openapi_extra=json_only_body(
+        LinearDatasetRequest,
+        {
+            "seed": {
+                "summary": "The seed's data: y = x + 2, noise 0.15",
+                "value": {"n": 100, "slope": 1.0, "intercept": 2.0, "noise_std": 0.15, "seed": 1},
+            }
+        },
+    ),
+)
+async def linear_dataset(request: Request, settings: SettingsDep) -> Response:
+    """x ~ U(0, 1) and y = slope·x + intercept + N(0, noise_std²): post the answer to
+    `/v1/fits/linear` to fit it."""
+    body = await _request(request, settings, LinearDatasetRequest)
+    seed = _seed(body.seed)
+
+    def make() -> bytes:
+        x, y = linear_data(body.n, body.slope, body.intercept, body.noise_std, seed)
+        return _json(x, y, seed)
+
+    return Response(await asyncio.to_thread(make), media_type="application/json")
+
+
+@router.post(
+    "/gaussian",
+    response_model=Dataset,
+    summary="Normally distributed samples, as in the seed",
+    responses=RESPONSES,
+    openapi_extra=json_only_body(
+        GaussianDatasetRequest,
+        {
+            "seed": {
+                "summary": "The seed's data: N(2, 1), 1000 samples",
+                "value": {"n": 1000, "mean": 2.0, "std": 1.0, "seed": 1},
+            }
+        },
+    ),
+)
+async def gaussian_dataset(request: Request, settings: SettingsDep) -> Response:
+    """y ~ N(mean, std²) (and x ~ U(0, 1), which the seed plots y against): post
+    `{"y": ...}` to `/v1/fits/gaussian` to fit it."""
+    body = await _request(request, settings, GaussianDatasetRequest)
+    seed = _seed(body.seed)
+
+    def make() -> bytes:
+        x, y = gaussian_data(body.n, body.mean, body.std, seed)
+        return _json(x, y, seed)
+
+    return Response(await asyncio.to_thread(make), media_type="application/json")

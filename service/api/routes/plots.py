@@ -1,0 +1,101 @@
+"""POST /v1/plots/{linear,gaussian}: fit, then draw the seed's figures as PNG."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from service.api.deps import SettingsDep, WorkerDep
+from service.api.openapi import fit_body
+from service.api.parsing import (
+    parse_gaussian,
+    parse_gaussian_binary,
+    parse_linear,
+    parse_linear_binary,
+)
+from service.api.requests import parse_request, unless_disconnected
+from service.api.routes.fits import FIT_RESPONSES, gaussian_job, linear_job
+from service.api.schemas import (
+    GAUSSIAN_EXAMPLE,
+    LINEAR_EXAMPLE,
+    GaussianFitRequest,
+    GaussianOptions,
+    LinearFitRequest,
+    LinearOptions,
+)
+from service.plots import gaussian_png, linear_png
+from service.worker import gaussian_samples
+
+router = APIRouter(prefix="/v1/plots", tags=["plots"])
+
+PNG = "image/png"
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    **FIT_RESPONSES,
+    200: {
+        "description": "A 1200x400 PNG: the seed's figure and the loss curve.",
+        "content": {PNG: {"schema": {"type": "string", "format": "binary"}}},
+    },
+}
+
+
+@router.post(
+    "/linear",
+    response_class=Response,
+    summary="Fit a line, then plot the data, the line and the loss curve (PNG)",
+    responses=RESPONSES,
+    openapi_extra=fit_body(
+        LinearFitRequest,
+        LinearOptions,
+        {"seed-data": {"summary": "Noisy line y = x + 2", "value": LINEAR_EXAMPLE}},
+        binary_layout="shape (2, n): x then y",
+    ),
+)
+async def plot_linear(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
+    """The same body as `POST /v1/fits/linear`. Left: the data ('b.') and the fitted line
+    ('r'), as in the seed; right: the loss per epoch. The same request with the same seed draws
+    the same bytes."""
+    async with worker.admit():
+        parsed = await parse_request(request, worker, settings, parse_linear, parse_linear_binary)
+        job = linear_job(parsed)
+        result = await unless_disconnected(request, worker.fit(job, parsed.request.timeout_s))
+        x, y = parsed.arrays["x"], parsed.arrays["y"]
+        params, history = result.params, result.loss_history
+        png = await asyncio.to_thread(
+            linear_png, x, y, params["slope"], params["intercept"], history, result.history_every
+        )
+    return Response(png, media_type=PNG)
+
+
+@router.post(
+    "/gaussian",
+    response_class=Response,
+    summary="Fit a normal distribution, then plot data vs. fitted samples and the loss (PNG)",
+    responses=RESPONSES,
+    openapi_extra=fit_body(
+        GaussianFitRequest,
+        GaussianOptions,
+        {"seed-data": {"summary": "Samples of N(2, 1)", "value": GAUSSIAN_EXAMPLE}},
+        binary_layout="shape (n,): y",
+    ),
+)
+async def plot_gaussian(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
+    """The same body as `POST /v1/fits/gaussian`. Left: histograms of the data and of as many
+    samples from the fitted N(mean, std²) (drawn with `seed`, default 0), as in the seed's
+    "training data vs. generated data"; right: the loss per epoch."""
+    async with worker.admit():
+        parsed = await parse_request(
+            request, worker, settings, parse_gaussian, parse_gaussian_binary
+        )
+        job = gaussian_job(parsed)
+        result = await unless_disconnected(request, worker.fit(job, parsed.request.timeout_s))
+        y = parsed.arrays["y"]
+        mean, std = result.params["mean"], result.params["std"]
+
+        def draw() -> bytes:
+            samples = gaussian_samples(y.size, mean, std, parsed.request.seed or 0)
+            return gaussian_png(y, samples, mean, std, result.loss_history, result.history_every)
+
+        png = await asyncio.to_thread(draw)
+    return Response(png, media_type=PNG)

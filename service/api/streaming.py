@@ -1,0 +1,120 @@
+"""Server-sent events for single fits: progress while the loop runs, then the result.
+
+A fit asked for with ``Accept: text/event-stream`` answers 200 at once (after validation and
+admission, which still answer 4xx/429 as usual) and streams::
+
+    event: progress
+    data: {"epoch": 500, "loss": 0.0213}
+
+    event: result            (the same JSON as the non-streaming response)
+    data: {...}
+
+or, for a fit that cannot finish, ``event: error`` with the 422 body (``detail``, and for a
+divergence ``"stop_reason": "diverged"`` and ``epoch``). A client that disconnects stops the fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from service.api.errors import fit_error_body
+from service.api.requests import wait_for_disconnect
+from service.worker import FitError, FitResult, FitWorker, Job, Reporter
+
+EVENT_STREAM = "text/event-stream"
+#: Progress events per fit when the request does not set progress_every.
+DEFAULT_EVENTS = 100
+
+EXAMPLE = (
+    'event: progress\ndata: {"epoch": 10, "loss": 0.0912}\n\n'
+    'event: progress\ndata: {"epoch": 20, "loss": 0.0311}\n\n'
+    'event: result\ndata: {"model": "linear", "params": {...}, ...}\n\n'
+)
+
+
+def wants_stream(request: Request) -> bool:
+    return EVENT_STREAM in request.headers.get("accept", "").lower()
+
+
+def progress_step(epochs: int, progress_every: int | None) -> int:
+    return progress_every or max(1, -(-epochs // DEFAULT_EVENTS))
+
+
+def event(name: str, data: dict[str, Any] | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"event: {name}\ndata: {payload}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A streaming response that releases ``resources`` (the admission place) when it ends,
+    however it ends, even if the stream never started."""
+
+    def __init__(self, events: AsyncIterator[str], resources: AsyncExitStack) -> None:
+        super().__init__(
+            events,
+            media_type=EVENT_STREAM,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._resources = resources
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._resources.aclose()
+
+
+async def fit_events(
+    request: Request,
+    worker: FitWorker,
+    job: Job,
+    timeout_s: float | None,
+    every: int,
+    respond: Callable[[FitResult], BaseModel],
+) -> AsyncIterator[str]:
+    """Run the fit, yielding progress events as its chunks finish, then the result."""
+    loop = asyncio.get_running_loop()
+    progress: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+
+    def report(epoch: int, loss: float) -> None:  # in the fit's thread
+        loop.call_soon_threadsafe(progress.put_nowait, (epoch, loss))
+
+    fit = asyncio.ensure_future(worker.fit(job, timeout_s, Reporter(report, every)))
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        while True:
+            update = asyncio.ensure_future(progress.get())
+            await asyncio.wait({fit, gone, update}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                update.cancel()
+                return  # the finally block abandons the fit
+            if not update.done():
+                update.cancel()
+                break
+            yield _progress(*update.result())
+        while not progress.empty():
+            yield _progress(*progress.get_nowait())
+        try:
+            result = fit.result()
+        except FitError as error:
+            yield event("error", fit_error_body(error))
+            return
+        yield event("result", respond(result).model_dump_json())
+    finally:
+        gone.cancel()
+        if not fit.done():
+            fit.cancel()  # the worker sets the fit's cancel flag: it stops at its next chunk
+
+
+def _progress(epoch: int, loss: float) -> str:
+    return event("progress", {"epoch": epoch, "loss": loss if math.isfinite(loss) else None})

@@ -1,0 +1,95 @@
+"""The seed's figures as PNG bytes (matplotlib, Agg backend, no pyplot state).
+
+Each call builds its own ``Figure`` on an Agg canvas, so renders in different threads do
+not share state. Scatter plots show at most ``MAX_SCATTER`` points (evenly strided), so a
+million-point fit still renders in well under a second.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:  # matplotlib is imported on first render: it costs start-up time
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+Array = npt.NDArray[np.float64]
+MAX_SCATTER = 20_000
+#: Figure size in inches at ``DPI``: 1200 x 400 pixels.
+SIZE, DPI = (12.0, 4.0), 100
+
+
+def _figure() -> tuple[Figure, Axes, Axes]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    return figure, left, right
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    # No timestamps or version strings: the same fit draws the same bytes.
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _strided(*arrays: Array) -> tuple[Array, ...]:
+    step = max(1, -(-arrays[0].size // MAX_SCATTER))
+    return tuple(a[::step] for a in arrays)
+
+
+def _loss_curve(axes: Axes, history: Array, every: int, label: str) -> None:
+    epochs = np.arange(history.size) * every
+    axes.plot(epochs, history, "b-")
+    axes.set_xlabel("Epochs")
+    axes.set_ylabel(label)
+    axes.set_title("Training loss")
+    if history.size and history.min() > 0 and history.max() / history.min() > 100:
+        axes.set_yscale("log")
+
+
+def linear_png(
+    x: Array, y: Array, slope: float, intercept: float, history: Array, every: int
+) -> bytes:
+    """Left: the data ('b.') with the fitted line ('r'); right: the loss curve."""
+    figure, data_axes, loss_axes = _figure()
+    lo, hi = float(x.min()), float(x.max())
+    margin = 0.15 * (hi - lo)
+    grid = np.linspace(lo - margin, hi + margin, 50)
+    xs, ys = _strided(x, y)
+    data_axes.plot(xs, ys, "b.", label="data")
+    data_axes.plot(
+        grid, slope * grid + intercept, "r", label=f"y = {slope:.4g}·x + {intercept:.4g}"
+    )
+    data_axes.set_xlabel("x")
+    data_axes.set_ylabel("y")
+    data_axes.set_title("Data and fitted line")
+    data_axes.legend()
+    _loss_curve(loss_axes, history, every, "Cost function\n(Mean Squared Error)")
+    return _png(figure)
+
+
+def gaussian_png(
+    y: Array, samples: Array, mean: float, std: float, history: Array, every: int
+) -> bytes:
+    """Left: histograms of the data and of samples from the fitted N(mean, std²), as in the
+    seed's "training data vs. generated data"; right: the loss curve."""
+    figure, hist_axes, loss_axes = _figure()
+    bins = np.histogram_bin_edges(np.concatenate([y, samples]), bins=30).tolist()
+    hist_axes.hist(
+        samples, bins=bins, rwidth=0.9, alpha=0.5, label=f"N({mean:.4g}, {std:.4g}²) samples"
+    )
+    hist_axes.hist(y, bins=bins, rwidth=0.9, alpha=0.5, label="data")
+    hist_axes.set_xlabel("y")
+    hist_axes.set_ylabel("Count")
+    hist_axes.set_title("Training data vs. generated data after fitting")
+    hist_axes.legend()
+    _loss_curve(loss_axes, history, every, "Cost function\n(Negative Log-Likelihood)")
+    return _png(figure)
