@@ -32,8 +32,7 @@ LINEAR_ADAM_EXAMPLE: dict[str, Any] = {
     "optimizer": "adam",
     "learning_rate": 0.05,
     "epochs": 20000,
-    "tolerance": 1e-12,
-    "patience": 20,
+    "gradient_tolerance": 1e-8,
     "seed": 7,
 }
 GAUSSIAN_EXAMPLE: dict[str, Any] = {
@@ -505,6 +504,10 @@ class _Stats(BaseModel, Generic[ParamsT, ErrorsT]):
     n_used: int = Field(description="Points with positive weight (all points without weights).")
     dof: int = Field(description="Residual degrees of freedom: n_used - 2.")
     gradient_norm: float = Field(description="Euclidean norm of the loss gradient.")
+    newton_step: float | None = Field(
+        description="Length of the Newton step H⁻¹·gradient: how far the optimum still is "
+        "(exact for least squares); null away from a minimum."
+    )
     std_errors: ErrorsT = Field(
         description="Square roots of the covariance diagonal: from the Hessian of the loss "
         "(nested GradientTapes) scaled by the residual variance (linear), or the inverse "
@@ -558,8 +561,10 @@ class _FitResponse(BaseModel, Generic[ParamsT, StatsT]):
     )
     converged: bool = Field(
         False,
-        description='True when a stopping rule fired ("converged"), or the fit ended with a '
-        "gradient norm within gradient_tolerance (default 1e-6·max(|loss|, 1)).",
+        description="True when the returned parameters are at the optimum: the Newton step "
+        "(stats.newton_step) is within 1e-6 of max(1, |parameters|), or the gradient norm is "
+        "within gradient_tolerance. A `tolerance` stop alone does not make a fit converged: an "
+        "oscillating optimizer can stall far from the optimum.",
     )
     seed: int | None = Field(
         description="Seed of the random initial values (null when none were random)."

@@ -23,7 +23,7 @@ import tensorflow as tf
 from service.fitting.layers import GaussianFitLayer, LinearRegressionLayer
 from service.fitting.losses import mse_from_moments, nll_from_moments
 from service.fitting.options import (
-    DEFAULT_GRADIENT_TOLERANCE,
+    CONVERGED_RTOL,
     NO_STOPPING,
     OPTIMIZER_IDS,
     SGD,
@@ -446,6 +446,17 @@ class FitEngine:
         return _Run([float(v) for v in chunk.params], history, final_loss, done_total, stop)
 
 
+def is_converged(stats: FitStats, params: list[float], stopping: Stopping) -> bool:
+    """At the optimum: the Newton step to it is within CONVERGED_RTOL of the parameters, or
+    the gradient is within the caller's gradient_tolerance. (A loss-tolerance stop alone is
+    not enough: an oscillating optimizer can stall far from the optimum.)"""
+    tolerance = stopping.gradient_tolerance
+    if tolerance is not None and stats.gradient_norm <= tolerance:
+        return True
+    scale = max(1.0, math.hypot(*params))
+    return stats.newton_step is not None and stats.newton_step <= CONVERGED_RTOL * scale
+
+
 class _Run:
     """What the driver reached: parameters, full loss history, final loss, updates, why."""
 
@@ -475,12 +486,7 @@ def _result(
     history_every: int,
     seed: int | None,
 ) -> FitResult:
-    if stopping.gradient_tolerance is not None:
-        small_gradient = stats.gradient_norm <= stopping.gradient_tolerance
-    else:
-        small_gradient = stats.gradient_norm <= DEFAULT_GRADIENT_TOLERANCE * max(
-            1.0, abs(run.final_loss)
-        )
+    converged = is_converged(stats, run.params, stopping)
     return FitResult(
         model=model,
         params=dict(zip(names, run.params, strict=True)),
@@ -489,7 +495,7 @@ def _result(
         epochs_run=run.epochs_run,
         n=stats.n,
         stop_reason=run.stop,
-        converged=run.stop == "converged" or small_gradient,
+        converged=converged,
         history_every=history_every,
         stats=stats,
         seed=seed,

@@ -73,6 +73,6 @@ class Stopping:
 SGD = Optimizer()
 NO_STOPPING = Stopping()
 
-#: A fit counts as converged without a stopping rule when it ends with a gradient norm at
-#: most this (relative to max(|loss|, 1)).
-DEFAULT_GRADIENT_TOLERANCE = 1e-6
+#: A fit counts as converged when the Newton step to the optimum is at most this, relative
+#: to max(1, |parameters|).
+CONVERGED_RTOL = 1e-6

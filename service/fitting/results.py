@@ -27,6 +27,7 @@ class FitStats:
     dof: int
     loss: float
     gradient_norm: float
+    newton_step: float | None
     std_errors: tuple[float | None, float | None]
     covariance: tuple[tuple[float | None, float | None], tuple[float | None, float | None]]
     correlation: float | None

@@ -77,6 +77,16 @@ def _evaluate(curvature: Callable[..., Any], summary: Array, params: list[float]
     return values
 
 
+def _newton_step(hessian: Array, gradient: Array) -> float | None:
+    """‖H⁻¹·g‖: how far the optimum is, by Newton's method (exact for the quadratic MSE);
+    None where H is not positive definite (not near a minimum)."""
+    try:
+        np.linalg.cholesky(hessian)
+    except np.linalg.LinAlgError:
+        return None
+    return _finite(float(np.linalg.norm(np.linalg.solve(hessian, gradient))))
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -149,6 +159,7 @@ def linear_stats(
         dof=dof,
         loss=loss,
         gradient_norm=float(np.linalg.norm(gradient)),
+        newton_step=_newton_step(hessian, gradient) if np.all(np.isfinite(hessian)) else None,
         std_errors=std_errors,
         covariance=cov,
         correlation=correlation,
@@ -175,6 +186,7 @@ def gaussian_stats(
     mean, std = params[0], abs(params[1])
     per_weight = 0.5 * (LOG_2PI + math.log(vyy) + 1.0)  # mean NLL at the optimum
 
+    newton = _newton_step(hessian, gradient) if np.all(np.isfinite(hessian)) else None
     if params[1] < 0.0:  # report for |s|: flip the sign of the cross terms
         hessian = hessian * np.array([[1.0, -1.0], [-1.0, 1.0]])
     covariance = _covariance(hessian, scale / weights.total)
@@ -188,6 +200,7 @@ def gaussian_stats(
         dof=weights.count - K,
         loss=loss,
         gradient_norm=float(np.linalg.norm(gradient)),
+        newton_step=newton,
         std_errors=std_errors,
         covariance=cov,
         correlation=correlation,

@@ -123,9 +123,12 @@ async def test_divergence_is_a_clear_422(client: httpx.AsyncClient) -> None:
         LINEAR, json={"x": x.tolist(), "y": y.tolist(), "learning_rate": 100, "seed": 1}
     )
     assert r.status_code == 422
-    detail = r.json()["detail"]
+    body = r.json()
+    detail = body["detail"]
     assert isinstance(detail, str)
     assert "diverged at epoch" in detail and "lower learning_rate" in detail
+    assert body["stop_reason"] == "diverged"
+    assert f"diverged at epoch {body['epoch']}:" in detail
     _no_nan(r)
 
     r = await client.post(GAUSSIAN, json={"y": seed_gaussian_data(0).tolist(), "learning_rate": 50})
@@ -161,12 +164,31 @@ INVALID_LINEAR: list[tuple[str, Any, str]] = [
     ("bad initial", _replace(GOOD_LINEAR, initial={"slope": 1.0}), "initial"),
     ("x not a list", _replace(GOOD_LINEAR, x=3.0), "x"),
     ("missing y", {"x": [0.0, 1.0]}, "y"),
+    ("unknown optimizer", _replace(GOOD_LINEAR, optimizer="lbfgs"), "optimizer"),
+    ("momentum of 1", _replace(GOOD_LINEAR, optimizer="momentum", momentum=1.0), "momentum"),
+    ("negative beta_2", _replace(GOOD_LINEAR, beta_2=-0.1), "beta_2"),
+    ("zero epsilon", _replace(GOOD_LINEAR, epsilon=0), "epsilon"),
+    ("negative tolerance", _replace(GOOD_LINEAR, tolerance=-1e-9), "tolerance"),
+    ("zero patience", _replace(GOOD_LINEAR, patience=0), "patience"),
+    (
+        "NaN-ish gradient tolerance",
+        _replace(GOOD_LINEAR, gradient_tolerance="1e-9"),
+        "gradient_tolerance",
+    ),
+    ("zero history_every", _replace(GOOD_LINEAR, history_every=0), "history_every"),
+    ("zero progress_every", _replace(GOOD_LINEAR, progress_every=0), "progress_every"),
+    ("weights too short", _replace(GOOD_LINEAR, weights=[1.0, 1.0]), "weights"),
+    ("negative weight", _replace(GOOD_LINEAR, weights=[1.0, -1.0, 1.0]), "weights"),
+    ("one positive weight", _replace(GOOD_LINEAR, weights=[0.0, 0.0, 1.0]), "weights"),
+    ("string weight", _replace(GOOD_LINEAR, weights=[1.0, "1", 1.0]), "weights"),
 ]
 INVALID_GAUSSIAN: list[tuple[str, Any, str]] = [
     ("y all equal", _replace(GOOD_GAUSSIAN, y=[2.0, 2.0, 2.0]), "y"),
     ("zero initial std", _replace(GOOD_GAUSSIAN, initial={"mean": 0, "std": 0}), "initial"),
     ("unknown reduction", _replace(GOOD_GAUSSIAN, reduction="max"), "reduction"),
     ("x is not a gaussian field", _replace(GOOD_GAUSSIAN, x=[1.0, 2.0, 3.0]), "x"),
+    ("gaussian weights too long", _replace(GOOD_GAUSSIAN, weights=[1.0] * 4), "weights"),
+    ("adam beta_1 of 1", _replace(GOOD_GAUSSIAN, optimizer="adam", beta_1=1), "beta_1"),
 ]
 
 

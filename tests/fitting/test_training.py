@@ -132,8 +132,8 @@ def test_loss_tolerance_stops_early_and_says_so(engine: FitEngine) -> None:
         x, y, learning_rate=0.1, epochs=5000, seed=1, stopping=Stopping(tolerance=1e-9, patience=5)
     )
     assert full.stop_reason == "max_epochs"
+    assert full.converged
     assert result.stop_reason == "converged"
-    assert result.converged
     assert 10 < result.epochs_run < 5000
     assert len(result.loss_history) == result.epochs_run
     # The same trajectory, cut short where the rule holds: the last 5 losses evaluated (4 in
@@ -188,6 +188,26 @@ def test_converged_is_false_for_a_short_fit(engine: FitEngine) -> None:
     assert not result.converged
     long = engine.fit_linear(x, y, learning_rate=0.5, epochs=5000, seed=1)
     assert long.converged
+
+
+def test_a_loss_tolerance_stall_far_from_the_optimum_is_not_converged(engine: FitEngine) -> None:
+    """Adam with a large step oscillates; a short patience stops it mid-swing."""
+    x, y = seed_linear_data(0)
+    result = engine.fit_linear(
+        x,
+        y,
+        learning_rate=0.1,
+        epochs=5000,
+        seed=1,
+        optimizer=Optimizer("adam"),
+        stopping=Stopping(tolerance=1e-12, patience=20),
+    )
+    assert result.stop_reason == "converged"  # the rule fired...
+    assert not result.converged  # ...but the optimum is still far
+    assert result.stats is not None and result.stats.newton_step is not None
+    slope, intercept = linear_closed_form(x, y)
+    distance = np.hypot(result.params["slope"] - slope, result.params["intercept"] - intercept)
+    assert result.stats.newton_step == pytest.approx(distance, rel=1e-6)  # exact for the MSE
 
 
 def test_zero_weights_drop_their_points(engine: FitEngine) -> None:

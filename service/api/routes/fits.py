@@ -118,6 +118,7 @@ def _stats(stats: FitStats, final_loss: float) -> dict[str, Any]:
         "n_used": stats.n_used,
         "dof": stats.dof,
         "gradient_norm": stats.gradient_norm,
+        "newton_step": stats.newton_step,
         "std_errors": dict(zip(names, stats.std_errors, strict=True)),
         "covariance": [list(row) for row in stats.covariance],
         "correlation": [[1.0, correlation], [correlation, 1.0]]
