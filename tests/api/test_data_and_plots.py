@@ -1,0 +1,131 @@
+"""Synthetic data sets and PNG plots over HTTP."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.api.schemas import GAUSSIAN_EXAMPLE, LINEAR_EXAMPLE
+from tests.conftest import app_settings, running_app, seed_linear_data
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_linear_dataset_is_seeded_and_fits_back(client: httpx.AsyncClient) -> None:
+    request = {"n": 2000, "slope": -3.0, "intercept": 0.5, "noise_std": 0.2, "seed": 9}
+    first = await client.post("/v1/datasets/linear", json=request)
+    assert first.status_code == 200, first.text
+    again = await client.post("/v1/datasets/linear", json=request)
+    other = await client.post("/v1/datasets/linear", json={**request, "seed": 10})
+    data = first.json()
+    assert data == again.json()
+    assert data["y"] != other.json()["y"]
+    assert data["seed"] == 9
+    x, y = np.array(data["x"]), np.array(data["y"])
+    assert x.size == y.size == 2000
+    assert x.min() >= 0.0 and x.max() < 1.0
+    residual = y - (-3.0 * x + 0.5)
+    assert residual.std() == pytest.approx(0.2, rel=0.1)
+
+    # The two-click demo: post the data to the fit.
+    fit = await client.post(
+        "/v1/fits/linear", json={"x": data["x"], "y": data["y"], "learning_rate": 0.5}
+    )
+    body = fit.json()
+    se = body["stats"]["std_errors"]
+    assert abs(body["params"]["slope"] + 3.0) < 4 * se["slope"]
+    assert abs(body["params"]["intercept"] - 0.5) < 4 * se["intercept"]
+
+
+async def test_gaussian_dataset_without_a_seed_reports_one_that_replays(
+    client: httpx.AsyncClient,
+) -> None:
+    drawn = (await client.post("/v1/datasets/gaussian", json={"n": 5000})).json()
+    seed = drawn["seed"]
+    replayed = (await client.post("/v1/datasets/gaussian", json={"n": 5000, "seed": seed})).json()
+    assert replayed == drawn
+    y = np.array(drawn["y"])
+    assert y.mean() == pytest.approx(2.0, abs=0.1)  # the seed's N(2, 1)
+    assert y.std() == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "field"),
+    [
+        ("/v1/datasets/linear", {"n": 1}, "n"),
+        ("/v1/datasets/linear", {"n": 10, "noise_std": -1.0}, "noise_std"),
+        ("/v1/datasets/linear", {"n": "10"}, "n"),
+        ("/v1/datasets/gaussian", {"n": 10, "std": 0}, "std"),
+        ("/v1/datasets/gaussian", {"n": 10, "extra": 1}, "extra"),
+        ("/v1/datasets/gaussian", {}, "n"),
+    ],
+)
+async def test_invalid_dataset_requests_name_the_field(
+    client: httpx.AsyncClient, path: str, payload: dict[str, object], field: str
+) -> None:
+    r = await client.post(path, json=payload)
+    assert r.status_code == 422, r.text
+    assert any(field in error["loc"] for error in r.json()["detail"])
+
+
+async def test_dataset_size_is_capped_by_a_setting() -> None:
+    async with running_app(app_settings(max_dataset_points=50)) as c:
+        r = await c.post("/v1/datasets/gaussian", json={"n": 51})
+        assert r.status_code == 422
+        assert "TAPEFIT_MAX_DATASET_POINTS" in r.json()["detail"][0]["msg"]
+
+
+def _png(response: httpx.Response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    image.load()
+    return image
+
+
+async def test_plots_are_pngs_of_the_seed_figures(client: httpx.AsyncClient) -> None:
+    linear = _png(await client.post("/v1/plots/linear", json=LINEAR_EXAMPLE))
+    assert linear.format == "PNG"
+    assert linear.size == (1200, 400)
+    pixels = np.asarray(linear.convert("RGB"), dtype=np.int32)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 80) & (pixels[..., 1] < 80)
+    assert red[:, :600].sum() > 200  # the fitted line, on the left panel
+    assert blue[:, :600].sum() > 100  # the data points
+    assert blue[:, 600:].sum() > 200  # the loss curve, on the right panel
+
+    gaussian = _png(await client.post("/v1/plots/gaussian", json=GAUSSIAN_EXAMPLE))
+    assert gaussian.size == (1200, 400)
+
+
+async def test_plots_are_deterministic_for_a_seed(client: httpx.AsyncClient) -> None:
+    body = {**GAUSSIAN_EXAMPLE, "seed": 3}
+    first = await client.post("/v1/plots/gaussian", json=body)
+    second = await client.post("/v1/plots/gaussian", json=body)
+    other = await client.post("/v1/plots/gaussian", json={**body, "seed": 4})
+    assert first.content == second.content
+    assert first.content != other.content  # other samples from the fitted distribution
+
+
+async def test_plots_take_binary_bodies_and_validate_like_fits(client: httpx.AsyncClient) -> None:
+    x, y = seed_linear_data(0, n=50_000)
+    raw = np.concatenate([x, y]).astype("<f8").tobytes()
+    r = await client.post(
+        "/v1/plots/linear",
+        content=raw,
+        headers={"content-type": "application/octet-stream"},
+        params={"epochs": 200, "learning_rate": 0.5, "seed": 1},
+    )
+    assert _png(r).size == (1200, 400)
+    bad = await client.post("/v1/plots/linear", json={"x": [1.0, 1.0], "y": [1.0, 2.0]})
+    assert bad.status_code == 422
+    assert any("x" in error["loc"] for error in bad.json()["detail"])
+    diverged = await client.post(
+        "/v1/plots/gaussian", json={**GAUSSIAN_EXAMPLE, "learning_rate": 50}
+    )
+    assert diverged.status_code == 422
+    assert diverged.json()["stop_reason"] == "diverged"
