@@ -300,7 +300,14 @@ class FitEngine:
             _check(summary, 3, "x")
             first = _Chunk(values[6:])
         run = self._continue(
-            self._linear_chunk, summary, first, controls, epochs, should_stop, on_progress
+            self._linear_chunk,
+            summary,
+            first,
+            controls,
+            epochs,
+            should_stop,
+            on_progress,
+            progress_every,
         )
         stats = linear_stats(self._linear_curvature, summary, _extras(ws, xs.size), run.params)
         return _result("linear", ("slope", "intercept"), run, stats, stopping, history_every, seed)
@@ -355,7 +362,14 @@ class FitEngine:
             first = _Chunk(values[4:])
             _check(summary, 2, "y", first.params)
         run = self._continue(
-            self._gaussian_chunk, summary, first, controls, epochs, should_stop, on_progress
+            self._gaussian_chunk,
+            summary,
+            first,
+            controls,
+            epochs,
+            should_stop,
+            on_progress,
+            progress_every,
         )
         stats = gaussian_stats(self._gaussian_curvature, summary, _extras(ws, ys.size), run.params)
         run.params[1] = abs(run.params[1])
@@ -407,11 +421,14 @@ class FitEngine:
         epochs: int,
         should_stop: StopCheck | None,
         on_progress: Progress | None = None,
+        progress_every: int | None = None,
     ) -> _Run:
-        """Check each chunk's outcome and run further chunks until ``epochs`` or a stop;
-        every chunk has the first chunk's length (``controls[1]``)."""
+        """Check each chunk's outcome and run further chunks until ``epochs`` or a stop.
+        Chunks are at most the first chunk's length (``controls[1]``) and end on multiples of
+        ``progress_every``, where progress is reported (and at the end)."""
         learning_rate = float(controls[0])
         per_call = int(controls[1])
+        every = progress_every or epochs
         chunk = first
         pieces: list[npt.NDArray[np.float64]] = []
         stop: StopReason = "max_epochs"
@@ -422,20 +439,19 @@ class FitEngine:
                 raise FitDiverged(epoch=done_total + chunk.done, learning_rate=learning_rate)
             pieces.append(chunk.history)
             done_total += chunk.done
-            if on_progress is not None:
-                on_progress(done_total, chunk.final)
             if chunk.status == CONVERGED:
                 stop = "converged"
-                break
-            if done_total >= epochs:
-                break
-            if should_stop is not None and (reason := should_stop()) is not None:
-                stop = reason
+            ending = stop == "converged" or done_total >= epochs
+            if not ending and should_stop is not None and (reason := should_stop()) is not None:
+                stop, ending = reason, True
+            if on_progress is not None and (ending or done_total % every == 0):
+                on_progress(done_total, chunk.final)
+            if ending:
                 break
             if summary_t is None:
                 summary_t = _vector(summary)
             controls = controls.copy()
-            controls[1] = min(per_call, epochs - done_total)
+            controls[1] = min(per_call, epochs - done_total, every - done_total % every)
             chunk = _Chunk(chunk_fn(summary_t, _vector(chunk.state), _vector(controls)).numpy())
         final_loss = chunk.final
         if not math.isfinite(final_loss):

@@ -285,3 +285,24 @@ def test_trace_counts_stay_at_one_across_options(engine: FitEngine) -> None:
         )
         engine.fit_gaussian(y, learning_rate=0.01, epochs=20, optimizer=Optimizer(name))
     assert engine.trace_counts() == before
+
+
+def test_progress_is_reported_on_multiples_of_progress_every() -> None:
+    """Chunks of 7 epochs still report at 10, 20, ... and at the end, with unchanged results."""
+    x, y = seed_linear_data(0)
+    engine = FitEngine(epochs_per_call=7)
+    seen: list[tuple[int, float]] = []
+    reported = engine.fit_linear(
+        x,
+        y,
+        learning_rate=0.1,
+        epochs=95,
+        seed=1,
+        on_progress=lambda epoch, loss: seen.append((epoch, loss)),
+        progress_every=10,
+    )
+    plain = engine.fit_linear(x, y, learning_rate=0.1, epochs=95, seed=1)
+    assert [epoch for epoch, _ in seen] == [*range(10, 100, 10), 95]
+    np.testing.assert_array_equal(reported.loss_history, plain.loss_history)
+    assert [loss for _, loss in seen[:-1]] == list(plain.loss_history[10::10])
+    assert seen[-1][1] == plain.final_loss

@@ -1,0 +1,503 @@
+"""A typed Python client for tapefit, sync (:class:`Client`) and async (:class:`AsyncClient`).
+
+::
+
+    from service.client import Client
+
+    with Client("http://localhost:8000") as tapefit:
+        data = tapefit.linear_dataset(n=100, seed=1)
+        fit = tapefit.fit_linear(data.x, data.y, optimizer="adam", learning_rate=0.05)
+        print(fit.params.slope, fit.stats.std_errors.slope, fit.converged)
+
+Every method returns the server's response model (pydantic, the same classes the server
+validates against) or raises a :class:`TapefitError` subclass carrying the server's detail.
+A 429 (busy) or 503 (warming up, draining) answer is retried after its ``Retry-After``
+seconds, up to ``max_retries`` times. Options are checked here first (a typo fails at once,
+without a round trip). numpy arrays go over the wire as ``.npy`` (no JSON encoding) unless
+the call carries weights or ``binary=False``.
+
+Only pydantic, httpx and numpy are imported: no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel
+
+from service.api.schemas import (
+    Dataset,
+    GaussianBatchResponse,
+    GaussianFitResponse,
+    GaussianOptions,
+    LinearBatchResponse,
+    LinearFitResponse,
+    LinearOptions,
+)
+
+Values = Sequence[float] | npt.NDArray[Any]
+ResponseT = TypeVar("ResponseT", bound=BaseModel)
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "FitFailed",
+    "Overloaded",
+    "Progress",
+    "ServerError",
+    "TapefitError",
+    "Unavailable",
+    "ValidationFailed",
+]
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class TapefitError(Exception):
+    """An error answer from the server: ``status`` and its ``detail``."""
+
+    def __init__(self, status: int, detail: Any, body: Any = None) -> None:
+        self.status = status
+        self.detail = detail
+        self.body = body
+        super().__init__(f"{status}: {detail}")
+
+
+class ValidationFailed(TapefitError):
+    """422 with FastAPI's list of errors, each naming its field in ``loc``."""
+
+    @property
+    def fields(self) -> list[str]:
+        return [
+            str(error["loc"][1])
+            for error in self.detail
+            if isinstance(error, dict) and len(error.get("loc", ())) > 1
+        ]
+
+
+class FitFailed(TapefitError):
+    """422 for a fit that cannot finish: it diverged (``stop_reason == "diverged"`` and the
+    ``epoch``) or the data are degenerate."""
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.body.get("stop_reason") if isinstance(self.body, dict) else None
+
+    @property
+    def epoch(self) -> int | None:
+        return self.body.get("epoch") if isinstance(self.body, dict) else None
+
+
+class Overloaded(TapefitError):
+    """429: every fit slot is taken (raised once the retries are spent)."""
+
+    def __init__(self, status: int, detail: Any, body: Any, retry_after: float) -> None:
+        super().__init__(status, detail, body)
+        self.retry_after = retry_after
+
+
+class Unavailable(Overloaded):
+    """503: the service is warming up or shutting down."""
+
+
+class ServerError(TapefitError):
+    """Any other error status."""
+
+
+# -- the wire format, shared by both clients --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    json: Any = None
+    content: bytes | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        return http.build_request(
+            self.method,
+            self.path,
+            json=self.json,
+            content=self.content,
+            params=self.params or None,
+            headers=self.headers or None,
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event of a streamed fit: the loss after ``epoch`` updates."""
+
+    epoch: int
+    loss: float | None
+
+
+def _list(values: Values) -> list[float]:
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+
+
+def _npy(rows: list[Values]) -> bytes:
+    array = np.asarray(rows[0] if len(rows) == 1 else np.stack(rows), dtype=np.float64)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _fit_call(
+    path: str,
+    options_model: type[LinearOptions] | type[GaussianOptions],
+    arrays: dict[str, Values],
+    options: dict[str, Any],
+    binary: bool,
+    accept: str | None = None,
+) -> _Call:
+    """A fit-shaped request (fits and plots). numpy data without weights go as .npy."""
+    weights = options.pop("weights", None)
+    checked = options_model.model_validate(options).model_dump(mode="json", exclude_unset=True)
+    headers = {"accept": accept} if accept else {}
+    as_npy = binary and weights is None and all(isinstance(v, np.ndarray) for v in arrays.values())
+    if as_npy:
+        params = {name: json.dumps(value) for name, value in checked.items()}
+        headers["content-type"] = "application/x-npy"
+        return _Call(
+            "POST", path, content=_npy(list(arrays.values())), params=params, headers=headers
+        )
+    body: dict[str, Any] = {name: _list(values) for name, values in arrays.items()}
+    if weights is not None:
+        body["weights"] = _list(weights)
+    return _Call("POST", path, json={**body, **checked}, headers=headers)
+
+
+def _batch_call(
+    model: str, datasets: Sequence[Mapping[str, Any]], options: dict[str, Any]
+) -> _Call:
+    sets = [
+        {name: (_list(value) if name in ("x", "y") else value) for name, value in dataset.items()}
+        for dataset in datasets
+    ]
+    return _Call("POST", f"/v1/fits/{model}/batch", json={"datasets": sets, **options})
+
+
+def _dataset_call(model: str, options: dict[str, Any]) -> _Call:
+    return _Call("POST", f"/v1/datasets/{model}", json=options)
+
+
+def _error(response: httpx.Response) -> TapefitError:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    status = response.status_code
+    if status in (429, 503):
+        retry_after = float(response.headers.get("retry-after", "1"))
+        kind = Overloaded if status == 429 else Unavailable
+        return kind(status, detail, body, retry_after)
+    if status == 422:
+        return (ValidationFailed if isinstance(detail, list) else FitFailed)(status, detail, body)
+    return ServerError(status, detail, body)
+
+
+class _Events:
+    """Server-sent events, line by line."""
+
+    def __init__(self) -> None:
+        self.name = "message"
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        if not line:
+            if not self.data:
+                return None
+            event = (self.name, "\n".join(self.data))
+            self.name, self.data = "message", []
+            return event
+        key, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if key == "event":
+            self.name = value
+        elif key == "data":
+            self.data.append(value)
+        return None
+
+
+def _event(name: str, data: str, model: type[ResponseT]) -> Progress | ResponseT:
+    if name == "progress":
+        payload = json.loads(data)
+        return Progress(epoch=int(payload["epoch"]), loss=payload["loss"])
+    if name == "result":
+        return model.model_validate_json(data)
+    body = json.loads(data)
+    raise FitFailed(422, body.get("detail"), body)
+
+
+class _Policy:
+    def __init__(self, timeout: float, max_retries: int, max_retry_wait: float) -> None:
+        self.timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self.max_retries = max_retries
+        self.max_retry_wait = max_retry_wait
+
+    def wait(self, error: TapefitError, attempt: int) -> float | None:
+        """Seconds to wait before retrying, or None to give up."""
+        if not isinstance(error, Overloaded) or attempt >= self.max_retries:
+            return None
+        return min(error.retry_after, self.max_retry_wait)
+
+
+# -- the clients ---------------------------------------------------------------------------------
+
+
+class Client:
+    """Blocking client. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        *,
+        timeout: float = 120.0,
+        max_retries: int = 3,
+        max_retry_wait: float = 30.0,
+        binary: bool = True,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._policy = _Policy(timeout, max_retries, max_retry_wait)
+        self._binary = binary
+        self._http = httpx.Client(
+            base_url=base_url, timeout=self._policy.timeout, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # fits
+    def fit_linear(self, x: Values, y: Values, **options: Any) -> LinearFitResponse:
+        call = _fit_call("/v1/fits/linear", LinearOptions, {"x": x, "y": y}, options, self._binary)
+        return self._model(call, LinearFitResponse)
+
+    def fit_gaussian(self, y: Values, **options: Any) -> GaussianFitResponse:
+        call = _fit_call("/v1/fits/gaussian", GaussianOptions, {"y": y}, options, self._binary)
+        return self._model(call, GaussianFitResponse)
+
+    def fit_linear_batch(
+        self, datasets: Sequence[Mapping[str, Any]], **options: Any
+    ) -> LinearBatchResponse:
+        return self._model(_batch_call("linear", datasets, options), LinearBatchResponse)
+
+    def fit_gaussian_batch(
+        self, datasets: Sequence[Mapping[str, Any]], **options: Any
+    ) -> GaussianBatchResponse:
+        return self._model(_batch_call("gaussian", datasets, options), GaussianBatchResponse)
+
+    # progress
+    def stream_linear(
+        self, x: Values, y: Values, **options: Any
+    ) -> Iterator[Progress | LinearFitResponse]:
+        call = _fit_call(
+            "/v1/fits/linear", LinearOptions, {"x": x, "y": y}, options, self._binary, STREAM
+        )
+        return self._stream(call, LinearFitResponse)
+
+    def stream_gaussian(
+        self, y: Values, **options: Any
+    ) -> Iterator[Progress | GaussianFitResponse]:
+        call = _fit_call(
+            "/v1/fits/gaussian", GaussianOptions, {"y": y}, options, self._binary, STREAM
+        )
+        return self._stream(call, GaussianFitResponse)
+
+    # plots (PNG bytes)
+    def plot_linear(self, x: Values, y: Values, **options: Any) -> bytes:
+        call = _fit_call("/v1/plots/linear", LinearOptions, {"x": x, "y": y}, options, self._binary)
+        return self._send(call).content
+
+    def plot_gaussian(self, y: Values, **options: Any) -> bytes:
+        call = _fit_call("/v1/plots/gaussian", GaussianOptions, {"y": y}, options, self._binary)
+        return self._send(call).content
+
+    # synthetic data
+    def linear_dataset(self, n: int, **options: Any) -> Dataset:
+        return self._model(_dataset_call("linear", {"n": n, **options}), Dataset)
+
+    def gaussian_dataset(self, n: int, **options: Any) -> Dataset:
+        return self._model(_dataset_call("gaussian", {"n": n, **options}), Dataset)
+
+    def ready(self) -> bool:
+        return self._http.get("/readyz").status_code == 200
+
+    # transport
+    def _model(self, call: _Call, model: type[ResponseT]) -> ResponseT:
+        return model.model_validate_json(self._send(call).content)
+
+    def _send(self, call: _Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            response = self._http.send(call.request(self._http))
+            if response.is_success:
+                return response
+            error = _error(response)
+            wait = self._policy.wait(error, attempt)
+            if wait is None:
+                raise error
+            time.sleep(wait)
+            attempt += 1
+
+    def _stream(self, call: _Call, model: type[ResponseT]) -> Iterator[Progress | ResponseT]:
+        attempt = 0
+        while True:
+            response = self._http.send(call.request(self._http), stream=True)
+            try:
+                if response.is_success:
+                    events = _Events()
+                    for line in response.iter_lines():
+                        if (parsed := events.feed(line)) is not None:
+                            yield _event(*parsed, model)
+                    return
+                response.read()
+                error = _error(response)
+            finally:
+                response.close()
+            wait = self._policy.wait(error, attempt)
+            if wait is None:
+                raise error
+            time.sleep(wait)
+            attempt += 1
+
+
+class AsyncClient:
+    """The same methods as :class:`Client`, as coroutines (streams as async iterators)."""
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        *,
+        timeout: float = 120.0,
+        max_retries: int = 3,
+        max_retry_wait: float = 30.0,
+        binary: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._policy = _Policy(timeout, max_retries, max_retry_wait)
+        self._binary = binary
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=self._policy.timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def fit_linear(self, x: Values, y: Values, **options: Any) -> LinearFitResponse:
+        call = _fit_call("/v1/fits/linear", LinearOptions, {"x": x, "y": y}, options, self._binary)
+        return await self._model(call, LinearFitResponse)
+
+    async def fit_gaussian(self, y: Values, **options: Any) -> GaussianFitResponse:
+        call = _fit_call("/v1/fits/gaussian", GaussianOptions, {"y": y}, options, self._binary)
+        return await self._model(call, GaussianFitResponse)
+
+    async def fit_linear_batch(
+        self, datasets: Sequence[Mapping[str, Any]], **options: Any
+    ) -> LinearBatchResponse:
+        return await self._model(_batch_call("linear", datasets, options), LinearBatchResponse)
+
+    async def fit_gaussian_batch(
+        self, datasets: Sequence[Mapping[str, Any]], **options: Any
+    ) -> GaussianBatchResponse:
+        return await self._model(_batch_call("gaussian", datasets, options), GaussianBatchResponse)
+
+    def stream_linear(
+        self, x: Values, y: Values, **options: Any
+    ) -> AsyncIterator[Progress | LinearFitResponse]:
+        call = _fit_call(
+            "/v1/fits/linear", LinearOptions, {"x": x, "y": y}, options, self._binary, STREAM
+        )
+        return self._stream(call, LinearFitResponse)
+
+    def stream_gaussian(
+        self, y: Values, **options: Any
+    ) -> AsyncIterator[Progress | GaussianFitResponse]:
+        call = _fit_call(
+            "/v1/fits/gaussian", GaussianOptions, {"y": y}, options, self._binary, STREAM
+        )
+        return self._stream(call, GaussianFitResponse)
+
+    async def plot_linear(self, x: Values, y: Values, **options: Any) -> bytes:
+        call = _fit_call("/v1/plots/linear", LinearOptions, {"x": x, "y": y}, options, self._binary)
+        return (await self._send(call)).content
+
+    async def plot_gaussian(self, y: Values, **options: Any) -> bytes:
+        call = _fit_call("/v1/plots/gaussian", GaussianOptions, {"y": y}, options, self._binary)
+        return (await self._send(call)).content
+
+    async def linear_dataset(self, n: int, **options: Any) -> Dataset:
+        return await self._model(_dataset_call("linear", {"n": n, **options}), Dataset)
+
+    async def gaussian_dataset(self, n: int, **options: Any) -> Dataset:
+        return await self._model(_dataset_call("gaussian", {"n": n, **options}), Dataset)
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/readyz")).status_code == 200
+
+    async def _model(self, call: _Call, model: type[ResponseT]) -> ResponseT:
+        return model.model_validate_json((await self._send(call)).content)
+
+    async def _send(self, call: _Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            response = await self._http.send(call.request(self._http))
+            if response.is_success:
+                return response
+            error = _error(response)
+            wait = self._policy.wait(error, attempt)
+            if wait is None:
+                raise error
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def _stream(
+        self, call: _Call, model: type[ResponseT]
+    ) -> AsyncIterator[Progress | ResponseT]:
+        attempt = 0
+        while True:
+            response = await self._http.send(call.request(self._http), stream=True)
+            try:
+                if response.is_success:
+                    events = _Events()
+                    async for line in response.aiter_lines():
+                        if (parsed := events.feed(line)) is not None:
+                            yield _event(*parsed, model)
+                    return
+                await response.aread()
+                error = _error(response)
+            finally:
+                await response.aclose()
+            wait = self._policy.wait(error, attempt)
+            if wait is None:
+                raise error
+            await asyncio.sleep(wait)
+            attempt += 1
+
+
+STREAM = "text/event-stream"
