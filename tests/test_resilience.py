@@ -131,6 +131,26 @@ async def test_client_that_disconnects_does_not_leave_its_fit_running() -> None:
         assert server.stop(), server.log()
 
 
+async def test_closing_a_progress_stream_stops_its_fit() -> None:
+    with serve(**SLOW, TAPEFIT_FIT_TIMEOUT_S="60") as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            body = {"y": seed_gaussian_data(0).tolist(), "epochs": 100_000, "progress_every": 50}
+            headers = {"accept": "text/event-stream"}
+            async with client.stream("POST", GAUSSIAN, json=body, headers=headers) as stream:
+                assert stream.status_code == 200
+                lines = stream.aiter_lines()
+                assert await anext(lines) == "event: progress"
+                assert (await anext(lines)).startswith('data: {"epoch":50,')
+            # The stream is closed after the first event, long before 100,000 epochs.
+            await wait_for_metric(
+                client, "tapefit_fits_total", 1.0, model="gaussian", outcome="cancelled"
+            )
+            text = (await client.get("/metrics")).text
+            assert metric(text, "tapefit_fits_running") == 0.0
+            assert metric(text, "tapefit_fits_in_flight") == 0.0
+        assert server.stop(), server.log()
+
+
 async def test_sigterm_drains_then_stops() -> None:
     env = {**SLOW, "TAPEFIT_FIT_TIMEOUT_S": "3", "TAPEFIT_SHUTDOWN_DRAIN_S": "2"}
     with serve(**env) as server:
