@@ -28,6 +28,7 @@ ENV PATH=/opt/tapefit/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
     KERAS_HOME=/tmp/.keras \
+    MPLCONFIGDIR=/tmp/matplotlib \
     TAPEFIT_HOST=0.0.0.0 \
     TAPEFIT_PORT=8000
 USER 10001:10001

@@ -133,6 +133,15 @@ with urllib.request.urlopen(request, timeout=30) as r:
     fit = json.loads(r.read())
 print("POST /v1/fits/linear ->", r.status, fit["params"], "final_loss", fit["final_loss"])
 assert abs(fit["params"]["slope"] - 0.976) < 1e-3 and abs(fit["params"]["intercept"] - 2.016) < 1e-3
+# matplotlib in a read-only container: its cache goes to MPLCONFIGDIR on the /tmp tmpfs.
+request = urllib.request.Request(
+    base + "/v1/plots/linear", data=json.dumps(payload).encode(),
+    headers={"content-type": "application/json"}, method="POST",
+)
+with urllib.request.urlopen(request, timeout=60) as r:
+    png = r.read()
+print("POST /v1/plots/linear ->", r.status, r.headers["content-type"], len(png), "bytes")
+assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 PY
 
 say "the image's own HEALTHCHECK (Python, no curl)"
@@ -148,4 +157,4 @@ if [ "$code" = 137 ] || ! grep -q "Application shutdown complete" <<<"$logs"; th
     exit 1
 fi
 echo "container exited with code $code after a graceful shutdown"
-say "deploy-check passed: static checks, image built, run, probed, fitted and stopped"
+say "deploy-check passed: static checks, image built, run, probed, fitted, plotted and stopped"
