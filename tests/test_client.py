@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -151,3 +155,26 @@ async def test_async_client(server: Server) -> None:
         assert Image.open(io.BytesIO(png)).format == "PNG"
         with pytest.raises(ValidationFailed):
             await tapefit.linear_dataset(1)
+
+
+def _readme_block(after: str, language: str) -> str:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index(f"```{language}\n", readme.index(after)) + len(language) + 4
+    return readme[start : readme.index("```", start)]
+
+
+def test_readme_quickstart_prints_what_the_readme_shows(server: Server, tmp_path: Path) -> None:
+    code = _readme_block("### Python client", "python")
+    expected = _readme_block("### Python client", "text")
+    run = subprocess.run(
+        [sys.executable, "-c", code.replace("http://localhost:8000", server.url)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected
+    with Image.open(tmp_path / "fit.png") as image:
+        assert image.size == (1200, 400)
