@@ -212,7 +212,7 @@ def shared_engine(epochs_per_call: int) -> FitEngine:
     """One engine per process and chunk size: it is stateless and thread-safe. Returned warm
     for small data (enough for readiness); see :meth:`FitWorker.start` for the rest."""
     engine = FitEngine(epochs_per_call=epochs_per_call)
-    engine.warm_up(large=False)
+    engine.warm_up(large=False, variants=False)
     return engine
 
 

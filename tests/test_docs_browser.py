@@ -18,7 +18,7 @@ import pytest
 from tests.server import Server, serve
 
 if TYPE_CHECKING:
-    from playwright.sync_api import BrowserContext
+    from playwright.sync_api import BrowserContext, Locator, Page
 
 pytestmark = pytest.mark.slow
 
@@ -126,4 +126,34 @@ def test_redoc_renders_offline(server: Server, browser: BrowserContext) -> None:
             url,
             failure,
         )
+    page.close()
+
+
+def _execute(page: Page, block_id: str) -> Locator:
+    block = page.locator(block_id)
+    block.locator(".opblock-summary").click()
+    block.get_by_role("button", name="Try it out").click()
+    block.get_by_role("button", name="Execute").click()
+    live = block.locator(".live-responses-table")
+    status = live.locator("tr.response td.response-col_status").first
+    status.wait_for(timeout=30_000)
+    assert status.inner_text().strip().startswith("200")
+    return live
+
+
+def test_try_it_out_makes_data_and_draws_a_plot(server: Server, browser: BrowserContext) -> None:
+    page = browser.new_page()
+    page.goto(f"{server.url}/docs", wait_until="networkidle")
+
+    live = _execute(page, "#operations-datasets-linear_dataset_v1_datasets_linear_post")
+    data = json.loads(live.locator("tr.response .highlight-code pre").first.inner_text())
+    assert len(data["x"]) == len(data["y"]) == 100
+
+    live = _execute(page, "#operations-plots-plot_linear_v1_plots_linear_post")
+    image = live.locator("tr.response img").first
+    image.wait_for(timeout=30_000)
+    size = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [1200, 400]  # Swagger UI decoded the PNG
+    ARTIFACTS.mkdir(exist_ok=True)
+    live.screenshot(path=str(ARTIFACTS / "docs-plot-linear-response.png"))
     page.close()

@@ -28,6 +28,7 @@ from service.fitting.options import (
     OPTIMIZER_IDS,
     SGD,
     Optimizer,
+    OptimizerName,
     Stopping,
 )
 from service.fitting.results import (
@@ -38,7 +39,13 @@ from service.fitting.results import (
     ModelName,
     StopReason,
 )
-from service.fitting.stats import WeightSummary, compile_curvature, gaussian_stats, linear_stats
+from service.fitting.stats import (
+    CURVATURE_SIZE,
+    WeightSummary,
+    curvature,
+    gaussian_stats,
+    linear_stats,
+)
 from service.fitting.summary import (
     gaussian_moments,
     gaussian_moments_numpy,
@@ -70,18 +77,26 @@ STATE_SIZE = 9
 CONTROLS_SIZE = 9
 #: How a chunk ended.
 RUNNING, CONVERGED, NON_FINITE = 0, 1, 2
-_HEAD = STATE_SIZE + 3
+_HEAD = STATE_SIZE + 2 + CURVATURE_SIZE
 
 
-def _compile_chunk(loss_fn: LossFn, summary_size: int, chunk: int) -> Any:
+def _compile_chunk(
+    loss_fn: LossFn,
+    summary_size: int,
+    chunk: int,
+    optimizer: OptimizerName = "sgd",
+    stopping: bool = False,
+) -> Any:
     """An XLA-compiled loop of up to ``chunk`` epochs of the seed's GradientTape step on
-    ``loss_fn``, with the update rule and the stopping rules chosen by ``controls``.
+    ``loss_fn`` with one update rule, and with or without the stopping rules.
 
-    Returns one packed vector (one device-to-host copy): [state (9), epochs_done, status,
-    final_loss, history (chunk)]. Each epoch evaluates the loss and its gradient at the current
-    parameters, stops there if a stopping rule holds (no update), and otherwise updates. The
-    loop also stops when the loss or the update is non-finite; the state is then the one
-    before the failing update.
+    Each variant holds only its own ops (an epoch of plain gradient descent stays a handful of
+    fused ops); the numbers they use (learning rate, betas, tolerances) come in ``controls``,
+    so one compilation per variant serves every request. Returns one packed vector (one
+    device-to-host copy): [state (9), epochs_done, status, final_loss, history (chunk)]. Each
+    epoch evaluates the loss and its gradient at the current parameters, stops there if a
+    stopping rule holds (no update), and otherwise updates. The loop also stops when the loss
+    or the update is non-finite; the state is then the one before the failing update.
     """
 
     @tf.function(
@@ -93,11 +108,10 @@ def _compile_chunk(loss_fn: LossFn, summary_size: int, chunk: int) -> Any:
         ],
     )
     def run(summary: Any, state: Any, controls: Any) -> Any:
-        learning_rate, steps, optimizer = controls[0], tf.cast(controls[1], tf.int32), controls[2]
+        learning_rate, steps = controls[0], tf.cast(controls[1], tf.int32)
         beta_1, beta_2, epsilon = controls[3], controls[4], controls[5]
         tolerance, patience, gradient_tolerance = controls[6], controls[7], controls[8]
         history = tf.TensorArray(tf.float64, size=chunk, element_shape=[])
-        one = tf.constant(1.0, tf.float64)
 
         def epoch(i: Any, s: Any, history: Any, status: Any) -> Any:
             p = s[0:2]
@@ -105,32 +119,34 @@ def _compile_chunk(loss_fn: LossFn, summary_size: int, chunk: int) -> Any:
                 tape.watch(p)
                 loss = loss_fn(p, summary)
             g = tape.gradient(loss, p)
+            slots, step, best, stall = s[2:6], s[6], s[7], s[8]
 
-            improved = (s[7] - loss) > tolerance * tf.maximum(tf.abs(loss), one)
-            stall = tf.where(improved, tf.zeros_like(loss), s[8] + 1.0)
-            converged = tf.math.is_finite(loss) & (
-                ((tolerance >= 0.0) & (stall >= patience))
-                | ((gradient_tolerance >= 0.0) & (tf.norm(g) <= gradient_tolerance))
-            )
+            converged = tf.constant(False)
+            if stopping:
+                scale = tf.maximum(tf.abs(loss), tf.constant(1.0, tf.float64))
+                stall = tf.where((best - loss) > tolerance * scale, 0.0 * stall, stall + 1.0)
+                best = tf.minimum(best, loss)
+                converged = tf.math.is_finite(loss) & (
+                    ((tolerance >= 0.0) & (stall >= patience))
+                    | ((gradient_tolerance >= 0.0) & (tf.norm(g) <= gradient_tolerance))
+                )
 
-            step = s[6] + 1.0
-            velocity = beta_1 * s[2:4] - learning_rate * g
-            first = s[2:4] + (g - s[2:4]) * (1.0 - beta_1)
-            second = s[4:6] + (g * g - s[4:6]) * (1.0 - beta_2)
-            alpha = learning_rate * tf.sqrt(1.0 - beta_2**step) / (1.0 - beta_1**step)
-            zeros = tf.zeros_like(p)
-            adam = p - alpha * first / (tf.sqrt(second) + epsilon)
-            new_p = tf.where(
-                optimizer < 0.5,
-                p - learning_rate * g,
-                tf.where(optimizer < 1.5, p + velocity, adam),
-            )
-            slot0 = tf.where(optimizer < 0.5, zeros, tf.where(optimizer < 1.5, velocity, first))
-            slot1 = tf.where(optimizer > 1.5, second, zeros)
-            best = tf.minimum(s[7], loss)
-            updated = tf.concat([new_p, slot0, slot1, tf.stack([step, best, stall])], axis=0)
+            if optimizer == "sgd":
+                new_p = p - learning_rate * g
+            elif optimizer == "momentum":
+                velocity = beta_1 * slots[0:2] - learning_rate * g
+                new_p = p + velocity
+                slots = tf.concat([velocity, slots[2:4]], axis=0)
+            else:  # adam
+                step = step + 1.0
+                first = slots[0:2] + (g - slots[0:2]) * (1.0 - beta_1)
+                second = slots[2:4] + (g * g - slots[2:4]) * (1.0 - beta_2)
+                alpha = learning_rate * tf.sqrt(1.0 - beta_2**step) / (1.0 - beta_1**step)
+                new_p = p - alpha * first / (tf.sqrt(second) + epsilon)
+                slots = tf.concat([first, second], axis=0)
 
-            finite = tf.math.is_finite(loss) & tf.reduce_all(tf.math.is_finite(updated))
+            updated = tf.concat([new_p, slots, tf.stack([step, best, stall])], axis=0)
+            finite = tf.math.is_finite(loss) & tf.reduce_all(tf.math.is_finite(updated[0:6]))
             history = history.write(i, loss)
             status = tf.where(converged, CONVERGED, tf.where(finite, RUNNING, NON_FINITE))
             go_on = finite & ~converged
@@ -141,16 +157,19 @@ def _compile_chunk(loss_fn: LossFn, summary_size: int, chunk: int) -> Any:
             epoch,
             [tf.constant(0), state, history, tf.constant(RUNNING)],
         )
-        flags = tf.stack(
-            [
-                tf.cast(done, tf.float64),
-                tf.cast(status, tf.float64),
-                loss_fn(state[0:2], summary),
-            ]
-        )
-        return tf.concat([state, flags, history.stack()], axis=0)
+        flags = tf.stack([tf.cast(done, tf.float64), tf.cast(status, tf.float64)])
+        at_end = curvature(loss_fn, state[0:2], summary)  # loss, gradient, Hessian
+        return tf.concat([state, flags, at_end, history.stack()], axis=0)
 
     return run
+
+
+#: One compiled loop per (update rule, stopping rules on?).
+Variant = tuple[OptimizerName, bool]
+VARIANTS: tuple[Variant, ...] = tuple(
+    (name, stopping) for name in ("sgd", "momentum", "adam") for stopping in (False, True)
+)
+DEFAULT_VARIANT: Variant = ("sgd", False)
 
 
 _VECTOR = tf.TensorSpec([None], tf.float64)
@@ -181,16 +200,20 @@ class FitEngine:
         self.graph_min_points = graph_min_points
         self.linear_layer = LinearRegressionLayer(dtype="float64", name="linear")
         self.gaussian_layer = GaussianFitLayer((0.0, 1.0), dtype="float64", name="gaussian")
-        self._linear_fn = _compile_chunk(self._linear_loss, 6, epochs_per_call)
-        self._gaussian_fn = _compile_chunk(self._gaussian_loss, 4, epochs_per_call)
-        self._linear_curvature_fn = compile_curvature(self._linear_loss, 6)
-        self._gaussian_curvature_fn = compile_curvature(self._gaussian_loss, 4)
+        # One loop per model and variant; each compiles on its first call (warm_up calls them).
+        self._loop_fns = {
+            (model, variant): _compile_chunk(loss, size, epochs_per_call, *variant)
+            for model, loss, size in (
+                ("linear", self._linear_loss, 6),
+                ("gaussian", self._gaussian_loss, 4),
+            )
+            for variant in VARIANTS
+        }
+        self._loops = {key: _fast_call(fn) for key, fn in self._loop_fns.items()}
+        self._linear_fn = self._loop_fns["linear", DEFAULT_VARIANT]
+        self._gaussian_fn = self._loop_fns["gaussian", DEFAULT_VARIANT]
         self._linear_start_fn = self._build_linear_start()
         self._gaussian_start_fn = self._build_gaussian_start()
-        self._linear_chunk = _fast_call(self._linear_fn)
-        self._gaussian_chunk = _fast_call(self._gaussian_fn)
-        self._linear_curvature = _fast_call(self._linear_curvature_fn)
-        self._gaussian_curvature = _fast_call(self._gaussian_curvature_fn)
         # The large-data entry points are traced on first use (or by warm_up): a fresh
         # process becomes ready on the small-data path alone.
         self._starts: dict[str, Callable[..., Any]] = {}
@@ -288,19 +311,22 @@ class FitEngine:
         ws = _weights(weights, xs.size)
         per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
         controls = _controls(learning_rate, min(per_call, epochs), optimizer, stopping)
+        variant = (optimizer.name, stopping.enabled)
+        loop = self._loops["linear", variant]
         state = _initial_state(initial)
         if ws is not None or xs.size < self.graph_min_points:
             summary = linear_moments_numpy(xs, ys, ws)
             _check(summary, 3, "x")
-            first = _Chunk(self._linear_chunk(_vector(summary), state, _vector(controls)).numpy())
+            first = _Chunk(loop(_vector(summary), state, _vector(controls)).numpy())
         else:
             start = self._start("linear")
-            values = start(_vector(xs), _vector(ys), state, _vector(controls)).numpy()
+            first_controls = _vector(_in_start(controls, variant))
+            values = start(_vector(xs), _vector(ys), state, first_controls).numpy()
             summary = values[:6]
             _check(summary, 3, "x")
-            first = _Chunk(values[6:])
+            first = self._first(loop, variant, summary, _Chunk(values[6:]), controls)
         run = self._continue(
-            self._linear_chunk,
+            loop,
             summary,
             first,
             controls,
@@ -309,7 +335,7 @@ class FitEngine:
             on_progress,
             progress_every,
         )
-        stats = linear_stats(self._linear_curvature, summary, _extras(ws, xs.size), run.params)
+        stats = linear_stats(run.curvature, summary, _extras(ws, xs.size), run.params)
         return _result("linear", ("slope", "intercept"), run, stats, stopping, history_every, seed)
 
     def fit_gaussian(
@@ -340,6 +366,8 @@ class FitEngine:
         _check_hyperparameters(learning_rate, epochs, initial or (0.0, 1.0), history_every)
         per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
         controls = _controls(learning_rate, min(per_call, epochs), optimizer, stopping)
+        variant = (optimizer.name, stopping.enabled)
+        loop = self._loops["gaussian", variant]
         m0, s0 = initial or (0.0, 1.0)
         ys = _array(y)
         ws = _weights(weights, ys.size)
@@ -353,16 +381,17 @@ class FitEngine:
                     m0, s0 = m_factor * summary[1], s_factor * np.sqrt(summary[2])
             _check(summary, 2, "y", (m0, s0))
             state = _initial_state((m0, s0))
-            first = _Chunk(self._gaussian_chunk(_vector(summary), state, _vector(controls)).numpy())
+            first = _Chunk(loop(_vector(summary), state, _vector(controls)).numpy())
         else:
             flags = _vector((float(initial is None), float(reduction == "sum")))
             state = _initial_state((m0, s0))
-            values = self._start("gaussian")(_vector(ys), state, _vector(controls), flags).numpy()
+            first_controls = _vector(_in_start(controls, variant))
+            values = self._start("gaussian")(_vector(ys), state, first_controls, flags).numpy()
             summary = values[:4]
-            first = _Chunk(values[4:])
-            _check(summary, 2, "y", first.params)
+            _check(summary, 2, "y", values[4:6])
+            first = self._first(loop, variant, summary, _Chunk(values[4:]), controls)
         run = self._continue(
-            self._gaussian_chunk,
+            loop,
             summary,
             first,
             controls,
@@ -371,43 +400,60 @@ class FitEngine:
             on_progress,
             progress_every,
         )
-        stats = gaussian_stats(self._gaussian_curvature, summary, _extras(ws, ys.size), run.params)
+        stats = gaussian_stats(run.curvature, summary, _extras(ws, ys.size), run.params)
         run.params[1] = abs(run.params[1])
         return _result("gaussian", ("mean", "std"), run, stats, stopping, history_every, seed)
 
-    def warm_up(self, small: bool = True, large: bool = True) -> None:
+    @staticmethod
+    def _first(
+        loop: Callable[..., Any],
+        variant: Variant,
+        summary: npt.NDArray[np.float64],
+        started: _Chunk,
+        controls: npt.NDArray[np.float64],
+    ) -> _Chunk:
+        """The first chunk of a large fit: the start function ran it with the default loop,
+        or, for another variant, ran no epochs and left the initial state for ``loop``."""
+        if variant == DEFAULT_VARIANT:
+            return started
+        return _Chunk(loop(_vector(summary), _vector(started.state), _vector(controls)).numpy())
+
+    def warm_up(self, small: bool = True, large: bool = True, variants: bool = True) -> None:
         """Run the compiled functions once so no request pays tracing or XLA compilation:
-        the small-data path (numpy moments, XLA loop, curvature) and the large-data entry
-        points."""
+        the small-data path (numpy moments, default loop, curvature), the large-data entry
+        points, and the loops of the other optimizers and of the stopping rules."""
         rng = np.random.default_rng(0)
         sizes = ([16] if small else []) + ([self.graph_min_points] if large else [])
+        x = rng.random(16)
+        y = 2.0 * x + 1.0 + rng.normal(0, 0.1, 16)
         for n in sizes:
             x = rng.random(n)
             y = 2.0 * x + 1.0 + rng.normal(0, 0.1, n)
             self.fit_linear(x, y, learning_rate=0.1, epochs=2, seed=0)
             self.fit_gaussian(y, learning_rate=0.1, epochs=2)
+        for name, stopping in VARIANTS if variants else ():
+            options: dict[str, Any] = {
+                "learning_rate": 0.01,
+                "epochs": 2,
+                "optimizer": Optimizer(name),
+                "stopping": Stopping(tolerance=0.0) if stopping else NO_STOPPING,
+            }
+            self.fit_linear(x[:16], y[:16], seed=0, **options)
+            self.fit_gaussian(y[:16], **options)
 
     def xla_input_signatures(self) -> list[Any]:
         """Input specs of the XLA-compiled functions: fully static, so one compilation serves
         all requests (XLA compiles per input shape, and no other shape can reach them)."""
-        functions = (
-            self._linear_fn,
-            self._gaussian_fn,
-            self._linear_curvature_fn,
-            self._gaussian_curvature_fn,
-        )
-        return [spec for fn in functions for spec in fn.input_signature]
+        return [spec for fn in self._loop_fns.values() for spec in fn.input_signature]
 
     def trace_counts(self) -> dict[str, int]:
         """How often each compiled function was traced (stays 1 after warm-up)."""
         functions = {
             "linear_start": self._linear_start_fn,
             "gaussian_start": self._gaussian_start_fn,
-            "linear_loop": self._linear_fn,
-            "gaussian_loop": self._gaussian_fn,
-            "linear_curvature": self._linear_curvature_fn,
-            "gaussian_curvature": self._gaussian_curvature_fn,
         }
+        for (model, (name, stopping)), fn in self._loop_fns.items():
+            functions[f"{model}_loop_{name}" + ("_stopping" if stopping else "")] = fn
         return {name: int(fn.experimental_get_tracing_count()) for name, fn in functions.items()}
 
     # -- the driver --------------------------------------------------------------------------
@@ -459,7 +505,9 @@ class FitEngine:
         history = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         if history.size:
             check_descended(history, final_loss, learning_rate)
-        return _Run([float(v) for v in chunk.params], history, final_loss, done_total, stop)
+        return _Run(
+            [float(v) for v in chunk.params], history, final_loss, done_total, stop, chunk.curvature
+        )
 
 
 def is_converged(stats: FitStats, params: list[float], stopping: Stopping) -> bool:
@@ -474,9 +522,10 @@ def is_converged(stats: FitStats, params: list[float], stopping: Stopping) -> bo
 
 
 class _Run:
-    """What the driver reached: parameters, full loss history, final loss, updates, why."""
+    """What the driver reached: parameters, full loss history, final loss, updates, why, and
+    the loss, gradient and Hessian at the parameters."""
 
-    __slots__ = ("epochs_run", "final_loss", "history", "params", "stop")
+    __slots__ = ("curvature", "epochs_run", "final_loss", "history", "params", "stop")
 
     def __init__(
         self,
@@ -485,7 +534,9 @@ class _Run:
         final_loss: float,
         epochs_run: int,
         stop: StopReason,
+        curvature: npt.NDArray[np.float64],
     ) -> None:
+        self.curvature = curvature
         self.params = params
         self.history = history
         self.final_loss = final_loss
@@ -538,15 +589,26 @@ def _fast_call(function: Any) -> Callable[..., Any]:
 
 
 class _Chunk:
-    """A chunk's packed output: [state (9), epochs_done, status, final_loss, history]."""
+    """A chunk's packed output: [state (9), epochs_done, status, curvature (7), history]."""
 
     def __init__(self, values: npt.NDArray[np.float64]) -> None:
         self.state = values[0:STATE_SIZE]
         self.params = values[0:2]
         self.done = int(values[STATE_SIZE])
         self.status = int(values[STATE_SIZE + 1])
-        self.final = float(values[STATE_SIZE + 2])
+        self.curvature = values[STATE_SIZE + 2 : _HEAD]
+        self.final = float(self.curvature[0])
         self.history = values[_HEAD : _HEAD + self.done]
+
+
+def _in_start(controls: npt.NDArray[np.float64], variant: Variant) -> npt.NDArray[np.float64]:
+    """Controls for a start function, whose built-in first chunk is the default loop's: other
+    variants take no epochs there."""
+    if variant == DEFAULT_VARIANT:
+        return controls
+    idle = controls.copy()
+    idle[1] = 0
+    return idle
 
 
 def _only_if(condition: Any, controls: Any) -> Any:

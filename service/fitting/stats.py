@@ -1,8 +1,8 @@
 """Statistics of a fit at the parameters gradient descent reached.
 
-The loss, its gradient and its exact Hessian come from one XLA-compiled call with nested
-``GradientTape``s on the same loss the training loop minimized. The rest is closed-form
-arithmetic on the data summary:
+The loss, its gradient and its exact Hessian come from nested ``GradientTape``s on the same
+loss the training loop minimized, evaluated inside the compiled loop where it stops. The rest
+is closed-form arithmetic on the data summary:
 
 - linear (weighted least squares, weights as inverse variances like statsmodels' WLS):
   σ² = Σw·r² / (n - 2) and Cov = σ²·(XᵀWX)⁻¹ = σ²·(2/Σw)·H⁻¹, since the loss
@@ -44,82 +44,86 @@ class WeightSummary:
     points: int
 
 
-def compile_curvature(loss_fn: Callable[[Any, Any], Any], summary_size: int) -> Any:
-    """XLA-compiled [loss, gradient (2), Hessian (2x2, row-major)] at ``params``, by nested
-    GradientTapes: exact second derivatives of the training loss."""
-
-    @tf.function(
-        jit_compile=True,
-        input_signature=[
-            tf.TensorSpec([summary_size], tf.float64),
-            tf.TensorSpec([K], tf.float64),
-        ],
-    )
-    def curvature(summary: Any, params: Any) -> Any:
-        with tf.GradientTape(persistent=True) as outer:
-            outer.watch(params)
-            with tf.GradientTape() as inner:
-                inner.watch(params)
-                loss = loss_fn(params, summary)
-            gradient = inner.gradient(loss, params)
-            first, second = gradient[0], gradient[1]
-        rows = [outer.gradient(first, params), outer.gradient(second, params)]
-        del outer
-        return tf.concat([tf.reshape(loss, [1]), gradient, *rows], axis=0)
-
-    return curvature
+def curvature(loss_fn: Callable[[Any, Any], Any], params: Any, summary: Any) -> Any:
+    """[loss, gradient (2), Hessian (2x2, row-major)] at ``params``, by nested GradientTapes:
+    exact second derivatives of the training loss. Traced into the compiled training loop,
+    which returns it for the parameters it ends on (no extra call per fit)."""
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch(params)
+        with tf.GradientTape() as inner:
+            inner.watch(params)
+            loss = loss_fn(params, summary)
+        gradient = inner.gradient(loss, params)
+        first, second = gradient[0], gradient[1]
+    rows = [outer.gradient(first, params), outer.gradient(second, params)]
+    del outer
+    return tf.concat([tf.reshape(loss, [1]), gradient, *rows], axis=0)
 
 
-def _evaluate(curvature: Callable[..., Any], summary: Array, params: list[float]) -> Array:
-    values: Array = curvature(
-        tf.constant(summary, tf.float64), tf.constant(params, tf.float64)
-    ).numpy()
-    return values
+#: Length of :func:`curvature`'s output.
+CURVATURE_SIZE = 7
 
 
-def _newton_step(hessian: Array, gradient: Array) -> float | None:
-    """‖H⁻¹·g‖: how far the optimum is, by Newton's method (exact for the quadratic MSE);
-    None where H is not positive definite (not near a minimum)."""
-    try:
-        np.linalg.cholesky(hessian)
-    except np.linalg.LinAlgError:
-        return None
-    return _finite(float(np.linalg.norm(np.linalg.solve(hessian, gradient))))
+@dataclass(frozen=True, slots=True)
+class _Curvature:
+    """Loss, gradient and (symmetric) Hessian at the parameters, as Python floats: 2x2
+    algebra by hand costs microseconds where numpy's linalg costs tens per call."""
+
+    loss: float
+    g0: float
+    g1: float
+    h00: float
+    h01: float
+    h11: float
+
+    @classmethod
+    def of(cls, values: Array) -> _Curvature:
+        loss, g0, g1, h00, h01, h10, h11 = (float(x) for x in values)
+        return cls(loss, g0, g1, h00, 0.5 * (h01 + h10), h11)
+
+    @property
+    def gradient_norm(self) -> float:
+        return math.hypot(self.g0, self.g1)
+
+    def flipped(self) -> _Curvature:
+        """The same for the second parameter's sign reversed (std = |s|)."""
+        return _Curvature(self.loss, self.g0, -self.g1, self.h00, -self.h01, self.h11)
+
+    def inverse(self) -> tuple[float, float, float] | None:
+        """H⁻¹ as (00, 01, 11), or None unless H is positive definite (at a minimum)."""
+        det = self.h00 * self.h11 - self.h01 * self.h01
+        if not (math.isfinite(det) and self.h00 > 0.0 and det > 0.0):
+            return None
+        return self.h11 / det, -self.h01 / det, self.h00 / det
+
+    def newton_step(self) -> float | None:
+        """‖H⁻¹·g‖: how far the optimum is, by Newton's method (exact for the quadratic
+        MSE); None away from a minimum."""
+        inverse = self.inverse()
+        if inverse is None:
+            return None
+        i00, i01, i11 = inverse
+        return _finite(math.hypot(i00 * self.g0 + i01 * self.g1, i01 * self.g0 + i11 * self.g1))
 
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _covariance(hessian: Array, factor: float) -> Array | None:
-    """factor·H⁻¹, or None when H is singular or not positive definite (not at a minimum)."""
-    if not np.all(np.isfinite(hessian)):
-        return None
-    try:
-        np.linalg.cholesky(hessian)
-    except np.linalg.LinAlgError:
-        return None
-    inverse: Array = np.asarray(np.linalg.inv(hessian) * factor, dtype=np.float64)
-    return inverse if np.all(np.isfinite(inverse)) else None
+Pair = tuple[float | None, float | None]
 
 
 def _uncertainty(
-    covariance: Array | None,
-) -> tuple[
-    tuple[float | None, float | None],
-    tuple[tuple[float | None, float | None], tuple[float | None, float | None]],
-    float | None,
-]:
-    if covariance is None:
+    curvature: _Curvature, factor: float
+) -> tuple[Pair, tuple[Pair, Pair], float | None]:
+    """Standard errors, covariance factor·H⁻¹ and correlation; None where undefined."""
+    inverse = curvature.inverse() if math.isfinite(factor) and factor > 0.0 else None
+    if inverse is None:
         return (None, None), ((None, None), (None, None)), None
-    se = np.sqrt(np.diag(covariance))
-    correlation = float(covariance[0, 1] / (se[0] * se[1]))
-    rows = tuple(tuple(_finite(float(v)) for v in row) for row in covariance)
-    return (
-        (_finite(float(se[0])), _finite(float(se[1]))),
-        (rows[0][:2], rows[1][:2]),  # type: ignore[return-value]
-        _finite(correlation),
-    )
+    c00, c01, c11 = (factor * v for v in inverse)
+    se0, se1 = math.sqrt(c00), math.sqrt(c11)
+    covariance = ((_finite(c00), _finite(c01)), (_finite(c01), _finite(c11)))
+    return (_finite(se0), _finite(se1)), covariance, _finite(c01 / (se0 * se1))
 
 
 def _criteria(loglik: float, n_used: int) -> tuple[float | None, float | None, float | None]:
@@ -129,11 +133,12 @@ def _criteria(loglik: float, n_used: int) -> tuple[float | None, float | None, f
 
 
 def linear_stats(
-    curvature: Callable[..., Any], summary: Array, weights: WeightSummary, params: list[float]
+    curvature: Array, summary: Array, weights: WeightSummary, params: list[float]
 ) -> FitStats:
-    """Statistics of a line (``summary`` = [n, x̄, ȳ, Vxx, Vxy, Vyy], weighted)."""
-    values = _evaluate(curvature, summary, params)
-    loss, gradient, hessian = float(values[0]), values[1:3], values[3:7].reshape(2, 2)
+    """Statistics of a line (``summary`` = [n, x̄, ȳ, Vxx, Vxy, Vyy], weighted) from the
+    :func:`curvature` vector at ``params``."""
+    at = _Curvature.of(curvature)
+    loss = at.loss
     x_mean, y_mean, vxx, vxy, vyy = (float(v) for v in summary[1:6])
     slope = vxy / vxx
     closed = (slope, y_mean - slope * x_mean)
@@ -143,14 +148,12 @@ def linear_stats(
     dof = n_used - K
     ssr = weights.total * loss  # Σw·r²
     sigma2 = ssr / dof if dof > 0 else math.nan
-    covariance = _covariance(hessian, sigma2 * 2.0 / weights.total) if dof > 0 else None
-    std_errors, cov, correlation = _uncertainty(covariance)
-    with np.errstate(divide="ignore"):
-        loglik = (
-            -0.5 * n_used * (LOG_2PI + math.log(ssr / n_used) + 1.0) + 0.5 * weights.log_sum
-            if ssr > 0.0
-            else math.inf
-        )
+    std_errors, cov, correlation = _uncertainty(at, sigma2 * 2.0 / weights.total)
+    loglik = (
+        -0.5 * n_used * (LOG_2PI + math.log(ssr / n_used) + 1.0) + 0.5 * weights.log_sum
+        if ssr > 0.0
+        else math.inf
+    )
     loglik_, aic, bic = _criteria(loglik, n_used)
     return FitStats(
         names=("slope", "intercept"),
@@ -158,8 +161,8 @@ def linear_stats(
         n_used=n_used,
         dof=dof,
         loss=loss,
-        gradient_norm=float(np.linalg.norm(gradient)),
-        newton_step=_newton_step(hessian, gradient) if np.all(np.isfinite(hessian)) else None,
+        gradient_norm=at.gradient_norm,
+        newton_step=at.newton_step(),
         std_errors=std_errors,
         covariance=cov,
         correlation=correlation,
@@ -175,22 +178,20 @@ def linear_stats(
 
 
 def gaussian_stats(
-    curvature: Callable[..., Any], summary: Array, weights: WeightSummary, params: list[float]
+    curvature: Array, summary: Array, weights: WeightSummary, params: list[float]
 ) -> FitStats:
     """Statistics of a normal fit (``summary`` = [n, ȳ, Vyy, scale], weighted); ``params`` as
     trained (s may be negative: the NLL depends on s², and the reported std is |s|)."""
-    values = _evaluate(curvature, summary, params)
-    loss, gradient, hessian = float(values[0]), values[1:3], values[3:7].reshape(2, 2)
+    at = _Curvature.of(curvature)
+    if params[1] < 0.0:  # report for |s|
+        at = at.flipped()
+    loss = at.loss
     y_mean, vyy, scale = float(summary[1]), float(summary[2]), float(summary[3])
     closed = (y_mean, math.sqrt(vyy))
     mean, std = params[0], abs(params[1])
     per_weight = 0.5 * (LOG_2PI + math.log(vyy) + 1.0)  # mean NLL at the optimum
 
-    newton = _newton_step(hessian, gradient) if np.all(np.isfinite(hessian)) else None
-    if params[1] < 0.0:  # report for |s|: flip the sign of the cross terms
-        hessian = hessian * np.array([[1.0, -1.0], [-1.0, 1.0]])
-    covariance = _covariance(hessian, scale / weights.total)
-    std_errors, cov, correlation = _uncertainty(covariance)
+    std_errors, cov, correlation = _uncertainty(at, scale / weights.total)
     loglik = -loss * weights.total / scale
     loglik_, aic, bic = _criteria(loglik, weights.count)
     return FitStats(
@@ -199,8 +200,8 @@ def gaussian_stats(
         n_used=weights.count,
         dof=weights.count - K,
         loss=loss,
-        gradient_norm=float(np.linalg.norm(gradient)),
-        newton_step=newton,
+        gradient_norm=at.gradient_norm,
+        newton_step=at.newton_step(),
         std_errors=std_errors,
         covariance=cov,
         correlation=correlation,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from service.fitting import DegenerateData, FitEngine
-from service.fitting.options import Optimizer, OptimizerName, Stopping
+from service.fitting.options import NO_STOPPING, Optimizer, OptimizerName, Stopping
 from service.fitting.reference import (
     gaussian_closed_form,
     linear_closed_form,
@@ -267,24 +269,56 @@ def test_history_every_thins_from_epoch_zero(engine: FitEngine) -> None:
     assert thin.final_loss == full.final_loss
 
 
-def test_trace_counts_stay_at_one_across_options(engine: FitEngine) -> None:
-    x, y = seed_linear_data(0, n=50)
-    engine.fit_linear(x, y, learning_rate=0.1, epochs=3, seed=0)
+def test_trace_counts_stay_at_one_across_options() -> None:
+    """After warm-up every loop variant is traced exactly once, and no option value (rates,
+    betas, tolerances, weights, data sizes, large or small data) traces again."""
+    engine = FitEngine(epochs_per_call=64, graph_min_points=1000)
+    engine.warm_up()
     before = engine.trace_counts()
+    assert len(before) == 2 + 2 * 6  # two start functions, 6 variants of 2 models
+    assert set(before.values()) == {1}
     names: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam")
-    for name in names:
-        engine.fit_linear(
-            x,
-            y,
-            learning_rate=0.01,
-            epochs=20,
-            seed=0,
-            optimizer=Optimizer(name, momentum=0.5, beta_1=0.8),
-            stopping=Stopping(tolerance=1e-6, patience=3, gradient_tolerance=1e-9),
-            weights=np.linspace(0.5, 1.5, 50),
-        )
-        engine.fit_gaussian(y, learning_rate=0.01, epochs=20, optimizer=Optimizer(name))
+    for n in (50, 2000):
+        x, y = seed_linear_data(0, n=n)
+        for name in names:
+            for stopping in (NO_STOPPING, Stopping(tolerance=1e-6, patience=3)):
+                engine.fit_linear(
+                    x,
+                    y,
+                    learning_rate=0.01,
+                    epochs=100,
+                    seed=0,
+                    optimizer=Optimizer(name, momentum=0.5, beta_1=0.8),
+                    stopping=stopping,
+                    weights=np.linspace(0.5, 1.5, n) if n == 50 else None,
+                )
+                engine.fit_gaussian(
+                    y, learning_rate=0.01, epochs=70, optimizer=Optimizer(name), stopping=stopping
+                )
     assert engine.trace_counts() == before
+
+
+def test_large_data_gives_the_small_data_answer_for_every_variant() -> None:
+    """Above graph_min_points the start function computes the summary (and, for the default
+    loop, the first chunk); the other variants then run from its state: same fits."""
+    small = FitEngine(graph_min_points=10**9)
+    large = FitEngine(graph_min_points=100)
+    x, y = seed_linear_data(7, n=5000)
+    for name in ("sgd", "momentum", "adam"):
+        for stopping in (NO_STOPPING, Stopping(gradient_tolerance=1e-9)):
+            options: dict[str, Any] = {
+                "learning_rate": 0.01,
+                "epochs": 300,
+                "optimizer": Optimizer(name),
+                "stopping": stopping,
+            }
+            a = small.fit_linear(x, y, seed=3, **options)
+            b = large.fit_linear(x, y, seed=3, **options)
+            np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-10)
+            g_small = small.fit_gaussian(y, **options)
+            g_large = large.fit_gaussian(y, **options)
+            np.testing.assert_allclose(g_small.loss_history, g_large.loss_history, rtol=1e-10)
+            assert g_small.params == pytest.approx(g_large.params, rel=1e-10)
 
 
 def test_progress_is_reported_on_multiples_of_progress_every() -> None:
