@@ -159,6 +159,11 @@ class FitMetrics:
         self.running = Gauge(
             "tapefit_fits_running", "Fits executing in the fit thread pool.", registry=registry
         )
+        self.warm = Gauge(
+            "tapefit_warm_up_complete",
+            "1 once every compiled path is warm (readiness needs only the default one).",
+            registry=registry,
+        )
         self.rejections = Counter(
             "tapefit_fit_rejections",
             "Fit requests refused at admission.",
@@ -168,7 +173,7 @@ class FitMetrics:
         self.fits = Counter(
             "tapefit_fits",
             "Finished fits by model and outcome "
-            "(max_epochs, timeout, diverged, degenerate, cancelled, error).",
+            "(max_epochs, converged, timeout, diverged, degenerate, cancelled, error).",
             ["model", "outcome"],
             registry=registry,
         )
@@ -266,6 +271,8 @@ class FitWorker:
         ]
         for future in self._warming:
             future.add_done_callback(_log_failure)
+        warm = asyncio.gather(*self._warming, return_exceptions=True)
+        warm.add_done_callback(lambda _: self.metrics.warm.set(1))
         log.info("worker ready", extra={"trace_counts": engine.trace_counts()})
 
     async def wait_warm(self) -> None:

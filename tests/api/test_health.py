@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -16,6 +18,15 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
     r = await client.get("/readyz")
     assert r.status_code == 200
     assert r.json() == {"status": "ready"}
+
+
+async def test_metrics_say_when_every_path_is_warm(client: httpx.AsyncClient) -> None:
+    # The fixture waited for the background warm-ups; the gauge is set by their callback.
+    for _ in range(100):
+        if "tapefit_warm_up_complete 1.0" in (await client.get("/metrics")).text:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("tapefit_warm_up_complete never became 1")
 
 
 async def test_readyz_is_503_until_warm() -> None:
