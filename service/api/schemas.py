@@ -570,7 +570,7 @@ class _FitResponse(BaseModel, Generic[ParamsT, StatsT]):
         description="Seed of the random initial values (null when none were random)."
     )
     stats: StatsT | None = Field(
-        None, description="Uncertainties, fit quality and the closed-form check (single fits)."
+        None, description="Uncertainties, fit quality and the closed-form check."
     )
 
 

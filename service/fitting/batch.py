@@ -31,10 +31,19 @@ from service.fitting.loop import (
     Reduction,
     StopCheck,
     check_descended,
+    is_converged,
     unusable,
 )
 from service.fitting.losses import mse_from_moments, nll_from_moments
+from service.fitting.options import NO_STOPPING
 from service.fitting.results import FitDiverged, FitError, FitResult, StopReason
+from service.fitting.stats import (
+    CURVATURE_SIZE,
+    WeightSummary,
+    curvature_rows,
+    gaussian_stats,
+    linear_stats,
+)
 
 Array = npt.NDArray[np.float64]
 #: Most history values one compiled call may hold (rows x recorded epochs), ~32 MB of float64.
@@ -271,13 +280,13 @@ class BatchEngine:
         histories: list[Array] = []
         done_total = 0
         stop: StopReason = "max_epochs"
-        final = np.zeros(size)
+        at_end = np.zeros((size, CURVATURE_SIZE))
         while done_total < epochs and active.any():
             if done_total and should_stop is not None and (reason := should_stop()) is not None:
                 stop = reason
                 break
             steps = min(capacity * history_every, epochs - done_total, MAX_STEPS_PER_CALL)
-            p, history, done, written, finite, final_t, first_bad = run(
+            p, history, done, written, finite, at_end_t, first_bad = run(
                 summary_t,
                 tf.constant(params),
                 tf.constant(active),
@@ -286,7 +295,7 @@ class BatchEngine:
                 tf.constant(history_every, tf.int32),
                 tf.constant(done_total, tf.int32),
             )
-            params, final = p.numpy(), final_t.numpy()
+            params, at_end = p.numpy(), at_end_t.numpy()
             newly = active & ~finite.numpy()
             diverged_at[newly] = done_total + first_bad.numpy()[newly] + 1
             active &= finite.numpy()
@@ -297,7 +306,8 @@ class BatchEngine:
             _Row(
                 params[i],
                 history_all[:, i],
-                float(final[i]),
+                float(at_end[i, 0]),
+                at_end[i],
                 done_total,
                 stop,
                 int(diverged_at[i]) if not active[i] else 0,
@@ -311,6 +321,7 @@ class _Row:
     params: Array
     history: Array
     final_loss: float
+    curvature: Array
     epochs_run: int
     stop: StopReason
     diverged_at: int
@@ -333,11 +344,14 @@ def _result(
     except FitDiverged as diverged:
         return diverged
     first, second = float(row.params[0]), float(row.params[1])
-    params = (
-        {"slope": first, "intercept": second}
-        if model == "linear"
-        else {"mean": first, "std": abs(second)}
-    )
+    n = int(summary[0])
+    weights = WeightSummary(total=float(n), count=n, log_sum=0.0, points=n)
+    if model == "linear":
+        params = {"slope": first, "intercept": second}
+        stats = linear_stats(row.curvature, summary, weights, [first, second])
+    else:
+        params = {"mean": first, "std": abs(second)}
+        stats = gaussian_stats(row.curvature, summary, weights, [first, second])
     return FitResult(
         model="linear" if model == "linear" else "gaussian",
         params=params,
@@ -346,7 +360,9 @@ def _result(
         epochs_run=row.epochs_run,
         n=int(summary[0]),
         stop_reason=row.stop,
+        converged=is_converged(stats, [first, second], NO_STOPPING),
         history_every=history_every,
+        stats=stats,
         seed=seed,
     )
 
@@ -370,8 +386,8 @@ def _compile_batch_loop(model: str, size: int, capacity: int) -> Any:
     every ``every`` epochs into at most ``capacity`` history rows.
 
     Returns (params [size, 2], history [capacity, size], epochs_done, rows_recorded,
-    finite [size], final_loss [size], first_bad_epoch [size]). Inactive rows (diverged) stay
-    frozen.
+    finite [size], curvature [size, 7] (loss, gradient, Hessian), first_bad_epoch [size]).
+    Inactive rows (diverged) stay frozen.
     """
     summary_size = 6 if model == "linear" else 4
     layer = (
@@ -433,7 +449,7 @@ def _compile_batch_loop(model: str, size: int, capacity: int) -> Any:
             epoch,
             [tf.constant(0), params, history, tf.constant(0), active, first_bad],
         )
-        final = losses(params, summary)
-        return params, history, done, written, finite, final, first_bad
+        at_end = curvature_rows(losses, params, summary)  # loss, gradient, Hessian per row
+        return params, history, done, written, finite, at_end, first_bad
 
     return run.get_concrete_function()

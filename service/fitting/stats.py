@@ -60,6 +60,24 @@ def curvature(loss_fn: Callable[[Any, Any], Any], params: Any, summary: Any) -> 
     return tf.concat([tf.reshape(loss, [1]), gradient, *rows], axis=0)
 
 
+def curvature_rows(losses_fn: Callable[[Any, Any], Any], params: Any, summary: Any) -> Any:
+    """:func:`curvature` for every row of a batch at once ([B, 7]). The rows are independent,
+    so the gradient of the summed loss is each row's gradient, and the gradient of the summed
+    first (second) gradient component is each row's first (second) Hessian row: still exact
+    second derivatives by nested GradientTapes."""
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch(params)
+        with tf.GradientTape() as inner:
+            inner.watch(params)
+            losses = losses_fn(params, summary)
+            total = tf.reduce_sum(losses)
+        gradient = inner.gradient(total, params)
+        first, second = tf.reduce_sum(gradient[:, 0]), tf.reduce_sum(gradient[:, 1])
+    rows = [outer.gradient(first, params), outer.gradient(second, params)]
+    del outer
+    return tf.concat([losses[:, None], gradient, *rows], axis=1)
+
+
 #: Length of :func:`curvature`'s output.
 CURVATURE_SIZE = 7
 

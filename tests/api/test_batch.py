@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.api.schemas import GAUSSIAN_BATCH_EXAMPLE, LINEAR_BATCH_EXAMPLE
-from service.fitting import FitEngine
+from service.fitting import FitEngine, FitResult
 from service.fitting.reference import gaussian_closed_form, linear_closed_form
 from tests.conftest import app_settings, running_app
 
@@ -57,6 +57,26 @@ async def test_batch_equals_single_fits(client: httpx.AsyncClient, engine: FitEn
         assert result["params"]["slope"] == pytest.approx(single.params["slope"], rel=1e-10)
         assert result["params"]["intercept"] == pytest.approx(single.params["intercept"], rel=1e-10)
         assert result["final_loss"] == pytest.approx(single.final_loss, rel=1e-10)
+        _same_stats(result, single)
+
+
+def _same_stats(result: dict[str, Any], single: FitResult) -> None:
+    """A batch entry carries the statistics its single fit would (same Hessian, by the
+    batch's vectorized nested tapes)."""
+    stats, expected = result["stats"], single.stats
+    assert expected is not None and stats is not None
+    assert result["converged"] == single.converged
+    assert stats["parameters"] == list(expected.names)
+    ours = [stats["std_errors"][name] for name in expected.names]
+    if expected.std_errors[0] is None:
+        assert ours == [None, None]
+    else:
+        np.testing.assert_allclose(ours, np.array(expected.std_errors, dtype=float), rtol=1e-8)
+    assert stats["gradient_norm"] == pytest.approx(expected.gradient_norm, rel=1e-6, abs=1e-12)
+    assert stats["log_likelihood"] == pytest.approx(expected.log_likelihood, rel=1e-10)
+    assert list(stats["closed_form"]["params"].values()) == pytest.approx(
+        expected.closed_form, rel=1e-12
+    )
 
 
 async def test_gaussian_batch_equals_single_fits(
@@ -79,6 +99,7 @@ async def test_gaussian_batch_equals_single_fits(
         )
         np.testing.assert_allclose(item["result"]["loss_history"], single.loss_history, rtol=1e-10)
         assert item["result"]["params"]["std"] == pytest.approx(single.params["std"], rel=1e-10)
+        _same_stats(item["result"], single)
 
 
 async def test_one_bad_set_does_not_spoil_the_others(client: httpx.AsyncClient) -> None:
