@@ -104,7 +104,7 @@ class DocsContentSecurityPolicy:
     PAGES = frozenset({"/docs", "/redoc"})
     POLICY = (
         b"default-src 'self'; script-src 'self' 'unsafe-inline'; "
-        b"style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+        b"style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
         b"worker-src 'self' blob:; connect-src 'self'"
     )
 

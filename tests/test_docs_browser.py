@@ -152,6 +152,8 @@ def test_try_it_out_makes_data_and_draws_a_plot(server: Server, browser: Browser
     live = _execute(page, "#operations-plots-plot_linear_v1_plots_linear_post")
     image = live.locator("tr.response img").first
     image.wait_for(timeout=30_000)
+    loaded = "img => img.complete && img.naturalWidth > 0"
+    page.wait_for_function(loaded, arg=image.element_handle(), timeout=10_000)
     size = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
     assert size == [1200, 400]  # Swagger UI decoded the PNG
     ARTIFACTS.mkdir(exist_ok=True)

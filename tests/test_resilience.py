@@ -228,7 +228,10 @@ async def test_soak_mixed_traffic_without_errors_or_memory_growth() -> None:
                 for code, (path, _, expected) in zip(codes, batch, strict=True):
                     assert code in expected, (path, code)
 
-            await run(_soak_requests(400))  # warm-up: allocator and caches settle
+            # Every compiled path is built (readiness needs only the default one), then the
+            # allocator and caches settle: growth after that would be a leak.
+            await wait_for_metric(client, "tapefit_warm_up_complete", 1.0, timeout_s=120)
+            await run(_soak_requests(400))
             before = rss_bytes(server)
             await run(_soak_requests(2000))
             after = rss_bytes(server)
