@@ -7,8 +7,10 @@ million-point fit still renders in well under a second.
 
 from __future__ import annotations
 
+import functools
 import io
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ParamSpec
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +20,7 @@ if TYPE_CHECKING:  # matplotlib is imported on first render: it costs start-up t
     from matplotlib.figure import Figure
 
 Array = npt.NDArray[np.float64]
+P = ParamSpec("P")
 MAX_SCATTER = 20_000
 #: Figure size in inches at ``DPI``: 1200 x 400 pixels.
 SIZE, DPI = (12.0, 4.0), 100
@@ -40,6 +43,18 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def _quiet(draw: Callable[P, bytes]) -> Callable[P, bytes]:
+    """Extreme values (near the float64 limits) overflow in matplotlib's scale and tick
+    arithmetic; the figure is drawn all the same. (np.errstate is per thread.)"""
+
+    @functools.wraps(draw)
+    def quiet(*args: P.args, **kwargs: P.kwargs) -> bytes:
+        with np.errstate(all="ignore"):
+            return draw(*args, **kwargs)
+
+    return quiet
+
+
 def _strided(*arrays: Array) -> tuple[Array, ...]:
     step = max(1, -(-arrays[0].size // MAX_SCATTER))
     return tuple(a[::step] for a in arrays)
@@ -55,6 +70,7 @@ def _loss_curve(axes: Axes, history: Array, every: int, label: str) -> None:
         axes.set_yscale("log")
 
 
+@_quiet
 def linear_png(
     x: Array, y: Array, slope: float, intercept: float, history: Array, every: int
 ) -> bytes:
@@ -76,6 +92,7 @@ def linear_png(
     return _png(figure)
 
 
+@_quiet
 def gaussian_png(
     y: Array, samples: Array, mean: float, std: float, history: Array, every: int
 ) -> bytes:

@@ -696,8 +696,10 @@ def _vector(values: npt.ArrayLike) -> Any:
 
 
 _CONSTANT = {
-    "x": "all x values are equal: the slope is not determined",
-    "y": "all y values are equal: the standard deviation is zero",
+    "x": "all x values are equal (or so close that their variance underflows float64): "
+    "the slope is not determined",
+    "y": "all y values are equal (or so close that their variance underflows float64): "
+    "the standard deviation is zero",
 }
 
 

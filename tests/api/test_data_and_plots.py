@@ -72,6 +72,24 @@ async def test_invalid_dataset_requests_name_the_field(
     assert any(field in error["loc"] for error in r.json()["detail"])
 
 
+@pytest.mark.parametrize(
+    ("path", "payload", "field"),
+    [
+        ("/v1/datasets/linear", {"n": 36, "noise_std": 7.6e307, "seed": 14155}, "noise_std"),
+        ("/v1/datasets/linear", {"n": 10, "slope": 1.7e308, "intercept": 1.7e308}, "slope"),
+        ("/v1/datasets/gaussian", {"n": 50, "mean": 1e308, "std": 1e308}, "std"),
+    ],
+)
+async def test_datasets_that_overflow_are_a_422_not_a_nan(
+    client: httpx.AsyncClient, path: str, payload: dict[str, object], field: str
+) -> None:
+    """Found by the fuzzer: huge parameters made infinite values (sent as null)."""
+    r = await client.post(path, json=payload)
+    assert r.status_code == 422, r.text[:200]
+    assert r.json()["detail"][0]["loc"] == ["body", field]
+    assert "overflow" in r.json()["detail"][0]["msg"]
+
+
 async def test_dataset_size_is_capped_by_a_setting() -> None:
     async with running_app(app_settings(max_dataset_points=50)) as c:
         r = await c.post("/v1/datasets/gaussian", json={"n": 51})
@@ -129,3 +147,18 @@ async def test_plots_take_binary_bodies_and_validate_like_fits(client: httpx.Asy
     )
     assert diverged.status_code == 422
     assert diverged.json()["stop_reason"] == "diverged"
+
+
+async def test_plots_of_extreme_magnitudes_still_draw(client: httpx.AsyncClient) -> None:
+    """Values near the float64 limits overflow inside matplotlib's scale arithmetic; the
+    figure is drawn anyway, with no warning escaping (warnings are errors in the tests)."""
+    y = (np.array([1.0, 3.0, 2.0, 5.0, 4.0]) * 1e150).tolist()
+    r = await client.post("/v1/plots/gaussian", json={"y": y, "epochs": 20})
+    assert _png(r).size == (1200, 400)
+    x = [0.0, 1e-300, 2e-300, 3e-300]
+    r = await client.post(
+        "/v1/plots/linear", json={"x": x, "y": [1.0, 2.0, 2.5, 4.0], "epochs": 5, "seed": 0}
+    )
+    # Distinct but tiny x: their variance underflows, so no slope can be fitted (nor drawn).
+    assert r.status_code == 422
+    assert "underflows float64" in r.json()["detail"]

@@ -7,6 +7,7 @@ import json
 import random
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 
@@ -29,7 +30,11 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorDetail, "description": "Content-Type is not application/json."},
-    422: {"model": ValidationErrorBody, "description": "Invalid request, naming each field."},
+    422: {
+        "model": ValidationErrorBody,
+        "description": "Invalid request, naming each field (also: parameters so large that "
+        "the values overflow float64).",
+    },
 }
 
 DatasetT = TypeVar("DatasetT", LinearDatasetRequest, GaussianDatasetRequest)
@@ -53,9 +58,28 @@ def _seed(seed: int | None) -> int:
     return random.getrandbits(63) if seed is None else seed
 
 
-def _json(x: Any, y: Any, seed: int) -> bytes:
-    # Serialized here, in a worker thread: a 100,000-point answer never blocks the event loop.
+def _json(x: Any, y: Any, seed: int) -> bytes | None:
+    """The response body, or None when the values overflow float64. Serialized here, in a
+    worker thread: a 100,000-point answer never blocks the event loop."""
+    if not np.all(np.isfinite(y)):
+        return None
     return json.dumps({"x": x.tolist(), "y": y.tolist(), "seed": seed}).encode()
+
+
+def _answer(body: bytes | None, fields: dict[str, float]) -> Response:
+    if body is None:
+        # Name the parameter of largest magnitude: it is what drove the values past float64.
+        field = max(fields, key=lambda name: abs(fields[name]))
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ["body", field],
+                    "msg": "the generated values overflow float64; choose smaller parameters",
+                    "type": "overflow",
+                }
+            ]
+        )
+    return Response(body, media_type="application/json")
 
 
 @router.post(
@@ -79,11 +103,12 @@ async def linear_dataset(request: Request, settings: SettingsDep) -> Response:
     body = await _request(request, settings, LinearDatasetRequest)
     seed = _seed(body.seed)
 
-    def make() -> bytes:
+    def make() -> bytes | None:
         x, y = linear_data(body.n, body.slope, body.intercept, body.noise_std, seed)
         return _json(x, y, seed)
 
-    return Response(await asyncio.to_thread(make), media_type="application/json")
+    fields = {"slope": body.slope, "intercept": body.intercept, "noise_std": 10 * body.noise_std}
+    return _answer(await asyncio.to_thread(make), fields)
 
 
 @router.post(
@@ -107,8 +132,8 @@ async def gaussian_dataset(request: Request, settings: SettingsDep) -> Response:
     body = await _request(request, settings, GaussianDatasetRequest)
     seed = _seed(body.seed)
 
-    def make() -> bytes:
+    def make() -> bytes | None:
         x, y = gaussian_data(body.n, body.mean, body.std, seed)
         return _json(x, y, seed)
 
-    return Response(await asyncio.to_thread(make), media_type="application/json")
+    return _answer(await asyncio.to_thread(make), {"mean": body.mean, "std": 10 * body.std})
