@@ -65,7 +65,7 @@ def test_sync_client_fits_plots_and_makes_data(server: Server) -> None:
         fit = tapefit.fit_linear(data.x, data.y, learning_rate=0.5, epochs=2000, seed=1)
         slope, intercept = linear_closed_form(data.x, data.y)
         assert fit.params.slope == pytest.approx(slope, abs=1e-6)
-        assert fit.stats is not None
+        assert fit.stats is not None and fit.stats.closed_form is not None
         assert fit.stats.closed_form.params.intercept == pytest.approx(intercept, rel=1e-12)
         assert fit.converged
 

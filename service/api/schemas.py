@@ -503,7 +503,9 @@ class _Stats(BaseModel, Generic[ParamsT, ErrorsT]):
     parameters: list[str] = Field(description="Order of the rows and columns of the matrices.")
     n_used: int = Field(description="Points with positive weight (all points without weights).")
     dof: int = Field(description="Residual degrees of freedom: n_used - 2.")
-    gradient_norm: float = Field(description="Euclidean norm of the loss gradient.")
+    gradient_norm: float | None = Field(
+        description="Euclidean norm of the loss gradient (null if it overflows float64)."
+    )
     newton_step: float | None = Field(
         description="Length of the Newton step H⁻¹·gradient: how far the optimum still is "
         "(exact for least squares); null away from a minimum."
@@ -518,11 +520,11 @@ class _Stats(BaseModel, Generic[ParamsT, ErrorsT]):
     log_likelihood: float | None = Field(description="Log-likelihood at the parameters.")
     aic: float | None = Field(description="2k - 2·log_likelihood, k = 2.")
     bic: float | None = Field(description="k·ln(n_used) - 2·log_likelihood, k = 2.")
-    closed_form: _Reference[ParamsT] = Field(
+    closed_form: _Reference[ParamsT] | None = Field(
         description="The exact optimum (least squares; sample mean and population std) and "
-        "the loss there."
+        "the loss there (null only if it overflows float64)."
     )
-    gap: _Reference[ParamsT] = Field(
+    gap: _Reference[ParamsT] | None = Field(
         description="Returned minus closed-form parameters, and final_loss minus the "
         "closed-form loss: near zero when gradient descent converged."
     )

@@ -164,3 +164,15 @@ async def test_stream_requests_are_validated_first(client: httpx.AsyncClient) ->
     r = await client.post(LINEAR, json={"x": [1.0, 1.0], "y": [1.0, 2.0]}, headers=STREAM)
     assert r.status_code == 422
     assert r.headers["content-type"] == "application/json"
+
+
+async def test_statistics_that_overflow_are_null(client: httpx.AsyncClient) -> None:
+    """x spread 1e-160 and y spread 1e150: the data's moments are finite, but the least-squares
+    slope (~1e310) is not. The fit answers, with null where float64 gives out."""
+    body = {"x": [0.0, 1e-160, 2e-160], "y": [0.0, 1e150, 3e150], "epochs": 3, "seed": 0}
+    r = await client.post(LINEAR, json={**body, "learning_rate": 1e-300})
+    assert r.status_code == 200, r.text
+    assert "NaN" not in r.text and "Infinity" not in r.text
+    stats = r.json()["stats"]
+    assert stats["closed_form"] is None and stats["gap"] is None
+    assert stats["std_errors"] == {"slope": None, "intercept": None}

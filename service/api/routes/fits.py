@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, Literal, TypeVar
@@ -109,15 +110,23 @@ def _common(result: FitResult) -> dict[str, Any]:
     }
 
 
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
 def _stats(stats: FitStats, final_loss: float) -> dict[str, Any]:
-    """The engine's statistics in the response's shape (validated by the response model)."""
+    """The engine's statistics in the response's shape (validated by the response model).
+    Values that overflow float64 (data near its limits) are null, never NaN or Infinity."""
     names = stats.names
     correlation = stats.correlation
+    closed = (*stats.closed_form, stats.closed_form_loss)
+    closed_ok = _finite(*closed)
+    gap = (*stats.gap, final_loss - stats.closed_form_loss)
     return {
         "parameters": list(names),
         "n_used": stats.n_used,
         "dof": stats.dof,
-        "gradient_norm": stats.gradient_norm,
+        "gradient_norm": stats.gradient_norm if _finite(stats.gradient_norm) else None,
         "newton_step": stats.newton_step,
         "std_errors": dict(zip(names, stats.std_errors, strict=True)),
         "covariance": [list(row) for row in stats.covariance],
@@ -130,11 +139,12 @@ def _stats(stats: FitStats, final_loss: float) -> dict[str, Any]:
         "closed_form": {
             "params": dict(zip(names, stats.closed_form, strict=True)),
             "loss": stats.closed_form_loss,
-        },
-        "gap": {
-            "params": dict(zip(names, stats.gap, strict=True)),
-            "loss": final_loss - stats.closed_form_loss,
-        },
+        }
+        if closed_ok
+        else None,
+        "gap": {"params": dict(zip(names, gap[:2], strict=True)), "loss": gap[2]}
+        if closed_ok and _finite(*gap)
+        else None,
         "r_squared": stats.r_squared,
         "residual_std": stats.residual_std,
     }
