@@ -8,7 +8,12 @@ import httpx
 import numpy as np
 import pytest
 
-from service.api.schemas import GAUSSIAN_BATCH_EXAMPLE, LINEAR_BATCH_EXAMPLE
+from service.api.schemas import (
+    GAUSSIAN_BATCH_EXAMPLE,
+    LINEAR_BATCH_EXAMPLE,
+    GaussianBatchResponse,
+    LinearBatchResponse,
+)
 from service.fitting import FitEngine, FitResult
 from service.fitting.reference import gaussian_closed_form, linear_closed_form
 from tests.conftest import app_settings, running_app
@@ -158,3 +163,23 @@ async def test_batches_take_json_only(client: httpx.AsyncClient) -> None:
     r = await client.post(LINEAR, json=LINEAR_BATCH_EXAMPLE, params={"epochs": "5"})
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["query", "epochs"]
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "body"),
+    [
+        (LINEAR, LinearBatchResponse, LINEAR_BATCH_EXAMPLE),
+        (GAUSSIAN, GaussianBatchResponse, GAUSSIAN_BATCH_EXAMPLE),
+    ],
+)
+async def test_batch_answers_are_exactly_their_response_model(
+    client: httpx.AsyncClient,
+    path: str,
+    model: type[LinearBatchResponse | GaussianBatchResponse],
+    body: dict[str, Any],
+) -> None:
+    """The batch answer is serialized without the model (for speed): it must still be exactly
+    what the model would produce, no field missing, extra or differently typed."""
+    r = await client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    assert model.model_validate_json(r.content).model_dump(mode="json") == r.json()
