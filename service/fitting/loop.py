@@ -25,7 +25,7 @@ from service.fitting.losses import mse_from_moments, nll_from_moments
 from service.fitting.options import (
     CONVERGED_RTOL,
     NO_STOPPING,
-    OPTIMIZER_IDS,
+    OPTIMIZERS,
     SGD,
     Optimizer,
     OptimizerName,
@@ -72,9 +72,10 @@ LossFn = Callable[[Any, Any], Any]
 #: The slots are the optimizer's (momentum's velocity, Adam's two moments); ``best_loss`` and
 #: ``stall`` serve the loss tolerance.
 STATE_SIZE = 9
-#: [learning_rate, steps, optimizer id, momentum|beta_1, beta_2, epsilon, tolerance, patience,
-#: gradient_tolerance]; a negative tolerance disables that criterion.
-CONTROLS_SIZE = 9
+#: [learning_rate, steps, momentum|beta_1, beta_2, epsilon, tolerance, patience,
+#: gradient_tolerance]; a negative tolerance disables that criterion. (The update rule and
+#: whether the stopping rules run are chosen by the loop variant.)
+CONTROLS_SIZE = 8
 #: How a chunk ended.
 RUNNING, CONVERGED, NON_FINITE = 0, 1, 2
 _HEAD = STATE_SIZE + 2 + CURVATURE_SIZE
@@ -109,8 +110,8 @@ def _compile_chunk(
     )
     def run(summary: Any, state: Any, controls: Any) -> Any:
         learning_rate, steps = controls[0], tf.cast(controls[1], tf.int32)
-        beta_1, beta_2, epsilon = controls[3], controls[4], controls[5]
-        tolerance, patience, gradient_tolerance = controls[6], controls[7], controls[8]
+        beta_1, beta_2, epsilon = controls[2], controls[3], controls[4]
+        tolerance, patience, gradient_tolerance = controls[5], controls[6], controls[7]
         history = tf.TensorArray(tf.float64, size=chunk, element_shape=[])
 
         def epoch(i: Any, s: Any, history: Any, status: Any) -> Any:
@@ -167,7 +168,7 @@ def _compile_chunk(
 #: One compiled loop per (update rule, stopping rules on?).
 Variant = tuple[OptimizerName, bool]
 VARIANTS: tuple[Variant, ...] = tuple(
-    (name, stopping) for name in ("sgd", "momentum", "adam") for stopping in (False, True)
+    (name, stopping) for name in OPTIMIZERS for stopping in (False, True)
 )
 DEFAULT_VARIANT: Variant = ("sgd", False)
 
@@ -639,7 +640,6 @@ def _controls(
         [
             learning_rate,
             steps,
-            OPTIMIZER_IDS[optimizer.name],
             optimizer.first_rate,
             optimizer.beta_2,
             optimizer.epsilon,

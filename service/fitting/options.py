@@ -8,8 +8,7 @@ from typing import Literal
 
 OptimizerName = Literal["sgd", "momentum", "adam"]
 
-#: Ids the compiled loop switches on.
-OPTIMIZER_IDS: dict[OptimizerName, int] = {"sgd": 0, "momentum": 1, "adam": 2}
+OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +27,7 @@ class Optimizer:
     epsilon: float = 1e-7
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZER_IDS:
+        if self.name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.name!r}")
         for name in ("momentum", "beta_1", "beta_2"):
             value = getattr(self, name)
