@@ -91,7 +91,10 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _fit(request: Request, worker: FitWorker, job: Job, timeout_s: float | None) -> FitResult:
+async def fit_while_connected(
+    request: Request, worker: FitWorker, job: Job, timeout_s: float | None
+) -> FitResult:
+    """The fit, abandoned if the client disconnects first."""
     return await unless_disconnected(request, worker.fit(job, timeout_s))
 
 
@@ -204,7 +207,7 @@ async def _single_fit(
             every = progress_step(body.epochs, body.progress_every)
             events = fit_events(request, worker, job, body.timeout_s, every, respond)
             return EventStream(events, resources.pop_all())
-        return respond(await _fit(request, worker, job, body.timeout_s))
+        return respond(await fit_while_connected(request, worker, job, body.timeout_s))
     finally:
         await resources.aclose()
 

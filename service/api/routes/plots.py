@@ -15,8 +15,13 @@ from service.api.parsing import (
     parse_linear,
     parse_linear_binary,
 )
-from service.api.requests import parse_request, unless_disconnected
-from service.api.routes.fits import FIT_RESPONSES, gaussian_job, linear_job
+from service.api.requests import parse_request
+from service.api.routes.fits import (
+    FIT_RESPONSES,
+    fit_while_connected,
+    gaussian_job,
+    linear_job,
+)
 from service.api.schemas import (
     GAUSSIAN_EXAMPLE,
     LINEAR_EXAMPLE,
@@ -59,7 +64,7 @@ async def plot_linear(request: Request, worker: WorkerDep, settings: SettingsDep
     async with worker.admit():
         parsed = await parse_request(request, worker, settings, parse_linear, parse_linear_binary)
         job = linear_job(parsed)
-        result = await unless_disconnected(request, worker.fit(job, parsed.request.timeout_s))
+        result = await fit_while_connected(request, worker, job, parsed.request.timeout_s)
         x, y = parsed.arrays["x"], parsed.arrays["y"]
         params, history = result.params, result.loss_history
         png = await asyncio.to_thread(
@@ -89,7 +94,7 @@ async def plot_gaussian(request: Request, worker: WorkerDep, settings: SettingsD
             request, worker, settings, parse_gaussian, parse_gaussian_binary
         )
         job = gaussian_job(parsed)
-        result = await unless_disconnected(request, worker.fit(job, parsed.request.timeout_s))
+        result = await fit_while_connected(request, worker, job, parsed.request.timeout_s)
         y = parsed.arrays["y"]
         mean, std = result.params["mean"], result.params["std"]
 
