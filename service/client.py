@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -125,15 +126,16 @@ class _Call:
     params: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
 
+    def arguments(self) -> dict[str, Any]:
+        return {
+            "json": self.json,
+            "content": self.content,
+            "params": self.params or None,
+            "headers": self.headers or None,
+        }
+
     def request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
-        return http.build_request(
-            self.method,
-            self.path,
-            json=self.json,
-            content=self.content,
-            params=self.params or None,
-            headers=self.headers or None,
-        )
+        return http.build_request(self.method, self.path, **self.arguments())
 
 
 @dataclass(frozen=True)
@@ -243,23 +245,40 @@ def _event(name: str, data: str, model: type[ResponseT]) -> Progress | ResponseT
     raise FitFailed(422, body.get("detail"), body)
 
 
-class _Policy:
-    def __init__(self, timeout: float, max_retries: int, max_retry_wait: float) -> None:
-        self.timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        self.max_retries = max_retries
-        self.max_retry_wait = max_retry_wait
+class _Base:
+    """What both clients share: settings, retry policy and how each call is built."""
 
-    def wait(self, error: TapefitError, attempt: int) -> float | None:
-        """Seconds to wait before retrying, or None to give up."""
-        if not isinstance(error, Overloaded) or attempt >= self.max_retries:
-            return None
-        return min(error.retry_after, self.max_retry_wait)
+    def __init__(
+        self, timeout: float, max_retries: int, max_retry_wait: float, binary: bool
+    ) -> None:
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self._max_retries = max_retries
+        self._max_retry_wait = max_retry_wait
+        self._binary = binary
+
+    def _wait_or_raise(self, response: httpx.Response, attempt: int) -> float:
+        """Seconds to wait before retrying a failed ``response``; raises its error instead
+        unless it is a 429/503 with retries left."""
+        error = _error(response)
+        if not isinstance(error, Overloaded) or attempt >= self._max_retries:
+            raise error
+        return min(error.retry_after, self._max_retry_wait)
+
+    def _linear(
+        self, path: str, x: Values, y: Values, options: dict[str, Any], accept: str | None = None
+    ) -> _Call:
+        return _fit_call(path, LinearOptions, {"x": x, "y": y}, options, self._binary, accept)
+
+    def _gaussian(
+        self, path: str, y: Values, options: dict[str, Any], accept: str | None = None
+    ) -> _Call:
+        return _fit_call(path, GaussianOptions, {"y": y}, options, self._binary, accept)
 
 
 # -- the clients ---------------------------------------------------------------------------------
 
 
-class Client:
+class Client(_Base):
     """Blocking client. Use as a context manager, or call :meth:`close`."""
 
     def __init__(
@@ -272,11 +291,8 @@ class Client:
         binary: bool = True,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._policy = _Policy(timeout, max_retries, max_retry_wait)
-        self._binary = binary
-        self._http = httpx.Client(
-            base_url=base_url, timeout=self._policy.timeout, transport=transport
-        )
+        super().__init__(timeout, max_retries, max_retry_wait, binary)
+        self._http = httpx.Client(base_url=base_url, timeout=self._timeout, transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -287,14 +303,11 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    # fits
     def fit_linear(self, x: Values, y: Values, **options: Any) -> LinearFitResponse:
-        call = _fit_call("/v1/fits/linear", LinearOptions, {"x": x, "y": y}, options, self._binary)
-        return self._model(call, LinearFitResponse)
+        return self._model(self._linear("/v1/fits/linear", x, y, options), LinearFitResponse)
 
     def fit_gaussian(self, y: Values, **options: Any) -> GaussianFitResponse:
-        call = _fit_call("/v1/fits/gaussian", GaussianOptions, {"y": y}, options, self._binary)
-        return self._model(call, GaussianFitResponse)
+        return self._model(self._gaussian("/v1/fits/gaussian", y, options), GaussianFitResponse)
 
     def fit_linear_batch(
         self, datasets: Sequence[Mapping[str, Any]], **options: Any
@@ -306,33 +319,26 @@ class Client:
     ) -> GaussianBatchResponse:
         return self._model(_batch_call("gaussian", datasets, options), GaussianBatchResponse)
 
-    # progress
     def stream_linear(
         self, x: Values, y: Values, **options: Any
     ) -> Iterator[Progress | LinearFitResponse]:
-        call = _fit_call(
-            "/v1/fits/linear", LinearOptions, {"x": x, "y": y}, options, self._binary, STREAM
-        )
+        call = self._linear("/v1/fits/linear", x, y, options, STREAM)
         return self._stream(call, LinearFitResponse)
 
     def stream_gaussian(
         self, y: Values, **options: Any
     ) -> Iterator[Progress | GaussianFitResponse]:
-        call = _fit_call(
-            "/v1/fits/gaussian", GaussianOptions, {"y": y}, options, self._binary, STREAM
-        )
+        call = self._gaussian("/v1/fits/gaussian", y, options, STREAM)
         return self._stream(call, GaussianFitResponse)
 
-    # plots (PNG bytes)
     def plot_linear(self, x: Values, y: Values, **options: Any) -> bytes:
-        call = _fit_call("/v1/plots/linear", LinearOptions, {"x": x, "y": y}, options, self._binary)
-        return self._send(call).content
+        """PNG bytes."""
+        return self._send(self._linear("/v1/plots/linear", x, y, options)).content
 
     def plot_gaussian(self, y: Values, **options: Any) -> bytes:
-        call = _fit_call("/v1/plots/gaussian", GaussianOptions, {"y": y}, options, self._binary)
-        return self._send(call).content
+        """PNG bytes."""
+        return self._send(self._gaussian("/v1/plots/gaussian", y, options)).content
 
-    # synthetic data
     def linear_dataset(self, n: int, **options: Any) -> Dataset:
         return self._model(_dataset_call("linear", {"n": n, **options}), Dataset)
 
@@ -342,28 +348,20 @@ class Client:
     def ready(self) -> bool:
         return self._http.get("/readyz").status_code == 200
 
-    # transport
     def _model(self, call: _Call, model: type[ResponseT]) -> ResponseT:
         return model.model_validate_json(self._send(call).content)
 
     def _send(self, call: _Call) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             response = self._http.send(call.request(self._http))
             if response.is_success:
-                return response
-            error = _error(response)
-            wait = self._policy.wait(error, attempt)
-            if wait is None:
-                raise error
-            time.sleep(wait)
-            attempt += 1
+                break
+            time.sleep(self._wait_or_raise(response, attempt))
+        return response
 
     def _stream(self, call: _Call, model: type[ResponseT]) -> Iterator[Progress | ResponseT]:
-        attempt = 0
-        while True:
-            response = self._http.send(call.request(self._http), stream=True)
-            try:
+        for attempt in itertools.count():
+            with self._http.stream(call.method, call.path, **call.arguments()) as response:
                 if response.is_success:
                     events = _Events()
                     for line in response.iter_lines():
@@ -371,17 +369,10 @@ class Client:
                             yield _event(*parsed, model)
                     return
                 response.read()
-                error = _error(response)
-            finally:
-                response.close()
-            wait = self._policy.wait(error, attempt)
-            if wait is None:
-                raise error
-            time.sleep(wait)
-            attempt += 1
+            time.sleep(self._wait_or_raise(response, attempt))
 
 
-class AsyncClient:
+class AsyncClient(_Base):
     """The same methods as :class:`Client`, as coroutines (streams as async iterators)."""
 
     def __init__(
@@ -394,10 +385,9 @@ class AsyncClient:
         binary: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._policy = _Policy(timeout, max_retries, max_retry_wait)
-        self._binary = binary
+        super().__init__(timeout, max_retries, max_retry_wait, binary)
         self._http = httpx.AsyncClient(
-            base_url=base_url, timeout=self._policy.timeout, transport=transport
+            base_url=base_url, timeout=self._timeout, transport=transport
         )
 
     async def __aenter__(self) -> AsyncClient:
@@ -410,11 +400,11 @@ class AsyncClient:
         await self._http.aclose()
 
     async def fit_linear(self, x: Values, y: Values, **options: Any) -> LinearFitResponse:
-        call = _fit_call("/v1/fits/linear", LinearOptions, {"x": x, "y": y}, options, self._binary)
+        call = self._linear("/v1/fits/linear", x, y, options)
         return await self._model(call, LinearFitResponse)
 
     async def fit_gaussian(self, y: Values, **options: Any) -> GaussianFitResponse:
-        call = _fit_call("/v1/fits/gaussian", GaussianOptions, {"y": y}, options, self._binary)
+        call = self._gaussian("/v1/fits/gaussian", y, options)
         return await self._model(call, GaussianFitResponse)
 
     async def fit_linear_batch(
@@ -430,26 +420,20 @@ class AsyncClient:
     def stream_linear(
         self, x: Values, y: Values, **options: Any
     ) -> AsyncIterator[Progress | LinearFitResponse]:
-        call = _fit_call(
-            "/v1/fits/linear", LinearOptions, {"x": x, "y": y}, options, self._binary, STREAM
-        )
+        call = self._linear("/v1/fits/linear", x, y, options, STREAM)
         return self._stream(call, LinearFitResponse)
 
     def stream_gaussian(
         self, y: Values, **options: Any
     ) -> AsyncIterator[Progress | GaussianFitResponse]:
-        call = _fit_call(
-            "/v1/fits/gaussian", GaussianOptions, {"y": y}, options, self._binary, STREAM
-        )
+        call = self._gaussian("/v1/fits/gaussian", y, options, STREAM)
         return self._stream(call, GaussianFitResponse)
 
     async def plot_linear(self, x: Values, y: Values, **options: Any) -> bytes:
-        call = _fit_call("/v1/plots/linear", LinearOptions, {"x": x, "y": y}, options, self._binary)
-        return (await self._send(call)).content
+        return (await self._send(self._linear("/v1/plots/linear", x, y, options))).content
 
     async def plot_gaussian(self, y: Values, **options: Any) -> bytes:
-        call = _fit_call("/v1/plots/gaussian", GaussianOptions, {"y": y}, options, self._binary)
-        return (await self._send(call)).content
+        return (await self._send(self._gaussian("/v1/plots/gaussian", y, options))).content
 
     async def linear_dataset(self, n: int, **options: Any) -> Dataset:
         return await self._model(_dataset_call("linear", {"n": n, **options}), Dataset)
@@ -464,25 +448,18 @@ class AsyncClient:
         return model.model_validate_json((await self._send(call)).content)
 
     async def _send(self, call: _Call) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             response = await self._http.send(call.request(self._http))
             if response.is_success:
-                return response
-            error = _error(response)
-            wait = self._policy.wait(error, attempt)
-            if wait is None:
-                raise error
-            await asyncio.sleep(wait)
-            attempt += 1
+                break
+            await asyncio.sleep(self._wait_or_raise(response, attempt))
+        return response
 
     async def _stream(
         self, call: _Call, model: type[ResponseT]
     ) -> AsyncIterator[Progress | ResponseT]:
-        attempt = 0
-        while True:
-            response = await self._http.send(call.request(self._http), stream=True)
-            try:
+        for attempt in itertools.count():
+            async with self._http.stream(call.method, call.path, **call.arguments()) as response:
                 if response.is_success:
                     events = _Events()
                     async for line in response.aiter_lines():
@@ -490,14 +467,7 @@ class AsyncClient:
                             yield _event(*parsed, model)
                     return
                 await response.aread()
-                error = _error(response)
-            finally:
-                await response.aclose()
-            wait = self._policy.wait(error, attempt)
-            if wait is None:
-                raise error
-            await asyncio.sleep(wait)
-            attempt += 1
+            await asyncio.sleep(self._wait_or_raise(response, attempt))
 
 
 STREAM = "text/event-stream"

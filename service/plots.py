@@ -63,9 +63,7 @@ def _strided(*arrays: Array) -> tuple[Array, ...]:
 def _loss_curve(axes: Axes, history: Array, every: int, label: str) -> None:
     epochs = np.arange(history.size) * every
     axes.plot(epochs, history, "b-")
-    axes.set_xlabel("Epochs")
-    axes.set_ylabel(label)
-    axes.set_title("Training loss")
+    axes.set(xlabel="Epochs", ylabel=label, title="Training loss")
     if history.size and history.min() > 0 and history.max() / history.min() > 100:
         axes.set_yscale("log")
 
@@ -84,9 +82,7 @@ def linear_png(
     data_axes.plot(
         grid, slope * grid + intercept, "r", label=f"y = {slope:.4g}·x + {intercept:.4g}"
     )
-    data_axes.set_xlabel("x")
-    data_axes.set_ylabel("y")
-    data_axes.set_title("Data and fitted line")
+    data_axes.set(xlabel="x", ylabel="y", title="Data and fitted line")
     data_axes.legend()
     _loss_curve(loss_axes, history, every, "Cost function\n(Mean Squared Error)")
     return _png(figure)
@@ -104,9 +100,9 @@ def gaussian_png(
         samples, bins=bins, rwidth=0.9, alpha=0.5, label=f"N({mean:.4g}, {std:.4g}²) samples"
     )
     hist_axes.hist(y, bins=bins, rwidth=0.9, alpha=0.5, label="data")
-    hist_axes.set_xlabel("y")
-    hist_axes.set_ylabel("Count")
-    hist_axes.set_title("Training data vs. generated data after fitting")
+    hist_axes.set(
+        xlabel="y", ylabel="Count", title="Training data vs. generated data after fitting"
+    )
     hist_axes.legend()
     _loss_curve(loss_axes, history, every, "Cost function\n(Negative Log-Likelihood)")
     return _png(figure)

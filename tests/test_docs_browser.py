@@ -82,14 +82,7 @@ def test_try_it_out_executes_a_fit(
     page.goto(f"{server.url}/docs", wait_until="networkidle")
 
     block = page.locator(f"#operations-fits-{operation}")
-    block.locator(".opblock-summary").click()
-    block.get_by_role("button", name="Try it out").click()
-    block.get_by_role("button", name="Execute").click()
-
-    live = block.locator(".live-responses-table")
-    status = live.locator("tr.response td.response-col_status").first
-    status.wait_for(timeout=30_000)
-    assert status.inner_text().strip().startswith("200")
+    live = _execute(page, f"#operations-fits-{operation}")
     body_text = live.locator("tr.response .highlight-code pre").first.inner_text()
     body = json.loads(body_text)
     assert param in body["params"]

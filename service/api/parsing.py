@@ -22,9 +22,11 @@ from pydantic_core import PydanticCustomError
 
 from service.api.schemas import (
     GaussianBatchRequest,
+    GaussianDatasetRequest,
     GaussianFitRequest,
     GaussianOptions,
     LinearBatchRequest,
+    LinearDatasetRequest,
     LinearFitRequest,
     LinearOptions,
     constant_error,
@@ -100,12 +102,16 @@ def _parse(
     return Parsed(slim, arrays)
 
 
-def parse_model(model: type[RequestT], body: bytes, context: dict[str, Any]) -> RequestT | Invalid:
-    """A small JSON body with no data arrays."""
-    try:
-        return model.model_validate_json(body, context=context)
-    except ValidationError as exc:
-        return _errors(exc, "body")
+def parse_linear_dataset(
+    body: bytes, context: dict[str, Any]
+) -> Parsed[LinearDatasetRequest] | Invalid:
+    return _parse(LinearDatasetRequest, (), body, context)
+
+
+def parse_gaussian_dataset(
+    body: bytes, context: dict[str, Any]
+) -> Parsed[GaussianDatasetRequest] | Invalid:
+    return _parse(GaussianDatasetRequest, (), body, context)
 
 
 def parse_linear(body: bytes, context: dict[str, Any]) -> Parsed[LinearOptions] | Invalid:

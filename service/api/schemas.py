@@ -14,6 +14,8 @@ from pydantic_core import PydanticCustomError
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 PositiveFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
+#: A seed for the random parts of a request (63 bits, so it round-trips through any client).
+Seed = Annotated[int, Field(strict=True, ge=0, lt=2**63)]
 
 DEFAULT_LEARNING_RATE = 0.1
 DEFAULT_EPOCHS = 1000
@@ -155,7 +157,7 @@ class _TrainingOptions(_Strict):
         "the parameters reached.",
         examples=[10.0],
     )
-    seed: Annotated[int, Field(strict=True, ge=0, lt=2**63)] | None = Field(
+    seed: Seed | None = Field(
         None,
         description="Seeds the random initial values: the same request with the same seed "
         "gives the same response. Omitted: a fresh seed is drawn and returned.",
@@ -637,7 +639,7 @@ class _DatasetRequest(_Strict):
     n: Annotated[int, Field(strict=True, ge=2)] = Field(
         description="Number of points (>= 2, at most TAPEFIT_MAX_DATASET_POINTS)."
     )
-    seed: Annotated[int, Field(strict=True, ge=0, lt=2**63)] | None = Field(
+    seed: Seed | None = Field(
         None,
         description="Seeds the draws: the same request with the same seed gives the same data "
         "on every replica. Omitted: a fresh seed is drawn and returned.",
@@ -649,14 +651,20 @@ class _DatasetRequest(_Strict):
         return _dataset_size(n, info)
 
 
+LINEAR_DATASET_EXAMPLE: dict[str, Any] = {
+    "n": 100,
+    "slope": 1.0,
+    "intercept": 2.0,
+    "noise_std": 0.15,
+    "seed": 1,
+}
+GAUSSIAN_DATASET_EXAMPLE: dict[str, Any] = {"n": 1000, "mean": 2.0, "std": 1.0, "seed": 1}
+
+
 class LinearDatasetRequest(_DatasetRequest):
     """The seed's `generate_noisy_data`: x ~ U(0, 1), y = slope·x + intercept + N(0, noise_std²)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"n": 100, "slope": 1.0, "intercept": 2.0, "noise_std": 0.15, "seed": 1}]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [LINEAR_DATASET_EXAMPLE]})
 
     slope: FiniteFloat = Field(1.0, description="True slope m (the seed's 1).")
     intercept: FiniteFloat = Field(2.0, description="True intercept b (the seed's 2).")
@@ -668,9 +676,7 @@ class LinearDatasetRequest(_DatasetRequest):
 class GaussianDatasetRequest(_DatasetRequest):
     """The seed's `generate_gaussian_data`: y ~ N(mean, std²), and x ~ U(0, 1) to plot against."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"n": 1000, "mean": 2.0, "std": 1.0, "seed": 1}]}
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [GAUSSIAN_DATASET_EXAMPLE]})
 
     mean: FiniteFloat = Field(2.0, description="True mean (the seed's 2).")
     std: PositiveFloat = Field(1.0, description="True standard deviation (> 0; the seed's 1).")

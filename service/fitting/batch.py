@@ -39,10 +39,10 @@ from service.fitting.options import NO_STOPPING
 from service.fitting.results import FitDiverged, FitError, FitResult, StopReason
 from service.fitting.stats import (
     CURVATURE_SIZE,
-    WeightSummary,
     curvature_rows,
     gaussian_stats,
     linear_stats,
+    weight_summary,
 )
 
 Array = npt.NDArray[np.float64]
@@ -344,8 +344,7 @@ def _result(
     except FitDiverged as diverged:
         return diverged
     first, second = float(row.params[0]), float(row.params[1])
-    n = int(summary[0])
-    weights = WeightSummary(total=float(n), count=n, log_sum=0.0, points=n)
+    weights = weight_summary(None, int(summary[0]))
     if model == "linear":
         params = {"slope": first, "intercept": second}
         stats = linear_stats(row.curvature, summary, weights, [first, second])

@@ -14,6 +14,7 @@ import math
 import random
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -41,10 +42,10 @@ from service.fitting.results import (
 )
 from service.fitting.stats import (
     CURVATURE_SIZE,
-    WeightSummary,
     curvature,
     gaussian_stats,
     linear_stats,
+    weight_summary,
 )
 from service.fitting.summary import (
     gaussian_moments,
@@ -322,33 +323,29 @@ class FitEngine:
         _check_hyperparameters(learning_rate, epochs, initial, history_every)
         xs, ys = _array(x), _array(y)
         ws = _weights(weights, xs.size)
-        per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
-        controls = _controls(learning_rate, min(per_call, epochs), optimizer, stopping)
-        variant = (optimizer.name, stopping.enabled)
-        loop = self._loop("linear", variant)
-        state = _initial_state(initial)
-        if ws is not None or xs.size < self.graph_min_points:
-            summary = linear_moments_numpy(xs, ys, ws)
-            _check(summary, 3, "x")
-            first = _Chunk(loop(_vector(summary), state, _vector(controls)).numpy())
-        else:
-            start = self._start("linear")
-            first_controls = _vector(_in_start(controls, variant))
-            values = start(_vector(xs), _vector(ys), state, first_controls).numpy()
-            summary = values[:6]
-            _check(summary, 3, "x")
-            first = self._first(loop, variant, summary, _Chunk(values[6:]), controls)
-        run = self._continue(
-            loop,
-            summary,
-            first,
-            controls,
+        plan = self._plan(
+            "linear",
+            learning_rate,
             epochs,
+            optimizer,
+            stopping,
             should_stop,
             on_progress,
             progress_every,
         )
-        stats = linear_stats(run.curvature, summary, _extras(ws, xs.size), run.params)
+        state = _initial_state(initial)
+        if ws is not None or xs.size < self.graph_min_points:
+            summary = linear_moments_numpy(xs, ys, ws)
+            _check(summary, 3, "x")
+            first = plan.first(summary, state)
+        else:
+            start = self._start("linear")
+            values = start(_vector(xs), _vector(ys), state, plan.start_controls()).numpy()
+            summary = values[:6]
+            _check(summary, 3, "x")
+            first = plan.after_start(summary, _Chunk(values[6:]))
+        run = plan.run(summary, first)
+        stats = linear_stats(run.curvature, summary, weight_summary(ws, xs.size), run.params)
         return _result("linear", ("slope", "intercept"), run, stats, stopping, history_every, seed)
 
     def fit_gaussian(
@@ -377,10 +374,16 @@ class FitEngine:
         ``progress_every`` as for :meth:`fit_linear`.
         """
         _check_hyperparameters(learning_rate, epochs, initial or (0.0, 1.0), history_every)
-        per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
-        controls = _controls(learning_rate, min(per_call, epochs), optimizer, stopping)
-        variant = (optimizer.name, stopping.enabled)
-        loop = self._loop("gaussian", variant)
+        plan = self._plan(
+            "gaussian",
+            learning_rate,
+            epochs,
+            optimizer,
+            stopping,
+            should_stop,
+            on_progress,
+            progress_every,
+        )
         m0, s0 = initial or (0.0, 1.0)
         ys = _array(y)
         ws = _weights(weights, ys.size)
@@ -393,43 +396,42 @@ class FitEngine:
                 with np.errstate(over="ignore", invalid="ignore"):
                     m0, s0 = m_factor * summary[1], s_factor * np.sqrt(summary[2])
             _check(summary, 2, "y", (m0, s0))
-            state = _initial_state((m0, s0))
-            first = _Chunk(loop(_vector(summary), state, _vector(controls)).numpy())
+            first = plan.first(summary, _initial_state((m0, s0)))
         else:
             flags = _vector((float(initial is None), float(reduction == "sum")))
+            start = self._start("gaussian")
             state = _initial_state((m0, s0))
-            first_controls = _vector(_in_start(controls, variant))
-            values = self._start("gaussian")(_vector(ys), state, first_controls, flags).numpy()
+            values = start(_vector(ys), state, plan.start_controls(), flags).numpy()
             summary = values[:4]
             _check(summary, 2, "y", values[4:6])
-            first = self._first(loop, variant, summary, _Chunk(values[4:]), controls)
-        run = self._continue(
-            loop,
-            summary,
-            first,
-            controls,
-            epochs,
-            should_stop,
-            on_progress,
-            progress_every,
-        )
-        stats = gaussian_stats(run.curvature, summary, _extras(ws, ys.size), run.params)
+            first = plan.after_start(summary, _Chunk(values[4:]))
+        run = plan.run(summary, first)
+        stats = gaussian_stats(run.curvature, summary, weight_summary(ws, ys.size), run.params)
         run.params[1] = abs(run.params[1])
         return _result("gaussian", ("mean", "std"), run, stats, stopping, history_every, seed)
 
-    @staticmethod
-    def _first(
-        loop: Callable[..., Any],
-        variant: Variant,
-        summary: npt.NDArray[np.float64],
-        started: _Chunk,
-        controls: npt.NDArray[np.float64],
-    ) -> _Chunk:
-        """The first chunk of a large fit: the start function ran it with the default loop,
-        or, for another variant, ran no epochs and left the initial state for ``loop``."""
-        if variant == DEFAULT_VARIANT:
-            return started
-        return _Chunk(loop(_vector(summary), _vector(started.state), _vector(controls)).numpy())
+    def _plan(
+        self,
+        model: str,
+        learning_rate: float,
+        epochs: int,
+        optimizer: Optimizer,
+        stopping: Stopping,
+        should_stop: StopCheck | None,
+        on_progress: Progress | None,
+        progress_every: int | None,
+    ) -> _Plan:
+        per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
+        variant = (optimizer.name, stopping.enabled)
+        return _Plan(
+            loop=self._loop(model, variant),
+            variant=variant,
+            controls=_controls(learning_rate, min(per_call, epochs), optimizer, stopping),
+            epochs=epochs,
+            should_stop=should_stop,
+            on_progress=on_progress,
+            progress_every=progress_every,
+        )
 
     def warm_up(self, small: bool = True, large: bool = True, variants: bool = True) -> None:
         """Run the compiled functions once so no request pays tracing or XLA compilation:
@@ -469,25 +471,50 @@ class FitEngine:
             functions[f"{model}_loop_{name}" + ("_stopping" if stopping else "")] = fn
         return {name: int(fn.experimental_get_tracing_count()) for name, fn in functions.items()}
 
-    # -- the driver --------------------------------------------------------------------------
 
-    def _continue(
-        self,
-        chunk_fn: Any,
-        summary: npt.NDArray[np.float64],
-        first: _Chunk,
-        controls: npt.NDArray[np.float64],
-        epochs: int,
-        should_stop: StopCheck | None,
-        on_progress: Progress | None = None,
-        progress_every: int | None = None,
-    ) -> _Run:
-        """Check each chunk's outcome and run further chunks until ``epochs`` or a stop.
-        Chunks are at most the first chunk's length (``controls[1]``) and end on multiples of
-        ``progress_every``, where progress is reported (and at the end)."""
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one fit runs: its compiled loop (variant), controls, length and callbacks. Chunks
+    are at most the first chunk's length (``controls[1]``) and end on multiples of
+    ``progress_every``, where progress is reported (and at the end)."""
+
+    loop: Callable[..., Any]
+    variant: Variant
+    controls: npt.NDArray[np.float64]
+    epochs: int
+    should_stop: StopCheck | None
+    on_progress: Progress | None
+    progress_every: int | None
+
+    def first(self, summary: npt.NDArray[np.float64], state: Any) -> _Chunk:
+        """The first chunk, from the summary numpy computed (small or weighted data)."""
+        return _Chunk(self.loop(_vector(summary), state, _vector(self.controls)).numpy())
+
+    def start_controls(self) -> Any:
+        """Controls for a start function, whose built-in first chunk is the default loop's:
+        other variants take no epochs there."""
+        if self.variant == DEFAULT_VARIANT:
+            return _vector(self.controls)
+        idle = self.controls.copy()
+        idle[1] = 0
+        return _vector(idle)
+
+    def after_start(self, summary: npt.NDArray[np.float64], started: _Chunk) -> _Chunk:
+        """The first chunk of a large fit: the start function ran it with the default loop,
+        or, for another variant, ran no epochs and left the initial state for this loop."""
+        if self.variant == DEFAULT_VARIANT:
+            return started
+        return _Chunk(
+            self.loop(_vector(summary), _vector(started.state), _vector(self.controls)).numpy()
+        )
+
+    def run(self, summary: npt.NDArray[np.float64], first: _Chunk) -> _Run:
+        """Check each chunk's outcome and run further chunks until ``epochs`` or a stop."""
+        controls, epochs = self.controls, self.epochs
         learning_rate = float(controls[0])
         per_call = int(controls[1])
-        every = progress_every or epochs
+        every = self.progress_every or epochs
+        should_stop = self.should_stop
         chunk = first
         pieces: list[npt.NDArray[np.float64]] = []
         stop: StopReason = "max_epochs"
@@ -503,15 +530,15 @@ class FitEngine:
             ending = stop == "converged" or done_total >= epochs
             if not ending and should_stop is not None and (reason := should_stop()) is not None:
                 stop, ending = reason, True
-            if on_progress is not None and (ending or done_total % every == 0):
-                on_progress(done_total, chunk.final)
+            if self.on_progress is not None and (ending or done_total % every == 0):
+                self.on_progress(done_total, chunk.final)
             if ending:
                 break
             if summary_t is None:
                 summary_t = _vector(summary)
             controls = controls.copy()
             controls[1] = min(per_call, epochs - done_total, every - done_total % every)
-            chunk = _Chunk(chunk_fn(summary_t, _vector(chunk.state), _vector(controls)).numpy())
+            chunk = _Chunk(self.loop(summary_t, _vector(chunk.state), _vector(controls)).numpy())
         final_loss = chunk.final
         if not math.isfinite(final_loss):
             raise FitDiverged(epoch=done_total, learning_rate=learning_rate)
@@ -528,7 +555,8 @@ def is_converged(stats: FitStats, params: list[float], stopping: Stopping) -> bo
     the gradient is within the caller's gradient_tolerance. (A loss-tolerance stop alone is
     not enough: an oscillating optimizer can stall far from the optimum.)"""
     tolerance = stopping.gradient_tolerance
-    if tolerance is not None and stats.gradient_norm <= tolerance:
+    gradient_norm = stats.gradient_norm
+    if tolerance is not None and gradient_norm is not None and gradient_norm <= tolerance:
         return True
     scale = max(1.0, math.hypot(*params))
     return stats.newton_step is not None and stats.newton_step <= CONVERGED_RTOL * scale
@@ -614,16 +642,6 @@ class _Chunk:
         self.history = values[_HEAD : _HEAD + self.done]
 
 
-def _in_start(controls: npt.NDArray[np.float64], variant: Variant) -> npt.NDArray[np.float64]:
-    """Controls for a start function, whose built-in first chunk is the default loop's: other
-    variants take no epochs there."""
-    if variant == DEFAULT_VARIANT:
-        return controls
-    idle = controls.copy()
-    idle[1] = 0
-    return idle
-
-
 def _only_if(condition: Any, controls: Any) -> Any:
     """``controls`` with zero steps unless ``condition``."""
     steps = tf.where(condition, controls[1], tf.zeros_like(controls[1]))
@@ -667,18 +685,6 @@ def _weights(weights: npt.ArrayLike | None, n: int) -> npt.NDArray[np.float64] |
     if not np.count_nonzero(ws) >= 2:
         raise DegenerateData("fewer than 2 points have a positive weight")
     return ws
-
-
-def _extras(ws: npt.NDArray[np.float64] | None, n: int) -> WeightSummary:
-    if ws is None:
-        return WeightSummary(total=float(n), count=n, log_sum=0.0, points=n)
-    positive = ws[ws > 0.0]
-    return WeightSummary(
-        total=float(ws.sum()),
-        count=int(positive.size),
-        log_sum=float(np.log(positive).sum()),
-        points=n,
-    )
 
 
 def _fresh_seed() -> int:

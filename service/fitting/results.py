@@ -18,7 +18,8 @@ class FitStats:
 
     ``covariance``/``correlation`` are 2x2 in ``names`` order. ``closed_form`` is the exact
     optimum (least squares; weighted mean and population std), ``closed_form_loss`` the loss
-    there, and ``gap`` the fitted minus the closed-form parameters.
+    there, and ``gap`` the fitted minus the closed-form parameters and loss; these three, and
+    any other value that overflows float64, are None.
     """
 
     names: tuple[str, str]
@@ -26,7 +27,7 @@ class FitStats:
     n_used: int
     dof: int
     loss: float
-    gradient_norm: float
+    gradient_norm: float | None
     newton_step: float | None
     std_errors: tuple[float | None, float | None]
     covariance: tuple[tuple[float | None, float | None], tuple[float | None, float | None]]
@@ -34,9 +35,9 @@ class FitStats:
     log_likelihood: float | None
     aic: float | None
     bic: float | None
-    closed_form: tuple[float, float]
-    closed_form_loss: float
-    gap: tuple[float, float]
+    closed_form: tuple[float, float] | None
+    closed_form_loss: float | None
+    gap: tuple[float, float, float] | None
     r_squared: float | None = None
     residual_std: float | None = None
 

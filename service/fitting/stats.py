@@ -150,47 +150,86 @@ def _criteria(loglik: float, n_used: int) -> tuple[float | None, float | None, f
     return loglik, 2.0 * K - 2.0 * loglik, K * math.log(n_used) - 2.0 * loglik
 
 
+def weight_summary(weights: Array | None, n: int) -> WeightSummary:
+    """What the statistics need of the weights (of ``n`` points; None: all weights 1)."""
+    if weights is None:
+        return WeightSummary(total=float(n), count=n, log_sum=0.0, points=n)
+    positive = weights[weights > 0.0]
+    return WeightSummary(
+        total=float(weights.sum()),
+        count=int(positive.size),
+        log_sum=float(np.log(positive).sum()),
+        points=n,
+    )
+
+
+def _stats(
+    names: tuple[str, str],
+    at: _Curvature,
+    weights: WeightSummary,
+    covariance_factor: float,
+    loglik: float,
+    fitted: tuple[float, float],
+    closed: tuple[float, float],
+    closed_loss: float,
+    r_squared: float | None = None,
+    residual_std: float | None = None,
+) -> FitStats:
+    """The parts both models share: uncertainty from the Hessian, the information criteria,
+    and the closed-form check (None where float64 overflows)."""
+    std_errors, covariance, correlation = _uncertainty(at, covariance_factor)
+    loglik_, aic, bic = _criteria(loglik, weights.count)
+    gap = (fitted[0] - closed[0], fitted[1] - closed[1], at.loss - closed_loss)
+    closed_ok = all(math.isfinite(v) for v in (*closed, closed_loss))
+    return FitStats(
+        names=names,
+        n=weights.points,
+        n_used=weights.count,
+        dof=weights.count - K,
+        loss=at.loss,
+        gradient_norm=_finite(at.gradient_norm),
+        newton_step=at.newton_step(),
+        std_errors=std_errors,
+        covariance=covariance,
+        correlation=correlation,
+        log_likelihood=loglik_,
+        aic=aic,
+        bic=bic,
+        closed_form=closed if closed_ok else None,
+        closed_form_loss=closed_loss if closed_ok else None,
+        gap=gap if closed_ok and all(math.isfinite(v) for v in gap) else None,
+        r_squared=r_squared,
+        residual_std=residual_std,
+    )
+
+
 def linear_stats(
     curvature: Array, summary: Array, weights: WeightSummary, params: list[float]
 ) -> FitStats:
     """Statistics of a line (``summary`` = [n, x̄, ȳ, Vxx, Vxy, Vyy], weighted) from the
     :func:`curvature` vector at ``params``."""
     at = _Curvature.of(curvature)
-    loss = at.loss
     x_mean, y_mean, vxx, vxy, vyy = (float(v) for v in summary[1:6])
     slope = vxy / vxx
-    closed = (slope, y_mean - slope * x_mean)
-    closed_loss = max(vyy - vxy * slope, 0.0)
-
     n_used = weights.count
     dof = n_used - K
-    ssr = weights.total * loss  # Σw·r²
+    ssr = weights.total * at.loss  # Σw·r²
     sigma2 = ssr / dof if dof > 0 else math.nan
-    std_errors, cov, correlation = _uncertainty(at, sigma2 * 2.0 / weights.total)
     loglik = (
         -0.5 * n_used * (LOG_2PI + math.log(ssr / n_used) + 1.0) + 0.5 * weights.log_sum
         if ssr > 0.0
         else math.inf
     )
-    loglik_, aic, bic = _criteria(loglik, n_used)
-    return FitStats(
-        names=("slope", "intercept"),
-        n=weights.points,
-        n_used=n_used,
-        dof=dof,
-        loss=loss,
-        gradient_norm=at.gradient_norm,
-        newton_step=at.newton_step(),
-        std_errors=std_errors,
-        covariance=cov,
-        correlation=correlation,
-        log_likelihood=loglik_,
-        aic=aic,
-        bic=bic,
-        closed_form=closed,
-        closed_form_loss=closed_loss,
-        gap=(params[0] - closed[0], params[1] - closed[1]),
-        r_squared=_finite(1.0 - loss / vyy) if vyy > 0.0 else None,
+    return _stats(
+        ("slope", "intercept"),
+        at,
+        weights,
+        covariance_factor=sigma2 * 2.0 / weights.total,
+        loglik=loglik,
+        fitted=(params[0], params[1]),
+        closed=(slope, y_mean - slope * x_mean),
+        closed_loss=max(vyy - vxy * slope, 0.0),
+        r_squared=_finite(1.0 - at.loss / vyy) if vyy > 0.0 else None,
         residual_std=_finite(math.sqrt(sigma2)) if dof > 0 else None,
     )
 
@@ -203,30 +242,15 @@ def gaussian_stats(
     at = _Curvature.of(curvature)
     if params[1] < 0.0:  # report for |s|
         at = at.flipped()
-    loss = at.loss
     y_mean, vyy, scale = float(summary[1]), float(summary[2]), float(summary[3])
-    closed = (y_mean, math.sqrt(vyy))
-    mean, std = params[0], abs(params[1])
-    per_weight = 0.5 * (LOG_2PI + math.log(vyy) + 1.0)  # mean NLL at the optimum
-
-    std_errors, cov, correlation = _uncertainty(at, scale / weights.total)
-    loglik = -loss * weights.total / scale
-    loglik_, aic, bic = _criteria(loglik, weights.count)
-    return FitStats(
-        names=("mean", "std"),
-        n=weights.points,
-        n_used=weights.count,
-        dof=weights.count - K,
-        loss=loss,
-        gradient_norm=at.gradient_norm,
-        newton_step=at.newton_step(),
-        std_errors=std_errors,
-        covariance=cov,
-        correlation=correlation,
-        log_likelihood=loglik_,
-        aic=aic,
-        bic=bic,
-        closed_form=closed,
-        closed_form_loss=per_weight * scale,
-        gap=(mean - closed[0], std - closed[1]),
+    mean_nll = 0.5 * (LOG_2PI + math.log(vyy) + 1.0)  # per unit weight, at the optimum
+    return _stats(
+        ("mean", "std"),
+        at,
+        weights,
+        covariance_factor=scale / weights.total,
+        loglik=-at.loss * weights.total / scale,
+        fitted=(params[0], abs(params[1])),
+        closed=(y_mean, math.sqrt(vyy)),
+        closed_loss=mean_nll * scale,
     )

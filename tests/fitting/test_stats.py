@@ -56,6 +56,7 @@ def test_linear_stats_match_statsmodels(engine: FitEngine, case: int, weighted: 
     assert s.bic == pytest.approx(ols.bic, rel=1e-9)
     assert s.dof == ols.df_resid
     assert s.closed_form == pytest.approx((slope, intercept), rel=1e-9)
+    assert s.gap is not None
     assert abs(s.gap[0]) < 1e-8 and abs(s.gap[1]) < 1e-8
     assert result.converged
 
@@ -99,20 +100,23 @@ def test_gaussian_stats_match_scipy_and_statsmodels(
     np.testing.assert_allclose(
         _floats(s.std_errors), [std / np.sqrt(n), std / np.sqrt(2 * n)], rtol=1e-8
     )
-    assert abs(s.correlation or 0.0) < 1e-6
+    assert s.correlation is not None and abs(s.correlation) < 1e-6
     loglik = s.log_likelihood
     assert loglik is not None
     assert s.aic == pytest.approx(4.0 - 2.0 * loglik, rel=1e-12)
     assert s.bic == pytest.approx(2.0 * np.log(n) - 2.0 * loglik, rel=1e-12)
     assert s.closed_form == pytest.approx((mean, std), rel=1e-12)
+    assert s.closed_form_loss is not None and s.gap is not None
     assert result.final_loss - s.closed_form_loss == pytest.approx(0.0, abs=1e-9)
+    assert s.gap[2] == result.final_loss - s.closed_form_loss
 
 
 def test_gap_shows_an_unconverged_fit(engine: FitEngine) -> None:
     x, y = seed_linear_data(0)
     short = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=3)
     s = short.stats
-    assert s is not None
+    assert s is not None and s.gap is not None and s.closed_form_loss is not None
+    assert s.gradient_norm is not None
     assert not short.converged
     assert abs(s.gap[0]) > 0.01  # the seed's 30 epochs stop well short of least squares
     assert short.final_loss > s.closed_form_loss

@@ -158,7 +158,7 @@ def test_gradient_tolerance_stops_at_a_small_gradient(engine: FitEngine) -> None
     )
     assert result.stop_reason == "converged"
     assert result.epochs_run < 1000
-    assert result.stats is not None
+    assert result.stats is not None and result.stats.gradient_norm is not None
     assert result.stats.gradient_norm <= 1e-8
     mean, std = gaussian_closed_form(y)
     assert result.params["mean"] == pytest.approx(mean, abs=1e-7)

@@ -5,25 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from service.api.deps import SettingsDep
+from service.api.deps import SettingsDep, WorkerDep
 from service.api.openapi import json_only_body
-from service.api.parsing import Invalid, parse_model
-from service.api.requests import media_type
+from service.api.parsing import parse_gaussian_dataset, parse_linear_dataset
+from service.api.requests import parse_request
 from service.api.schemas import (
+    GAUSSIAN_DATASET_EXAMPLE,
+    LINEAR_DATASET_EXAMPLE,
     Dataset,
     ErrorDetail,
     GaussianDatasetRequest,
     LinearDatasetRequest,
     ValidationErrorBody,
-    limits_context,
 )
-from service.settings import Settings
 from service.worker import gaussian_data, linear_data
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -36,22 +36,6 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "the values overflow float64).",
     },
 }
-
-DatasetT = TypeVar("DatasetT", LinearDatasetRequest, GaussianDatasetRequest)
-
-
-async def _request(request: Request, settings: Settings, model: type[DatasetT]) -> DatasetT:
-    media_type(request, binary=False)
-    context = limits_context(
-        settings.max_points,
-        settings.max_epochs,
-        settings.max_work,
-        max_dataset_points=settings.max_dataset_points,
-    )
-    parsed = parse_model(model, await request.body(), context)
-    if isinstance(parsed, Invalid):
-        raise RequestValidationError(parsed.errors)
-    return parsed
 
 
 def _seed(seed: int | None) -> int:
@@ -92,15 +76,15 @@ def _answer(body: bytes | None, fields: dict[str, float]) -> Response:
         {
             "seed": {
                 "summary": "The seed's data: y = x + 2, noise 0.15",
-                "value": {"n": 100, "slope": 1.0, "intercept": 2.0, "noise_std": 0.15, "seed": 1},
+                "value": LINEAR_DATASET_EXAMPLE,
             }
         },
     ),
 )
-async def linear_dataset(request: Request, settings: SettingsDep) -> Response:
+async def linear_dataset(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
     """x ~ U(0, 1) and y = slope·x + intercept + N(0, noise_std²): post the answer to
     `/v1/fits/linear` to fit it."""
-    body = await _request(request, settings, LinearDatasetRequest)
+    body = (await parse_request(request, worker, settings, parse_linear_dataset)).request
     seed = _seed(body.seed)
 
     def make() -> bytes | None:
@@ -121,15 +105,15 @@ async def linear_dataset(request: Request, settings: SettingsDep) -> Response:
         {
             "seed": {
                 "summary": "The seed's data: N(2, 1), 1000 samples",
-                "value": {"n": 1000, "mean": 2.0, "std": 1.0, "seed": 1},
+                "value": GAUSSIAN_DATASET_EXAMPLE,
             }
         },
     ),
 )
-async def gaussian_dataset(request: Request, settings: SettingsDep) -> Response:
+async def gaussian_dataset(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
     """y ~ N(mean, std²) (and x ~ U(0, 1), which the seed plots y against): post
     `{"y": ...}` to `/v1/fits/gaussian` to fit it."""
-    body = await _request(request, settings, GaussianDatasetRequest)
+    body = (await parse_request(request, worker, settings, parse_gaussian_dataset)).request
     seed = _seed(body.seed)
 
     def make() -> bytes | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, Literal, TypeVar
@@ -108,27 +107,20 @@ def _common(result: FitResult) -> dict[str, Any]:
         "stop_reason": result.stop_reason,
         "converged": result.converged,
         "seed": result.seed,
-        "stats": _stats(result.stats, result.final_loss) if result.stats is not None else None,
+        "stats": _stats(result.stats) if result.stats is not None else None,
     }
 
 
-def _finite(*values: float) -> bool:
-    return all(math.isfinite(v) for v in values)
-
-
-def _stats(stats: FitStats, final_loss: float) -> dict[str, Any]:
-    """The engine's statistics in the response's shape (validated by the response model).
-    Values that overflow float64 (data near its limits) are null, never NaN or Infinity."""
+def _stats(stats: FitStats) -> dict[str, Any]:
+    """The engine's statistics in the response's shape (validated by the response model)."""
     names = stats.names
     correlation = stats.correlation
-    closed = (*stats.closed_form, stats.closed_form_loss)
-    closed_ok = _finite(*closed)
-    gap = (*stats.gap, final_loss - stats.closed_form_loss)
+    closed, gap = stats.closed_form, stats.gap
     return {
         "parameters": list(names),
         "n_used": stats.n_used,
         "dof": stats.dof,
-        "gradient_norm": stats.gradient_norm if _finite(stats.gradient_norm) else None,
+        "gradient_norm": stats.gradient_norm,
         "newton_step": stats.newton_step,
         "std_errors": dict(zip(names, stats.std_errors, strict=True)),
         "covariance": [list(row) for row in stats.covariance],
@@ -138,15 +130,12 @@ def _stats(stats: FitStats, final_loss: float) -> dict[str, Any]:
         "log_likelihood": stats.log_likelihood,
         "aic": stats.aic,
         "bic": stats.bic,
-        "closed_form": {
-            "params": dict(zip(names, stats.closed_form, strict=True)),
-            "loss": stats.closed_form_loss,
-        }
-        if closed_ok
-        else None,
-        "gap": {"params": dict(zip(names, gap[:2], strict=True)), "loss": gap[2]}
-        if closed_ok and _finite(*gap)
-        else None,
+        "closed_form": None
+        if closed is None
+        else {"params": dict(zip(names, closed, strict=True)), "loss": stats.closed_form_loss},
+        "gap": None
+        if gap is None
+        else {"params": dict(zip(names, gap[:2], strict=True)), "loss": gap[2]},
     } | (
         {"r_squared": stats.r_squared, "residual_std": stats.residual_std}
         if stats.names[0] == "slope"

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 
 from service.api.deps import SettingsDep, WorkerDep
 from service.api.openapi import fit_body
 from service.api.parsing import (
+    Parsed,
     parse_gaussian,
     parse_gaussian_binary,
     parse_linear,
     parse_linear_binary,
 )
-from service.api.requests import parse_request
+from service.api.requests import BinaryParser, JsonParser, parse_request
 from service.api.routes.fits import (
     FIT_RESPONSES,
     fit_while_connected,
@@ -31,7 +33,8 @@ from service.api.schemas import (
     LinearOptions,
 )
 from service.plots import gaussian_png, linear_png
-from service.worker import gaussian_samples
+from service.settings import Settings
+from service.worker import FitResult, FitWorker, Job, gaussian_samples
 
 router = APIRouter(prefix="/v1/plots", tags=["plots"])
 
@@ -43,6 +46,46 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {PNG: {"schema": {"type": "string", "format": "binary"}}},
     },
 }
+
+
+OptionsT = TypeVar("OptionsT", LinearOptions, GaussianOptions)
+
+
+async def _plot(
+    request: Request,
+    worker: FitWorker,
+    settings: Settings,
+    parsers: tuple[JsonParser[OptionsT], BinaryParser[OptionsT]],
+    make_job: Callable[[Parsed[OptionsT]], Job],
+    draw: Callable[[Parsed[OptionsT], FitResult], bytes],
+) -> Response:
+    """Admission, parsing and the fit as for `/v1/fits`, then ``draw`` in a thread; the
+    admission place is held until the PNG is drawn."""
+    async with worker.admit():
+        parsed = await parse_request(request, worker, settings, *parsers)
+        job = make_job(parsed)
+        result = await fit_while_connected(request, worker, job, parsed.request.timeout_s)
+        png = await asyncio.to_thread(draw, parsed, result)
+    return Response(png, media_type=PNG)
+
+
+def _draw_linear(parsed: Parsed[LinearOptions], result: FitResult) -> bytes:
+    params = result.params
+    return linear_png(
+        parsed.arrays["x"],
+        parsed.arrays["y"],
+        params["slope"],
+        params["intercept"],
+        result.loss_history,
+        result.history_every,
+    )
+
+
+def _draw_gaussian(parsed: Parsed[GaussianOptions], result: FitResult) -> bytes:
+    y = parsed.arrays["y"]
+    mean, std = result.params["mean"], result.params["std"]
+    samples = gaussian_samples(y.size, mean, std, parsed.request.seed or 0)
+    return gaussian_png(y, samples, mean, std, result.loss_history, result.history_every)
 
 
 @router.post(
@@ -61,16 +104,8 @@ async def plot_linear(request: Request, worker: WorkerDep, settings: SettingsDep
     """The same body as `POST /v1/fits/linear`. Left: the data ('b.') and the fitted line
     ('r'), as in the seed; right: the loss per epoch. The same request with the same seed draws
     the same bytes."""
-    async with worker.admit():
-        parsed = await parse_request(request, worker, settings, parse_linear, parse_linear_binary)
-        job = linear_job(parsed)
-        result = await fit_while_connected(request, worker, job, parsed.request.timeout_s)
-        x, y = parsed.arrays["x"], parsed.arrays["y"]
-        params, history = result.params, result.loss_history
-        png = await asyncio.to_thread(
-            linear_png, x, y, params["slope"], params["intercept"], history, result.history_every
-        )
-    return Response(png, media_type=PNG)
+    parsers = (parse_linear, parse_linear_binary)
+    return await _plot(request, worker, settings, parsers, linear_job, _draw_linear)
 
 
 @router.post(
@@ -89,18 +124,5 @@ async def plot_gaussian(request: Request, worker: WorkerDep, settings: SettingsD
     """The same body as `POST /v1/fits/gaussian`. Left: histograms of the data and of as many
     samples from the fitted N(mean, std²) (drawn with `seed`, default 0), as in the seed's
     "training data vs. generated data"; right: the loss per epoch."""
-    async with worker.admit():
-        parsed = await parse_request(
-            request, worker, settings, parse_gaussian, parse_gaussian_binary
-        )
-        job = gaussian_job(parsed)
-        result = await fit_while_connected(request, worker, job, parsed.request.timeout_s)
-        y = parsed.arrays["y"]
-        mean, std = result.params["mean"], result.params["std"]
-
-        def draw() -> bytes:
-            samples = gaussian_samples(y.size, mean, std, parsed.request.seed or 0)
-            return gaussian_png(y, samples, mean, std, result.loss_history, result.history_every)
-
-        png = await asyncio.to_thread(draw)
-    return Response(png, media_type=PNG)
+    parsers = (parse_gaussian, parse_gaussian_binary)
+    return await _plot(request, worker, settings, parsers, gaussian_job, _draw_gaussian)
