@@ -44,6 +44,7 @@ from service.fitting.batch import BatchEngine, Ragged
 from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Stopping
 from service.fitting.results import FitStats
+from service.fitting.scaling import Scaling
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Training:
     epochs: int
     optimizer: Optimizer = SGD
     stopping: Stopping = NO_STOPPING
+    scaling: Scaling = "standardize"
     history_every: int = 1
 
 
@@ -120,6 +122,7 @@ class BatchJob:
     initial: Array | None = None  # [B, 2], NaN rows where a set gave none
     reduction: Literal["sum", "mean"] = "mean"
     seed: int | None = None
+    scaling: Scaling = "standardize"
     history_every: int = 1
 
 
@@ -173,7 +176,8 @@ class FitMetrics:
         self.fits = Counter(
             "tapefit_fits",
             "Finished fits by model and outcome "
-            "(max_epochs, converged, timeout, diverged, degenerate, cancelled, error).",
+            "(max_epochs, loss_tolerance, gradient_tolerance, step_tolerance, timeout, diverged, "
+            "degenerate, cancelled, error).",
             ["model", "outcome"],
             registry=registry,
         )
@@ -492,6 +496,7 @@ class FitWorker:
             "epochs": t.epochs,
             "optimizer": t.optimizer,
             "stopping": t.stopping,
+            "scaling": t.scaling,
             "history_every": t.history_every,
             "initial": job.initial,
             "seed": job.seed,
@@ -527,6 +532,7 @@ def _run_batch(
             epochs=job.epochs,
             initial=job.initial,
             seed=job.seed,
+            scaling=job.scaling,
             history_every=job.history_every,
             should_stop=should_stop,
         )
@@ -536,6 +542,7 @@ def _run_batch(
         epochs=job.epochs,
         initial=job.initial,
         reduction=job.reduction,
+        scaling=job.scaling,
         history_every=job.history_every,
         should_stop=should_stop,
     )

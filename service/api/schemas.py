@@ -141,9 +141,21 @@ class _Strict(BaseModel):
 class _TrainingOptions(_Strict):
     learning_rate: PositiveFloat = Field(
         DEFAULT_LEARNING_RATE,
-        description="Gradient-descent step size (> 0). Too large a step makes the fit diverge "
-        "(answered with 422).",
+        description="Gradient-descent step size (> 0). With the default scaling it is the "
+        "step in standardized units, so one value suits data of any scale (0.1 converges on "
+        'x in the thousands or a mean of 1e7 alike); with `"scaling": "none"` it is the raw '
+        "step of the reference post's loop. Too large a step makes the fit diverge (422). "
+        '"newton" chooses its own steps and ignores it.',
         examples=[DEFAULT_LEARNING_RATE],
+    )
+    scaling: Literal["standardize", "none"] = Field(
+        "standardize",
+        description='"standardize": fit in standardized coordinates (x and y centred and '
+        "divided by their standard deviations) and report params, loss_history, final_loss "
+        "and stats exactly in your units; gradient descent then converges on data of any "
+        'scale. `initial` is in your units either way. "none": the reference post\'s raw '
+        "loop, bit for bit (slow or divergent on data far from unit scale).",
+        examples=["standardize"],
     )
     epochs: Annotated[int, Field(strict=True, ge=1)] = Field(
         DEFAULT_EPOCHS,
@@ -186,12 +198,15 @@ DEFAULT_MAX_HISTORY = 1000
 class _SingleFitOptions(_TrainingOptions):
     """Options of a single fit beyond the seed: update rule, early stopping, history."""
 
-    optimizer: Literal["sgd", "momentum", "adam"] = Field(
+    optimizer: Literal["sgd", "momentum", "adam", "newton"] = Field(
         "sgd",
-        description='"sgd": the seed\'s update p -= learning_rate·gradient; "momentum": '
-        'v = momentum·v - learning_rate·gradient, p += v; "adam": Adam with beta_1, beta_2, '
-        "epsilon (Keras's formulas and defaults).",
-        examples=["adam"],
+        description='"sgd": the reference post\'s update p -= learning_rate·gradient; '
+        '"momentum": v = momentum·v - learning_rate·gradient, p += v; "adam": Adam with '
+        'beta_1, beta_2, epsilon (Keras\'s formulas and defaults); "newton": damped Newton '
+        "on the exact Hessian (nested GradientTapes) with a backtracking line search, which "
+        "converges in a handful of epochs from any start with a finite loss and stops by "
+        'itself (`"stop_reason": "step_tolerance"`); it needs no learning_rate.',
+        examples=["newton"],
     )
     momentum: Fraction = Field(0.9, description='Velocity decay of "momentum", in [0, 1).')
     beta_1: Fraction = Field(0.9, description="Adam's first-moment decay, in [0, 1).")
@@ -199,8 +214,8 @@ class _SingleFitOptions(_TrainingOptions):
     epsilon: PositiveFloat = Field(1e-7, description="Adam's denominator guard (> 0).")
     tolerance: Tolerance | None = Field(
         None,
-        description='Early stopping on the loss: stop (`"stop_reason": "converged"`) once '
-        "the loss has failed `patience` epochs in a row to improve on its best value by more "
+        description='Early stopping on the loss: stop (`"stop_reason": "loss_tolerance"`) '
+        "once the loss has failed `patience` epochs in a row to improve on its best value by more "
         "than tolerance·max(|loss|, 1) (relative, like scipy's ftol). Omitted: off.",
         examples=[1e-10],
     )
@@ -209,8 +224,9 @@ class _SingleFitOptions(_TrainingOptions):
     )
     gradient_tolerance: Tolerance | None = Field(
         None,
-        description="Early stopping on the gradient: stop once its Euclidean norm is at most "
-        "this. Omitted: off.",
+        description='Early stopping on the gradient: stop (`"stop_reason": '
+        '"gradient_tolerance"`) once its Euclidean norm, in the coordinates the fit runs in '
+        "(standardized by default), is at most this. Omitted: off.",
         examples=[1e-8],
     )
     history_every: Annotated[int, Field(strict=True, ge=1)] | None = Field(
@@ -476,7 +492,9 @@ class GaussianParams(BaseModel):
     std: float = Field(description="Fitted standard deviation s (always > 0).")
 
 
-StopReasonField = Literal["max_epochs", "converged", "timeout"]
+StopReasonField = Literal[
+    "max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"
+]
 
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
@@ -558,17 +576,26 @@ class _FitResponse(BaseModel, Generic[ParamsT, StatsT]):
     epochs_run: int = Field(description="Updates applied (< epochs when stopped early).")
     n: int = Field(description="Number of data points.")
     stop_reason: StopReasonField = Field(
-        description='"max_epochs": all epochs ran; "converged": `tolerance` or '
-        '`gradient_tolerance` stopped the fit; "timeout": the deadline stopped it and the '
-        "response carries what was reached. (A diverged fit answers 422 with "
+        description='The rule that stopped the fit: "max_epochs" (all epochs ran), '
+        '"loss_tolerance" (`tolerance`), "gradient_tolerance", "step_tolerance" (Newton\'s '
+        'full step fell within the convergence threshold: the fit converged) or "timeout" '
+        "(the deadline; the response carries what was reached). Whether the answer is at the "
+        "optimum is `converged`, not the stop. (A diverged fit answers 422 with "
         '`"stop_reason": "diverged"`.)'
     )
     converged: bool = Field(
         False,
-        description="True when the returned parameters are at the optimum: the Newton step "
-        "(stats.newton_step) is within 1e-6 of max(1, |parameters|), or the gradient norm is "
-        "within gradient_tolerance. A `tolerance` stop alone does not make a fit converged: an "
-        "oscillating optimizer can stall far from the optimum.",
+        description="True when the returned parameters are at the optimum, judged in the "
+        "coordinates the fit ran in (standardized by default, so the test means the same at "
+        "any scale): the Newton step H⁻¹·gradient is within 1e-6 of max(1, |parameters|), "
+        "or the gradient norm is within gradient_tolerance. A `tolerance` stop alone does not "
+        "make a fit converged: an oscillating optimizer can stall far from the optimum.",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Empty when converged. Otherwise plain-words reasons not to trust the "
+        "parameters as they are: the gradient norm and Newton step left, the exact optimum "
+        "and the gap to it, and what to change.",
     )
     seed: int | None = Field(
         description="Seed of the random initial values (null when none were random)."

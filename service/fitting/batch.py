@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,24 +24,28 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
+from service.fitting import scaling as scaling_
 from service.fitting.layers import LinearRegressionLayer
 from service.fitting.loop import (
     GAUSSIAN_INIT_FACTORS,
     SLOPE_INIT_STDDEV,
+    STANDARDIZED_GAUSSIAN_START,
     Reduction,
     StopCheck,
     check_descended,
-    is_converged,
     unusable,
 )
 from service.fitting.losses import mse_from_moments, nll_from_moments
-from service.fitting.options import NO_STOPPING
 from service.fitting.results import FitDiverged, FitError, FitResult, StopReason
+from service.fitting.scaling import IDENTITY, Coordinates, Scaling
 from service.fitting.stats import (
     CURVATURE_SIZE,
+    AtFit,
     curvature_rows,
     gaussian_stats,
+    is_converged,
     linear_stats,
+    not_converged,
     weight_summary,
 )
 
@@ -127,31 +131,36 @@ class BatchEngine:
         epochs: int,
         initial: npt.ArrayLike | None = None,
         seed: int | None = None,
+        scaling: Scaling = "standardize",
         history_every: int = 1,
         should_stop: StopCheck | None = None,
     ) -> list[FitResult | FitError]:
-        """Fit y = m·x + b to every set. ``initial`` is [B, 2] with NaN rows where a set gave
-        none; such a set starts like a single fit with seed ``seed + i``. Results come back in
-        order, each a result or an error."""
+        """Fit y = m·x + b to every set, each standardized on its own unless
+        ``scaling="none"``. ``initial`` is [B, 2] (caller's units) with NaN rows where a set
+        gave none; such a set starts like a single fit with seed ``seed + i``. Results come
+        back in order, each a result or an error."""
         rows = len(x.lengths)
         base_seed = random.getrandbits(62) if seed is None else seed
-        starts = _given(initial, rows)
+        given = _given(initial, rows)
+        random_start = np.isnan(given[:, 0])
         seeds: list[int | None] = [None] * rows
-        for i in np.flatnonzero(np.isnan(starts[:, 0])):
+        starts = np.zeros((rows, 2))
+        for i in np.flatnonzero(random_start):
             seeds[i] = base_seed + int(i)
             starts[i] = (random.Random(base_seed + int(i)).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
         summaries = linear_summaries(x, y)
         usable = np.all(np.isfinite(summaries), axis=1) & (summaries[:, 3] > 0.0)
-        errors = {int(i): _why(summaries[i], 3, "x") for i in np.flatnonzero(~usable)}
+        fit_summaries, coords = _standardized(scaling, summaries, usable, scaling_.linear)
+        for i in np.flatnonzero(~random_start):
+            starts[i] = coords[i].to_fit((float(given[i, 0]), float(given[i, 1])))
+        usable &= np.all(np.isfinite(starts), axis=1)
+        errors = {int(i): _why(summaries[i], 3, "x", starts[i]) for i in np.flatnonzero(~usable)}
         return self._run(
             "linear",
-            summaries,
-            starts,
-            usable,
-            errors,
-            seeds,
+            _Sets(summaries, fit_summaries, coords, starts, usable, errors, seeds),
             learning_rate,
             epochs,
+            scaling,
             history_every,
             should_stop,
         )
@@ -164,35 +173,36 @@ class BatchEngine:
         epochs: int,
         initial: npt.ArrayLike | None = None,
         reduction: Reduction = "mean",
+        scaling: Scaling = "standardize",
         history_every: int = 1,
         should_stop: StopCheck | None = None,
     ) -> list[FitResult | FitError]:
-        """Fit N(m, s²) to every set, starting like a single fit (the seed's 0.7·mean,
-        1.3·std unless given)."""
+        """Fit N(m, s²) to every set, starting like a single fit unless given, each set
+        standardized on its own unless ``scaling="none"``."""
         rows = len(y.lengths)
         moments = gaussian_summaries(y)
         scale = moments[:, 0] if reduction == "sum" else np.ones(rows)
         summaries = np.concatenate([moments, scale[:, None]], axis=1)
-        m_factor, s_factor = GAUSSIAN_INIT_FACTORS
-        with np.errstate(over="ignore", invalid="ignore"):
-            seed_start = np.stack([m_factor * moments[:, 1], s_factor * np.sqrt(moments[:, 2])], 1)
+        usable = np.all(np.isfinite(summaries), axis=1) & (summaries[:, 2] > 0.0)
+        fit_summaries, coords = _standardized(scaling, summaries, usable, scaling_.gaussian)
+        if scaling == "none":
+            m_factor, s_factor = GAUSSIAN_INIT_FACTORS
+            with np.errstate(over="ignore", invalid="ignore"):
+                default = np.stack([m_factor * moments[:, 1], s_factor * np.sqrt(moments[:, 2])], 1)
+        else:
+            default = np.tile(STANDARDIZED_GAUSSIAN_START, (rows, 1))
         given = _given(initial, rows)
-        starts = np.where(np.isnan(given), seed_start, given)
-        usable = (
-            np.all(np.isfinite(summaries), axis=1)
-            & np.all(np.isfinite(starts), axis=1)
-            & (summaries[:, 2] > 0.0)
-        )
+        starts = default.copy()
+        for i in np.flatnonzero(~np.isnan(given[:, 0])):
+            starts[i] = coords[i].to_fit((float(given[i, 0]), float(given[i, 1])))
+        usable &= np.all(np.isfinite(starts), axis=1)
         errors = {int(i): _why(summaries[i], 2, "y", starts[i]) for i in np.flatnonzero(~usable)}
         return self._run(
             "gaussian",
-            summaries,
-            starts,
-            usable,
-            errors,
-            [None] * rows,
+            _Sets(summaries, fit_summaries, coords, starts, usable, errors, [None] * rows),
             learning_rate,
             epochs,
+            scaling,
             history_every,
             should_stop,
         )
@@ -223,25 +233,22 @@ class BatchEngine:
     def _run(
         self,
         model: str,
-        summaries: Array,
-        starts: Array,
-        usable: npt.NDArray[np.bool_],
-        errors: dict[int, FitError],
-        seeds: list[int | None],
+        sets: _Sets,
         learning_rate: float,
         epochs: int,
+        scaling: Scaling,
         history_every: int,
         should_stop: StopCheck | None,
     ) -> list[FitResult | FitError]:
-        rows = np.flatnonzero(usable)
-        out: list[FitResult | FitError | None] = [None] * len(usable)
-        for i, error in errors.items():
+        rows = np.flatnonzero(sets.usable)
+        out: list[FitResult | FitError | None] = [None] * len(sets.usable)
+        for i, error in sets.errors.items():
             out[i] = error
         if rows.size:
             trained = self._train(
                 model,
-                summaries[rows],
-                starts[rows],
+                sets.fit_summaries[rows],
+                sets.starts[rows],
                 learning_rate,
                 epochs,
                 history_every,
@@ -249,7 +256,14 @@ class BatchEngine:
             )
             for row, result in zip(rows, trained, strict=True):
                 out[row] = _result(
-                    model, result, summaries[row], seeds[row], learning_rate, history_every
+                    model,
+                    result,
+                    sets.summaries[row],
+                    sets.coords[row],
+                    sets.seeds[row],
+                    learning_rate,
+                    scaling,
+                    history_every,
                 )
         return [r for r in out if r is not None]
 
@@ -317,6 +331,37 @@ class BatchEngine:
 
 
 @dataclass(frozen=True, slots=True)
+class _Sets:
+    """The sets of one batch: summaries in the caller's units and in fit coordinates, the
+    map between them, starts (fit coordinates), which sets train, why the others can't, and
+    the seeds of random starts."""
+
+    summaries: Array
+    fit_summaries: Array
+    coords: list[Coordinates]
+    starts: Array
+    usable: npt.NDArray[np.bool_]
+    errors: dict[int, FitError]
+    seeds: list[int | None]
+
+
+def _standardized(
+    scaling: Scaling,
+    summaries: Array,
+    usable: npt.NDArray[np.bool_],
+    standardize: Callable[[Array], tuple[Array, Coordinates]],
+) -> tuple[Array, list[Coordinates]]:
+    """Each usable set's summary in fit coordinates, and its map (identity elsewhere)."""
+    fit_summaries = summaries.copy()
+    coords = [IDENTITY] * len(summaries)
+    if scaling == "none":
+        return fit_summaries, coords
+    for i in np.flatnonzero(usable):
+        fit_summaries[i], coords[i] = standardize(summaries[i])
+    return fit_summaries, coords
+
+
+@dataclass(frozen=True, slots=True)
 class _Row:
     params: Array
     history: Array
@@ -331,8 +376,10 @@ def _result(
     model: str,
     row: _Row,
     summary: Array,
+    coords: Coordinates,
     seed: int | None,
     learning_rate: float,
+    scaling: Scaling,
     history_every: int,
 ) -> FitResult | FitError:
     if row.diverged_at:
@@ -340,29 +387,32 @@ def _result(
     if not math.isfinite(row.final_loss):
         return FitDiverged(epoch=row.epochs_run, learning_rate=learning_rate)
     try:
-        check_descended(row.history, row.final_loss, learning_rate)
+        check_descended(row.history, row.final_loss, learning_rate, coords)
     except FitDiverged as diverged:
         return diverged
-    first, second = float(row.params[0]), float(row.params[1])
+    at = AtFit(row.curvature, (float(row.params[0]), float(row.params[1])), coords)
     weights = weight_summary(None, int(summary[0]))
+    first, second = coords.from_fit(at.params)
     if model == "linear":
         params = {"slope": first, "intercept": second}
-        stats = linear_stats(row.curvature, summary, weights, [first, second])
+        stats = linear_stats(at, summary, weights)
     else:
         params = {"mean": first, "std": abs(second)}
-        stats = gaussian_stats(row.curvature, summary, weights, [first, second])
+        stats = gaussian_stats(at, summary, weights)
+    converged = is_converged(at)
     return FitResult(
         model="linear" if model == "linear" else "gaussian",
         params=params,
-        loss_history=row.history,
-        final_loss=row.final_loss,
+        loss_history=coords.losses(row.history),
+        final_loss=coords.loss(row.final_loss),
         epochs_run=row.epochs_run,
         n=int(summary[0]),
         stop_reason=row.stop,
-        converged=is_converged(stats, [first, second], NO_STOPPING),
+        converged=converged,
         history_every=history_every,
         stats=stats,
         seed=seed,
+        warnings=() if converged else not_converged(stats, row.stop, scaling),
     )
 
 

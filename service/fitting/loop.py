@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
+from service.fitting import scaling as scaling_
 from service.fitting.layers import GaussianFitLayer, LinearRegressionLayer
 from service.fitting.losses import mse_from_moments, nll_from_moments
 from service.fitting.options import (
@@ -40,18 +41,22 @@ from service.fitting.results import (
     ModelName,
     StopReason,
 )
+from service.fitting.scaling import IDENTITY, Coordinates, Scaling
 from service.fitting.stats import (
     CURVATURE_SIZE,
+    AtFit,
     curvature,
     gaussian_stats,
+    is_converged,
     linear_stats,
+    not_converged,
     weight_summary,
 )
 from service.fitting.summary import (
-    gaussian_moments,
     gaussian_moments_numpy,
-    linear_moments,
+    gaussian_summary,
     linear_moments_numpy,
+    linear_summary,
 )
 
 Reduction = Literal["sum", "mean"]
@@ -77,9 +82,17 @@ STATE_SIZE = 9
 #: gradient_tolerance]; a negative tolerance disables that criterion. (The update rule and
 #: whether the stopping rules run are chosen by the loop variant.)
 CONTROLS_SIZE = 8
-#: How a chunk ended.
-RUNNING, CONVERGED, NON_FINITE = 0, 1, 2
+#: How a chunk ended: still running, non-finite, or the stopping rule that fired.
+RUNNING, NON_FINITE, LOSS_TOLERANCE, GRADIENT_TOLERANCE, STEP_TOLERANCE = 0, 1, 2, 3, 4
+_STOPS: dict[int, StopReason] = {
+    LOSS_TOLERANCE: "loss_tolerance",
+    GRADIENT_TOLERANCE: "gradient_tolerance",
+    STEP_TOLERANCE: "step_tolerance",
+}
 _HEAD = STATE_SIZE + 2 + CURVATURE_SIZE
+#: Newton's backtracking: at most this many halvings of a step, and Armijo's constant.
+MAX_HALVINGS = 60
+ARMIJO = 1e-4
 
 
 def _compile_chunk(
@@ -117,20 +130,31 @@ def _compile_chunk(
 
         def epoch(i: Any, s: Any, history: Any, status: Any) -> Any:
             p = s[0:2]
-            with tf.GradientTape() as tape:
-                tape.watch(p)
-                loss = loss_fn(p, summary)
-            g = tape.gradient(loss, p)
+            if optimizer == "newton":
+                at = curvature(loss_fn, p, summary)
+                loss, g = at[0], at[1:3]
+            else:
+                with tf.GradientTape() as tape:
+                    tape.watch(p)
+                    loss = loss_fn(p, summary)
+                g = tape.gradient(loss, p)
             slots, step, best, stall = s[2:6], s[6], s[7], s[8]
 
-            converged = tf.constant(False)
+            stop = tf.constant(RUNNING)
             if stopping:
                 scale = tf.maximum(tf.abs(loss), tf.constant(1.0, tf.float64))
                 stall = tf.where((best - loss) > tolerance * scale, 0.0 * stall, stall + 1.0)
                 best = tf.minimum(best, loss)
-                converged = tf.math.is_finite(loss) & (
-                    ((tolerance >= 0.0) & (stall >= patience))
-                    | ((gradient_tolerance >= 0.0) & (tf.norm(g) <= gradient_tolerance))
+                loss_stop = (tolerance >= 0.0) & (stall >= patience)
+                gradient_stop = (gradient_tolerance >= 0.0) & (tf.norm(g) <= gradient_tolerance)
+                stop = tf.where(
+                    tf.math.is_finite(loss),
+                    tf.where(
+                        gradient_stop,
+                        GRADIENT_TOLERANCE,
+                        tf.where(loss_stop, LOSS_TOLERANCE, RUNNING),
+                    ),
+                    RUNNING,
                 )
 
             if optimizer == "sgd":
@@ -139,20 +163,35 @@ def _compile_chunk(
                 velocity = beta_1 * slots[0:2] - learning_rate * g
                 new_p = p + velocity
                 slots = tf.concat([velocity, slots[2:4]], axis=0)
-            else:  # adam
+            elif optimizer == "adam":
                 step = step + 1.0
                 first = slots[0:2] + (g - slots[0:2]) * (1.0 - beta_1)
                 second = slots[2:4] + (g * g - slots[2:4]) * (1.0 - beta_2)
                 alpha = learning_rate * tf.sqrt(1.0 - beta_2**step) / (1.0 - beta_1**step)
                 new_p = p - alpha * first / (tf.sqrt(second) + epsilon)
                 slots = tf.concat([first, second], axis=0)
+            else:  # newton
+                new_p, full = _newton_update(loss_fn, summary, p, loss, g, at[3:7])
+                small = tf.norm(new_p - p) <= CONVERGED_RTOL * tf.maximum(
+                    tf.constant(1.0, tf.float64), tf.norm(new_p)
+                )
+                # The step is taken, then the fit stops: after a quadratic step that small,
+                # the parameters are at the optimum to rounding.
+                stop = tf.where((stop == RUNNING) & full & small, STEP_TOLERANCE, stop)
 
             updated = tf.concat([new_p, slots, tf.stack([step, best, stall])], axis=0)
             finite = tf.math.is_finite(loss) & tf.reduce_all(tf.math.is_finite(updated[0:6]))
             history = history.write(i, loss)
-            status = tf.where(converged, CONVERGED, tf.where(finite, RUNNING, NON_FINITE))
-            go_on = finite & ~converged
-            return i + tf.where(converged, 0, 1), tf.where(go_on, updated, s), history, status
+            halt = stop != RUNNING
+            if optimizer == "newton":  # its own stop keeps the step just taken
+                keep = finite & ((stop == RUNNING) | (stop == STEP_TOLERANCE))
+                status = tf.where(finite, stop, NON_FINITE)
+                counted = tf.where(halt & (stop != STEP_TOLERANCE), 0, 1)
+            else:
+                keep = finite & ~halt
+                status = tf.where(halt, stop, tf.where(finite, RUNNING, NON_FINITE))
+                counted = tf.where(halt, 0, 1)
+            return i + counted, tf.where(keep, updated, s), history, status
 
         done, state, history, status = tf.while_loop(
             lambda i, s, h, status: (i < steps) & (status == RUNNING),
@@ -160,10 +199,52 @@ def _compile_chunk(
             [tf.constant(0), state, history, tf.constant(RUNNING)],
         )
         flags = tf.stack([tf.cast(done, tf.float64), tf.cast(status, tf.float64)])
+        # On a Newton step-tolerance stop the history holds one entry per step taken.
         at_end = curvature(loss_fn, state[0:2], summary)  # loss, gradient, Hessian
         return tf.concat([state, flags, at_end, history.stack()], axis=0)
 
     return run
+
+
+def _newton_update(
+    loss_fn: LossFn, summary: Any, p: Any, loss: Any, g: Any, hessian: Any
+) -> tuple[Any, Any]:
+    """One damped Newton step from ``p`` and whether it was the full step.
+
+    The direction solves (H + μI)·d = g with μ = 0 where the Hessian is positive definite and
+    μ = 2·|λmin| + ε otherwise (so -d always descends); the step halves until Armijo's
+    sufficient decrease holds (NaN counts as failure). A full step already within the
+    convergence threshold is taken as is: there the loss differs from the current one only by
+    rounding. If no halving decreases the loss the parameters stay.
+    """
+    size = p.shape[0]
+    h = tf.reshape(hessian, [size, size])
+    h = 0.5 * (h + tf.transpose(h))
+    eigenvalues = tf.linalg.eigvalsh(h)
+    lowest, highest = eigenvalues[0], eigenvalues[-1]
+    zero = tf.zeros_like(lowest)
+    tiny = tf.constant(1e-300, tf.float64)
+    shift = tf.where(lowest > zero, zero, -2.0 * lowest + 1e-8 * tf.abs(highest) + tiny)
+    d = tf.linalg.solve(h + shift * tf.eye(size, dtype=tf.float64), g[:, None])[:, 0]
+    decrease = tf.reduce_sum(g * d)
+    one = tf.constant(1.0, tf.float64)
+    negligible = tf.norm(d) <= CONVERGED_RTOL * tf.maximum(one, tf.norm(p - d))
+
+    def accepted(t: Any) -> Any:
+        trial = loss_fn(p - t * d, summary)
+        return trial <= loss - ARMIJO * t * decrease
+
+    def halve(t: Any, tries: Any, ok: Any) -> Any:
+        t = 0.5 * t
+        return t, tries + 1, accepted(t)
+
+    t, _, ok = tf.while_loop(
+        lambda t, tries, ok: ~ok & (tries < MAX_HALVINGS),
+        halve,
+        [one, tf.constant(0), negligible | accepted(one)],
+    )
+    full = ok & tf.equal(t, one)
+    return tf.where(ok, p - t * d, p), full
 
 
 #: One compiled loop per (update rule, stopping rules on?).
@@ -175,24 +256,20 @@ DEFAULT_VARIANT: Variant = ("sgd", False)
 
 
 _VECTOR = tf.TensorSpec([None], tf.float64)
-_STATE = tf.TensorSpec([STATE_SIZE], tf.float64)
-_CONTROLS = tf.TensorSpec([CONTROLS_SIZE], tf.float64)
 
 
 class FitEngine:
-    """Fits the seed's two models; safe to call from many threads at once.
+    """Fits the reference post's two models; safe to call from many threads at once.
 
     The layers are templates: their ``add_weight`` variables define the parameters, and the
     compiled loops evaluate them statelessly on loop-carried tensors, so concurrent fits never
     share mutable state.
 
-    A fit of large data makes one call of a "start" function (data in as
-    ``TensorSpec([None])``: the summary, the initial values and the first chunk of epochs, in
-    one graph); below ``graph_min_points``, or with weights, the same summary comes from numpy
-    (a graph call costs more than the whole computation there) and the XLA-compiled loop is
-    called directly. Long fits call the loop again for further chunks. Every fit ends with one
-    call of a compiled curvature function (loss, gradient and Hessian by nested tapes) for its
-    statistics.
+    Every fit reduces its data to a summary (numpy below ``graph_min_points`` or with
+    weights, where a graph call costs more than the whole computation; a graph function
+    above), standardizes it unless ``scaling="none"`` (:mod:`service.fitting.scaling`), and
+    calls the XLA-compiled loop in chunks. The loop returns the loss, gradient and Hessian
+    where it stops, for the statistics; everything is reported in the caller's units.
     """
 
     def __init__(self, epochs_per_call: int = 4096, graph_min_points: int = 32_768) -> None:
@@ -214,14 +291,9 @@ class FitEngine:
         # Fast callers are made on first use: making one traces its function (~0.15 s each).
         self._loops: dict[tuple[str, Variant], Callable[..., Any]] = {}
         self._loops_lock = threading.Lock()
-        self._linear_fn = self._loop_fns["linear", DEFAULT_VARIANT]
-        self._gaussian_fn = self._loop_fns["gaussian", DEFAULT_VARIANT]
-        self._linear_start_fn = self._build_linear_start()
-        self._gaussian_start_fn = self._build_gaussian_start()
-        # The large-data entry points are traced on first use (or by warm_up): a fresh
-        # process becomes ready on the small-data path alone.
-        self._starts: dict[str, Callable[..., Any]] = {}
-        self._starts_lock = threading.Lock()
+        # The large-data summaries (data in as TensorSpec([None])), traced on first use.
+        self._summary_fns = {"linear": linear_summary, "gaussian": gaussian_summary}
+        self._summaries: dict[str, Callable[..., Any]] = {}
 
     # -- losses on loop-carried parameters -------------------------------------------------
 
@@ -246,49 +318,15 @@ class FitEngine:
                 loop = self._loops[key]
         return loop
 
-    def _start(self, model: str) -> Callable[..., Any]:
-        start = self._starts.get(model)
-        if start is None:
-            with self._starts_lock:
-                if model not in self._starts:
-                    fn = self._linear_start_fn if model == "linear" else self._gaussian_start_fn
-                    self._starts[model] = _fast_call(fn)
-                start = self._starts[model]
-        return start
-
-    def _build_linear_start(self) -> Any:
-        chunk = self._linear_fn
-
-        @tf.function(input_signature=[_VECTOR, _VECTOR, _STATE, _CONTROLS])
-        def start(x: Any, y: Any, state: Any, controls: Any) -> Any:
-            summary = linear_moments(x, y)
-            usable = tf.reduce_all(tf.math.is_finite(summary)) & (summary[3] > 0.0)
-            return tf.concat([summary, chunk(summary, state, _only_if(usable, controls))], 0)
-
-        return start
-
-    def _build_gaussian_start(self) -> Any:
-        chunk = self._gaussian_fn
-        m_factor, s_factor = GAUSSIAN_INIT_FACTORS
-
-        @tf.function(input_signature=[_VECTOR, _STATE, _CONTROLS, tf.TensorSpec([2], tf.float64)])
-        def start(y: Any, state: Any, controls: Any, flags: Any) -> Any:
-            """flags = [seed_start, summed], 0/1: start from the seed's (0.7·mean, 1.3·std),
-            use the summed NLL."""
-            seed_start, summed = flags[0] > 0.5, flags[1] > 0.5
-            moments = gaussian_moments(y)
-            scale = tf.where(summed, moments[0], tf.constant(1.0, tf.float64))
-            summary = tf.concat([moments, tf.reshape(scale, [1])], axis=0)
-            seed_values = tf.stack([m_factor * moments[1], s_factor * tf.sqrt(moments[2])])
-            state = tf.concat([tf.where(seed_start, seed_values, state[0:2]), state[2:]], 0)
-            usable = (
-                tf.reduce_all(tf.math.is_finite(summary))
-                & tf.reduce_all(tf.math.is_finite(state[0:2]))
-                & (moments[2] > 0.0)
-            )
-            return tf.concat([summary, chunk(summary, state, _only_if(usable, controls))], 0)
-
-        return start
+    def _summary(self, model: str, *data: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """The summary of large data by a graph function (one call for all the points)."""
+        summarize = self._summaries.get(model)
+        if summarize is None:
+            with self._loops_lock:
+                if model not in self._summaries:
+                    self._summaries[model] = _fast_call(self._summary_fns[model])
+                summarize = self._summaries[model]
+        return np.asarray(summarize(*(_vector(v) for v in data)).numpy())
 
     # -- public API --------------------------------------------------------------------------
 
@@ -304,6 +342,7 @@ class FitEngine:
         weights: npt.ArrayLike | None = None,
         optimizer: Optimizer = SGD,
         stopping: Stopping = NO_STOPPING,
+        scaling: Scaling = "standardize",
         history_every: int = 1,
         should_stop: StopCheck | None = None,
         on_progress: Progress | None = None,
@@ -312,41 +351,45 @@ class FitEngine:
         """Fit y = m·x + b by minimizing the (weighted) MSE.
 
         Without ``initial``, m starts from N(0, 0.05²) drawn with ``seed`` (a fresh seed is
-        drawn and reported when none is given) and b from 0, as the seed's layer does.
-        ``weights`` (one per point, >= 0) make the loss Σw(y - mx - b)² / Σw.
-        ``on_progress(epochs_done, loss)`` is called after every ``progress_every`` epochs
-        (and at the end); ``should_stop`` is checked as often.
+        drawn and reported when none is given) and b from 0, as the reference post's layer
+        does: in standardized coordinates by default, in raw units with ``scaling="none"``.
+        ``initial`` is in the caller's units. ``weights`` (one per point, >= 0) make the loss
+        Σw(y - mx - b)² / Σw. ``on_progress(epochs_done, loss)`` is called after every
+        ``progress_every`` epochs (and at the end); ``should_stop`` is checked as often.
         """
-        if initial is None:
+        random_start = initial is None
+        if random_start:
             seed = _fresh_seed() if seed is None else seed
-            initial = (random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
-        _check_hyperparameters(learning_rate, epochs, initial, history_every)
+            start: tuple[float, float] = (random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
+        else:
+            start = initial  # type: ignore[assignment]
+        _check_hyperparameters(learning_rate, epochs, start, history_every)
         xs, ys = _array(x), _array(y)
         ws = _weights(weights, xs.size)
+        if ws is not None or xs.size < self.graph_min_points:
+            summary = linear_moments_numpy(xs, ys, ws)
+        else:
+            summary = self._summary("linear", xs, ys)
+        _check(summary, 3, "x")
+        fit_summary, coords = _coordinates(scaling, summary, scaling_.linear)
+        if not random_start:
+            start = coords.to_fit(start)
+        _check(fit_summary, 3, "x", start)
         plan = self._plan(
             "linear",
             learning_rate,
             epochs,
             optimizer,
             stopping,
-            should_stop,
+            coords,
             on_progress,
+            should_stop,
             progress_every,
         )
-        state = _initial_state(initial)
-        if ws is not None or xs.size < self.graph_min_points:
-            summary = linear_moments_numpy(xs, ys, ws)
-            _check(summary, 3, "x")
-            first = plan.first(summary, state)
-        else:
-            start = self._start("linear")
-            values = start(_vector(xs), _vector(ys), state, plan.start_controls()).numpy()
-            summary = values[:6]
-            _check(summary, 3, "x")
-            first = plan.after_start(summary, _Chunk(values[6:]))
-        run = plan.run(summary, first)
-        stats = linear_stats(run.curvature, summary, weight_summary(ws, xs.size), run.params)
-        return _result("linear", ("slope", "intercept"), run, stats, stopping, history_every, seed)
+        run = plan.run(fit_summary, start)
+        at = AtFit(run.curvature, run.params, coords)
+        stats = linear_stats(at, summary, weight_summary(ws, xs.size))
+        return _result("linear", run, at, stats, stopping, scaling, history_every, seed)
 
     def fit_gaussian(
         self,
@@ -360,6 +403,7 @@ class FitEngine:
         weights: npt.ArrayLike | None = None,
         optimizer: Optimizer = SGD,
         stopping: Stopping = NO_STOPPING,
+        scaling: Scaling = "standardize",
         history_every: int = 1,
         should_stop: StopCheck | None = None,
         on_progress: Progress | None = None,
@@ -367,48 +411,50 @@ class FitEngine:
     ) -> FitResult:
         """Fit N(m, s²) by minimizing the (weighted) negative log-likelihood.
 
-        ``reduction="sum"`` is the seed's NLL; ``"mean"`` divides it by N (by Σw with weights)
-        so one learning rate suits any N. Without ``initial`` the start is
-        (0.7·mean(y), 1.3·std(y)), as in the seed. The returned std is |s| (the NLL depends on
-        s only through s²). ``weights`` make the NLL Σ w·nll(y). ``on_progress`` and
-        ``progress_every`` as for :meth:`fit_linear`.
+        ``reduction="sum"`` is the reference post's NLL; ``"mean"`` divides it by N (by Σw
+        with weights) so one learning rate suits any N. Without ``initial`` the start is
+        (ȳ - 0.3·sd, 1.3·sd): the post's deliberately-off 0.7 and 1.3 factors, measured in
+        standard deviations so the start is O(1) away at any scale; with
+        ``scaling="none"`` it is the post's own (0.7·ȳ, 1.3·sd). ``initial`` is in the
+        caller's units. The returned std is |s| (the NLL depends on s only through s²).
+        ``weights`` make the NLL Σ w·nll(y). ``on_progress`` and ``progress_every`` as for
+        :meth:`fit_linear`.
         """
         _check_hyperparameters(learning_rate, epochs, initial or (0.0, 1.0), history_every)
+        ys = _array(y)
+        ws = _weights(weights, ys.size)
+        if ws is not None or ys.size < self.graph_min_points:
+            moments = gaussian_moments_numpy(ys, ws)
+        else:
+            moments = self._summary("gaussian", ys)
+        total = moments[0] if ws is None else float(ws.sum())
+        summary = np.append(moments, total if reduction == "sum" else 1.0)
+        _check(summary, 2, "y")
+        fit_summary, coords = _coordinates(scaling, summary, scaling_.gaussian)
+        if initial is not None:
+            start = coords.to_fit(initial)
+        elif scaling == "none":
+            m_factor, s_factor = GAUSSIAN_INIT_FACTORS
+            with np.errstate(over="ignore", invalid="ignore"):
+                start = (m_factor * float(summary[1]), s_factor * math.sqrt(summary[2]))
+        else:
+            start = STANDARDIZED_GAUSSIAN_START
+        _check(fit_summary, 2, "y", start)
         plan = self._plan(
             "gaussian",
             learning_rate,
             epochs,
             optimizer,
             stopping,
-            should_stop,
+            coords,
             on_progress,
+            should_stop,
             progress_every,
         )
-        m0, s0 = initial or (0.0, 1.0)
-        ys = _array(y)
-        ws = _weights(weights, ys.size)
-        if ws is not None or ys.size < self.graph_min_points:
-            moments = gaussian_moments_numpy(ys, ws)
-            total = moments[0] if ws is None else float(ws.sum())
-            summary = np.append(moments, total if reduction == "sum" else 1.0)
-            if initial is None:
-                m_factor, s_factor = GAUSSIAN_INIT_FACTORS
-                with np.errstate(over="ignore", invalid="ignore"):
-                    m0, s0 = m_factor * summary[1], s_factor * np.sqrt(summary[2])
-            _check(summary, 2, "y", (m0, s0))
-            first = plan.first(summary, _initial_state((m0, s0)))
-        else:
-            flags = _vector((float(initial is None), float(reduction == "sum")))
-            start = self._start("gaussian")
-            state = _initial_state((m0, s0))
-            values = start(_vector(ys), state, plan.start_controls(), flags).numpy()
-            summary = values[:4]
-            _check(summary, 2, "y", values[4:6])
-            first = plan.after_start(summary, _Chunk(values[4:]))
-        run = plan.run(summary, first)
-        stats = gaussian_stats(run.curvature, summary, weight_summary(ws, ys.size), run.params)
-        run.params[1] = abs(run.params[1])
-        return _result("gaussian", ("mean", "std"), run, stats, stopping, history_every, seed)
+        run = plan.run(fit_summary, start)
+        at = AtFit(run.curvature, run.params, coords)
+        stats = gaussian_stats(at, summary, weight_summary(ws, ys.size))
+        return _result("gaussian", run, at, stats, stopping, scaling, history_every, seed)
 
     def _plan(
         self,
@@ -417,17 +463,18 @@ class FitEngine:
         epochs: int,
         optimizer: Optimizer,
         stopping: Stopping,
-        should_stop: StopCheck | None,
+        coords: Coordinates,
         on_progress: Progress | None,
+        should_stop: StopCheck | None,
         progress_every: int | None,
     ) -> _Plan:
         per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
         variant = (optimizer.name, stopping.enabled)
         return _Plan(
             loop=self._loop(model, variant),
-            variant=variant,
             controls=_controls(learning_rate, min(per_call, epochs), optimizer, stopping),
             epochs=epochs,
+            coords=coords,
             should_stop=should_stop,
             on_progress=on_progress,
             progress_every=progress_every,
@@ -435,8 +482,8 @@ class FitEngine:
 
     def warm_up(self, small: bool = True, large: bool = True, variants: bool = True) -> None:
         """Run the compiled functions once so no request pays tracing or XLA compilation:
-        the small-data path (numpy moments, default loop, curvature), the large-data entry
-        points, and the loops of the other optimizers and of the stopping rules."""
+        the default loop (both scalings), the large-data summaries, and the loops of the
+        other optimizers and of the stopping rules."""
         rng = np.random.default_rng(0)
         sizes = ([16] if small else []) + ([self.graph_min_points] if large else [])
         x = rng.random(16)
@@ -463,79 +510,70 @@ class FitEngine:
 
     def trace_counts(self) -> dict[str, int]:
         """How often each compiled function was traced (stays 1 after warm-up)."""
-        functions = {
-            "linear_start": self._linear_start_fn,
-            "gaussian_start": self._gaussian_start_fn,
-        }
+        functions = {f"{model}_summary": fn for model, fn in self._summary_fns.items()}
         for (model, (name, stopping)), fn in self._loop_fns.items():
             functions[f"{model}_loop_{name}" + ("_stopping" if stopping else "")] = fn
         return {name: int(fn.experimental_get_tracing_count()) for name, fn in functions.items()}
 
 
+#: The default Gaussian start in standardized units: the reference post's deliberately-off
+#: factors 0.7 and 1.3, as 0.3 standard deviations below the mean and 1.3 of them wide.
+STANDARDIZED_GAUSSIAN_START = (-0.3, 1.3)
+
+
+def _coordinates(
+    scaling: Scaling,
+    summary: npt.NDArray[np.float64],
+    standardize: Callable[[npt.NDArray[np.float64]], tuple[npt.NDArray[np.float64], Coordinates]],
+) -> tuple[npt.NDArray[np.float64], Coordinates]:
+    if scaling == "none":
+        return summary, IDENTITY
+    return standardize(summary)
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """How one fit runs: its compiled loop (variant), controls, length and callbacks. Chunks
-    are at most the first chunk's length (``controls[1]``) and end on multiples of
-    ``progress_every``, where progress is reported (and at the end)."""
+    """How one fit runs: its compiled loop (variant), controls, length, coordinates and
+    callbacks. Chunks are at most the first chunk's length (``controls[1]``) and end on
+    multiples of ``progress_every``, where progress is reported (and at the end), in the
+    caller's units."""
 
     loop: Callable[..., Any]
-    variant: Variant
     controls: npt.NDArray[np.float64]
     epochs: int
+    coords: Coordinates
     should_stop: StopCheck | None
     on_progress: Progress | None
     progress_every: int | None
 
-    def first(self, summary: npt.NDArray[np.float64], state: Any) -> _Chunk:
-        """The first chunk, from the summary numpy computed (small or weighted data)."""
-        return _Chunk(self.loop(_vector(summary), state, _vector(self.controls)).numpy())
-
-    def start_controls(self) -> Any:
-        """Controls for a start function, whose built-in first chunk is the default loop's:
-        other variants take no epochs there."""
-        if self.variant == DEFAULT_VARIANT:
-            return _vector(self.controls)
-        idle = self.controls.copy()
-        idle[1] = 0
-        return _vector(idle)
-
-    def after_start(self, summary: npt.NDArray[np.float64], started: _Chunk) -> _Chunk:
-        """The first chunk of a large fit: the start function ran it with the default loop,
-        or, for another variant, ran no epochs and left the initial state for this loop."""
-        if self.variant == DEFAULT_VARIANT:
-            return started
-        return _Chunk(
-            self.loop(_vector(summary), _vector(started.state), _vector(self.controls)).numpy()
-        )
-
-    def run(self, summary: npt.NDArray[np.float64], first: _Chunk) -> _Run:
-        """Check each chunk's outcome and run further chunks until ``epochs`` or a stop."""
+    def run(self, summary: npt.NDArray[np.float64], start: tuple[float, float]) -> _Run:
+        """Run chunks from ``start`` (fit coordinates) until ``epochs`` or a stop, checking
+        each chunk's outcome."""
         controls, epochs = self.controls, self.epochs
         learning_rate = float(controls[0])
         per_call = int(controls[1])
         every = self.progress_every or epochs
         should_stop = self.should_stop
-        chunk = first
+        summary_t = _vector(summary)
+        chunk = _Chunk(self.loop(summary_t, _initial_state(start), _vector(controls)).numpy())
         pieces: list[npt.NDArray[np.float64]] = []
         stop: StopReason = "max_epochs"
         done_total = 0
-        summary_t = None
         while True:
             if chunk.status == NON_FINITE:
                 raise FitDiverged(epoch=done_total + chunk.done, learning_rate=learning_rate)
             pieces.append(chunk.history)
             done_total += chunk.done
-            if chunk.status == CONVERGED:
-                stop = "converged"
-            ending = stop == "converged" or done_total >= epochs
+            rule = _STOPS.get(chunk.status)
+            if rule is not None:
+                stop = rule
+            ending = rule is not None or done_total >= epochs
             if not ending and should_stop is not None and (reason := should_stop()) is not None:
                 stop, ending = reason, True
             if self.on_progress is not None and (ending or done_total % every == 0):
-                self.on_progress(done_total, chunk.final)
+                self.on_progress(done_total, self.coords.loss(chunk.final))
             if ending:
                 break
-            if summary_t is None:
-                summary_t = _vector(summary)
             controls = controls.copy()
             controls[1] = min(per_call, epochs - done_total, every - done_total % every)
             chunk = _Chunk(self.loop(summary_t, _vector(chunk.state), _vector(controls)).numpy())
@@ -544,62 +582,50 @@ class _Plan:
             raise FitDiverged(epoch=done_total, learning_rate=learning_rate)
         history = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         if history.size:
-            check_descended(history, final_loss, learning_rate)
+            check_descended(history, final_loss, learning_rate, self.coords)
         return _Run(
-            [float(v) for v in chunk.params], history, final_loss, done_total, stop, chunk.curvature
+            (float(chunk.params[0]), float(chunk.params[1])),
+            history,
+            final_loss,
+            done_total,
+            stop,
+            chunk.curvature,
         )
 
 
-def is_converged(stats: FitStats, params: list[float], stopping: Stopping) -> bool:
-    """At the optimum: the Newton step to it is within CONVERGED_RTOL of the parameters, or
-    the gradient is within the caller's gradient_tolerance. (A loss-tolerance stop alone is
-    not enough: an oscillating optimizer can stall far from the optimum.)"""
-    tolerance = stopping.gradient_tolerance
-    gradient_norm = stats.gradient_norm
-    if tolerance is not None and gradient_norm is not None and gradient_norm <= tolerance:
-        return True
-    scale = max(1.0, math.hypot(*params))
-    return stats.newton_step is not None and stats.newton_step <= CONVERGED_RTOL * scale
-
-
+@dataclass(frozen=True, slots=True)
 class _Run:
-    """What the driver reached: parameters, full loss history, final loss, updates, why, and
-    the loss, gradient and Hessian at the parameters."""
+    """What the driver reached, in fit coordinates: parameters, full loss history, final
+    loss, updates, why it stopped, and the loss, gradient and Hessian at the parameters."""
 
-    __slots__ = ("curvature", "epochs_run", "final_loss", "history", "params", "stop")
-
-    def __init__(
-        self,
-        params: list[float],
-        history: npt.NDArray[np.float64],
-        final_loss: float,
-        epochs_run: int,
-        stop: StopReason,
-        curvature: npt.NDArray[np.float64],
-    ) -> None:
-        self.curvature = curvature
-        self.params = params
-        self.history = history
-        self.final_loss = final_loss
-        self.epochs_run = epochs_run
-        self.stop = stop
+    params: tuple[float, float]
+    history: npt.NDArray[np.float64]
+    final_loss: float
+    epochs_run: int
+    stop: StopReason
+    curvature: npt.NDArray[np.float64]
 
 
 def _result(
     model: ModelName,
-    names: tuple[str, str],
     run: _Run,
+    at: AtFit,
     stats: FitStats,
     stopping: Stopping,
+    scaling: Scaling,
     history_every: int,
     seed: int | None,
 ) -> FitResult:
-    converged = is_converged(stats, run.params, stopping)
+    coords = at.coords
+    converged = run.stop == "step_tolerance" or is_converged(at, stopping.gradient_tolerance)
+    fitted = coords.from_fit(run.params)
+    if model == "gaussian":
+        fitted = (fitted[0], abs(fitted[1]))
     return FitResult(
         model=model,
-        params=dict(zip(names, run.params, strict=True)),
-        loss_history=run.history[::history_every],
-        final_loss=run.final_loss,
+        params=dict(zip(stats.names, fitted, strict=True)),
+        loss_history=coords.losses(run.history[::history_every]),
+        final_loss=coords.loss(run.final_loss),
         epochs_run=run.epochs_run,
         n=stats.n,
         stop_reason=run.stop,
@@ -607,6 +633,7 @@ def _result(
         history_every=history_every,
         stats=stats,
         seed=seed,
+        warnings=() if converged else not_converged(stats, run.stop, scaling),
     )
 
 
@@ -637,15 +664,11 @@ class _Chunk:
         self.params = values[0:2]
         self.done = int(values[STATE_SIZE])
         self.status = int(values[STATE_SIZE + 1])
-        self.curvature = values[STATE_SIZE + 2 : _HEAD]
+        self.curvature = values[STATE_SIZE + 2 : _HEAD].copy()
         self.final = float(self.curvature[0])
-        self.history = values[_HEAD : _HEAD + self.done]
-
-
-def _only_if(condition: Any, controls: Any) -> Any:
-    """``controls`` with zero steps unless ``condition``."""
-    steps = tf.where(condition, controls[1], tf.zeros_like(controls[1]))
-    return tf.concat([controls[0:1], tf.reshape(steps, [1]), controls[2:]], axis=0)
+        # A copy, not a view: a view would keep the whole chunk-sized buffer alive, and a
+        # fit of many short chunks (progress every epoch) would hold gigabytes.
+        self.history = values[_HEAD : _HEAD + self.done].copy()
 
 
 def _controls(
@@ -749,9 +772,13 @@ RISE_TOLERANCE = 1e-9
 
 
 def check_descended(
-    history: npt.NDArray[np.float64], final_loss: float, learning_rate: float
+    history: npt.NDArray[np.float64],
+    final_loss: float,
+    learning_rate: float,
+    coords: Coordinates = IDENTITY,
 ) -> None:
-    """Gradient descent that ends above its starting loss has overshot, however finite.
+    """Gradient descent that ends above its starting loss has overshot, however finite
+    (judged in fit coordinates; ``coords`` puts the message in the caller's units).
 
     (The Gaussian NLL rarely overflows: a too-large step throws s far out, where the
     gradients are tiny, and the loss stays finite but far worse than at the start.)
@@ -765,7 +792,8 @@ def check_descended(
     raise FitDiverged(
         epoch=epoch,
         learning_rate=learning_rate,
-        reason=f"the loss rose above its starting value {start:.6g} and ended at {final_loss:.6g}",
+        reason=f"the loss rose above its starting value {coords.loss(start):.6g} and ended at "
+        f"{coords.loss(final_loss):.6g}",
     )
 
 

@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-OptimizerName = Literal["sgd", "momentum", "adam"]
+OptimizerName = Literal["sgd", "momentum", "adam", "newton"]
 
-OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam")
+OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam", "newton")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +18,10 @@ class Optimizer:
     - ``sgd``: p ← p - lr·g (the seed's ``assign_sub``).
     - ``momentum``: v ← momentum·v - lr·g; p ← p + v (``keras.optimizers.SGD(momentum=…)``).
     - ``adam``: bias-corrected first and second moments (``keras.optimizers.Adam``).
+    - ``newton``: damped Newton on the exact Hessian (nested tapes): the step solves
+      (H + μI)·d = g, with μ = 0 where H is positive definite and μ = 2·|λmin| + ε otherwise,
+      then halves until the loss decreases (Armijo backtracking). It needs no learning rate,
+      and stops by itself once a full step is within ``CONVERGED_RTOL`` (after taking it).
     """
 
     name: OptimizerName = "sgd"

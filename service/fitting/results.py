@@ -9,7 +9,12 @@ import numpy as np
 import numpy.typing as npt
 
 ModelName = Literal["linear", "gaussian"]
-StopReason = Literal["max_epochs", "converged", "timeout"]
+#: Why the loop stopped, named after the rule that stopped it: all epochs ran; the loss
+#: stalled (``tolerance``); the gradient fell within ``gradient_tolerance``; Newton's full step
+#: fell within the convergence threshold (so the fit converged); the deadline.
+StopReason = Literal[
+    "max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,8 @@ class FitResult:
     history_every: int = 1
     stats: FitStats | None = None
     seed: int | None = None
+    #: Plain-words reasons to distrust the parameters (empty when converged).
+    warnings: tuple[str, ...] = ()
 
 
 class FitError(ValueError):

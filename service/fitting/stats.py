@@ -11,6 +11,9 @@ is closed-form arithmetic on the data summary:
 - Gaussian: Cov = inverse observed information = inverse Hessian of the summed (weighted)
   NLL, i.e. H⁻¹·scale/Σw for the loss as trained (scale = Σw for "sum", 1 for "mean").
 
+The curvature is that of the loss in fit coordinates (standardized by default, see
+:mod:`service.fitting.scaling`); inverses are taken there and mapped to the caller's units.
+
 AIC = 2k - 2·loglik and BIC = k·ln(n) - 2·loglik with k = 2 (statsmodels' convention for
 least squares: the noise variance is not counted). n counts the points with positive weight.
 """
@@ -27,11 +30,15 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from service.fitting.losses import LOG_2PI
+from service.fitting.options import CONVERGED_RTOL
 from service.fitting.results import FitStats
+from service.fitting.scaling import IDENTITY, Coordinates
 
 Array = npt.NDArray[np.float64]
 #: Parameters of either model.
 K = 2
+#: Relative size of float64 rounding in the moment-form losses.
+ROUNDING = 64 * float(np.finfo(np.float64).eps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +121,19 @@ class _Curvature:
             return None
         return self.h11 / det, -self.h01 / det, self.h00 / det
 
-    def newton_step(self) -> float | None:
-        """‖H⁻¹·g‖: how far the optimum is, by Newton's method (exact for the quadratic
-        MSE); None away from a minimum."""
+    def newton_vector(self) -> tuple[float, float] | None:
+        """H⁻¹·g: how far the optimum is, by Newton's method (exact for the quadratic MSE);
+        None away from a minimum."""
         inverse = self.inverse()
         if inverse is None:
             return None
         i00, i01, i11 = inverse
-        return _finite(math.hypot(i00 * self.g0 + i01 * self.g1, i01 * self.g0 + i11 * self.g1))
+        return (i00 * self.g0 + i01 * self.g1, i01 * self.g0 + i11 * self.g1)
+
+    def newton_step(self) -> float | None:
+        """‖H⁻¹·g‖, or None away from a minimum."""
+        vector = self.newton_vector()
+        return None if vector is None else _finite(math.hypot(*vector))
 
 
 def _finite(value: float) -> float | None:
@@ -132,16 +144,20 @@ Pair = tuple[float | None, float | None]
 
 
 def _uncertainty(
-    curvature: _Curvature, factor: float
+    curvature: _Curvature, factor: float, coords: Coordinates
 ) -> tuple[Pair, tuple[Pair, Pair], float | None]:
-    """Standard errors, covariance factor·H⁻¹ and correlation; None where undefined."""
+    """Standard errors, covariance and correlation in the caller's units: factor·H⁻¹ in fit
+    coordinates (well conditioned), mapped by ``coords``; None where undefined."""
     inverse = curvature.inverse() if math.isfinite(factor) and factor > 0.0 else None
     if inverse is None:
         return (None, None), ((None, None), (None, None)), None
-    c00, c01, c11 = (factor * v for v in inverse)
+    i00, i01, i11 = (factor * v for v in inverse)
+    (c00, c01), (_, c11) = coords.covariance(((i00, i01), (i01, i11)))
+    if not (c00 > 0.0 and c11 > 0.0):
+        return (None, None), ((None, None), (None, None)), None
     se0, se1 = math.sqrt(c00), math.sqrt(c11)
     covariance = ((_finite(c00), _finite(c01)), (_finite(c01), _finite(c11)))
-    return (_finite(se0), _finite(se1)), covariance, _finite(c01 / (se0 * se1))
+    return (_finite(se0), _finite(se1)), covariance, _finite(c01 / se0 / se1)
 
 
 def _criteria(loglik: float, n_used: int) -> tuple[float | None, float | None, float | None]:
@@ -163,9 +179,38 @@ def weight_summary(weights: Array | None, n: int) -> WeightSummary:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class AtFit:
+    """Where a fit ended, in fit coordinates: the :func:`curvature` vector there, the
+    parameters, and the map to the caller's units."""
+
+    curvature: Array
+    params: tuple[float, float]
+    coords: Coordinates = IDENTITY
+
+    def newton_step(self) -> float | None:
+        """‖H⁻¹·g‖ in fit coordinates (the convergence test's measure)."""
+        return _Curvature.of(self.curvature).newton_step()
+
+    def gradient_norm(self) -> float:
+        return _Curvature.of(self.curvature).gradient_norm
+
+
+def is_converged(at: AtFit, gradient_tolerance: float | None = None) -> bool:
+    """At the optimum, judged in fit coordinates (scale-free when standardized): the Newton
+    step is within CONVERGED_RTOL of max(1, |parameters|), or the gradient norm within the
+    caller's ``gradient_tolerance``. (A loss-tolerance stop alone is not enough: an
+    oscillating optimizer can stall far from the optimum.)"""
+    if gradient_tolerance is not None and at.gradient_norm() <= gradient_tolerance:
+        return True
+    step = at.newton_step()
+    return step is not None and step <= CONVERGED_RTOL * max(1.0, math.hypot(*at.params))
+
+
 def _stats(
     names: tuple[str, str],
     at: _Curvature,
+    coords: Coordinates,
     weights: WeightSummary,
     covariance_factor: float,
     loglik: float,
@@ -175,20 +220,22 @@ def _stats(
     r_squared: float | None = None,
     residual_std: float | None = None,
 ) -> FitStats:
-    """The parts both models share: uncertainty from the Hessian, the information criteria,
-    and the closed-form check (None where float64 overflows)."""
-    std_errors, covariance, correlation = _uncertainty(at, covariance_factor)
+    """The parts both models share: uncertainty from the Hessian in fit coordinates, the
+    information criteria, and the closed-form check (None where float64 overflows)."""
+    std_errors, covariance, correlation = _uncertainty(at, covariance_factor, coords)
     loglik_, aic, bic = _criteria(loglik, weights.count)
-    gap = (fitted[0] - closed[0], fitted[1] - closed[1], at.loss - closed_loss)
+    loss = coords.loss(at.loss)
+    gap = (fitted[0] - closed[0], fitted[1] - closed[1], loss - closed_loss)
     closed_ok = all(math.isfinite(v) for v in (*closed, closed_loss))
+    fit_step = at.newton_vector()
     return FitStats(
         names=names,
         n=weights.points,
         n_used=weights.count,
         dof=weights.count - K,
-        loss=at.loss,
-        gradient_norm=_finite(at.gradient_norm),
-        newton_step=at.newton_step(),
+        loss=loss,
+        gradient_norm=_finite(math.hypot(*coords.gradient((at.g0, at.g1)))),
+        newton_step=None if fit_step is None else _finite(math.hypot(*coords.step(fit_step))),
         std_errors=std_errors,
         covariance=covariance,
         correlation=correlation,
@@ -203,54 +250,88 @@ def _stats(
     )
 
 
-def linear_stats(
-    curvature: Array, summary: Array, weights: WeightSummary, params: list[float]
-) -> FitStats:
-    """Statistics of a line (``summary`` = [n, x̄, ȳ, Vxx, Vxy, Vyy], weighted) from the
-    :func:`curvature` vector at ``params``."""
-    at = _Curvature.of(curvature)
+def linear_stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
+    """Statistics of a line (``summary`` = [n, x̄, ȳ, Vxx, Vxy, Vyy] in the caller's units,
+    weighted) where the fit ended."""
+    at = _Curvature.of(fit.curvature)
+    coords = fit.coords
     x_mean, y_mean, vxx, vxy, vyy = (float(v) for v in summary[1:6])
     slope = vxy / vxx
     n_used = weights.count
     dof = n_used - K
-    ssr = weights.total * at.loss  # Σw·r²
+    loss = coords.loss(at.loss)
+    # Σw·r². The moment form of the loss is exact only to rounding of Vyy: a residual below
+    # that (a perfect fit, e.g. two points) is zero, not a log-likelihood of rounding noise.
+    exact = loss <= ROUNDING * vyy
+    ssr = 0.0 if exact else weights.total * loss
     sigma2 = ssr / dof if dof > 0 else math.nan
     loglik = (
         -0.5 * n_used * (LOG_2PI + math.log(ssr / n_used) + 1.0) + 0.5 * weights.log_sum
         if ssr > 0.0
         else math.inf
     )
+    # Cov = σ²·(2/Σw)·H⁻¹ with H = a·AᵀH'A, so in fit coordinates the factor is divided by a.
     return _stats(
         ("slope", "intercept"),
         at,
+        coords,
         weights,
-        covariance_factor=sigma2 * 2.0 / weights.total,
+        covariance_factor=sigma2 * 2.0 / weights.total / coords.a,
         loglik=loglik,
-        fitted=(params[0], params[1]),
+        fitted=coords.from_fit(fit.params),
         closed=(slope, y_mean - slope * x_mean),
         closed_loss=max(vyy - vxy * slope, 0.0),
-        r_squared=_finite(1.0 - at.loss / vyy) if vyy > 0.0 else None,
+        r_squared=_finite(1.0 - loss / vyy) if vyy > 0.0 else None,
         residual_std=_finite(math.sqrt(sigma2)) if dof > 0 else None,
     )
 
 
-def gaussian_stats(
-    curvature: Array, summary: Array, weights: WeightSummary, params: list[float]
-) -> FitStats:
-    """Statistics of a normal fit (``summary`` = [n, ȳ, Vyy, scale], weighted); ``params`` as
-    trained (s may be negative: the NLL depends on s², and the reported std is |s|)."""
-    at = _Curvature.of(curvature)
-    if params[1] < 0.0:  # report for |s|
-        at = at.flipped()
+def gaussian_stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
+    """Statistics of a normal fit (``summary`` = [n, ȳ, Vyy, scale] in the caller's units,
+    weighted) where the fit ended; s may be negative there (the NLL depends on s², and the
+    reported std is |s|)."""
+    at = _Curvature.of(fit.curvature)
+    m, s = fit.params
+    if s < 0.0:  # report for |s|
+        at, s = at.flipped(), -s
+    coords = fit.coords
     y_mean, vyy, scale = float(summary[1]), float(summary[2]), float(summary[3])
     mean_nll = 0.5 * (LOG_2PI + math.log(vyy) + 1.0)  # per unit weight, at the optimum
     return _stats(
         ("mean", "std"),
         at,
+        coords,
         weights,
-        covariance_factor=scale / weights.total,
-        loglik=-at.loss * weights.total / scale,
-        fitted=(params[0], abs(params[1])),
+        covariance_factor=scale / weights.total / coords.a,
+        loglik=-coords.loss(at.loss) * weights.total / scale,
+        fitted=coords.from_fit((m, s)),
         closed=(y_mean, math.sqrt(vyy)),
         closed_loss=mean_nll * scale,
     )
+
+
+def not_converged(stats: FitStats, stop: str, scaling: str) -> tuple[str, ...]:
+    """Plain-words reasons why a fit that did not converge should not be trusted as is."""
+    names = stats.names
+    where = "stopped by the deadline" if stop == "timeout" else f"stopped on {stop}"
+    lines = [
+        f"not converged ({where}): the parameters are not at the optimum; the gradient norm "
+        f"is {_show(stats.gradient_norm)} and the Newton step to the optimum "
+        f"{_show(stats.newton_step)}"
+    ]
+    if stats.gap is not None and stats.closed_form is not None:
+        lines.append(
+            f"the exact optimum is {names[0]} = {stats.closed_form[0]:.15g}, "
+            f"{names[1]} = {stats.closed_form[1]:.15g}; the returned parameters differ by "
+            f"{stats.gap[0]:.3g} and {stats.gap[1]:.3g}"
+        )
+    advice = 'use optimizer "newton", or run more epochs or a larger learning_rate'
+    if scaling == "none":
+        advice += '; scaling "none" fits in raw units, where gradient descent crawls or '
+        advice += 'diverges on data far from unit scale: use scaling "standardize"'
+    lines.append(f"to converge: {advice}")
+    return tuple(lines)
+
+
+def _show(value: float | None) -> str:
+    return "undefined (not at a minimum)" if value is None else f"{value:.3g}"

@@ -86,6 +86,7 @@ async def test_seed_hyperparameters_give_the_seed_loop_numbers(client: httpx.Asy
             "learning_rate": 0.05,
             "epochs": 30,
             "initial": {"slope": 0.02, "intercept": 0.0},
+            "scaling": "none",
         },
     )
     body = r.json()
@@ -98,7 +99,13 @@ async def test_seed_hyperparameters_give_the_seed_loop_numbers(client: httpx.Asy
     mg, sg, hg = reference_gaussian(yg, learning_rate=0.0005, epochs=50)
     r = await client.post(
         GAUSSIAN,
-        json={"y": yg.tolist(), "learning_rate": 0.0005, "epochs": 50, "reduction": "sum"},
+        json={
+            "y": yg.tolist(),
+            "learning_rate": 0.0005,
+            "epochs": 50,
+            "reduction": "sum",
+            "scaling": "none",
+        },
     )
     body = r.json()
     np.testing.assert_allclose(body["loss_history"], hg, rtol=2e-5)

@@ -61,8 +61,9 @@ async def test_adam_with_early_stopping_converges_early(client: httpx.AsyncClien
     r = await client.post(LINEAR, json=LINEAR_ADAM_EXAMPLE)
     assert r.status_code == 200, r.text
     fit = r.json()
-    assert fit["stop_reason"] == "converged"
+    assert fit["stop_reason"] == "gradient_tolerance"
     assert fit["converged"] is True
+    assert fit["warnings"] == []
     assert fit["epochs_run"] < LINEAR_ADAM_EXAMPLE["epochs"]
     assert len(fit["loss_history"]) == -(-fit["epochs_run"] // fit["history_every"])
     w = np.array(LINEAR_ADAM_EXAMPLE["weights"])

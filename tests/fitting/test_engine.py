@@ -35,7 +35,9 @@ def test_linear_matches_seed_loop_with_seed_hyperparameters(
     m0 = 0.05 * np.random.default_rng(100 + data_seed).standard_normal()
     m, b, history = reference_linear(x, y, learning_rate=0.05, epochs=30, initial=(m0, 0.0))
 
-    result = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, initial=(m0, 0.0))
+    result = engine.fit_linear(
+        x, y, learning_rate=0.05, epochs=30, initial=(m0, 0.0), scaling="none"
+    )
 
     assert result.epochs_run == 30
     assert len(result.loss_history) == 30
@@ -55,7 +57,9 @@ def test_gaussian_matches_seed_loop_with_seed_hyperparameters(
     y = seed_gaussian_data(data_seed)
     m, s, history = reference_gaussian(y, learning_rate=0.0005, epochs=50)
 
-    result = engine.fit_gaussian(y, learning_rate=0.0005, epochs=50, reduction="sum")
+    result = engine.fit_gaussian(
+        y, learning_rate=0.0005, epochs=50, reduction="sum", scaling="none"
+    )
 
     np.testing.assert_allclose(result.loss_history, history, rtol=RTOL)
     assert result.params["mean"] == pytest.approx(m, rel=RTOL)
@@ -136,7 +140,9 @@ def test_batch_loops_compile_once_per_size_bucket() -> None:
 def test_chunked_loop_equals_one_call() -> None:
     x, y = seed_linear_data(6)
     small = FitEngine(epochs_per_call=7)
-    one = small.fit_linear(x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2))
+    one = small.fit_linear(
+        x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2), scaling="none"
+    )
     reference = reference_linear(x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2))
     np.testing.assert_allclose(one.loss_history, reference[2], rtol=RTOL)
     assert one.epochs_run == 50

@@ -36,7 +36,7 @@ def test_linear_stats_match_statsmodels(engine: FitEngine, case: int, weighted: 
     exog = sm.add_constant(x)
     ols = (sm.WLS(y, exog, weights=w) if weighted else sm.OLS(y, exog)).fit()
     s = result.stats
-    assert s is not None and result.stop_reason == "converged"
+    assert s is not None and result.stop_reason == "gradient_tolerance" and result.converged
 
     intercept, slope = ols.params
     assert result.params["slope"] == pytest.approx(slope, rel=1e-8)
@@ -80,12 +80,13 @@ def test_gaussian_stats_match_scipy_and_statsmodels(
 ) -> None:
     rng = np.random.default_rng(case)
     y = [seed_gaussian_data(case), rng.normal(-3.0, 0.2, 40), rng.exponential(2.0, 300)][case]
-    lr = 0.5 * y.var() / (1 if reduction == "mean" else y.size)  # stable: curvature is 1/s²
+    # Standardized, the mean NLL's curvature at the optimum is 1 (mean) and 2 (std).
+    lr = 0.5 / (1 if reduction == "mean" else y.size)
     result = engine.fit_gaussian(
         y, learning_rate=lr, epochs=100_000, reduction=reduction, stopping=CONVERGE
     )
     s = result.stats
-    assert s is not None and result.stop_reason == "converged"
+    assert s is not None and result.stop_reason == "gradient_tolerance" and result.converged
 
     mean, std = sps.norm.fit(y)
     assert result.params["mean"] == pytest.approx(mean, rel=1e-9)

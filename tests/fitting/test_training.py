@@ -58,6 +58,7 @@ def test_linear_optimizers_match_keras(engine: FitEngine, name: OptimizerName) -
         epochs=40,
         initial=(0.3, -0.2),
         optimizer=_our(name),
+        scaling="none",  # the reference trajectory is in raw units
     )
 
     np.testing.assert_allclose(result.loss_history, history, rtol=KERAS_RTOL[name])
@@ -80,6 +81,7 @@ def test_gaussian_optimizers_match_keras(engine: FitEngine, name: OptimizerName)
         initial=(1.0, 2.0),
         reduction="sum",
         optimizer=_our(name),
+        scaling="none",
     )
 
     np.testing.assert_allclose(result.loss_history, history, rtol=KERAS_RTOL[name])
@@ -109,6 +111,7 @@ def test_adam_matches_the_textbook_formula(engine: FitEngine) -> None:
         epochs=40,
         initial=(0.3, -0.2),
         optimizer=Optimizer("adam", beta_1=beta_1, beta_2=beta_2, epsilon=epsilon),
+        scaling="none",
     )
 
     np.testing.assert_allclose(result.loss_history, losses, rtol=RTOL)
@@ -135,7 +138,7 @@ def test_loss_tolerance_stops_early_and_says_so(engine: FitEngine) -> None:
     )
     assert full.stop_reason == "max_epochs"
     assert full.converged
-    assert result.stop_reason == "converged"
+    assert result.stop_reason == "loss_tolerance"
     assert 10 < result.epochs_run < 5000
     assert len(result.loss_history) == result.epochs_run
     # The same trajectory, cut short where the rule holds: the last 5 losses evaluated (4 in
@@ -156,7 +159,7 @@ def test_gradient_tolerance_stops_at_a_small_gradient(engine: FitEngine) -> None
     result = engine.fit_gaussian(
         y, learning_rate=0.1, epochs=50_000, stopping=Stopping(gradient_tolerance=1e-8)
     )
-    assert result.stop_reason == "converged"
+    assert result.stop_reason == "gradient_tolerance"
     assert result.epochs_run < 1000
     assert result.stats is not None and result.stats.gradient_norm is not None
     assert result.stats.gradient_norm <= 1e-8
@@ -204,7 +207,7 @@ def test_a_loss_tolerance_stall_far_from_the_optimum_is_not_converged(engine: Fi
         optimizer=Optimizer("adam"),
         stopping=Stopping(tolerance=1e-12, patience=20),
     )
-    assert result.stop_reason == "converged"  # the rule fired...
+    assert result.stop_reason == "loss_tolerance"  # the rule fired...
     assert not result.converged  # ...but the optimum is still far
     assert result.stats is not None and result.stats.newton_step is not None
     slope, intercept = linear_closed_form(x, y)
@@ -275,9 +278,9 @@ def test_trace_counts_stay_at_one_across_options() -> None:
     engine = FitEngine(epochs_per_call=64, graph_min_points=1000)
     engine.warm_up()
     before = engine.trace_counts()
-    assert len(before) == 2 + 2 * 6  # two start functions, 6 variants of 2 models
+    assert len(before) == 2 + 2 * 8  # two summaries, 8 variants of 2 models
     assert set(before.values()) == {1}
-    names: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam")
+    names: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam", "newton")
     for n in (50, 2000):
         x, y = seed_linear_data(0, n=n)
         for name in names:

@@ -106,6 +106,7 @@ def _common(result: FitResult) -> dict[str, Any]:
         "n": result.n,
         "stop_reason": result.stop_reason,
         "converged": result.converged,
+        "warnings": list(result.warnings),
         "seed": result.seed,
         "stats": _stats(result.stats) if result.stats is not None else None,
     }
@@ -159,6 +160,7 @@ def _training(body: LinearOptions | GaussianOptions) -> Training:
             patience=body.patience,
             gradient_tolerance=body.gradient_tolerance,
         ),
+        scaling=body.scaling,
         history_every=body.history_step(),
     )
 
@@ -321,6 +323,7 @@ async def _fit_batch(
             initial=parsed.arrays["initial"],
             reduction=getattr(body, "reduction", "mean"),
             seed=body.seed,
+            scaling=body.scaling,
             history_every=body.history_every,
         )
         return await unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
