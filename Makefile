@@ -6,20 +6,42 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 PYTEST_ARGS ?=
+# Every installed version comes from a lock with hashes (`make lock` refreshes both).
+RUN_LOCK  := requirements/run.lock
+TEST_LOCK := requirements/test.lock
+UV_VERSION := 0.13.9
+LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	--no-header --quiet
 
-.PHONY: run test lint typecheck pytest bench bench-quick deploy-check clean
+.PHONY: run test lint typecheck pytest bench bench-quick deploy-check lock clean
+
+# A venv made by another Python (or a broken one) is rebuilt rather than failing forever.
+ifneq ($(shell $(PY) -c 'import sys; print(sys.version_info[:2] == (3, 11))' 2>/dev/null),True)
+$(shell rm -rf $(VENV))
+endif
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+# The project itself goes in without build isolation: setuptools comes from the lock too.
+$(VENV)/.installed: $(RUN_LOCK) pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(RUN_LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
+$(VENV)/.installed-test: $(TEST_LOCK) pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(TEST_LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@ $(VENV)/.installed
+
+# Re-resolve both locks from pyproject.toml (the test lock first; the run lock is held to it).
+lock: | $(PY)
+	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra test $(LOCK_FLAGS) \
+		-o $(TEST_LOCK)
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in -c $(TEST_LOCK) $(LOCK_FLAGS) \
+		-o $(RUN_LOCK)
 
 run: $(VENV)/.installed
 	$(PY) -m service

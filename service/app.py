@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api.errors import install_error_handlers
+from service.api.limits import BodyLimit
 from service.api.openapi import install_openapi
 from service.api.routes import datasets, fits, health, plots
 from service.api.schemas import (
@@ -67,7 +68,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
     app.state.worker = worker
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(plots.router)
     app.include_router(datasets.router)
     app.include_router(health.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     _instrument(app, registry)
     # Outermost last: the request id exists before the access line is written.
     app.add_middleware(AccessLogMiddleware)
@@ -133,9 +134,11 @@ def _instrument(app: FastAPI, registry: CollectorRegistry) -> None:
         excluded_handlers=["/metrics"],
         registry=registry,
     )
+    # The metric functions register in prometheus_client's global registry unless given one;
+    # /metrics serves this app's registry.
     instrumentator.add(
-        metrics.requests(should_include_status=True),
-        metrics.latency(should_include_status=True),
+        metrics.requests(should_include_status=True, registry=registry),
+        metrics.latency(should_include_status=True, registry=registry),
     )
     instrumentator.instrument(app).expose(
         app,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -330,6 +331,8 @@ class FitWorker:
         pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
             max_workers=self.settings.parse_processes,
             mp_context=multiprocessing.get_context("spawn"),
+            initializer=parsing.watch_parent,
+            initargs=(os.getpid(),),
         )
         assert pool is not None
         futures = [pool.submit(parsing.warm) for _ in range(self.settings.parse_processes)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,6 +16,7 @@ from service.app import create_app
 from service.fitting import FitEngine
 from service.settings import Settings
 from service.worker import shared_engine
+from tests.server import kill_marked
 
 Array = npt.NDArray[np.float64]
 
@@ -30,6 +31,15 @@ def seed_linear_data(seed: int = 0, n: int = 100) -> tuple[Array, Array]:
 def seed_gaussian_data(seed: int = 0, n: int = 1000) -> Array:
     """The seed's ``generate_gaussian_data(m=2, s=1)``."""
     return np.random.default_rng(seed).normal(2.0, 1.0, n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Whatever the tests did (failed ones included), no process a test server started may
+    outlive the session: servers, parser processes, resource trackers."""
+    yield
+    left = kill_marked()
+    assert not left, f"processes left behind by test servers: {left}"
 
 
 @pytest.fixture

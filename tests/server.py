@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,6 +18,36 @@ from pathlib import Path
 import httpx
 
 STARTUP_TIMEOUT_S = 180.0
+#: Every process a test server starts (the server, its parser process, multiprocessing's
+#: resource tracker) inherits this variable, so the suite can find any that outlive it.
+MARK_VARIABLE = "PYTEST_TAPEFIT_SESSION"
+SESSION_MARK = f"{os.getpid()}-{time.time_ns()}"
+
+
+def marked_processes(mark: str = SESSION_MARK) -> list[int]:
+    """PIDs of live processes whose environment carries ``mark`` (this session's by default)."""
+    needle = f"{MARK_VARIABLE}={mark}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if state != "Z" and any(v.startswith(needle) for v in environ.split(b"\0")):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_marked(mark: str = SESSION_MARK) -> list[int]:
+    """SIGKILL every process carrying ``mark``; returns the PIDs that were still there."""
+    pids = marked_processes(mark)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
 
 
 def free_port() -> int:
@@ -31,6 +62,7 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    mark: str = ""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -50,13 +82,18 @@ class Server:
 
 @contextmanager
 def serve(**env: str) -> Iterator[Server]:
-    """Start ``python -m service`` with ``TAPEFIT_*`` overrides; wait until /readyz is 200."""
+    """Start ``python -m service`` with ``TAPEFIT_*`` overrides; wait until /readyz is 200.
+
+    On the way out (whatever the test did) the server is stopped: SIGTERM and its graceful
+    drain first, SIGKILL only if that hangs; then nothing it started may be left."""
     port = free_port()
+    mark = f"{SESSION_MARK}-{port}"
     environment = {
         **os.environ,
         "TAPEFIT_HOST": "127.0.0.1",
         "TAPEFIT_PORT": str(port),
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        MARK_VARIABLE: mark,
         **env,
     }
     with tempfile.NamedTemporaryFile(prefix="tapefit-", suffix=".log", delete=False) as log:
@@ -65,15 +102,35 @@ def serve(**env: str) -> Iterator[Server]:
         process = subprocess.Popen(
             [sys.executable, "-m", "service"], env=environment, stdout=sink, stderr=sink
         )
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, mark)
     try:
         _wait_ready(server)
         yield server
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
         log_path.unlink(missing_ok=True)
+        left = _wait_gone(mark)
+        if left:
+            raise AssertionError(f"the server left processes behind: {left}")
+
+
+#: A stopped server's children notice within their parent-watch poll (0.25 s).
+STOP_TIMEOUT_S = 60.0
+GONE_TIMEOUT_S = 5.0
+
+
+def _wait_gone(mark: str) -> list[int]:
+    """Wait for every process carrying ``mark`` to exit; kill and return any that did not."""
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while marked_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return kill_marked(mark)
 
 
 def _wait_ready(server: Server) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
 
 from service.fitting.reference import gaussian_closed_form, linear_closed_form
 from tests.conftest import seed_gaussian_data, seed_linear_data
-from tests.server import serve
+from tests.server import marked_processes, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -56,3 +57,27 @@ async def test_health_answers_while_a_long_fit_runs() -> None:
             assert body["stop_reason"] == "timeout"
             assert 0 < body["epochs_run"] < 100_000
         assert server.stop(), server.log()
+
+
+def test_children_die_with_a_killed_server() -> None:
+    """SIGKILL (or an OOM kill) gives the server no chance to stop its parser process: the
+    parser and multiprocessing's resource tracker must still exit, not live on under PID 1."""
+    with serve() as server:
+        children = [pid for pid in marked_processes(server.mark) if pid != server.process.pid]
+        assert len(children) >= 2  # the parser process and the resource tracker
+        server.process.kill()
+        server.process.wait(timeout=30)
+        deadline = time.monotonic() + 5.0
+        while marked_processes(server.mark) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marked_processes(server.mark) == []
+
+
+async def test_http_metrics_on_a_fresh_server() -> None:
+    """The README's HTTP metrics are on /metrics of a real server, with nothing run before."""
+    with serve() as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            text = (await client.get("/metrics")).text
+        assert 'http_requests_total{handler="/healthz",method="GET",status="200"} 1.0' in text
+        assert "http_request_duration_seconds_bucket{" in text

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
+from service.api.limits import too_large
 from service.api.parsing import sanitize_errors
 from service.worker import FitDiverged, FitError, Overloaded, Unavailable
 
@@ -63,7 +66,18 @@ async def _disconnected(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; never delivered
 
 
+async def _http(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors; a body that outgrew the limit while being read (chunked, or
+    longer than declared) says which limit, as a declared one does."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 413:
+        limit = request.app.state.settings.max_body_bytes
+        return JSONResponse({"detail": too_large(limit)}, status_code=413)
+    return await http_exception_handler(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(FitError, _fit_error)
     app.add_exception_handler(Overloaded, _overloaded)

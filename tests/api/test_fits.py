@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -273,10 +274,29 @@ async def test_limits_come_from_settings() -> None:
         r = await c.post(GAUSSIAN, json={"y": [1.0, 2.0], "epochs": 51})
         _assert_422_naming(r, "epochs")
         assert "TAPEFIT_MAX_EPOCHS" in r.json()["detail"][0]["msg"]
-        r = await c.post(GAUSSIAN, json={"y": [1.5] * 2000 + [2.0]})
-        assert r.status_code == 413
+        big = {"y": [1.5] * 2000 + [2.0]}
+        r = await c.post(GAUSSIAN, json=big, headers={"X-Request-ID": "big-1"})
+        _assert_413(r, "big-1")
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+            yield json.dumps(big).encode()
+
+        r = await c.post(
+            GAUSSIAN,
+            content=chunks(),
+            headers={"content-type": "application/json", "X-Request-ID": "big-2"},
+        )
+        _assert_413(r, "big-2")
         r = await c.post(GAUSSIAN, json={"y": [1.0, 2.0], "epochs": 50})
         assert r.status_code == 200
+
+
+def _assert_413(r: httpx.Response, request_id: str) -> None:
+    """The documented 413: JSON naming the limit, with the request id, however sent."""
+    assert r.status_code == 413
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["x-request-id"] == request_id
+    assert r.json() == {"detail": "request body larger than 4096 bytes (TAPEFIT_MAX_BODY_BYTES)"}
 
 
 async def test_large_body_is_parsed_in_the_parser_process() -> None:

@@ -140,9 +140,7 @@ def test_batch_loops_compile_once_per_size_bucket() -> None:
 def test_chunked_loop_equals_one_call() -> None:
     x, y = seed_linear_data(6)
     small = FitEngine(epochs_per_call=7)
-    one = small.fit_linear(
-        x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2), scaling="none"
-    )
+    one = small.fit_linear(x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2), scaling="none")
     reference = reference_linear(x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2))
     np.testing.assert_allclose(one.loss_history, reference[2], rtol=RTOL)
     assert one.epochs_run == 50

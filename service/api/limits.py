@@ -1,0 +1,41 @@
+"""Request body limits, answered in the API's JSON error shape.
+
+Starlette's ``RequestBodyLimitMiddleware`` counts the bytes of every body (chunked, or lying
+about its length) and raises a 413 ``HTTPException`` that the app's handlers render as JSON.
+For a declared ``Content-Length`` over the limit, though, it replaces whatever the app
+answers with a ``text/plain`` 413, which generated clients cannot parse. So a declared length
+is refused here first, before the body is read, with the JSON body every other error has;
+both sit inside the request-id middleware, so the 413 carries ``X-Request-ID``.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+def too_large(limit: int) -> str:
+    return f"request body larger than {limit} bytes (TAPEFIT_MAX_BODY_BYTES)"
+
+
+class BodyLimit:
+    """Refuse a declared Content-Length over ``limit`` (JSON 413); count the rest."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = RequestBodyLimitMiddleware(app, max_body_size=limit)
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = Headers(scope=scope).get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.limit:
+                response = JSONResponse(
+                    {"detail": too_large(self.limit)},
+                    status_code=413,
+                    headers={"Connection": "close"},  # the unread body must not be parsed
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

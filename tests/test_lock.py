@@ -1,0 +1,53 @@
+"""The install is reproducible: what runs is exactly what the locks pin."""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).parents[1]
+PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;\\]+)")
+
+
+def pins(lock: str) -> dict[str, str]:
+    found = {}
+    for line in (ROOT / "requirements" / lock).read_text().splitlines():
+        if match := PIN.match(line):
+            found[_canonical(match[1])] = match[2]
+    return found
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_locked_package_is_installed_at_its_pinned_version() -> None:
+    locked = pins("test.lock")
+    assert len(locked) > 50
+    wrong = {
+        name: (version, metadata.version(name))
+        for name, version in locked.items()
+        if metadata.version(name) != version
+    }
+    assert wrong == {}
+
+
+def test_every_line_is_hashed_and_the_run_lock_agrees_with_the_test_lock() -> None:
+    for lock in ("run.lock", "test.lock"):
+        text = (ROOT / "requirements" / lock).read_text()
+        assert text.count("==") == len(pins(lock))
+        assert text.count("--hash=sha256:") >= len(pins(lock))
+    run, test = pins("run.lock"), pins("test.lock")
+    assert {name: test.get(name) for name in run} == run
+
+
+def test_every_declared_dependency_is_locked() -> None:
+    requires = metadata.requires("tapefit") or []
+    declared = {_canonical(Requirement(r).name) for r in requires}
+    assert declared <= set(pins("test.lock"))
+    runtime = {_canonical(Requirement(r).name) for r in requires if "extra ==" not in r}
+    assert runtime <= set(pins("run.lock"))
+    assert "setuptools" in pins("run.lock")  # the build backend, for --no-build-isolation
