@@ -61,6 +61,27 @@ class Settings(BaseSettings):
         default_factory=lambda: 2 * available_cpus(),
         description="Fits that may wait for a slot; beyond it the service answers 429.",
     )
+    max_queue_wait_s: Annotated[float, Field(gt=0)] = Field(
+        10.0,
+        description="A fit is refused (429, Retry-After = the expected wait) when the work "
+        "already admitted would keep it waiting longer than this for a slot.",
+    )
+    memory_budget_bytes: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="Memory that admitted requests may hold, by their estimated peaks (429 "
+        "when in use by others, 413 when one request alone needs more). 0: 90% of the "
+        "container's memory limit (cgroup; else the RAM) less what the warm server and its "
+        "parser processes hold.",
+    )
+    body_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        10.0,
+        description="A request body must arrive within this many seconds, plus one second per "
+        "TAPEFIT_BODY_MIN_BYTES_PER_S received; a slower upload gets 408 and frees its "
+        "memory.",
+    )
+    body_min_bytes_per_s: Annotated[int, Field(ge=1)] = Field(
+        1024 * 1024, description="The slowest upload rate accepted beyond body_timeout_s."
+    )
     fit_timeout_s: Annotated[float, Field(gt=0)] = Field(
         60.0, description="Wall-clock budget of one fit, queueing included."
     )

@@ -1,14 +1,16 @@
 """Bounded execution of fits off the event loop: admission, deadlines, cancellation, parsing.
 
-- At most ``max_concurrent_fits`` fits run at once, in a dedicated thread pool; up to
-  ``max_queued_fits`` more may wait. Beyond that :class:`Overloaded` is raised at once
-  (the API answers 429 with Retry-After) instead of piling up threads.
+- At most ``max_concurrent_fits`` fits run at once, in a dedicated thread pool; what may
+  wait is decided by :mod:`service.admission` (places, memory, expected time), which
+  raises :class:`~service.admission.Refused` at once (429 with Retry-After, or 413).
 - Every fit has a deadline; the engine checks it between compiled chunks of epochs and
   returns what it reached with ``stop_reason="timeout"``.
 - A caller that stops waiting (client gone) sets the fit's cancel flag; the engine abandons
   the fit at the next chunk boundary.
 - Large request bodies are parsed in a separate process so that pydantic, which holds the
-  GIL for the whole parse, never stalls the event loop.
+  GIL for the whole parse, never stalls the event loop. Every parse there has a deadline; a
+  parser that dies or hangs in any state is replaced and the request answered 503
+  (:class:`ParserFailed`), so no place ever leaks.
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from multiprocessing.pool import Pool
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.admission import Admission, Refused, Ticket, memory_limit, rss_bytes
 from service.fitting import (
     DegenerateData,
     FitCancelled,
@@ -51,7 +54,17 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 #: Seconds a refused client is told to wait (429): fits take milliseconds to a few seconds.
-RETRY_AFTER_S = 1
+#: A parse in the parser process may take this long, plus a second per PARSE_MIN_BYTES_PER_S
+#: of body (a 40 MB body parses in ~0.3 s): past that the parser is dead or wedged.
+PARSE_DEADLINE_S = 5.0
+PARSE_MIN_BYTES_PER_S = 10 * 1024 * 1024
+PARSER_START_TIMEOUT_S = 120.0
+#: Memory a parser process keeps between parses (measured ~110 MiB), when the budget is
+#: derived from the memory limit.
+PARSER_RESERVE_BYTES = 200 * 1024 * 1024
+#: The automatic budget leaves this share of the limit for what no estimate counts.
+BUDGET_SHARE = 0.9
+MIN_BUDGET_BYTES = 64 * 1024 * 1024
 
 T = TypeVar("T")
 Array = npt.NDArray[np.float64]
@@ -67,9 +80,11 @@ __all__ = [
     "GaussianJob",
     "LinearJob",
     "Optimizer",
-    "Overloaded",
+    "ParserFailed",
+    "Refused",
     "Reporter",
     "Stopping",
+    "Ticket",
     "Training",
     "Unavailable",
     "gaussian_data",
@@ -139,12 +154,8 @@ class Reporter:
     every: int
 
 
-class Overloaded(Exception):
-    """Every fit slot and queue place is taken; try again after ``retry_after`` seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        self.retry_after = retry_after
-        super().__init__(f"too many fits in progress; retry after {retry_after} s")
+class ParserFailed(Exception):
+    """The parser process died or missed its deadline: an infrastructure fault (503)."""
 
 
 class Unavailable(Exception):
@@ -208,6 +219,22 @@ class FitMetrics:
             ),
             registry=registry,
         )
+        self.memory_budget = Gauge(
+            "tapefit_memory_budget_bytes",
+            "Memory admitted requests may hold (TAPEFIT_MEMORY_BUDGET_BYTES, or derived from "
+            "the memory limit).",
+            registry=registry,
+        )
+        self.memory_charged = Gauge(
+            "tapefit_memory_charged_bytes",
+            "Memory charged to the requests in progress (estimated peaks).",
+            registry=registry,
+        )
+        self.parser_restarts = Counter(
+            "tapefit_parser_restarts",
+            "Parser processes replaced after dying or missing a deadline.",
+            registry=registry,
+        )
         self.parse_duration = Histogram(
             "tapefit_parse_duration_seconds",
             "Wall time of parsing and validating a request body.",
@@ -240,8 +267,12 @@ class FitWorker:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.metrics = FitMetrics(registry or CollectorRegistry())
-        self.capacity = settings.max_concurrent_fits + settings.max_queued_fits
-        self.in_flight = 0
+        self.admission = Admission(
+            places=settings.max_concurrent_fits + settings.max_queued_fits,
+            slots=settings.max_concurrent_fits,
+            memory_budget=settings.memory_budget_bytes or (1 << 62),  # set at readiness
+            max_queue_wait_s=settings.max_queue_wait_s,
+        )
         self.ready = False
         self.draining = False
         self.engine: FitEngine | None = None
@@ -250,7 +281,7 @@ class FitWorker:
         self._fit_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent_fits, thread_name_prefix="fit"
         )
-        self._parse_pool: Executor | None = None
+        self._parse_pool: Pool | None = None
         self._parse_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -261,6 +292,9 @@ class FitWorker:
         loop = asyncio.get_running_loop()
         configure_threads(s.intra_op_threads, s.inter_op_threads)
         self.engine = await loop.run_in_executor(self._fit_pool, shared_engine, s.epochs_per_call)
+        if not s.memory_budget_bytes:
+            self.admission.memory_budget = auto_memory_budget(s.parse_processes)
+        self.metrics.memory_budget.set(self.admission.memory_budget)
         self.ready = True
         # The large-data entry points and the batch loops warm after readiness, so start-up
         # stays close to a bare TensorFlow import; a request that needs them earlier waits
@@ -294,32 +328,36 @@ class FitWorker:
         self._fit_pool.shutdown(wait=False, cancel_futures=True)
         with self._parse_lock:
             pool, self._parse_pool = self._parse_pool, None
-        if pool is not None:
-            # Waiting lets the pool reap its process and semaphores (nothing is queued).
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: pool.shutdown(wait=True, cancel_futures=True)
-            )
+        if pool is not None:  # whatever the parser is doing, it is not waited for
+            await asyncio.get_running_loop().run_in_executor(None, _terminate, pool)
 
     # -- admission ----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Hold one of the ``capacity`` places (running or queued) for a whole request."""
+    async def admit(self) -> AsyncIterator[Ticket]:
+        """A ticket for one request: refused at once (before its body is read) when the
+        service is not serving or every place is taken; the request then charges its body and
+        its fit to the ticket (:mod:`service.admission`), and everything is released when it
+        ends."""
         if self.draining or not self.ready:
             self.metrics.rejections.labels("unavailable").inc()
             raise Unavailable(
                 "the service is shutting down" if self.draining else "the service is warming up"
             )
-        if self.in_flight >= self.capacity:
-            self.metrics.rejections.labels("overloaded").inc()
-            raise Overloaded(retry_after=RETRY_AFTER_S)
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
+        ticket = self.admission.open()
         try:
-            yield
+            self.admission.check_place()
+            self.metrics.in_flight.inc()
+            try:
+                yield ticket
+            finally:
+                self.metrics.in_flight.dec()
+        except Refused as refused:
+            self.metrics.rejections.labels(refused.reason).inc()
+            raise
         finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
+            ticket.close()
+            self.metrics.memory_charged.set(self.admission.bytes)
 
     # -- parsing --------------------------------------------------------------------------
 
@@ -328,21 +366,21 @@ class FitWorker:
             return
         from service.api import parsing  # the parser function lives with the API
 
-        pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
-            max_workers=self.settings.parse_processes,
-            mp_context=multiprocessing.get_context("spawn"),
+        pool: Pool | None = multiprocessing.get_context("spawn").Pool(
+            processes=self.settings.parse_processes,
             initializer=parsing.watch_parent,
             initargs=(os.getpid(),),
         )
         assert pool is not None
-        futures = [pool.submit(parsing.warm) for _ in range(self.settings.parse_processes)]
-        for future in futures:
-            future.result()
+        for result in [
+            pool.apply_async(parsing.warm) for _ in range(self.settings.parse_processes)
+        ]:
+            result.get(timeout=PARSER_START_TIMEOUT_S)
         with self._parse_lock:
             if not self.draining:
                 self._parse_pool, pool = pool, None
         if pool is not None:  # shut down while starting
-            pool.shutdown(wait=True, cancel_futures=True)
+            _terminate(pool)
 
     async def parse(
         self, fn: Callable[[bytes, dict[str, Any]], T], body: bytes, ctx: dict[str, Any]
@@ -353,8 +391,8 @@ class FitWorker:
             result = fn(body, ctx)
             where = "inline"
         else:
-            result = await self._parse_elsewhere(fn, body, ctx)
             where = "process" if self._parse_pool is not None else "thread"
+            result = await self._parse_elsewhere(fn, body, ctx)
         self.metrics.parse_duration.labels(where).observe(time.perf_counter() - start)
         return result
 
@@ -365,18 +403,25 @@ class FitWorker:
         pool = self._parse_pool
         if pool is None:
             return await loop.run_in_executor(None, fn, body, ctx)
+        deadline = PARSE_DEADLINE_S + len(body) / PARSE_MIN_BYTES_PER_S
+        pending = pool.apply_async(fn, (body, ctx))
         try:
-            return await loop.run_in_executor(pool, fn, body, ctx)
-        except BrokenProcessPool:
-            log.warning("parser process died; restarting it")
+            return await loop.run_in_executor(None, pending.get, deadline)
+        except (multiprocessing.TimeoutError, OSError, EOFError) as error:
+            # Died (a SIGKILL or OOM kill in any state, mid-write included) or hung: the
+            # result will never come. Replace the pool; this request gets a 503.
+            log.warning("parser process failed (%s); restarting it", type(error).__name__)
+            self.metrics.parser_restarts.inc()
             await loop.run_in_executor(None, self._restart_parser, pool)
-            return await loop.run_in_executor(None, fn, body, ctx)
+            raise ParserFailed(
+                "the parser process failed while reading this body; retry"
+            ) from error
 
-    def _restart_parser(self, broken: Executor) -> None:
+    def _restart_parser(self, broken: Pool) -> None:
         with self._parse_lock:
             if self._parse_pool is broken:
                 self._parse_pool = None
-        broken.shutdown(wait=False, cancel_futures=True)
+        _terminate(broken)
         self._start_parser()
 
     # -- fitting --------------------------------------------------------------------------
@@ -549,3 +594,17 @@ def _run_batch(
         history_every=job.history_every,
         should_stop=should_stop,
     )
+
+
+def auto_memory_budget(parse_processes: int) -> int:
+    """What admitted requests may use: a share of the memory limit (cgroup or RAM) less what
+    this process holds once warm and what its parser processes will keep."""
+    held = rss_bytes([os.getpid()]) + parse_processes * PARSER_RESERVE_BYTES
+    return max(MIN_BUDGET_BYTES, int(BUDGET_SHARE * memory_limit()) - held)
+
+
+def _terminate(pool: Pool) -> None:
+    """Stop a parser pool now, whatever its processes are doing (a hung or half-dead one
+    included), and reap them."""
+    pool.terminate()
+    pool.join()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from service.api.limits import too_large
 from service.api.parsing import sanitize_errors
-from service.worker import FitDiverged, FitError, Overloaded, Unavailable
+from service.worker import FitDiverged, FitError, ParserFailed, Refused, Unavailable
 
 
 class UnsupportedMediaType(Exception):
@@ -26,6 +29,16 @@ class UnsupportedMediaType(Exception):
 
 class ClientDisconnected(Exception):
     """The client went away before the answer was ready; nobody reads the response."""
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive in time (408)."""
+
+
+#: Before answering a request whose body was not read, read and drop up to this much of it
+#: (for so long), so that clients still uploading see the answer rather than a reset.
+DRAIN_BYTES = 1024 * 1024
+DRAIN_S = 1.0
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
@@ -45,16 +58,42 @@ async def _fit_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(fit_error_body(exc), status_code=422)
 
 
-async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, Overloaded)
+async def _refused(request: Request, exc: Exception) -> JSONResponse:
+    """Admission said no: 413 if this request could never fit, else 429 with Retry-After."""
+    assert isinstance(exc, Refused)
+    await _drain(request)
+    if exc.never:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
     return JSONResponse(
-        {"detail": str(exc)},
-        status_code=429,
-        headers={"Retry-After": str(exc.retry_after)},
+        {"detail": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)}
     )
 
 
+async def _drain(request: Request) -> None:
+    """Read and drop what is left of a small body, briefly, so the client (which may still be
+    sending) reads the answer instead of a connection reset; a larger or slower one is cut
+    off and its connection closed by the server."""
+    received = 0
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > DRAIN_BYTES:
+                    return
+    except (TimeoutError, ClientDisconnect, RuntimeError):  # RuntimeError: already consumed
+        return
+
+
+async def _parser_failed(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+
+async def _body_timeout(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=408, headers={"Connection": "close"})
+
+
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    await _drain(request)
     return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
 
@@ -80,7 +119,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(FitError, _fit_error)
-    app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(Refused, _refused)
+    app.add_exception_handler(ParserFailed, _parser_failed)
+    app.add_exception_handler(BodyTimeout, _body_timeout)
     app.add_exception_handler(Unavailable, _unavailable)
     app.add_exception_handler(UnsupportedMediaType, _media_type)
     app.add_exception_handler(ClientDisconnected, _disconnected)
+    app.add_exception_handler(ClientDisconnect, _disconnected)

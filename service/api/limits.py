@@ -21,7 +21,8 @@ def too_large(limit: int) -> str:
 
 
 class BodyLimit:
-    """Refuse a declared Content-Length over ``limit`` (JSON 413); count the rest."""
+    """Refuse a declared Content-Length over ``limit`` (JSON 413) and ambiguous framing
+    (400); count the rest."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = RequestBodyLimitMiddleware(app, max_body_size=limit)
@@ -29,7 +30,18 @@ class BodyLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            declared = Headers(scope=scope).get("content-length")
+            headers = Headers(scope=scope)
+            declared = headers.get("content-length")
+            if declared is not None and "transfer-encoding" in headers:
+                # Two framings for one body: proxies and servers may disagree on where it
+                # ends (request smuggling). RFC 9112 says close the connection after it.
+                response = JSONResponse(
+                    {"detail": "a request may not carry both Content-Length and Transfer-Encoding"},
+                    status_code=400,
+                    headers={"Connection": "close"},
+                )
+                await response(scope, receive, send)
+                return
             if declared is not None and declared.isdigit() and int(declared) > self.limit:
                 response = JSONResponse(
                     {"detail": too_large(self.limit)},

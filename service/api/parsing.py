@@ -33,6 +33,7 @@ from service.api.schemas import (
     LinearFitRequest,
     LinearOptions,
     constant_error,
+    context_limit,
     points_error,
 )
 
@@ -90,9 +91,29 @@ def _errors(exc: ValidationError, where: str) -> Invalid:
     return Invalid([{**error, "loc": [where, *error["loc"]]} for error in errors])
 
 
+def _too_many_numbers(body: bytes, arrays: int, context: dict[str, Any]) -> Invalid | None:
+    """Refuse, before parsing, a body that holds more numbers than ``arrays`` arrays of
+    TAPEFIT_MAX_POINTS could: parsing it would cost ~30 bytes per number for nothing. (Commas
+    bound the count from above; one memchr-speed pass.)"""
+    limit = context_limit(context, "max_points")
+    if limit is None:
+        return None
+    numbers = body.count(b",") + 1
+    if numbers <= arrays * limit + 64:
+        return None
+    return _invalid(
+        ["body"],
+        "too_many_points",
+        f"the body holds about {numbers} numbers: more than {arrays} arrays of at most "
+        f"{limit} points (TAPEFIT_MAX_POINTS) can hold",
+    )
+
+
 def _parse(
     model: type[RequestT], array_fields: tuple[str, ...], body: bytes, context: dict[str, Any]
 ) -> Parsed[RequestT] | Invalid:
+    if array_fields and (refused := _too_many_numbers(body, len(array_fields) + 1, context)):
+        return refused  # the arrays, and their weights
     try:
         request = model.model_validate_json(body, context=context)
     except ValidationError as exc:
@@ -130,6 +151,8 @@ def _parse_batch(
 ) -> Parsed[RequestT] | Invalid:
     """Batches: every set's arrays laid end to end, plus "lengths" and "initial" (NaN rows
     where a set gave none)."""
+    if refused := _too_many_numbers(body, len(names) + 2, context):  # + lengths, initial
+        return refused
     try:
         request = model.model_validate_json(body, context=context)
     except ValidationError as exc:
@@ -180,41 +203,69 @@ def _query_values(query: Mapping[str, str]) -> dict[str, Any]:
     for key, raw in query.items():
         try:
             values[key] = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past any real option
             values[key] = raw
     return values
 
 
 def _decode(
-    body: bytes, media: str, dtype_name: object, rows: int
+    body: bytes, media: str, dtype_name: object, rows: int, epochs: object, context: dict[str, Any]
 ) -> npt.NDArray[np.float64] | Invalid:
-    """The body as a float64 array of shape (rows, n)."""
+    """The body as a float64 array of shape (rows, n). The size is known from the .npy header
+    (or the length) and checked against the limits before anything is allocated."""
     if media == NPY:
-        try:
-            array = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            return _invalid(["body"], "npy_invalid", f"not a readable .npy array: {exc}")
-        if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
-            return _invalid(["body"], "npy_dtype", "the .npy array must hold real numbers")
-        expected = "(n,)" if rows == 1 else f"({rows}, n)"
-        if array.ndim != (1 if rows == 1 else 2) or (rows > 1 and array.shape[0] != rows):
+        view = _npy_view(body, rows)
+    else:
+        dtype = RAW_DTYPES.get(str(dtype_name))
+        if dtype is None:
+            return _invalid(["query", "dtype"], "dtype", 'dtype must be "float64" or "float32"')
+        if len(body) % (dtype.itemsize * rows):
             return _invalid(
                 ["body"],
-                "npy_shape",
-                f"the .npy array must have shape {expected}, not {array.shape}",
+                "raw_length",
+                f"the body must hold {rows} equal runs of little-endian {dtype.name} values "
+                f"({dtype.itemsize * rows}-byte multiples), got {len(body)} bytes",
             )
-        return array.astype(np.float64).reshape(rows, -1)
-    dtype = RAW_DTYPES.get(str(dtype_name))
-    if dtype is None:
-        return _invalid(["query", "dtype"], "dtype", 'dtype must be "float64" or "float32"')
-    if len(body) % (dtype.itemsize * rows):
+        view = np.frombuffer(body, dtype=dtype)
+    if isinstance(view, Invalid):
+        return view
+    if (error := points_error(view.size // rows, epochs, context)) is not None:
+        return Invalid([_error(["body"], error)])
+    return view.astype(np.float64).reshape(rows, -1)
+
+
+def _npy_view(body: bytes, rows: int) -> npt.NDArray[Any] | Invalid:
+    """The .npy payload as an array viewing ``body``, after checking the header: a real
+    dtype, the expected shape, and exactly the bytes that shape needs (a header may claim
+    anything)."""
+    stream = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(stream)
+        shape, fortran, dtype = (
+            np.lib.format.read_array_header_1_0(stream)
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0(stream)
+        )
+    except (ValueError, OSError, EOFError) as exc:
+        return _invalid(["body"], "npy_invalid", f"not a readable .npy array: {str(exc)[:200]}")
+    if dtype.hasobject or dtype.kind not in "fiu":
+        return _invalid(["body"], "npy_dtype", "the .npy array must hold real numbers")
+    expected = "(n,)" if rows == 1 else f"({rows}, n)"
+    if len(shape) != (1 if rows == 1 else 2) or (rows > 1 and shape[0] != rows):
+        return _invalid(
+            ["body"], "npy_shape", f"the .npy array must have shape {expected}, not {shape}"
+        )
+    count = math.prod(shape)
+    payload = len(body) - stream.tell()
+    if payload != count * dtype.itemsize:
         return _invalid(
             ["body"],
-            "raw_length",
-            f"the body must hold {rows} equal runs of little-endian {dtype.name} values "
-            f"({dtype.itemsize * rows}-byte multiples), got {len(body)} bytes",
+            "npy_length",
+            f"the .npy header promises {count} values of {dtype.itemsize} bytes, but "
+            f"{payload} bytes follow it",
         )
-    return np.frombuffer(body, dtype=dtype).astype(np.float64).reshape(rows, -1)
+    view = np.frombuffer(body, dtype=dtype, offset=stream.tell())
+    return view.reshape(shape, order="F" if fortran else "C")
 
 
 def _check_array(
@@ -261,10 +312,10 @@ def _parse_binary(
         options = options_model.model_validate(values, context=context)
     except ValidationError as exc:
         return _errors(exc, "query")
-    decoded = _decode(body, media, dtype_name, len(names))
+    epochs = getattr(options, "epochs", None)
+    decoded = _decode(body, media, dtype_name, len(names), epochs, context)
     if isinstance(decoded, Invalid):
         return decoded
-    epochs = getattr(options, "epochs", None)
     errors = [
         error
         for name, row, must_vary in zip(names, decoded, distinct, strict=True)

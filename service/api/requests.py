@@ -11,7 +11,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
-from service.api.errors import ClientDisconnected, UnsupportedMediaType
+from service.admission import Ticket, body_cost
+from service.api.errors import BodyTimeout, ClientDisconnected, UnsupportedMediaType
 from service.api.parsing import BINARY_MEDIA_TYPES, Invalid, Parsed
 from service.api.schemas import limits_context
 from service.settings import Settings
@@ -37,17 +38,55 @@ def media_type(request: Request, binary: bool) -> str:
     return media
 
 
+async def read_body(
+    request: Request, settings: Settings, ticket: Ticket | None, binary: bool
+) -> bytes:
+    """The body, charged to ``ticket`` as it arrives (all at once for a declared length,
+    before reading), within the body deadline (:class:`BodyTimeout`: 408)."""
+    declared = request.headers.get("content-length")
+    charged = 0
+    if ticket is not None and declared is not None and declared.isdigit():
+        charged = int(declared)
+        ticket.charge_bytes(body_cost(charged, binary).bytes)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.body_timeout_s
+    chunks: list[bytes] = []
+    received = 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the request body did not arrive in time ({received} bytes after "
+                f"{settings.body_timeout_s:g} s plus 1 s per "
+                f"{settings.body_min_bytes_per_s} bytes; TAPEFIT_BODY_TIMEOUT_S)"
+            ) from None
+        chunks.append(chunk)
+        received += len(chunk)
+        deadline += len(chunk) / settings.body_min_bytes_per_s
+        if ticket is not None and received > charged:  # undeclared or longer than declared
+            charged = max(received, 2 * charged)
+            ticket.charge_bytes(body_cost(charged, binary).bytes)
+    return b"".join(chunks)
+
+
 async def parse_request(
     request: Request,
     worker: FitWorker,
     settings: Settings,
     parse_json: JsonParser[RequestT],
     parse_binary: BinaryParser[RequestT] | None = None,
+    ticket: Ticket | None = None,
 ) -> Parsed[RequestT]:
     """The validated request: JSON (parsed off the loop when large), or a binary body whose
-    options are in the query string (single fits only)."""
+    options are in the query string (single fits only). The body is read within its deadline
+    and, with a ``ticket``, charged to it."""
     media = media_type(request, binary=parse_binary is not None)
-    body = await request.body()
+    body = await read_body(request, settings, ticket, binary=media != JSON)
     context = limits_context(
         settings.max_points,
         settings.max_epochs,
@@ -69,9 +108,13 @@ async def parse_request(
                 ]
             )
         parsed = await worker.parse(parse_json, body, context)
-    else:  # numpy decoding: no per-number Python objects, cheap enough inline
+    else:  # numpy decoding: no per-number Python objects; off the loop when large
         assert parse_binary is not None
-        parsed = parse_binary(body, media, request.query_params, context)
+        query = request.query_params
+        if len(body) <= settings.parse_inline_max_bytes:
+            parsed = parse_binary(body, media, query, context)
+        else:
+            parsed = await asyncio.to_thread(parse_binary, body, media, query, context)
     if isinstance(parsed, Invalid):
         raise RequestValidationError(parsed.errors)
     return parsed

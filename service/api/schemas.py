@@ -7,9 +7,10 @@ as validation context, so the error names the field and the setting.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -67,7 +68,7 @@ def limits_context(
     }
 
 
-def _limit(context: dict[str, Any] | None, name: str) -> int | None:
+def context_limit(context: dict[str, Any] | None, name: str) -> int | None:
     value = (context or {}).get(name)
     return int(value) if value is not None else None
 
@@ -76,14 +77,14 @@ def points_error(
     count: int, epochs: object, context: dict[str, Any] | None
 ) -> PydanticCustomError | None:
     """The points limit and the points x epochs work cap (shared by JSON and binary bodies)."""
-    limit = _limit(context, "max_points")
+    limit = context_limit(context, "max_points")
     if limit is not None and count > limit:
         return PydanticCustomError(
             "too_many_points",
             "at most {limit} points are allowed (TAPEFIT_MAX_POINTS), got {count}",
             {"limit": limit, "count": count},
         )
-    work_limit = _limit(context, "max_work")
+    work_limit = context_limit(context, "max_work")
     if work_limit is not None and isinstance(epochs, int) and count * epochs > work_limit:
         return PydanticCustomError(
             "too_much_work",
@@ -134,6 +135,30 @@ Points = Annotated[
 ]
 
 
+#: Anything counted in epochs (epochs, patience, history and progress steps): at least 1, and
+#: never beyond any epoch limit a server could have, so no absurd integer reaches arithmetic
+#: (the configured TAPEFIT_MAX_EPOCHS is checked as well, where it applies).
+MAX_EPOCH_COUNT = 10**9
+
+
+def _within_epoch_limit(value: int, info: ValidationInfo) -> int:
+    limit = context_limit(info.context, "max_epochs")
+    if limit is not None and value > limit:
+        raise PydanticCustomError(
+            "too_many_epochs",
+            "at most {limit} epochs are allowed (TAPEFIT_MAX_EPOCHS), got {count}",
+            {"limit": limit, "count": value},
+        )
+    return value
+
+
+EpochCount = Annotated[
+    int,
+    Field(strict=True, ge=1, le=MAX_EPOCH_COUNT),
+    AfterValidator(_within_epoch_limit),
+]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -157,7 +182,7 @@ class _TrainingOptions(_Strict):
         "loop, bit for bit (slow or divergent on data far from unit scale).",
         examples=["standardize"],
     )
-    epochs: Annotated[int, Field(strict=True, ge=1)] = Field(
+    epochs: EpochCount = Field(
         DEFAULT_EPOCHS,
         description="Gradient-descent steps (>= 1, at most TAPEFIT_MAX_EPOCHS).",
         examples=[DEFAULT_EPOCHS],
@@ -175,18 +200,6 @@ class _TrainingOptions(_Strict):
         "gives the same response. Omitted: a fresh seed is drawn and returned.",
         examples=[42],
     )
-
-    @field_validator("epochs")
-    @classmethod
-    def _epochs_within_limit(cls, epochs: int, info: ValidationInfo) -> int:
-        limit = _limit(info.context, "max_epochs")
-        if limit is not None and epochs > limit:
-            raise PydanticCustomError(
-                "too_many_epochs",
-                "at most {limit} epochs are allowed (TAPEFIT_MAX_EPOCHS), got {count}",
-                {"limit": limit, "count": epochs},
-            )
-        return epochs
 
 
 Fraction = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, lt=1)]
@@ -219,7 +232,7 @@ class _SingleFitOptions(_TrainingOptions):
         "than tolerance·max(|loss|, 1) (relative, like scipy's ftol). Omitted: off.",
         examples=[1e-10],
     )
-    patience: Annotated[int, Field(strict=True, ge=1)] = Field(
+    patience: EpochCount = Field(
         10, description="Epochs without enough improvement before `tolerance` stops the fit."
     )
     gradient_tolerance: Tolerance | None = Field(
@@ -229,7 +242,7 @@ class _SingleFitOptions(_TrainingOptions):
         "(standardized by default), is at most this. Omitted: off.",
         examples=[1e-8],
     )
-    history_every: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+    history_every: EpochCount | None = Field(
         None,
         description="Return the loss every this many epochs (epoch 0 included). Omitted: 1 up "
         f"to {DEFAULT_MAX_HISTORY} epochs, else the smallest step that keeps the history "
@@ -237,7 +250,7 @@ class _SingleFitOptions(_TrainingOptions):
         examples=[1],
     )
 
-    progress_every: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+    progress_every: EpochCount | None = Field(
         None,
         description="With `Accept: text/event-stream`: epochs between progress events. "
         "Omitted: about 100 events per fit.",
@@ -261,6 +274,13 @@ def _weights_usable(weights: list[float] | None, info: ValidationInfo, of: str) 
         _raise(length_error(len(values), len(weights), first=of, second="weights"))
     if sum(1 for w in weights if w > 0) < 2:
         raise PydanticCustomError("too_few_weights", "at least 2 points need a positive weight", {})
+    if not math.isfinite(sum(weights)):
+        raise PydanticCustomError(
+            "weights_overflow",
+            "the sum of the weights overflows float64; rescale them (only their ratios and "
+            "their sum matter)",
+            {},
+        )
     return weights
 
 
@@ -410,7 +430,7 @@ class GaussianDataset(_Strict):
 
 
 class BatchOptions(_TrainingOptions):
-    history_every: Annotated[int, Field(strict=True, ge=1)] = Field(
+    history_every: EpochCount = Field(
         1,
         description="Record the loss every this many epochs (epoch 0 included), so large "
         "batches stay small: data sets x recorded epochs must stay within "
@@ -420,7 +440,7 @@ class BatchOptions(_TrainingOptions):
 
 
 def _check_batch(datasets: list[Any], fields: tuple[str, ...], info: ValidationInfo) -> None:
-    limit = _limit(info.context, "max_batch")
+    limit = context_limit(info.context, "max_batch")
     if limit is not None and len(datasets) > limit:
         raise PydanticCustomError(
             "too_many_datasets",
@@ -429,7 +449,7 @@ def _check_batch(datasets: list[Any], fields: tuple[str, ...], info: ValidationI
         )
     points = sum(len(getattr(d, fields[0])) for d in datasets)
     _raise(points_error(points, info.data.get("epochs"), info.context))
-    history_limit = _limit(info.context, "max_batch_history")
+    history_limit = context_limit(info.context, "max_batch_history")
     epochs, every = info.data.get("epochs"), info.data.get("history_every")
     if history_limit is not None and isinstance(epochs, int) and isinstance(every, int):
         values = len(datasets) * -(-epochs // every)
@@ -652,7 +672,7 @@ class GaussianBatchResponse(_BatchResponse[GaussianBatchItem]):
 
 
 def _dataset_size(n: int, info: ValidationInfo) -> int:
-    limit = _limit(info.context, "max_dataset_points")
+    limit = context_limit(info.context, "max_dataset_points")
     if limit is not None and n > limit:
         raise PydanticCustomError(
             "too_many_points",

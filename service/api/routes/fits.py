@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -11,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
+from service.admission import Cost, fit_cost
 from service.api.deps import SettingsDep, WorkerDep
 from service.api.openapi import fit_body, json_only_body
 from service.api.parsing import (
@@ -189,10 +191,11 @@ async def _single_fit(
     """Admission, parsing, then the fit: answered as JSON, or streamed as server-sent events
     (the admission place is then held until the stream ends)."""
     resources = AsyncExitStack()
-    await resources.enter_async_context(worker.admit())
+    ticket = await resources.enter_async_context(worker.admit())
     try:
-        parsed = await parse_request(request, worker, settings, *parsers)
+        parsed = await parse_request(request, worker, settings, *parsers, ticket=ticket)
         body = parsed.request
+        ticket.take_place(single_fit_cost(parsed))
         job = make_job(parsed)
         if wants_stream(request):
             every = progress_step(body.epochs, body.progress_every)
@@ -201,6 +204,15 @@ async def _single_fit(
         return respond(await fit_while_connected(request, worker, job, body.timeout_s))
     finally:
         await resources.aclose()
+
+
+def single_fit_cost(parsed: Parsed[LinearOptions] | Parsed[GaussianOptions]) -> Cost:
+    """What a parsed single fit will cost (:mod:`service.admission`)."""
+    body = parsed.request
+    points = len(parsed.arrays["y"])
+    arrays = sum(1 for name in ("x", "y", "weights") if parsed.arrays.get(name) is not None)
+    history = body.epochs // body.history_step() + 1
+    return fit_cost(points, arrays, body.epochs, history + body.epochs // 8)
 
 
 def linear_job(parsed: Parsed[LinearOptions]) -> Job:
@@ -309,10 +321,20 @@ async def _fit_batch(
     settings: Settings,
     parse_json: JsonParser[BatchT],
     model: Literal["linear", "gaussian"],
-) -> list[FitResult | FitError]:
-    async with worker.admit():
-        parsed = await parse_request(request, worker, settings, parse_json)
+    response: type[LinearBatchResponse | GaussianBatchResponse],
+) -> Response:
+    """Admission, parsing, the batch fit, and its answer: serialized in a thread (a 10,000-set
+    answer with full histories is tens of MB of JSON) while the admission still holds its
+    memory."""
+    async with worker.admit() as ticket:
+        parsed = await parse_request(request, worker, settings, parse_json, ticket=ticket)
         body = parsed.request
+        lengths = parsed.arrays["lengths"]
+        sets, recorded = len(lengths), -(-body.epochs // body.history_every)
+        arrays = 2 if parsed.arrays.get("x") is not None else 1
+        ticket.take_place(
+            fit_cost(int(lengths.sum()), arrays, body.epochs, sets * recorded, sets=sets)
+        )
         job = BatchJob(
             model=model,
             lengths=parsed.arrays["lengths"].astype(np.int64),
@@ -326,7 +348,8 @@ async def _fit_batch(
             scaling=body.scaling,
             history_every=body.history_every,
         )
-        return await unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
+        results = await unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
+        return await asyncio.to_thread(_batch_answer, model, results, response)
 
 
 def _batch_answer(
@@ -381,8 +404,9 @@ def _batch_answer(
 async def fit_linear_batch(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
     """Fit y = slope·x + intercept to every data set in one vectorized GradientTape loop; the
     results come back in order, a set that cannot be fitted carrying an error instead."""
-    results = await _fit_batch(request, worker, settings, parse_linear_batch, "linear")
-    return _batch_answer("linear", results, LinearBatchResponse)
+    return await _fit_batch(
+        request, worker, settings, parse_linear_batch, "linear", LinearBatchResponse
+    )
 
 
 @router.post(
@@ -400,5 +424,6 @@ async def fit_gaussian_batch(
 ) -> Response:
     """Fit N(mean, std²) to every data set in one vectorized GradientTape loop; the results
     come back in order, a set that cannot be fitted carrying an error instead."""
-    results = await _fit_batch(request, worker, settings, parse_gaussian_batch, "gaussian")
-    return _batch_answer("gaussian", results, GaussianBatchResponse)
+    return await _fit_batch(
+        request, worker, settings, parse_gaussian_batch, "gaussian", GaussianBatchResponse
+    )

@@ -23,6 +23,7 @@ from service.api.routes.fits import (
     fit_while_connected,
     gaussian_job,
     linear_job,
+    single_fit_cost,
 )
 from service.api.schemas import (
     GAUSSIAN_EXAMPLE,
@@ -61,8 +62,9 @@ async def _plot(
 ) -> Response:
     """Admission, parsing and the fit as for `/v1/fits`, then ``draw`` in a thread; the
     admission place is held until the PNG is drawn."""
-    async with worker.admit():
-        parsed = await parse_request(request, worker, settings, *parsers)
+    async with worker.admit() as ticket:
+        parsed = await parse_request(request, worker, settings, *parsers, ticket=ticket)
+        ticket.take_place(single_fit_cost(parsed))
         job = make_job(parsed)
         result = await fit_while_connected(request, worker, job, parsed.request.timeout_s)
         png = await asyncio.to_thread(draw, parsed, result)
