@@ -13,7 +13,7 @@ UV_VERSION := 0.13.9
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	--no-header --quiet
 
-.PHONY: run test lint typecheck pytest bench bench-quick deploy-check lock clean
+.PHONY: run test lint typecheck pytest bench bench-quick deploy-check chaos lock clean
 
 # A venv made by another Python (or a broken one) is rebuilt rather than failing forever.
 ifneq ($(shell $(PY) -c 'import sys; print(sys.version_info[:2] == (3, 11))' 2>/dev/null),True)
@@ -69,3 +69,7 @@ deploy-check:
 
 clean:
 	rm -rf $(VENV) .venv-deploy .mypy_cache .pytest_cache .ruff_cache
+
+# Hostile and heavy load against the real server with the deployment's limits (loopback only).
+chaos: $(VENV)/.installed-test
+	$(PY) -m tests.chaos

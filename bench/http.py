@@ -298,21 +298,12 @@ class HttpReport:
     driver: str
 
 
-def wait_warm(server: Server, timeout_s: float = 120.0) -> None:
-    """Measure after the background warm-up (the loops compiled after readiness)."""
-    deadline = time.monotonic() + timeout_s
-    while "tapefit_warm_up_complete 1.0" not in httpx.get(f"{server.url}/metrics").text:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the server never finished warming up")
-        time.sleep(0.1)
-
-
 def run(quick: bool) -> HttpReport:
     seconds = 3 if quick else 10
     body = _small_fit_body()
     # Enough queue for the load generator's 16 connections: measure throughput, not 429s.
     with serve(TAPEFIT_LOG_LEVEL="warning", TAPEFIT_MAX_QUEUED_FITS="32") as server:
-        wait_warm(server)
+        server.wait_warm()
         # Warm-up: every code path once, then a short burst.
         load(server.url, "/v1/fits/linear", body, 2)
         load(server.url, "/healthz", None, 1)

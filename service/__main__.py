@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import sys
 import threading
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -61,8 +62,15 @@ def build_server(settings: Settings) -> DrainingServer:
     return DrainingServer(config, app.state.worker, settings.shutdown_drain_s)
 
 
+#: How long a thread may hold the GIL while others wait for it (CPython's default is 5 ms).
+#: Fit, parse and serialization threads do Python work; with several of them the event loop
+#: would wait up to that long at every await, and a probe crosses several.
+SWITCH_INTERVAL_S = 0.001
+
+
 def main() -> None:
     settings = get_settings()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     logging.config.dictConfig(logging_config(settings.log_level))
     build_server(settings).run()
 

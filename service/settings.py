@@ -70,8 +70,12 @@ class Settings(BaseSettings):
         0,
         description="Memory that admitted requests may hold, by their estimated peaks (429 "
         "when in use by others, 413 when one request alone needs more). 0: 90% of the "
-        "container's memory limit (cgroup; else the RAM) less what the warm server and its "
-        "parser processes hold.",
+        "memory limit less what the warm server and its parser processes hold.",
+    )
+    memory_limit_bytes: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="The memory limit the automatic budget starts from. 0: the container's "
+        "(cgroup v2 or v1), else the machine's RAM.",
     )
     body_timeout_s: Annotated[float, Field(gt=0)] = Field(
         10.0,

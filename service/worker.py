@@ -16,8 +16,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-import multiprocessing
 import os
 import threading
 import time
@@ -25,8 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import lru_cache
-from multiprocessing.pool import Pool
+from functools import lru_cache, partial
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -49,6 +48,7 @@ from service.fitting.datasets import gaussian_data, gaussian_samples, linear_dat
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Stopping
 from service.fitting.results import FitStats
 from service.fitting.scaling import Scaling
+from service.parser_pool import ParserFailed, ParserPool, release_memory
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,12 @@ log = logging.getLogger(__name__)
 #: of body (a 40 MB body parses in ~0.3 s): past that the parser is dead or wedged.
 PARSE_DEADLINE_S = 5.0
 PARSE_MIN_BYTES_PER_S = 10 * 1024 * 1024
-PARSER_START_TIMEOUT_S = 120.0
 #: Memory a parser process keeps between parses (measured ~110 MiB), when the budget is
 #: derived from the memory limit.
 PARSER_RESERVE_BYTES = 200 * 1024 * 1024
+#: What the warm-up after readiness adds to the server (batch loops, other variants):
+#: measured ~250 MiB.
+WARM_UP_BYTES = 300 * 1024 * 1024
 #: The automatic budget leaves this share of the limit for what no estimate counts.
 BUDGET_SHARE = 0.9
 MIN_BUDGET_BYTES = 64 * 1024 * 1024
@@ -154,10 +156,6 @@ class Reporter:
     every: int
 
 
-class ParserFailed(Exception):
-    """The parser process died or missed its deadline: an infrastructure fault (503)."""
-
-
 class Unavailable(Exception):
     """The worker is not taking fits (still warming up, or shutting down)."""
 
@@ -232,7 +230,7 @@ class FitMetrics:
         )
         self.parser_restarts = Counter(
             "tapefit_parser_restarts",
-            "Parser processes replaced after dying or missing a deadline.",
+            "Parser processes replaced: dead, past a deadline, or over their memory reserve.",
             registry=registry,
         )
         self.parse_duration = Histogram(
@@ -281,7 +279,7 @@ class FitWorker:
         self._fit_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent_fits, thread_name_prefix="fit"
         )
-        self._parse_pool: Pool | None = None
+        self._parse_pool: ParserPool | None = None
         self._parse_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -292,9 +290,7 @@ class FitWorker:
         loop = asyncio.get_running_loop()
         configure_threads(s.intra_op_threads, s.inter_op_threads)
         self.engine = await loop.run_in_executor(self._fit_pool, shared_engine, s.epochs_per_call)
-        if not s.memory_budget_bytes:
-            self.admission.memory_budget = auto_memory_budget(s.parse_processes)
-        self.metrics.memory_budget.set(self.admission.memory_budget)
+        self._set_budget(warm=False)
         self.ready = True
         # The large-data entry points and the batch loops warm after readiness, so start-up
         # stays close to a bare TensorFlow import; a request that needs them earlier waits
@@ -311,8 +307,28 @@ class FitWorker:
         for future in self._warming:
             future.add_done_callback(_log_failure)
         warm = asyncio.gather(*self._warming, return_exceptions=True)
-        warm.add_done_callback(lambda _: self.metrics.warm.set(1))
+        warm.add_done_callback(lambda _: self._warmed())
         log.info("worker ready", extra={"trace_counts": engine.trace_counts()})
+
+    def _warmed(self) -> None:
+        """Everything is compiled: move the millions of long-lived objects TensorFlow and
+        Keras made into the collector's permanent generation. Otherwise every full
+        collection walks them all, holding the GIL for hundreds of milliseconds, and a burst
+        of allocations (a large batch answer) stalls the event loop with it."""
+        gc.collect()
+        gc.freeze()
+        self._set_budget(warm=True)
+        self.metrics.warm.set(1)
+
+    def _set_budget(self, warm: bool) -> None:
+        """The memory budget, unless set: from the limit less what the server holds, first at
+        readiness (allowing for the warm-up still to come), then once warm."""
+        s = self.settings
+        if not s.memory_budget_bytes:
+            limit = s.memory_limit_bytes or memory_limit()
+            budget = auto_memory_budget(limit, s.parse_processes)
+            self.admission.memory_budget = budget if warm else budget - WARM_UP_BYTES
+        self.metrics.memory_budget.set(self.admission.memory_budget)
 
     async def wait_warm(self) -> None:
         """Wait for the background warm-ups that follow readiness (tests, benchmarks)."""
@@ -329,7 +345,7 @@ class FitWorker:
         with self._parse_lock:
             pool, self._parse_pool = self._parse_pool, None
         if pool is not None:  # whatever the parser is doing, it is not waited for
-            await asyncio.get_running_loop().run_in_executor(None, _terminate, pool)
+            await asyncio.to_thread(pool.close)
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -356,73 +372,45 @@ class FitWorker:
             self.metrics.rejections.labels(refused.reason).inc()
             raise
         finally:
+            large = ticket.bytes > TRIM_AFTER_BYTES
             ticket.close()
             self.metrics.memory_charged.set(self.admission.bytes)
+            if large:
+                await asyncio.to_thread(release_memory)
 
     # -- parsing --------------------------------------------------------------------------
 
     def _start_parser(self) -> None:
         if self.settings.parse_processes < 1:
             return
-        from service.api import parsing  # the parser function lives with the API
-
-        pool: Pool | None = multiprocessing.get_context("spawn").Pool(
-            processes=self.settings.parse_processes,
-            initializer=parsing.watch_parent,
-            initargs=(os.getpid(),),
+        pool: ParserPool | None = ParserPool(
+            self.settings.parse_processes,
+            on_restart=self.metrics.parser_restarts.inc,
+            max_rss_bytes=PARSER_RESERVE_BYTES,
         )
-        assert pool is not None
-        for result in [
-            pool.apply_async(parsing.warm) for _ in range(self.settings.parse_processes)
-        ]:
-            result.get(timeout=PARSER_START_TIMEOUT_S)
         with self._parse_lock:
             if not self.draining:
                 self._parse_pool, pool = pool, None
         if pool is not None:  # shut down while starting
-            _terminate(pool)
+            pool.close()
 
     async def parse(
         self, fn: Callable[[bytes, dict[str, Any]], T], body: bytes, ctx: dict[str, Any]
     ) -> T:
-        """Run a pure parse function: inline when small, else in the parser process."""
+        """Run a pure parse function: inline when small, else in a parser process (in a
+        thread until the parser processes are up)."""
         start = time.perf_counter()
+        pool = self._parse_pool
         if len(body) <= self.settings.parse_inline_max_bytes:
-            result = fn(body, ctx)
-            where = "inline"
+            result, where = fn(body, ctx), "inline"
+        elif pool is None:
+            result, where = await asyncio.to_thread(fn, body, ctx), "thread"
         else:
-            where = "process" if self._parse_pool is not None else "thread"
-            result = await self._parse_elsewhere(fn, body, ctx)
+            deadline = PARSE_DEADLINE_S + len(body) / PARSE_MIN_BYTES_PER_S
+            call = partial(pool.call, fn, body, ctx, deadline_s=deadline)
+            result, where = await asyncio.to_thread(call), "process"
         self.metrics.parse_duration.labels(where).observe(time.perf_counter() - start)
         return result
-
-    async def _parse_elsewhere(
-        self, fn: Callable[[bytes, dict[str, Any]], T], body: bytes, ctx: dict[str, Any]
-    ) -> T:
-        loop = asyncio.get_running_loop()
-        pool = self._parse_pool
-        if pool is None:
-            return await loop.run_in_executor(None, fn, body, ctx)
-        deadline = PARSE_DEADLINE_S + len(body) / PARSE_MIN_BYTES_PER_S
-        pending = pool.apply_async(fn, (body, ctx))
-        try:
-            return await loop.run_in_executor(None, pending.get, deadline)
-        except (multiprocessing.TimeoutError, OSError, EOFError) as error:
-            # Died (a SIGKILL or OOM kill in any state, mid-write included) or hung: the
-            # result will never come. Replace the pool; this request gets a 503.
-            log.warning("parser process failed (%s); restarting it", type(error).__name__)
-            self.metrics.parser_restarts.inc()
-            await loop.run_in_executor(None, self._restart_parser, pool)
-            raise ParserFailed(
-                "the parser process failed while reading this body; retry"
-            ) from error
-
-    def _restart_parser(self, broken: Pool) -> None:
-        with self._parse_lock:
-            if self._parse_pool is broken:
-                self._parse_pool = None
-        _terminate(broken)
-        self._start_parser()
 
     # -- fitting --------------------------------------------------------------------------
 
@@ -596,15 +584,12 @@ def _run_batch(
     )
 
 
-def auto_memory_budget(parse_processes: int) -> int:
-    """What admitted requests may use: a share of the memory limit (cgroup or RAM) less what
-    this process holds once warm and what its parser processes will keep."""
+def auto_memory_budget(limit: int, parse_processes: int) -> int:
+    """What admitted requests may use: a share of the memory ``limit`` less what this process
+    holds once warm and what its parser processes will keep."""
     held = rss_bytes([os.getpid()]) + parse_processes * PARSER_RESERVE_BYTES
-    return max(MIN_BUDGET_BYTES, int(BUDGET_SHARE * memory_limit()) - held)
+    return max(MIN_BUDGET_BYTES, int(BUDGET_SHARE * limit) - held)
 
 
-def _terminate(pool: Pool) -> None:
-    """Stop a parser pool now, whatever its processes are doing (a hung or half-dead one
-    included), and reap them."""
-    pool.terminate()
-    pool.join()
+#: After a request charged with more than this, freed heap memory goes back to the system.
+TRIM_AFTER_BYTES = 64 * 1024 * 1024

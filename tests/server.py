@@ -67,6 +67,15 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_warm(self, timeout_s: float = 120.0) -> None:
+        """Wait for the background warm-up that follows readiness (every compiled path, the
+        batch loops, the parser process), so measurements do not count it."""
+        deadline = time.monotonic() + timeout_s
+        while "tapefit_warm_up_complete 1.0" not in httpx.get(f"{self.url}/metrics").text:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server never finished warming up")
+            time.sleep(0.1)
+
     def stop(self, timeout: float = 60.0) -> bool:
         """SIGTERM, then wait; True if the server shut down gracefully.
 

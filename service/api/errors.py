@@ -35,12 +35,6 @@ class BodyTimeout(Exception):
     """The request body did not arrive in time (408)."""
 
 
-#: Before answering a request whose body was not read, read and drop up to this much of it
-#: (for so long), so that clients still uploading see the answer rather than a reset.
-DRAIN_BYTES = 1024 * 1024
-DRAIN_S = 1.0
-
-
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return JSONResponse({"detail": sanitize_errors(exc.errors())}, status_code=422)
@@ -70,16 +64,20 @@ async def _refused(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _drain(request: Request) -> None:
-    """Read and drop what is left of a small body, briefly, so the client (which may still be
-    sending) reads the answer instead of a connection reset; a larger or slower one is cut
-    off and its connection closed by the server."""
-    received = 0
+    """Read and drop the rest of an unread body before answering, so a client still sending
+    it reads the answer instead of a connection reset. Nothing is kept; the read is bounded
+    by the body limit and the body deadline. A client that sent ``Expect: 100-continue`` is
+    waiting for this answer instead of uploading, so it is not asked for the body."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return
+    settings = request.app.state.settings
+    declared = request.headers.get("content-length", "")
+    length = int(declared) if declared.isdigit() else settings.max_body_bytes
+    seconds = settings.body_timeout_s + length / settings.body_min_bytes_per_s
     try:
-        async with asyncio.timeout(DRAIN_S):
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > DRAIN_BYTES:
-                    return
+        async with asyncio.timeout(seconds):
+            async for _ in request.stream():
+                pass
     except (TimeoutError, ClientDisconnect, RuntimeError):  # RuntimeError: already consumed
         return
 

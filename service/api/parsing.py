@@ -11,9 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import threading
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -345,20 +342,3 @@ def parse_gaussian_binary(
 def warm() -> bool:
     """Touch the parsers once (used to start a parser process ahead of traffic)."""
     return isinstance(parse_linear(b"{}", {}), Invalid)
-
-
-#: How often a parser process checks that the server that started it is still alive.
-PARENT_POLL_S = 0.25
-
-
-def watch_parent(parent: int) -> None:
-    """Initializer of a parser process: exit as soon as the server that started it is gone
-    (SIGKILL, OOM kill), instead of living on under PID 1. (PR_SET_PDEATHSIG would fire when
-    the *thread* that spawned the process exits, and the pool spawns from worker threads.)"""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -55,16 +55,18 @@ def event(name: str, data: dict[str, Any] | str) -> str:
     return f"event: {name}\ndata: {payload}\n\n"
 
 
-class EventStream(StreamingResponse):
-    """A streaming response that releases ``resources`` (the admission place) when it ends,
+class HoldingStream(StreamingResponse):
+    """A streaming response that releases ``resources`` (the admission ticket) when it ends,
     however it ends, even if the stream never started."""
 
-    def __init__(self, events: AsyncIterator[str], resources: AsyncExitStack) -> None:
-        super().__init__(
-            events,
-            media_type=EVENT_STREAM,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+    def __init__(
+        self,
+        content: AsyncIterator[str] | Iterator[bytes],
+        resources: AsyncExitStack,
+        media_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
         self._resources = resources
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,6 +74,18 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._resources.aclose()
+
+
+class EventStream(HoldingStream):
+    """Server-sent events, holding the admission ticket until they end."""
+
+    def __init__(self, events: AsyncIterator[str], resources: AsyncExitStack) -> None:
+        super().__init__(
+            events,
+            resources,
+            media_type=EVENT_STREAM,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
 
 async def fit_events(

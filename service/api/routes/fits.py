@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any, Literal, TypeVar
 
@@ -34,12 +33,14 @@ from service.api.schemas import (
     BatchOptions,
     ErrorDetail,
     FitFailure,
+    GaussianBatchItem,
     GaussianBatchRequest,
     GaussianBatchResponse,
     GaussianFitRequest,
     GaussianFitResponse,
     GaussianOptions,
     GaussianParams,
+    LinearBatchItem,
     LinearBatchRequest,
     LinearBatchResponse,
     LinearFitRequest,
@@ -48,7 +49,14 @@ from service.api.schemas import (
     LinearParams,
     ValidationErrorBody,
 )
-from service.api.streaming import EVENT_STREAM, EventStream, fit_events, progress_step, wants_stream
+from service.api.streaming import (
+    EVENT_STREAM,
+    EventStream,
+    HoldingStream,
+    fit_events,
+    progress_step,
+    wants_stream,
+)
 from service.api.streaming import EXAMPLE as STREAM_EXAMPLE
 from service.settings import Settings
 from service.worker import (
@@ -321,12 +329,15 @@ async def _fit_batch(
     settings: Settings,
     parse_json: JsonParser[BatchT],
     model: Literal["linear", "gaussian"],
-    response: type[LinearBatchResponse | GaussianBatchResponse],
+    item: type[LinearBatchItem | GaussianBatchItem],
 ) -> Response:
-    """Admission, parsing, the batch fit, and its answer: serialized in a thread (a 10,000-set
-    answer with full histories is tens of MB of JSON) while the admission still holds its
-    memory."""
-    async with worker.admit() as ticket:
+    """Admission, parsing, the batch fit, and its answer, streamed entry by entry (a
+    10,000-set answer with full histories is tens of MB of JSON: built whole, its
+    ``json.dumps`` would hold the GIL, and the memory, for a second) while the admission
+    ticket is held."""
+    resources = AsyncExitStack()
+    ticket = await resources.enter_async_context(worker.admit())
+    try:
         parsed = await parse_request(request, worker, settings, parse_json, ticket=ticket)
         body = parsed.request
         lengths = parsed.arrays["lengths"]
@@ -337,7 +348,7 @@ async def _fit_batch(
         )
         job = BatchJob(
             model=model,
-            lengths=parsed.arrays["lengths"].astype(np.int64),
+            lengths=lengths.astype(np.int64),
             x=parsed.arrays.get("x"),
             y=parsed.arrays["y"],
             learning_rate=body.learning_rate,
@@ -349,41 +360,51 @@ async def _fit_batch(
             history_every=body.history_every,
         )
         results = await unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
-        return await asyncio.to_thread(_batch_answer, model, results, response)
+        answer = _batch_answer(model, results, item)
+        return HoldingStream(answer, resources.pop_all(), media_type="application/json")
+    finally:
+        await resources.aclose()
+
+
+#: Batch entries per streamed piece of the answer.
+ENTRIES_PER_PIECE = 64
 
 
 def _batch_answer(
     model: Literal["linear", "gaussian"],
     results: list[FitResult | FitError],
-    response: type[LinearBatchResponse | GaussianBatchResponse],
-) -> Response:
-    """The batch response, serialized straight from plain data: validating 10,000 nested
-    response models would cost more than the fits (~75 µs each). The data come from the
-    engine and :func:`_common`, the same as a single fit's (the tests validate batch answers
-    against the response model). Anything non-finite makes ``json.dumps`` refuse, and then
-    the model renders the answer (null, never NaN)."""
-    entries = [
-        {"index": i, "result": None, "error": str(r)}
-        if isinstance(r, Exception)
-        else {
-            "index": i,
-            "result": {"model": model, "params": r.params, **_common(r)},
-            "error": None,
-        }
-        for i, r in enumerate(results)
-    ]
+    item: type[LinearBatchItem | GaussianBatchItem],
+) -> Iterator[bytes]:
+    """The batch response, serialized straight from plain data, a few entries at a time
+    (the stream runs this generator in a thread): validating 10,000 nested response models
+    would cost more than the fits (~75 µs each). The data come from the engine and
+    :func:`_common`, the same as a single fit's (the tests validate batch answers against the
+    response model). An entry with anything non-finite makes ``json.dumps`` refuse, and then
+    the item model renders it (null, never NaN)."""
     failed = sum(isinstance(r, Exception) for r in results)
-    body = {
-        "model": model,
-        "succeeded": len(results) - failed,
-        "failed": failed,
-        "results": entries,
-    }
-    try:
-        content = json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
-    except ValueError:
-        content = response.model_validate(body).model_dump_json().encode()
-    return Response(content, media_type="application/json")
+    head = {"model": model, "succeeded": len(results) - failed, "failed": failed}
+    yield json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"results":['
+    piece: list[str] = []
+    for i, r in enumerate(results):
+        entry = (
+            {"index": i, "result": None, "error": str(r)}
+            if isinstance(r, Exception)
+            else {
+                "index": i,
+                "result": {"model": model, "params": r.params, **_common(r)},
+                "error": None,
+            }
+        )
+        try:
+            piece.append(json.dumps(entry, allow_nan=False, separators=(",", ":")))
+        except ValueError:
+            piece.append(item.model_validate(entry).model_dump_json())
+        if len(piece) == ENTRIES_PER_PIECE:
+            yield (b"," if i >= ENTRIES_PER_PIECE else b"") + ",".join(piece).encode()
+            piece = []
+    if piece:
+        yield (b"," if len(results) > len(piece) else b"") + ",".join(piece).encode()
+    yield b"]}"
 
 
 @router.post(
@@ -405,7 +426,7 @@ async def fit_linear_batch(request: Request, worker: WorkerDep, settings: Settin
     """Fit y = slope·x + intercept to every data set in one vectorized GradientTape loop; the
     results come back in order, a set that cannot be fitted carrying an error instead."""
     return await _fit_batch(
-        request, worker, settings, parse_linear_batch, "linear", LinearBatchResponse
+        request, worker, settings, parse_linear_batch, "linear", LinearBatchItem
     )
 
 
@@ -425,5 +446,5 @@ async def fit_gaussian_batch(
     """Fit N(mean, std²) to every data set in one vectorized GradientTape loop; the results
     come back in order, a set that cannot be fitted carrying an error instead."""
     return await _fit_batch(
-        request, worker, settings, parse_gaussian_batch, "gaussian", GaussianBatchResponse
+        request, worker, settings, parse_gaussian_batch, "gaussian", GaussianBatchItem
     )
