@@ -198,9 +198,8 @@ async def _single_fit(
 ) -> BaseModel | Response:
     """Admission, parsing, then the fit: answered as JSON, or streamed as server-sent events
     (the admission place is then held until the stream ends)."""
-    resources = AsyncExitStack()
-    ticket = await resources.enter_async_context(worker.admit())
-    try:
+    async with AsyncExitStack() as resources:  # sees any exception, unless handed on
+        ticket = await resources.enter_async_context(worker.admit())
         parsed = await parse_request(request, worker, settings, *parsers, ticket=ticket)
         body = parsed.request
         ticket.take_place(single_fit_cost(parsed))
@@ -210,8 +209,6 @@ async def _single_fit(
             events = fit_events(request, worker, job, body.timeout_s, every, respond)
             return EventStream(events, resources.pop_all())
         return respond(await fit_while_connected(request, worker, job, body.timeout_s))
-    finally:
-        await resources.aclose()
 
 
 def single_fit_cost(parsed: Parsed[LinearOptions] | Parsed[GaussianOptions]) -> Cost:
@@ -335,9 +332,8 @@ async def _fit_batch(
     10,000-set answer with full histories is tens of MB of JSON: built whole, its
     ``json.dumps`` would hold the GIL, and the memory, for a second) while the admission
     ticket is held."""
-    resources = AsyncExitStack()
-    ticket = await resources.enter_async_context(worker.admit())
-    try:
+    async with AsyncExitStack() as resources:
+        ticket = await resources.enter_async_context(worker.admit())
         parsed = await parse_request(request, worker, settings, parse_json, ticket=ticket)
         body = parsed.request
         lengths = parsed.arrays["lengths"]
@@ -362,8 +358,6 @@ async def _fit_batch(
         results = await unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
         answer = _batch_answer(model, results, item)
         return HoldingStream(answer, resources.pop_all(), media_type="application/json")
-    finally:
-        await resources.aclose()
 
 
 #: Batch entries per streamed piece of the answer.

@@ -1,0 +1,189 @@
+"""Hostile and clumsy clients, in process: every mistake is a 4xx naming its cause, every wait
+has a deadline, and admission charges memory (the real-server versions are `make chaos`)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import numpy as np
+import pytest
+
+from service.admission import Admission, Refused, body_cost, fit_cost
+from tests.conftest import app_settings, running_app
+
+pytestmark = pytest.mark.anyio
+
+GAUSSIAN = "/v1/fits/gaussian"
+LINEAR = "/v1/fits/linear"
+JSON = {"content-type": "application/json"}
+RAW = {"content-type": "application/octet-stream"}
+
+
+def _npy_claiming(shape: tuple[int, ...], payload: bytes) -> bytes:
+    header = f"{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}"
+    header += " " * (64 - (10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + payload
+
+
+@pytest.mark.parametrize(
+    ("url", "content", "headers", "loc", "kind"),
+    [
+        (GAUSSIAN, _npy_claiming((10**12,), bytes(16)), {"content-type": "application/x-npy"},
+         ["body"], "npy_length"),
+        (GAUSSIAN, b'{"y":[1,2,3],"tolerance":0.1,"patience":1' + b"0" * 400 + b"}", JSON,
+         ["body", "patience"], "less_than_equal"),
+        (GAUSSIAN + "?tolerance=0.1&patience=1" + "0" * 400, np.ones(3).tobytes(), RAW,
+         ["query", "patience"], "less_than_equal"),
+        (LINEAR + "?initial=" + "[" * 10_000 + "]" * 10_000, np.ones(6).tobytes(), RAW,
+         ["query", "initial"], "model_type"),
+        (GAUSSIAN, b'{"y":[1,2,3],"history_every":1' + b"0" * 400 + b"}", JSON,
+         ["body", "history_every"], "less_than_equal"),
+        (GAUSSIAN, b'{"y":[1,2,3],"progress_every":1' + b"0" * 400 + b"}", JSON,
+         ["body", "progress_every"], "less_than_equal"),
+        (GAUSSIAN, b'{"y":[1,2,3],"weights":[1e308,1e308,1e308]}', JSON,
+         ["body", "weights"], "weights_overflow"),
+    ],
+)  # fmt: skip
+async def test_client_mistakes_are_422_naming_the_field(
+    client: httpx.AsyncClient,
+    url: str,
+    content: bytes,
+    headers: dict[str, str],
+    loc: list[str],
+    kind: str,
+) -> None:
+    r = await client.post(url, content=content, headers=headers)
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert (error["loc"], error["type"]) == (loc, kind)
+    assert len(r.content) < 400  # nothing echoed at length
+
+
+async def test_a_4300_digit_number_is_not_echoed(client: httpx.AsyncClient) -> None:
+    r = await client.post(GAUSSIAN, content=b'{"y":[1,2],"epochs":1' + b"0" * 4300 + b"}")
+    assert r.status_code == 422
+    assert len(r.content) < 400 and "0000000000" not in r.text
+
+
+async def test_bounded_counts_follow_the_epoch_limit() -> None:
+    async with running_app(app_settings(max_epochs=50)) as c:
+        for field in ("patience", "history_every", "progress_every"):
+            r = await c.post(GAUSSIAN, json={"y": [1.0, 2.0], "epochs": 10, field: 51})
+            assert r.status_code == 422
+            assert r.json()["detail"][0]["loc"] == ["body", field]
+            assert r.json()["detail"][0]["type"] == "too_many_epochs"
+
+
+async def test_too_many_numbers_are_refused_before_parsing() -> None:
+    """A body with more numbers than the arrays can hold never reaches the JSON parser."""
+    async with running_app(app_settings(max_points=10)) as c:
+        r = await c.post(GAUSSIAN, json={"y": list(range(200))})
+        assert r.status_code == 422
+        [error] = r.json()["detail"]
+        assert (error["loc"], error["type"]) == (["body"], "too_many_points")
+        assert "TAPEFIT_MAX_POINTS" in error["msg"]
+        r = await c.post(GAUSSIAN, json={"y": list(range(11))})  # over, but parsed: named
+        assert r.json()["detail"][0]["loc"] == ["body", "y"]
+
+
+async def test_binary_size_is_checked_before_conversion() -> None:
+    """An int8 .npy over the points limit is refused from its header's size, not after a
+    float64 copy 8 times its size."""
+    async with running_app(app_settings(max_points=1000)) as c:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ones(5000, dtype=np.int8))
+        r = await c.post(
+            GAUSSIAN, content=buffer.getvalue(), headers={"content-type": "application/x-npy"}
+        )
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["type"] == "too_many_points"
+
+
+async def test_a_stalled_upload_gets_408_and_frees_everything() -> None:
+    settings = app_settings(body_timeout_s=0.3, max_concurrent_fits=1, max_queued_fits=0)
+    async with running_app(settings) as c:
+
+        async def stall() -> AsyncIterator[bytes]:
+            yield b'{"y": [1, 2'
+            await asyncio.sleep(5)
+
+        r = await c.post(GAUSSIAN, content=stall(), headers=JSON)
+        assert r.status_code == 408
+        assert r.headers["connection"] == "close"
+        assert "TAPEFIT_BODY_TIMEOUT_S" in r.json()["detail"]
+        # The one place (and the memory) came back: the next fit runs.
+        r = await c.post(GAUSSIAN, json={"y": [1.0, 2.0, 4.0]})
+        assert r.status_code == 200
+
+
+async def test_uploads_do_not_hold_fit_places() -> None:
+    """With one place in all, a fit still runs while another client is mid-upload."""
+    settings = app_settings(body_timeout_s=5, max_concurrent_fits=1, max_queued_fits=0)
+    async with running_app(settings) as c:
+        release = asyncio.Event()
+
+        async def slow() -> AsyncIterator[bytes]:
+            yield b'{"y": [1, 2'
+            await release.wait()
+            yield b", 4]}"
+
+        uploading = asyncio.create_task(c.post(GAUSSIAN, content=slow(), headers=JSON))
+        await asyncio.sleep(0.2)
+        r = await c.post(GAUSSIAN, json={"y": [1.0, 2.0, 4.0]})
+        assert r.status_code == 200
+        release.set()
+        assert (await uploading).status_code == 200
+
+
+async def test_memory_budget_refuses_with_413_or_429() -> None:
+    """Alone over the budget: 413 (it can never fit). Over what others leave: 429."""
+    body = {"x": list(np.linspace(0, 1, 20_000)), "y": list(np.linspace(1, 3, 20_000))}
+    need = body_cost(len(json.dumps(body))).bytes
+    async with running_app(app_settings(memory_budget_bytes=int(need // 2))) as c:
+        r = await c.post(LINEAR, json=body)
+        assert r.status_code == 413
+        assert "TAPEFIT_MEMORY_BUDGET_BYTES" in r.json()["detail"]
+        r = await c.post(LINEAR, json={"x": [0.0, 1.0, 2.0], "y": [1.0, 2.0, 2.0]})
+        assert r.status_code == 200  # small fits still fit
+        metrics = (await c.get("/metrics")).text
+        assert 'tapefit_fit_rejections_total{reason="memory"} 1.0' in metrics
+        assert "tapefit_memory_charged_bytes 0.0" in metrics
+
+
+def test_admission_ledger() -> None:
+    """The policy itself: places, memory and expected wait, and everything given back."""
+    mib = 1 << 20
+    admission = Admission(places=3, slots=1, memory_budget=10 * mib, max_queue_wait_s=2.0)
+    first, second = admission.open(), admission.open()
+    first.charge_bytes(6 * mib)
+    with pytest.raises(Refused) as busy:
+        second.charge_bytes(6 * mib)
+    assert (busy.value.never, busy.value.retry_after >= 1) == (False, True)
+    with pytest.raises(Refused) as never:
+        second.charge_bytes(10 * mib + 1)
+    assert never.value.never
+    first.take_place(fit_cost(points=10, arrays=1, epochs=10_000_000, history=10))
+    assert admission.fits == 1 and admission.expected_wait() > 2.0
+    with pytest.raises(Refused) as wait:
+        second.take_place(fit_cost(points=10, arrays=1, epochs=10, history=10))
+    assert wait.value.reason == "queue_wait" and wait.value.retry_after >= 3
+    first.close()
+    second.close()
+    assert (admission.fits, admission.bytes, admission.seconds) == (0, 0.0, 0.0)
+
+
+async def test_both_framings_are_refused_and_the_connection_closed(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post(
+        LINEAR,
+        content=b"0\r\n\r\n",
+        headers={**JSON, "content-length": "5", "transfer-encoding": "chunked"},
+    )
+    assert r.status_code == 400
+    assert r.headers["connection"] == "close"
+    assert "Transfer-Encoding" in r.json()["detail"]
