@@ -31,7 +31,8 @@ SLOW = {"TAPEFIT_EPOCHS_PER_CALL": "1"}  # one epoch per compiled call: long fit
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one Prometheus sample in exposition text (0 when absent)."""
+    """The value of one Prometheus sample in exposition text; a missing sample fails (a
+    renamed metric must not read as 0)."""
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():
         if line.startswith("#"):
@@ -42,7 +43,7 @@ def metric(text: str, name: str, **labels: str) -> float:
         found = ",".join(sorted(re.findall(r'\w+="[^"]*"', key)))
         if found == wanted:
             return float(value)
-    return 0.0
+    raise AssertionError(f"no sample {name}{{{wanted}}} in /metrics")
 
 
 async def wait_for_metric(

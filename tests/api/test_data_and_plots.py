@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import httpx
 import numpy as np
@@ -118,6 +119,17 @@ async def test_plots_are_pngs_of_the_seed_figures(client: httpx.AsyncClient) -> 
 
     gaussian = _png(await client.post("/v1/plots/gaussian", json=GAUSSIAN_EXAMPLE))
     assert gaussian.size == (1200, 400)
+    pixels = np.asarray(gaussian.convert("RGB"), dtype=np.int32)
+
+    def near(rgb: tuple[int, int, int]) -> Any:
+        return np.abs(pixels - np.array(rgb)).max(axis=-1) <= 12
+
+    # Two half-transparent histograms (matplotlib's C0 and C1 at alpha 0.5) on the left...
+    assert near((143, 187, 217))[:, :600].sum() > 2000  # samples of the fitted normal
+    assert near((255, 191, 134))[:, :600].sum() > 2000  # the data
+    # ...and the loss curve ("b-") on the right, and nowhere else.
+    curve = near((0, 0, 255))
+    assert curve[:, 600:].sum() > 200 and curve[:, :600].sum() == 0
 
 
 async def test_plots_are_deterministic_for_a_seed(client: httpx.AsyncClient) -> None:

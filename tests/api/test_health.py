@@ -36,9 +36,12 @@ async def test_readyz_is_503_until_warm() -> None:
         r = await c.get("/readyz")
         assert r.status_code == 503
         assert r.json() == {"status": "starting"}
+        assert r.headers["retry-after"] == "1"
         assert (await c.get("/healthz")).status_code == 200
         r = await c.post("/v1/fits/gaussian", json={"y": [1.0, 2.0]})
         assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert r.json() == {"detail": "the service is warming up"}
 
 
 async def test_openapi_documents_bodies_examples_and_statuses(client: httpx.AsyncClient) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import statsmodels.api as sm
 
 from service.api.schemas import LINEAR_ADAM_EXAMPLE
 from service.fitting.reference import gaussian_closed_form, linear_closed_form
@@ -38,13 +39,17 @@ async def test_every_fit_reports_stats(client: httpx.AsyncClient) -> None:
     )
     assert abs(stats["gap"]["params"]["slope"]) < 1e-9
     assert stats["gap"]["loss"] == pytest.approx(0.0, abs=1e-12)
-    cov = np.array(stats["covariance"])
+    # Against statsmodels' OLS (an independent implementation), columns (slope, intercept).
+    ols = sm.OLS(np.array(body["y"]), sm.add_constant(np.array(body["x"]))).fit()
+    reference_cov = ols.cov_params()[[1, 0]][:, [1, 0]]
+    np.testing.assert_allclose(np.array(stats["covariance"]), reference_cov, rtol=1e-7)
     se = [stats["std_errors"]["slope"], stats["std_errors"]["intercept"]]
-    np.testing.assert_allclose(np.sqrt(np.diag(cov)), se, rtol=1e-12)
+    np.testing.assert_allclose(se, ols.bse[[1, 0]], rtol=1e-7)
     corr = np.array(stats["correlation"])
     np.testing.assert_allclose(np.diag(corr), [1.0, 1.0])
-    assert corr[0, 1] == pytest.approx(cov[0, 1] / (se[0] * se[1]), rel=1e-12)
-    assert 0.5 < stats["r_squared"] < 1.0
+    reference_corr = reference_cov[0, 1] / np.sqrt(reference_cov[0, 0] * reference_cov[1, 1])
+    assert corr[0, 1] == pytest.approx(reference_corr, rel=1e-7)
+    assert stats["r_squared"] == pytest.approx(ols.rsquared, rel=1e-9)
     assert stats["residual_std"] == pytest.approx(0.15, rel=0.2)  # the seed's noise
     assert stats["n_used"] == 100 and stats["dof"] == 98
     assert fit["converged"] is True

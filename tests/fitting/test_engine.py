@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -138,12 +140,26 @@ def test_batch_loops_compile_once_per_size_bucket() -> None:
 
 
 def test_chunked_loop_equals_one_call() -> None:
+    """Chunks of 7 epochs carry the whole state: the same bits as one call, in both scalings;
+    and the raw loop still follows the reference post's."""
     x, y = seed_linear_data(6)
-    small = FitEngine(epochs_per_call=7)
-    one = small.fit_linear(x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2), scaling="none")
+    small, whole = FitEngine(epochs_per_call=7), FitEngine(epochs_per_call=4096)
+    for scaling in ("none", "standardize"):
+        options: dict[str, Any] = {
+            "learning_rate": 0.1,
+            "epochs": 50,
+            "initial": (0.3, -0.2),
+            "scaling": scaling,
+        }
+        chunked, one = small.fit_linear(x, y, **options), whole.fit_linear(x, y, **options)
+        assert chunked.epochs_run == one.epochs_run == 50
+        np.testing.assert_array_equal(chunked.loss_history, one.loss_history)
+        assert chunked.params == one.params
     reference = reference_linear(x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2))
-    np.testing.assert_allclose(one.loss_history, reference[2], rtol=RTOL)
-    assert one.epochs_run == 50
+    chunked = small.fit_linear(
+        x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2), scaling="none"
+    )
+    np.testing.assert_allclose(chunked.loss_history, reference[2], rtol=RTOL)  # float32 there
 
 
 def test_divergence_is_reported_with_epoch_and_advice(engine: FitEngine) -> None:

@@ -108,8 +108,12 @@ def test_gaussian_stats_match_scipy_and_statsmodels(
     assert s.bic == pytest.approx(2.0 * np.log(n) - 2.0 * loglik, rel=1e-12)
     assert s.closed_form == pytest.approx((mean, std), rel=1e-12)
     assert s.closed_form_loss is not None and s.gap is not None
-    assert result.final_loss - s.closed_form_loss == pytest.approx(0.0, abs=1e-9)
-    assert s.gap[2] == result.final_loss - s.closed_form_loss
+    # The loss at the exact MLE, from scipy's log-density (as trained: mean or summed NLL).
+    mle_nll = -float(np.sum(sps.norm.logpdf(y, loc=mean, scale=std)))
+    expected_loss = mle_nll / (1 if reduction == "sum" else n)
+    assert s.closed_form_loss == pytest.approx(expected_loss, rel=1e-12)
+    assert s.gap[2] == pytest.approx(result.final_loss - expected_loss, abs=1e-12)
+    assert abs(s.gap[2]) < 1e-9
 
 
 def test_gap_shows_an_unconverged_fit(engine: FitEngine) -> None:
