@@ -64,3 +64,24 @@ async def test_openapi_documents_bodies_examples_and_statuses(client: httpx.Asyn
     defaults = schemas["LinearFitRequest"]["properties"]
     assert defaults["learning_rate"]["default"] == 0.1
     assert defaults["epochs"]["default"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("caller-42", True),
+        ("x" * 128, True),
+        ("x" * 129, False),  # too long
+        ("has space", False),
+        ("tab\there", False),  # not printable
+        ("naïve", False),  # not ASCII
+    ],
+)
+async def test_request_ids_are_kept_only_when_short_printable_ascii(
+    client: httpx.AsyncClient, given: str, kept: bool
+) -> None:
+    r = await client.get("/healthz", headers={b"X-Request-ID": given.encode("utf-8")})
+    echoed = r.headers["x-request-id"]
+    assert (echoed == given) is kept
+    if not kept:  # a fresh id instead: 32 hex digits
+        assert len(echoed) == 32 and int(echoed, 16) >= 0

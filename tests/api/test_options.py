@@ -91,6 +91,16 @@ async def test_weights_over_http_match_dropping_points(client: httpx.AsyncClient
     assert weighted["params"] == pytest.approx(dropped["params"], rel=1e-10)
     assert weighted["n"] == 30 and weighted["stats"]["n_used"] == 20
 
+    # The Gaussian too: integer weights repeat points, against numpy's weighted moments.
+    y = np.array(data["y"])
+    counts = np.arange(30) % 3
+    body = {"y": y.tolist(), "weights": counts.astype(float).tolist(), "optimizer": "newton"}
+    gaussian = (await client.post(GAUSSIAN, json=body)).json()
+    repeated = np.repeat(y, counts)
+    assert gaussian["params"]["mean"] == pytest.approx(repeated.mean(), rel=1e-12)
+    assert gaussian["params"]["std"] == pytest.approx(repeated.std(), rel=1e-10)
+    assert gaussian["stats"]["n_used"] == 20
+
 
 async def test_history_is_thinned_by_default_for_long_fits(client: httpx.AsyncClient) -> None:
     y = seed_gaussian_data(0).tolist()
