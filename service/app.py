@@ -13,6 +13,8 @@ from fastapi.responses import PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator, metrics
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
@@ -77,6 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(health.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # Large answers (datasets, batches, long histories) compress ~2x; in a thread above
+    # 128 KiB, so compression never stalls the event loop. PNGs and event streams are left.
+    app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes, compresslevel=5)
     _instrument(app, registry)
     # Outermost last: the request id exists before the access line is written.
     app.add_middleware(AccessLogMiddleware)
@@ -95,6 +100,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     app.add_middleware(DocsContentSecurityPolicy)
+    if settings.cors_origins:  # outermost: preflights are answered before anything else
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "HEAD"],
+            allow_headers=["Content-Type", "Accept", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
     return app
 
 

@@ -98,6 +98,19 @@ class Settings(BaseSettings):
         30.0,
         description="After the listener closes, how long in-flight requests may take to finish.",
     )
+    keep_alive_s: Annotated[float, Field(gt=0)] = Field(
+        75.0,
+        description="How long an idle keep-alive connection stays open (uvicorn's default, 5 s, "
+        "drops clients' pooled connections; load balancers idle for 60 s).",
+    )
+    gzip_min_bytes: Annotated[int, Field(ge=0)] = Field(
+        1024, description="Responses at least this large are gzip-compressed when asked."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser, as a JSON list (e.g. "
+        '["https://app.example"]; ["*"] for any). Empty: no CORS headers.',
+    )
     epochs_per_call: Annotated[int, Field(ge=1, le=65536)] = Field(
         4096,
         description="Epochs run per call of the compiled loop; deadlines and cancellation "

@@ -30,8 +30,8 @@ def too_large(limit: int) -> str:
 
 
 class BodyLimit:
-    """Refuse a declared Content-Length over ``limit`` (JSON 413) and ambiguous framing
-    (400); count the rest."""
+    """Refuse a declared Content-Length over ``limit`` (JSON 413), ambiguous framing (400)
+    and compressed bodies (415); count the rest."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = RequestBodyLimitMiddleware(app, max_body_size=limit)
@@ -41,6 +41,18 @@ class BodyLimit:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             declared = headers.get("content-length")
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                response = JSONResponse(
+                    {
+                        "detail": f"Content-Encoding {encoding!r} is not accepted; send the body "
+                        "uncompressed (responses are gzip-compressed on request)"
+                    },
+                    status_code=415,
+                    headers={"Connection": "close"},
+                )
+                await response(scope, receive, send)
+                return
             if declared is not None and "transfer-encoding" in headers:
                 # Two framings for one body: proxies and servers may disagree on where it
                 # ends (request smuggling). RFC 9112 says close the connection after it.

@@ -1,0 +1,75 @@
+"""HTTP manners: compression both ways, CORS when configured, keep-alive as a setting."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import httpx
+import pytest
+
+from service.__main__ import build_server
+from tests.conftest import app_settings, running_app
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_large_answers_are_gzipped_when_asked(client: httpx.AsyncClient) -> None:
+    body = {"n": 20_000, "seed": 1}
+    plain = await client.post(
+        "/v1/datasets/linear", json=body, headers={"accept-encoding": "identity"}
+    )
+    packed = await client.post(
+        "/v1/datasets/linear", json=body, headers={"accept-encoding": "gzip"}
+    )
+    assert "content-encoding" not in plain.headers
+    assert packed.headers["content-encoding"] == "gzip"
+    assert packed.json() == plain.json()  # httpx decoded it
+    assert int(packed.headers["content-length"]) < len(plain.content) / 1.5
+    small = await client.get("/healthz", headers={"accept-encoding": "gzip"})
+    assert "content-encoding" not in small.headers  # under TAPEFIT_GZIP_MIN_BYTES
+
+
+async def test_compressed_request_bodies_are_415(client: httpx.AsyncClient) -> None:
+    content = gzip.compress(json.dumps({"y": [1.0, 2.0, 4.0]}).encode())
+    r = await client.post(
+        "/v1/fits/gaussian",
+        content=content,
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert r.status_code == 415
+    assert "Content-Encoding 'gzip'" in r.json()["detail"]
+
+
+async def test_cors_is_off_by_default_and_answers_preflights_when_configured(
+    client: httpx.AsyncClient,
+) -> None:
+    origin = {"origin": "https://app.example"}
+    r = await client.post("/v1/fits/gaussian", json={"y": [1.0, 2.0, 4.0]}, headers=origin)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    async with running_app(app_settings(cors_origins=["https://app.example"])) as c:
+        preflight = await c.options(
+            "/v1/fits/gaussian",
+            headers={
+                **origin,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type,x-request-id",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        r = await c.post("/v1/fits/gaussian", json={"y": [1.0, 2.0, 4.0]}, headers=origin)
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        other = await c.post(
+            "/v1/fits/gaussian",
+            json={"y": [1.0, 2.0, 4.0]},
+            headers={"origin": "https://elsewhere.example"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_keep_alive_is_a_setting() -> None:
+    assert build_server(app_settings()).config.timeout_keep_alive == 75
+    assert build_server(app_settings(keep_alive_s=20)).config.timeout_keep_alive == 20
