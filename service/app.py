@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     app.add_middleware(DocsContentSecurityPolicy)
+    app.add_middleware(HeadAsGet)
     if settings.cors_origins:  # outermost: preflights are answered before anything else
         app.add_middleware(
             CORSMiddleware,
@@ -110,6 +111,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     return app
+
+
+class HeadAsGet:
+    """HEAD wherever GET works (probes, /metrics, the docs pages): answered as GET without
+    the body, as Starlette does for its own routes (FastAPI's routes answer HEAD with 405)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class DocsContentSecurityPolicy:

@@ -73,3 +73,15 @@ async def test_cors_is_off_by_default_and_answers_preflights_when_configured(
 def test_keep_alive_is_a_setting() -> None:
     assert build_server(app_settings()).config.timeout_keep_alive == 75
     assert build_server(app_settings(keep_alive_s=20)).config.timeout_keep_alive == 20
+
+
+@pytest.mark.parametrize(
+    "path", ["/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"]
+)
+async def test_head_works_wherever_get_does(client: httpx.AsyncClient, path: str) -> None:
+    got = await client.get(path)
+    head = await client.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert (await client.head("/v1/fits/linear")).status_code == 405  # no GET there either
