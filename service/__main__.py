@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import os
 import sys
 import threading
 from types import FrameType
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from service.logs import logging_config
+from service.logs import capture_native_stderr, logging_config
 from service.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def build_server(settings: Settings) -> DrainingServer:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own INFO lines
     from service.app import create_app  # imports TensorFlow: after logging is set up
 
     app = create_app(settings)
@@ -73,6 +75,7 @@ def main() -> None:
     settings = get_settings()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     logging.config.dictConfig(logging_config(settings.log_level))
+    capture_native_stderr()  # before TensorFlow is imported: its C++ lines become JSON too
     build_server(settings).run()
 
 

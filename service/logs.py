@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ACCESS_LOGGER = "service.access"
+
+
+NATIVE_LOGGER = "stderr"
+
+
+def capture_native_stderr() -> None:
+    """Send whatever native code writes to file descriptor 2 (TensorFlow's and absl's C++
+    logging, which ignores TF_CPP_MIN_LOG_LEVEL for its start-up lines) through the JSON
+    logger, one record per line, so that every line the service prints is JSON."""
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    logger = logging.getLogger(NATIVE_LOGGER)
+
+    def relay() -> None:
+        with os.fdopen(read_end, "r", errors="replace") as lines:
+            for line in lines:
+                if text := line.rstrip():
+                    logger.info(text)
+
+    threading.Thread(target=relay, name="native-stderr", daemon=True).start()
+
+
+class PlainRecord(logging.Filter):
+    """Drop uvicorn's ``color_message`` (the message again, with ANSI colour escapes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("color_message", None)
+        return True
 
 
 def logging_config(level: str) -> dict[str, Any]:
@@ -21,7 +52,8 @@ def logging_config(level: str) -> dict[str, Any]:
             "request_id": {
                 "()": "asgi_correlation_id.CorrelationIdFilter",
                 "default_value": None,
-            }
+            },
+            "plain": {"()": "service.logs.PlainRecord"},
         },
         "formatters": {
             "json": {
@@ -40,7 +72,7 @@ def logging_config(level: str) -> dict[str, Any]:
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stdout",
                 "formatter": "json",
-                "filters": ["request_id"],
+                "filters": ["request_id", "plain"],
             }
         },
         "loggers": {

@@ -101,7 +101,6 @@ def serve(**env: str) -> Iterator[Server]:
         **os.environ,
         "TAPEFIT_HOST": "127.0.0.1",
         "TAPEFIT_PORT": str(port),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
         MARK_VARIABLE: mark,
         **env,
     }

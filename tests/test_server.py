@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -35,6 +36,11 @@ async def test_real_server_fits_and_stops_cleanly() -> None:
             assert r.json()["n"] == 200_000
         assert server.stop(), server.log()
         assert "Traceback" not in server.log()
+        # Every line the server wrote, TensorFlow's start-up included, is a JSON object,
+        # without uvicorn's ANSI-coloured duplicate of the message.
+        for line in server.log().splitlines():
+            record = json.loads(line)
+            assert "color_message" not in record and "\x1b" not in line, line
 
 
 async def test_health_answers_while_a_long_fit_runs() -> None:
