@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     memory_budget_bytes: Annotated[int, Field(ge=0)] = Field(
         0,
         description="Memory that admitted requests may hold, by their estimated peaks (429 "
-        "when in use by others, 413 when one request alone needs more). 0: 90% of the "
+        "when in use by others, 413 when one request alone needs more). 0: 95% of the "
         "memory limit less what the warm server and its parser processes hold.",
     )
     memory_limit_bytes: Annotated[int, Field(ge=0)] = Field(

@@ -58,14 +58,14 @@ log = logging.getLogger(__name__)
 #: of body (a 40 MB body parses in ~0.3 s): past that the parser is dead or wedged.
 PARSE_DEADLINE_S = 5.0
 PARSE_MIN_BYTES_PER_S = 10 * 1024 * 1024
-#: Memory a parser process keeps between parses (measured ~110 MiB), when the budget is
-#: derived from the memory limit.
-PARSER_RESERVE_BYTES = 200 * 1024 * 1024
+#: Memory a parser process may keep between parses (16 MiB idle, ~160 MiB after 38 MiB
+#: bodies): the budget leaves this for it, and a parser over it is replaced.
+PARSER_RESERVE_BYTES = 128 * 1024 * 1024
 #: What the warm-up after readiness adds to the server (batch loops, other variants):
 #: measured ~250 MiB.
 WARM_UP_BYTES = 300 * 1024 * 1024
 #: The automatic budget leaves this share of the limit for what no estimate counts.
-BUDGET_SHARE = 0.9
+BUDGET_SHARE = 0.95
 MIN_BUDGET_BYTES = 64 * 1024 * 1024
 
 T = TypeVar("T")
