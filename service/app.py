@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(plots.router)
     app.include_router(datasets.router)
     app.include_router(health.router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, deadline=settings.body_deadline)
     # Large answers (datasets, batches, long histories) compress ~2x; in a thread above
     # 128 KiB, so compression never stalls the event loop. PNGs and event streams are left.
     app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes, compresslevel=5)

@@ -133,6 +133,10 @@ class Settings(BaseSettings):
         1, description="Parser processes for large JSON bodies (0 = parse in a thread)."
     )
 
+    def body_deadline(self, length: int) -> float:
+        """Seconds a request body of ``length`` bytes may take to arrive."""
+        return self.body_timeout_s + length / self.body_min_bytes_per_s
+
 
 @lru_cache
 def get_settings() -> Settings:

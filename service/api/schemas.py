@@ -8,6 +8,7 @@ as validation context, so the error names the field and the setting.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -141,15 +142,24 @@ Points = Annotated[
 MAX_EPOCH_COUNT = 10**9
 
 
-def _within_epoch_limit(value: int, info: ValidationInfo) -> int:
-    limit = context_limit(info.context, "max_epochs")
-    if limit is not None and value > limit:
-        raise PydanticCustomError(
-            "too_many_epochs",
-            "at most {limit} epochs are allowed (TAPEFIT_MAX_EPOCHS), got {count}",
-            {"limit": limit, "count": value},
-        )
-    return value
+def _at_most(setting: str, kind: str, message: str) -> Callable[[int, ValidationInfo], int]:
+    """A validator refusing a count over the settings-dependent limit ``setting`` (from the
+    validation context) with ``kind`` and ``message`` ({limit}, {count})."""
+
+    def validate(value: int, info: ValidationInfo) -> int:
+        limit = context_limit(info.context, setting)
+        if limit is not None and value > limit:
+            raise PydanticCustomError(kind, message, {"limit": limit, "count": value})
+        return value
+
+    return validate
+
+
+_within_epoch_limit = _at_most(
+    "max_epochs",
+    "too_many_epochs",
+    "at most {limit} epochs are allowed (TAPEFIT_MAX_EPOCHS), got {count}",
+)
 
 
 EpochCount = Annotated[
@@ -671,15 +681,11 @@ class GaussianBatchResponse(_BatchResponse[GaussianBatchItem]):
 # -- synthetic data ------------------------------------------------------------------------------
 
 
-def _dataset_size(n: int, info: ValidationInfo) -> int:
-    limit = context_limit(info.context, "max_dataset_points")
-    if limit is not None and n > limit:
-        raise PydanticCustomError(
-            "too_many_points",
-            "at most {limit} points per data set (TAPEFIT_MAX_DATASET_POINTS), got {count}",
-            {"limit": limit, "count": n},
-        )
-    return n
+_dataset_size = _at_most(
+    "max_dataset_points",
+    "too_many_points",
+    "at most {limit} points per data set (TAPEFIT_MAX_DATASET_POINTS), got {count}",
+)
 
 
 class _DatasetRequest(_Strict):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,13 @@ from service.fitting.loop import (
 )
 from service.fitting.losses import mse_from_moments, nll_from_moments
 from service.fitting.results import FitDiverged, FitError, FitResult, StopReason
-from service.fitting.scaling import IDENTITY, Coordinates, Scaling
+from service.fitting.scaling import (
+    IDENTITY,
+    Coordinates,
+    Scaling,
+    Standardize,
+    fit_coordinates,
+)
 from service.fitting.stats import (
     CURVATURE_SIZE,
     AtFit,
@@ -346,18 +352,13 @@ class _Sets:
 
 
 def _standardized(
-    scaling: Scaling,
-    summaries: Array,
-    usable: npt.NDArray[np.bool_],
-    standardize: Callable[[Array], tuple[Array, Coordinates]],
+    scaling: Scaling, summaries: Array, usable: npt.NDArray[np.bool_], standardize: Standardize
 ) -> tuple[Array, list[Coordinates]]:
     """Each usable set's summary in fit coordinates, and its map (identity elsewhere)."""
     fit_summaries = summaries.copy()
     coords = [IDENTITY] * len(summaries)
-    if scaling == "none":
-        return fit_summaries, coords
     for i in np.flatnonzero(usable):
-        fit_summaries[i], coords[i] = standardize(summaries[i])
+        fit_summaries[i], coords[i] = fit_coordinates(scaling, summaries[i], standardize)
     return fit_summaries, coords
 
 
@@ -390,7 +391,7 @@ def _result(
         check_descended(row.history, row.final_loss, learning_rate, coords)
     except FitDiverged as diverged:
         return diverged
-    at = AtFit(row.curvature, (float(row.params[0]), float(row.params[1])), coords)
+    at = AtFit.of(row.curvature, (float(row.params[0]), float(row.params[1])), coords)
     weights = weight_summary(None, int(summary[0]))
     first, second = coords.from_fit(at.params)
     if model == "linear":

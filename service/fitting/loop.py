@@ -41,7 +41,7 @@ from service.fitting.results import (
     ModelName,
     StopReason,
 )
-from service.fitting.scaling import IDENTITY, Coordinates, Scaling
+from service.fitting.scaling import IDENTITY, Coordinates, Scaling, fit_coordinates
 from service.fitting.stats import (
     CURVATURE_SIZE,
     AtFit,
@@ -171,27 +171,20 @@ def _compile_chunk(
                 new_p = p - alpha * first / (tf.sqrt(second) + epsilon)
                 slots = tf.concat([first, second], axis=0)
             else:  # newton
-                new_p, full = _newton_update(loss_fn, summary, p, loss, g, at[3:7])
-                small = tf.norm(new_p - p) <= CONVERGED_RTOL * tf.maximum(
-                    tf.constant(1.0, tf.float64), tf.norm(new_p)
-                )
+                new_p, final = _newton_update(loss_fn, summary, p, loss, g, at[3:7])
                 # The step is taken, then the fit stops: after a quadratic step that small,
                 # the parameters are at the optimum to rounding.
-                stop = tf.where((stop == RUNNING) & full & small, STEP_TOLERANCE, stop)
+                stop = tf.where((stop == RUNNING) & final, STEP_TOLERANCE, stop)
 
             updated = tf.concat([new_p, slots, tf.stack([step, best, stall])], axis=0)
             finite = tf.math.is_finite(loss) & tf.reduce_all(tf.math.is_finite(updated[0:6]))
             history = history.write(i, loss)
-            halt = stop != RUNNING
-            if optimizer == "newton":  # its own stop keeps the step just taken
-                keep = finite & ((stop == RUNNING) | (stop == STEP_TOLERANCE))
-                status = tf.where(finite, stop, NON_FINITE)
-                counted = tf.where(halt & (stop != STEP_TOLERANCE), 0, 1)
-            else:
-                keep = finite & ~halt
-                status = tf.where(halt, stop, tf.where(finite, RUNNING, NON_FINITE))
-                counted = tf.where(halt, 0, 1)
-            return i + counted, tf.where(keep, updated, s), history, status
+            # A tolerance stop halts before the update; Newton's step-tolerance stop keeps the
+            # step just taken (and it counts).
+            steps_on = (stop == RUNNING) | (stop == STEP_TOLERANCE)
+            status = tf.where(steps_on & ~finite, NON_FINITE, stop)
+            new_s = tf.where(steps_on & finite, updated, s)
+            return i + tf.where(steps_on, 1, 0), new_s, history, status
 
         done, state, history, status = tf.while_loop(
             lambda i, s, h, status: (i < steps) & (status == RUNNING),
@@ -209,7 +202,8 @@ def _compile_chunk(
 def _newton_update(
     loss_fn: LossFn, summary: Any, p: Any, loss: Any, g: Any, hessian: Any
 ) -> tuple[Any, Any]:
-    """One damped Newton step from ``p`` and whether it was the full step.
+    """One damped Newton step from ``p``, and whether it was the last one needed: a full
+    step already within ``CONVERGED_RTOL`` of max(1, |parameters|).
 
     The direction solves (H + μI)·d = g with μ = 0 where the Hessian is positive definite and
     μ = 2·|λmin| + ε otherwise (so -d always descends); the step halves until Armijo's
@@ -243,8 +237,7 @@ def _newton_update(
         halve,
         [one, tf.constant(0), negligible | accepted(one)],
     )
-    full = ok & tf.equal(t, one)
-    return tf.where(ok, p - t * d, p), full
+    return tf.where(ok, p - t * d, p), negligible
 
 
 #: One compiled loop per (update rule, stopping rules on?).
@@ -318,8 +311,17 @@ class FitEngine:
                 loop = self._loops[key]
         return loop
 
-    def _summary(self, model: str, *data: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """The summary of large data by a graph function (one call for all the points)."""
+    def _moments(
+        self,
+        model: str,
+        in_numpy: Callable[..., npt.NDArray[np.float64]],
+        weights: npt.NDArray[np.float64] | None,
+        *data: npt.NDArray[np.float64],
+    ) -> npt.NDArray[np.float64]:
+        """The data's summary: by numpy for small or weighted data (a graph call costs more
+        than the whole computation there), else by one graph call for all the points."""
+        if weights is not None or data[0].size < self.graph_min_points:
+            return in_numpy(*data, weights)
         summarize = self._summaries.get(model)
         if summarize is None:
             with self._loops_lock:
@@ -357,23 +359,17 @@ class FitEngine:
         Σw(y - mx - b)² / Σw. ``on_progress(epochs_done, loss)`` is called after every
         ``progress_every`` epochs (and at the end); ``should_stop`` is checked as often.
         """
-        random_start = initial is None
-        if random_start:
-            seed = _fresh_seed() if seed is None else seed
-            start: tuple[float, float] = (random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
-        else:
-            start = initial  # type: ignore[assignment]
-        _check_hyperparameters(learning_rate, epochs, start, history_every)
+        _check_hyperparameters(learning_rate, epochs, initial or (0.0, 0.0), history_every)
         xs, ys = _array(x), _array(y)
         ws = _weights(weights, xs.size)
-        if ws is not None or xs.size < self.graph_min_points:
-            summary = linear_moments_numpy(xs, ys, ws)
-        else:
-            summary = self._summary("linear", xs, ys)
+        summary = self._moments("linear", linear_moments_numpy, ws, xs, ys)
         _check(summary, 3, "x")
-        fit_summary, coords = _coordinates(scaling, summary, scaling_.linear)
-        if not random_start:
-            start = coords.to_fit(start)
+        fit_summary, coords = fit_coordinates(scaling, summary, scaling_.linear)
+        if initial is None:
+            seed = _fresh_seed() if seed is None else seed
+            start = (random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
+        else:
+            start = coords.to_fit(initial)
         _check(fit_summary, 3, "x", start)
         plan = self._plan(
             "linear",
@@ -387,7 +383,7 @@ class FitEngine:
             progress_every,
         )
         run = plan.run(fit_summary, start)
-        at = AtFit(run.curvature, run.params, coords)
+        at = AtFit.of(run.curvature, run.params, coords)
         stats = linear_stats(at, summary, weight_summary(ws, xs.size))
         return _result("linear", run, at, stats, stopping, scaling, history_every, seed)
 
@@ -423,14 +419,11 @@ class FitEngine:
         _check_hyperparameters(learning_rate, epochs, initial or (0.0, 1.0), history_every)
         ys = _array(y)
         ws = _weights(weights, ys.size)
-        if ws is not None or ys.size < self.graph_min_points:
-            moments = gaussian_moments_numpy(ys, ws)
-        else:
-            moments = self._summary("gaussian", ys)
+        moments = self._moments("gaussian", gaussian_moments_numpy, ws, ys)
         total = moments[0] if ws is None else float(ws.sum())
         summary = np.append(moments, total if reduction == "sum" else 1.0)
         _check(summary, 2, "y")
-        fit_summary, coords = _coordinates(scaling, summary, scaling_.gaussian)
+        fit_summary, coords = fit_coordinates(scaling, summary, scaling_.gaussian)
         if initial is not None:
             start = coords.to_fit(initial)
         elif scaling == "none":
@@ -452,7 +445,7 @@ class FitEngine:
             progress_every,
         )
         run = plan.run(fit_summary, start)
-        at = AtFit(run.curvature, run.params, coords)
+        at = AtFit.of(run.curvature, run.params, coords)
         stats = gaussian_stats(at, summary, weight_summary(ws, ys.size))
         return _result("gaussian", run, at, stats, stopping, scaling, history_every, seed)
 
@@ -482,8 +475,8 @@ class FitEngine:
 
     def warm_up(self, small: bool = True, large: bool = True, variants: bool = True) -> None:
         """Run the compiled functions once so no request pays tracing or XLA compilation:
-        the default loop (both scalings), the large-data summaries, and the loops of the
-        other optimizers and of the stopping rules."""
+        the default loop, the large-data summaries, and the loops of the other optimizers
+        and of the stopping rules. (Scaling changes only the numbers the loops get.)"""
         rng = np.random.default_rng(0)
         sizes = ([16] if small else []) + ([self.graph_min_points] if large else [])
         x = rng.random(16)
@@ -519,16 +512,6 @@ class FitEngine:
 #: The default Gaussian start in standardized units: the reference post's deliberately-off
 #: factors 0.7 and 1.3, as 0.3 standard deviations below the mean and 1.3 of them wide.
 STANDARDIZED_GAUSSIAN_START = (-0.3, 1.3)
-
-
-def _coordinates(
-    scaling: Scaling,
-    summary: npt.NDArray[np.float64],
-    standardize: Callable[[npt.NDArray[np.float64]], tuple[npt.NDArray[np.float64], Coordinates]],
-) -> tuple[npt.NDArray[np.float64], Coordinates]:
-    if scaling == "none":
-        return summary, IDENTITY
-    return standardize(summary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -617,7 +600,7 @@ def _result(
     seed: int | None,
 ) -> FitResult:
     coords = at.coords
-    converged = run.stop == "step_tolerance" or is_converged(at, stopping.gradient_tolerance)
+    converged = is_converged(at, stopping.gradient_tolerance)
     fitted = coords.from_fit(run.params)
     if model == "gaussian":
         fitted = (fitted[0], abs(fitted[1]))

@@ -23,6 +23,7 @@ The summaries are transformed, not the data: the standardized summary of a line 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +32,6 @@ import numpy.typing as npt
 
 Array = npt.NDArray[np.float64]
 Scaling = Literal["standardize", "none"]
-SCALINGS: tuple[Scaling, ...] = ("standardize", "none")
 Pair = tuple[float, float]
 Matrix = tuple[Pair, Pair]
 
@@ -87,6 +87,19 @@ class Coordinates:
 IDENTITY = Coordinates()
 
 
+Standardize = Callable[[Array], tuple[Array, Coordinates]]
+
+
+def fit_coordinates(
+    scaling: Scaling, summary: Array, standardize: Standardize
+) -> tuple[Array, Coordinates]:
+    """The summary the loop fits and the map back: standardized by ``standardize``
+    (:func:`linear`, :func:`gaussian`), or as given with ``scaling="none"``."""
+    if scaling == "none":
+        return summary, IDENTITY
+    return standardize(summary)
+
+
 def linear(summary: Array) -> tuple[Array, Coordinates]:
     """The standardized summary of a line ([n, x̄, ȳ, Vxx, Vxy, Vyy]) and its coordinates.
     Vxx must be positive; constant y (Vyy = 0) keeps sy = 1."""
@@ -116,24 +129,6 @@ def gaussian(summary: Array) -> tuple[Array, Coordinates]:
         origin=(y_mean, 0.0),
     )
     return np.array([n, 0.0, 1.0, scale]), coords
-
-
-def linear_rows(summaries: Array) -> tuple[Array, list[Coordinates]]:
-    """:func:`linear` for every row of a [B, 6] matrix of usable summaries."""
-    pairs = [linear(row) for row in summaries]
-    return _stack(pairs, summaries), [coords for _, coords in pairs]
-
-
-def gaussian_rows(summaries: Array) -> tuple[Array, list[Coordinates]]:
-    """:func:`gaussian` for every row of a [B, 4] matrix of usable summaries."""
-    pairs = [gaussian(row) for row in summaries]
-    return _stack(pairs, summaries), [coords for _, coords in pairs]
-
-
-def _stack(pairs: list[tuple[Array, Coordinates]], like: Array) -> Array:
-    if not pairs:
-        return np.empty_like(like)
-    return np.stack([summary for summary, _ in pairs])
 
 
 def _apply(m: Matrix, p: Pair) -> Pair:

@@ -181,19 +181,19 @@ def weight_summary(weights: Array | None, n: int) -> WeightSummary:
 
 @dataclass(frozen=True, slots=True)
 class AtFit:
-    """Where a fit ended, in fit coordinates: the :func:`curvature` vector there, the
-    parameters, and the map to the caller's units."""
+    """Where a fit ended, in fit coordinates: the loss, gradient and Hessian there (read
+    once from the :func:`curvature` vector), the parameters, and the map to the caller's
+    units."""
 
-    curvature: Array
+    point: _Curvature
     params: tuple[float, float]
     coords: Coordinates = IDENTITY
 
-    def newton_step(self) -> float | None:
-        """‖H⁻¹·g‖ in fit coordinates (the convergence test's measure)."""
-        return _Curvature.of(self.curvature).newton_step()
-
-    def gradient_norm(self) -> float:
-        return _Curvature.of(self.curvature).gradient_norm
+    @classmethod
+    def of(
+        cls, curvature: Array, params: tuple[float, float], coords: Coordinates = IDENTITY
+    ) -> AtFit:
+        return cls(_Curvature.of(curvature), params, coords)
 
 
 def is_converged(at: AtFit, gradient_tolerance: float | None = None) -> bool:
@@ -201,9 +201,9 @@ def is_converged(at: AtFit, gradient_tolerance: float | None = None) -> bool:
     step is within CONVERGED_RTOL of max(1, |parameters|), or the gradient norm within the
     caller's ``gradient_tolerance``. (A loss-tolerance stop alone is not enough: an
     oscillating optimizer can stall far from the optimum.)"""
-    if gradient_tolerance is not None and at.gradient_norm() <= gradient_tolerance:
+    if gradient_tolerance is not None and at.point.gradient_norm <= gradient_tolerance:
         return True
-    step = at.newton_step()
+    step = at.point.newton_step()
     return step is not None and step <= CONVERGED_RTOL * max(1.0, math.hypot(*at.params))
 
 
@@ -253,7 +253,7 @@ def _stats(
 def linear_stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
     """Statistics of a line (``summary`` = [n, x̄, ȳ, Vxx, Vxy, Vyy] in the caller's units,
     weighted) where the fit ended."""
-    at = _Curvature.of(fit.curvature)
+    at = fit.point
     coords = fit.coords
     x_mean, y_mean, vxx, vxy, vyy = (float(v) for v in summary[1:6])
     slope = vxy / vxx
@@ -290,7 +290,7 @@ def gaussian_stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitSta
     """Statistics of a normal fit (``summary`` = [n, ȳ, Vyy, scale] in the caller's units,
     weighted) where the fit ended; s may be negative there (the NLL depends on s², and the
     reported std is |s|)."""
-    at = _Curvature.of(fit.curvature)
+    at = fit.point
     m, s = fit.params
     if s < 0.0:  # report for |s|
         at, s = at.flipped(), -s
