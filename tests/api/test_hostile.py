@@ -14,57 +14,24 @@ import pytest
 
 from service.admission import Admission, Refused, body_cost, fit_cost
 from tests.conftest import app_settings, running_app
+from tests.mistakes import CLIENT_MISTAKES, GAUSSIAN, HUGE_EPOCHS, JSON, LINEAR, Mistake
 
 pytestmark = pytest.mark.anyio
 
-GAUSSIAN = "/v1/fits/gaussian"
-LINEAR = "/v1/fits/linear"
-JSON = {"content-type": "application/json"}
-RAW = {"content-type": "application/octet-stream"}
 
-
-def _npy_claiming(shape: tuple[int, ...], payload: bytes) -> bytes:
-    header = f"{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}"
-    header += " " * (64 - (10 + len(header) + 1) % 64) + "\n"
-    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + payload
-
-
-@pytest.mark.parametrize(
-    ("url", "content", "headers", "loc", "kind"),
-    [
-        (GAUSSIAN, _npy_claiming((10**12,), bytes(16)), {"content-type": "application/x-npy"},
-         ["body"], "npy_length"),
-        (GAUSSIAN, b'{"y":[1,2,3],"tolerance":0.1,"patience":1' + b"0" * 400 + b"}", JSON,
-         ["body", "patience"], "less_than_equal"),
-        (GAUSSIAN + "?tolerance=0.1&patience=1" + "0" * 400, np.ones(3).tobytes(), RAW,
-         ["query", "patience"], "less_than_equal"),
-        (LINEAR + "?initial=" + "[" * 10_000 + "]" * 10_000, np.ones(6).tobytes(), RAW,
-         ["query", "initial"], "model_type"),
-        (GAUSSIAN, b'{"y":[1,2,3],"history_every":1' + b"0" * 400 + b"}", JSON,
-         ["body", "history_every"], "less_than_equal"),
-        (GAUSSIAN, b'{"y":[1,2,3],"progress_every":1' + b"0" * 400 + b"}", JSON,
-         ["body", "progress_every"], "less_than_equal"),
-        (GAUSSIAN, b'{"y":[1,2,3],"weights":[1e308,1e308,1e308]}', JSON,
-         ["body", "weights"], "weights_overflow"),
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize("mistake", CLIENT_MISTAKES, ids=lambda m: "-".join(map(str, m.loc)))
 async def test_client_mistakes_are_422_naming_the_field(
-    client: httpx.AsyncClient,
-    url: str,
-    content: bytes,
-    headers: dict[str, str],
-    loc: list[str],
-    kind: str,
+    client: httpx.AsyncClient, mistake: Mistake
 ) -> None:
-    r = await client.post(url, content=content, headers=headers)
+    r = await client.post(mistake.url, content=mistake.content, headers=mistake.headers)
     assert r.status_code == 422, r.text
     [error] = r.json()["detail"]
-    assert (error["loc"], error["type"]) == (loc, kind)
+    assert (error["loc"], error["type"]) == (mistake.loc, mistake.kind)
     assert len(r.content) < 400  # nothing echoed at length
 
 
 async def test_a_4300_digit_number_is_not_echoed(client: httpx.AsyncClient) -> None:
-    r = await client.post(GAUSSIAN, content=b'{"y":[1,2],"epochs":1' + b"0" * 4300 + b"}")
+    r = await client.post(GAUSSIAN, content=HUGE_EPOCHS, headers=JSON)
     assert r.status_code == 422
     assert len(r.content) < 400 and "0000000000" not in r.text
 
