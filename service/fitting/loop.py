@@ -301,15 +301,21 @@ class FitEngine:
 
     # -- the compiled entry points -----------------------------------------------------------
 
+    def _caller(
+        self, callers: dict[Any, Callable[..., Any]], key: Any, fn: Any
+    ) -> Callable[..., Any]:
+        """The fast caller of ``fn``, made once (making one traces it) under the lock."""
+        caller = callers.get(key)
+        if caller is None:
+            with self._loops_lock:
+                if key not in callers:
+                    callers[key] = _fast_call(fn)
+                caller = callers[key]
+        return caller
+
     def _loop(self, model: str, variant: Variant) -> Callable[..., Any]:
         key = (model, variant)
-        loop = self._loops.get(key)
-        if loop is None:
-            with self._loops_lock:
-                if key not in self._loops:
-                    self._loops[key] = _fast_call(self._loop_fns[key])
-                loop = self._loops[key]
-        return loop
+        return self._caller(self._loops, key, self._loop_fns[key])
 
     def _moments(
         self,
@@ -322,12 +328,7 @@ class FitEngine:
         than the whole computation there), else by one graph call for all the points."""
         if weights is not None or data[0].size < self.graph_min_points:
             return in_numpy(*data, weights)
-        summarize = self._summaries.get(model)
-        if summarize is None:
-            with self._loops_lock:
-                if model not in self._summaries:
-                    self._summaries[model] = _fast_call(self._summary_fns[model])
-                summarize = self._summaries[model]
+        summarize = self._caller(self._summaries, model, self._summary_fns[model])
         return np.asarray(summarize(*(_vector(v) for v in data)).numpy())
 
     # -- public API --------------------------------------------------------------------------
