@@ -206,8 +206,10 @@ class _TrainingOptions(_Strict):
     )
     seed: Seed | None = Field(
         None,
-        description="Seeds the random initial values: the same request with the same seed "
-        "gives the same response. Omitted: a fresh seed is drawn and returned.",
+        description="Seeds the random initial values (the linear fit's slope when `initial` "
+        "is omitted): the same request with the same seed gives the same response. Omitted: "
+        "a fresh seed is drawn and returned. A start that is not random (`initial` given, or "
+        "any Gaussian fit) needs no seed, and the response's `seed` is null.",
         examples=[42],
     )
 
@@ -628,7 +630,8 @@ class _FitResponse(BaseModel, Generic[ParamsT, StatsT]):
         "and the gap to it, and what to change.",
     )
     seed: int | None = Field(
-        description="Seed of the random initial values (null when none were random)."
+        description="The seed that drew the random initial values; null when the start was "
+        "not random (`initial` given, or a Gaussian fit)."
     )
     stats: StatsT | None = Field(
         None, description="Uncertainties, fit quality and the closed-form check."

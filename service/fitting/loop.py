@@ -370,7 +370,7 @@ class FitEngine:
             seed = _fresh_seed() if seed is None else seed
             start = (random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
         else:
-            start = coords.to_fit(initial)
+            seed, start = None, coords.to_fit(initial)  # nothing random: no seed to report
         _check(fit_summary, 3, "x", start)
         plan = self._plan(
             "linear",
@@ -407,6 +407,9 @@ class FitEngine:
         progress_every: int | None = None,
     ) -> FitResult:
         """Fit N(m, s²) by minimizing the (weighted) negative log-likelihood.
+
+        Nothing here is random: ``seed`` is accepted like the linear fit's, and the result's
+        ``seed`` is None.
 
         ``reduction="sum"`` is the reference post's NLL; ``"mean"`` divides it by N (by Σw
         with weights) so one learning rate suits any N. Without ``initial`` the start is
@@ -448,7 +451,8 @@ class FitEngine:
         run = plan.run(fit_summary, start)
         at = AtFit.of(run.curvature, run.params, coords)
         stats = gaussian_stats(at, summary, weight_summary(ws, ys.size))
-        return _result("gaussian", run, at, stats, stopping, scaling, history_every, seed)
+        # The Gaussian start is deterministic: there is no seed to report.
+        return _result("gaussian", run, at, stats, stopping, scaling, history_every, None)
 
     def _plan(
         self,

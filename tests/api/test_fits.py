@@ -390,3 +390,16 @@ async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncCli
     assert 'tapefit_fits_total{model="gaussian",outcome="diverged"} 1.0' in text
     assert 'tapefit_fit_epochs_total{model="gaussian"} 5.0' in text
     assert "http_request_duration_seconds_bucket" in text
+
+
+async def test_the_seed_is_reported_only_when_it_drew_the_start(client: httpx.AsyncClient) -> None:
+    x, y = seed_linear_data(4)
+    line = {"x": x.tolist(), "y": y.tolist(), "epochs": 5}
+    drawn = (await client.post(LINEAR, json=line)).json()["seed"]
+    assert isinstance(drawn, int)
+    assert (await client.post(LINEAR, json={**line, "seed": 9})).json()["seed"] == 9
+    given = {**line, "seed": 9, "initial": {"slope": 1.0, "intercept": 0.0}}
+    assert (await client.post(LINEAR, json=given)).json()["seed"] is None
+    samples = {"y": seed_gaussian_data(4).tolist(), "epochs": 5}
+    for body in (samples, {**samples, "seed": 9}):
+        assert (await client.post(GAUSSIAN, json=body)).json()["seed"] is None
