@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from asgi_correlation_id import CorrelationIdMiddleware
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
@@ -45,6 +47,14 @@ optionally, hyperparameters; get the fitted parameters and the loss history back
 """
 
 
+TAGS = [
+    {"name": "fits", "description": "Fit a model to data: parameters, loss history, statistics."},
+    {"name": "plots", "description": "Fit, then draw the reference post's figures as PNG."},
+    {"name": "datasets", "description": "The reference post's synthetic data, seeded."},
+    {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the worker warms up in the background (``/readyz`` says when)."""
     settings = settings or get_settings()
@@ -70,6 +80,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=TAGS,
+        servers=[{"url": "/", "description": "This server"}],
+        contact={"name": "tapefit maintainers"},
+        license_info={"name": "Proprietary", "identifier": "LicenseRef-Proprietary"},
+        # operationIds are the route functions' names (fit_linear, not
+        # fit_linear_v1_fits_linear_post): what generated clients call their methods.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.settings = settings
     app.state.worker = worker
@@ -99,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             GaussianDatasetRequest,
         ],
     )
+    _cache_openapi(app)
     app.add_middleware(DocsContentSecurityPolicy)
     app.add_middleware(HeadAsGet)
     if settings.cors_origins:  # outermost: preflights are answered before anything else
@@ -111,6 +129,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     return app
+
+
+def _cache_openapi(app: FastAPI) -> None:
+    """Serve the OpenAPI document with an ETag, and answer 304 to a client that has it
+    (FastAPI's own route sends the whole document every time)."""
+    url = app.openapi_url
+    assert url is not None
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != url]
+    served: list[tuple[bytes, str]] = []  # made on first use (the document is built lazily)
+
+    async def openapi(request: Request) -> Response:
+        if not served:
+            document = json.dumps(app.openapi(), separators=(",", ":")).encode()
+            served.append((document, f'"{hashlib.sha256(document).hexdigest()[:32]}"'))
+        document, etag = served[0]
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}
+        wanted = request.headers.get("if-none-match", "")
+        if any(tag.strip().removeprefix("W/") in (etag, "*") for tag in wanted.split(",")):
+            return Response(status_code=304, headers=headers)
+        return Response(document, media_type="application/json", headers=headers)
+
+    app.add_route(url, openapi, include_in_schema=False)
 
 
 class HeadAsGet:

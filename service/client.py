@@ -174,7 +174,11 @@ def _fit_call(
         params = {name: json.dumps(value) for name, value in checked.items()}
         headers["content-type"] = "application/x-npy"
         return _Call(
-            "POST", path, content=_npy(list(arrays.values())), params=params, headers=headers
+            "POST",
+            f"{path}/binary",
+            content=_npy(list(arrays.values())),
+            params=params,
+            headers=headers,
         )
     body: dict[str, Any] = {name: _list(values) for name, values in arrays.items()}
     if weights is not None:

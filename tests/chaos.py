@@ -287,7 +287,7 @@ async def memory_pressure(server: Server, outcome: Outcome) -> None:
         buffer = io.BytesIO()
         np.save(buffer, np.ones(60 * 1024 * 1024, dtype=np.int8))
         r = await client.post(
-            "/v1/fits/gaussian",
+            "/v1/fits/gaussian/binary",
             content=buffer.getvalue(),
             headers={"content-type": "application/x-npy"},
         )

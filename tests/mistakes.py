@@ -33,12 +33,12 @@ class Mistake(NamedTuple):
 HUGE_EPOCHS = b'{"y":[1,2,3],"epochs":1' + b"0" * 4300 + b"}"
 
 CLIENT_MISTAKES = [
-    Mistake(GAUSSIAN, npy_claiming((10**12,), bytes(16)), NPY, ["body"], "npy_length"),
+    Mistake(GAUSSIAN + "/binary", npy_claiming((10**12,), bytes(16)), NPY, ["body"], "npy_length"),
     Mistake(GAUSSIAN, b'{"y":[1,2,3],"tolerance":0.1,"patience":1' + b"0" * 400 + b"}", JSON,
             ["body", "patience"], "less_than_equal"),
-    Mistake(GAUSSIAN + "?tolerance=0.1&patience=1" + "0" * 400, np.ones(3).tobytes(), RAW,
+    Mistake(GAUSSIAN + "/binary?tolerance=0.1&patience=1" + "0" * 400, np.ones(3).tobytes(), RAW,
             ["query", "patience"], "less_than_equal"),
-    Mistake(LINEAR + "?initial=" + "[" * 10_000 + "]" * 10_000, np.ones(6).tobytes(), RAW,
+    Mistake(LINEAR + "/binary?initial=" + "[" * 10_000 + "]" * 10_000, np.ones(6).tobytes(), RAW,
             ["query", "initial"], "model_type"),
     Mistake(GAUSSIAN, HUGE_EPOCHS, JSON, ["body"], "json_invalid"),
     Mistake(GAUSSIAN, b'{"y":[1,2,3],"history_every":1' + b"0" * 400 + b"}", JSON,

@@ -1,9 +1,9 @@
 """The README runs: its curl examples, executed against a real server, print what it shows.
 
-Every `curl` command in the README's shell blocks is run (against a real server on a free
-loopback port, from the repository root, so `@docs/...` files resolve). The output shown under
-it, in `# ...` comment lines, is elided with "..." where it is long; every complete
-`"name":value` pair it shows (a number, string, true, false, null, or []) must appear in the
+Every `curl` command in the shell blocks of the README and docs/api.md is run (against a real
+server on a free loopback port, from the repository root, so `@docs/...` files resolve). The
+output shown under it, in `# ...` comment lines, is elided with "..." where it is long; every
+complete `"name":value` pair it shows (a number, string, true, false, null, or []) must appear in the
 real output exactly.
 """
 
@@ -21,14 +21,15 @@ from tests.server import Server, serve
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parents[1]
+DOCUMENTS = ("README.md", "docs/api.md")
 PAIR = re.compile(r'"\w+":(?:-?\d[\d.e+-]*|"(?:[^"\\]|\\.)*"|true|false|null|\[\])(?=[,}\]])')
 
 
 def examples() -> list[tuple[str, str]]:
-    """(command, the output shown under it) for every curl command of the README."""
-    readme = (ROOT / "README.md").read_text()
+    """(command, the output shown under it) for every curl command of the documents."""
+    text = "\n".join((ROOT / name).read_text() for name in DOCUMENTS)
     found = []
-    for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.S):
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
         lines = block.splitlines()
         i = 0
         while i < len(lines):

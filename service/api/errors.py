@@ -17,14 +17,9 @@ from service.worker import FitDiverged, FitError, ParserFailed, Refused, Unavail
 
 
 class UnsupportedMediaType(Exception):
-    def __init__(self, content_type: str, binary: bool) -> None:
+    def __init__(self, content_type: str, accepted: tuple[str, ...]) -> None:
         self.content_type = content_type
-        accepted = (
-            "application/json, application/x-npy or application/octet-stream"
-            if binary
-            else "application/json"
-        )
-        super().__init__(f"unsupported Content-Type {content_type!r}; send {accepted}")
+        super().__init__(f"unsupported Content-Type {content_type!r}; send {' or '.join(accepted)}")
 
 
 class ClientDisconnected(Exception):

@@ -30,11 +30,11 @@ BinaryParser = Callable[
 JSON = "application/json"
 
 
-def media_type(request: Request, binary: bool) -> str:
+def media_type(request: Request, accepted: tuple[str, ...]) -> str:
     content_type = request.headers.get("content-type", JSON)
     media = content_type.split(";", 1)[0].strip().lower()
-    if media != JSON and not (binary and media in BINARY_MEDIA_TYPES):
-        raise UnsupportedMediaType(content_type, binary=binary)
+    if media not in accepted:
+        raise UnsupportedMediaType(content_type, accepted)
     return media
 
 
@@ -81,11 +81,14 @@ async def parse_request(
     parse_json: JsonParser[RequestT],
     parse_binary: BinaryParser[RequestT] | None = None,
     ticket: Ticket | None = None,
+    *,
+    json: bool = True,
 ) -> Parsed[RequestT]:
-    """The validated request: JSON (parsed off the loop when large), or a binary body whose
-    options are in the query string (single fits only). The body is read within its deadline
-    and, with a ``ticket``, charged to it."""
-    media = media_type(request, binary=parse_binary is not None)
+    """The validated request: JSON (parsed off the loop when large; unless ``json`` is
+    False), or, with ``parse_binary``, a binary body whose options are in the query string.
+    The body is read within its deadline and, with a ``ticket``, charged to it."""
+    accepted = ((JSON,) if json else ()) + (BINARY_MEDIA_TYPES if parse_binary else ())
+    media = media_type(request, accepted)
     body = await read_body(request, settings, ticket, binary=media != JSON)
     context = limits_context(
         settings.max_points,

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
+from typing_extensions import TypeAliasType
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 PositiveFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
@@ -142,6 +143,8 @@ Points = Annotated[
 MAX_EPOCH_COUNT = 10**9
 
 
+# Runs at import, where mutmut cannot select a mutant; tests/api/test_defaults.py checks the limits.
+# pragma: no mutate start
 def _at_most(setting: str, kind: str, message: str) -> Callable[[int, ValidationInfo], int]:
     """A validator refusing a count over the settings-dependent limit ``setting`` (from the
     validation context) with ``kind`` and ``message`` ({limit}, {count})."""
@@ -153,6 +156,9 @@ def _at_most(setting: str, kind: str, message: str) -> Callable[[int, Validation
         return value
 
     return validate
+
+
+# pragma: no mutate end
 
 
 _within_epoch_limit = _at_most(
@@ -169,6 +175,13 @@ EpochCount = Annotated[
 ]
 
 
+# Named choices: each is one component of the OpenAPI document (one enum in a generated
+# client), not a copy inlined in every schema that uses it.
+Scaling = TypeAliasType("Scaling", Literal["standardize", "none"])
+Optimizer = TypeAliasType("Optimizer", Literal["sgd", "momentum", "adam", "newton"])
+Reduction = TypeAliasType("Reduction", Literal["mean", "sum"])
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -183,7 +196,7 @@ class _TrainingOptions(_Strict):
         '"newton" chooses its own steps and ignores it.',
         examples=[DEFAULT_LEARNING_RATE],
     )
-    scaling: Literal["standardize", "none"] = Field(
+    scaling: Scaling = Field(
         "standardize",
         description='"standardize": fit in standardized coordinates (x and y centred and '
         "divided by their standard deviations) and report params, loss_history, final_loss "
@@ -223,7 +236,7 @@ DEFAULT_MAX_HISTORY = 1000
 class _SingleFitOptions(_TrainingOptions):
     """Options of a single fit beyond the seed: update rule, early stopping, history."""
 
-    optimizer: Literal["sgd", "momentum", "adam", "newton"] = Field(
+    optimizer: Optimizer = Field(
         "sgd",
         description='"sgd": the reference post\'s update p -= learning_rate·gradient; '
         '"momentum": v = momentum·v - learning_rate·gradient, p += v; "adam": Adam with '
@@ -365,7 +378,7 @@ class GaussianOptions(_SingleFitOptions):
         description="Initial parameters. Omitted: mean 0.7·mean(y), std 1.3·std(y), as in the "
         "seed.",
     )
-    reduction: Literal["mean", "sum"] = Field(
+    reduction: Reduction = Field(
         "mean",
         description='"sum": the seed\'s NLL, (N/2)·log(2π s²) + Σ(y-m)²/(2 s²); "mean": the '
         "same divided by N, so the learning rate does not depend on N.",
@@ -503,9 +516,7 @@ class GaussianBatchRequest(BatchOptions):
         description="The data sets (lengths may differ); at most TAPEFIT_MAX_BATCH, all points "
         "together at most TAPEFIT_MAX_POINTS.",
     )
-    reduction: Literal["mean", "sum"] = Field(
-        "mean", description="As for a single Gaussian fit, for every set."
-    )
+    reduction: Reduction = Field("mean", description="As for a single Gaussian fit, for every set.")
 
     @field_validator("datasets")
     @classmethod
@@ -514,41 +525,55 @@ class GaussianBatchRequest(BatchOptions):
         return datasets
 
 
-class LinearParams(BaseModel):
+class _Answer(BaseModel):
+    """A response model: every field is always present, so the schema says so (a generated
+    client then types them as required, not as optional)."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+class LinearParams(_Answer):
     slope: float = Field(description="Fitted slope m.")
     intercept: float = Field(description="Fitted intercept b.")
 
 
-class GaussianParams(BaseModel):
+class GaussianParams(_Answer):
     mean: float = Field(description="Fitted mean m.")
     std: float = Field(description="Fitted standard deviation s (always > 0).")
 
 
-StopReasonField = Literal[
-    "max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"
-]
+StopReason = TypeAliasType(
+    "StopReason",
+    Literal["max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"],
+)
 
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 ErrorsT = TypeVar("ErrorsT", bound=BaseModel)
 
 
-class LinearStdErrors(BaseModel):
+class LinearStdErrors(_Answer):
     slope: float | None = Field(description="Standard error of the slope.")
     intercept: float | None = Field(description="Standard error of the intercept.")
 
 
-class GaussianStdErrors(BaseModel):
+class GaussianStdErrors(_Answer):
     mean: float | None = Field(description="Standard error of the mean.")
     std: float | None = Field(description="Standard error of the standard deviation.")
 
 
-class _Reference(BaseModel, Generic[ParamsT]):
+class _Reference(_Answer, Generic[ParamsT]):
+    """Parameters with their loss: the closed-form optimum, or the gap to it."""
+
     params: ParamsT
     loss: float
 
+    @classmethod
+    def model_parametrized_name(cls, params: tuple[Any, ...]) -> str:
+        return f"{params[0].__name__.removesuffix('Params')}Reference"  # LinearReference
 
-class _Stats(BaseModel, Generic[ParamsT, ErrorsT]):
+
+class _Stats(_Answer, Generic[ParamsT, ErrorsT]):
     """Statistics at the returned parameters. Values that do not exist there (e.g. standard
     errors away from a minimum, where the Hessian is not positive definite) are null."""
 
@@ -596,7 +621,7 @@ class GaussianStats(_Stats[GaussianParams, GaussianStdErrors]):
 StatsT = TypeVar("StatsT", bound=BaseModel)
 
 
-class _FitResponse(BaseModel, Generic[ParamsT, StatsT]):
+class _FitResponse(_Answer, Generic[ParamsT, StatsT]):
     model: str = Field(description="Which model was fitted.")
     params: ParamsT = Field(description="The fitted parameters.")
     loss_history: list[float] = Field(
@@ -607,7 +632,7 @@ class _FitResponse(BaseModel, Generic[ParamsT, StatsT]):
     final_loss: float = Field(description="Loss at the returned parameters.")
     epochs_run: int = Field(description="Updates applied (< epochs when stopped early).")
     n: int = Field(description="Number of data points.")
-    stop_reason: StopReasonField = Field(
+    stop_reason: StopReason = Field(
         description='The rule that stopped the fit: "max_epochs" (all epochs ran), '
         '"loss_tolerance" (`tolerance`), "gradient_tolerance", "step_tolerance" (Newton\'s '
         'full step fell within the convergence threshold: the fit converged) or "timeout" '
@@ -633,9 +658,7 @@ class _FitResponse(BaseModel, Generic[ParamsT, StatsT]):
         description="The seed that drew the random initial values; null when the start was "
         "not random (`initial` given, or a Gaussian fit)."
     )
-    stats: StatsT | None = Field(
-        None, description="Uncertainties, fit quality and the closed-form check."
-    )
+    stats: StatsT = Field(description="Uncertainties, fit quality and the closed-form check.")
 
 
 class LinearFitResponse(_FitResponse[LinearParams, LinearStats]):
@@ -649,7 +672,7 @@ class GaussianFitResponse(_FitResponse[GaussianParams, GaussianStats]):
 FitT = TypeVar("FitT", bound=BaseModel)
 
 
-class _BatchItem(BaseModel, Generic[FitT]):
+class _BatchItem(_Answer, Generic[FitT]):
     index: int = Field(description="Position of the data set in the request.")
     result: FitT | None = Field(description="The fit, or null on error.")
     error: str | None = Field(description="Why this set has no fit (diverged, constant data...).")
@@ -666,7 +689,7 @@ class GaussianBatchItem(_BatchItem[GaussianFitResponse]):
 ItemT = TypeVar("ItemT", bound=BaseModel)
 
 
-class _BatchResponse(BaseModel, Generic[ItemT]):
+class _BatchResponse(_Answer, Generic[ItemT]):
     model: str = Field(description="Which model was fitted.")
     succeeded: int = Field(description="Data sets fitted.")
     failed: int = Field(description="Data sets that answer with an error.")
@@ -738,7 +761,7 @@ class GaussianDatasetRequest(_DatasetRequest):
     std: PositiveFloat = Field(1.0, description="True standard deviation (> 0; the seed's 1).")
 
 
-class Dataset(BaseModel):
+class Dataset(_Answer):
     """Synthetic data: POST `{"x": ..., "y": ...}` (linear) or `{"y": ...}` (Gaussian) to the
     fit of the same model."""
 
@@ -747,11 +770,11 @@ class Dataset(BaseModel):
     seed: int = Field(description="The seed used (replays the same data).")
 
 
-class Health(BaseModel):
+class Health(_Answer):
     status: Literal["ok", "ready", "starting", "stopping"]
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(_Answer):
     """An error whose cause is one sentence (divergence, overload, readiness, size)."""
 
     detail: str
@@ -766,14 +789,14 @@ class FitFailure(ErrorDetail):
     epoch: int | None = Field(None, description="The epoch at which the fit diverged.")
 
 
-class ValidationErrorItem(BaseModel):
+class ValidationErrorItem(_Answer):
     loc: list[str | int] = Field(description='Where: ["body", field, index...].')
     msg: str
     type: str
     ctx: dict[str, Any] | None = None
 
 
-class ValidationErrorBody(BaseModel):
+class ValidationErrorBody(_Answer):
     """FastAPI's usual 422 shape (the offending input is never echoed back)."""
 
     detail: list[ValidationErrorItem]

@@ -58,9 +58,9 @@ class FitResult:
     epochs_run: int
     n: int
     stop_reason: StopReason
+    stats: FitStats
     converged: bool = False
     history_every: int = 1
-    stats: FitStats | None = None
     seed: int | None = None
     #: Plain-words reasons to distrust the parameters (empty when converged).
     warnings: tuple[str, ...] = ()

@@ -145,7 +145,7 @@ async def test_plots_take_binary_bodies_and_validate_like_fits(client: httpx.Asy
     x, y = seed_linear_data(0, n=50_000)
     raw = np.concatenate([x, y]).astype("<f8").tobytes()
     r = await client.post(
-        "/v1/plots/linear",
+        "/v1/plots/linear/binary",
         content=raw,
         headers={"content-type": "application/octet-stream"},
         params={"epochs": 200, "learning_rate": 0.5, "seed": 1},

@@ -64,7 +64,9 @@ async def test_binary_size_is_checked_before_conversion() -> None:
         buffer = io.BytesIO()
         np.save(buffer, np.ones(5000, dtype=np.int8))
         r = await c.post(
-            GAUSSIAN, content=buffer.getvalue(), headers={"content-type": "application/x-npy"}
+            GAUSSIAN + "/binary",
+            content=buffer.getvalue(),
+            headers={"content-type": "application/x-npy"},
         )
         assert r.status_code == 422
         assert r.json()["detail"][0]["type"] == "too_many_points"

@@ -85,3 +85,39 @@ async def test_head_works_wherever_get_does(client: httpx.AsyncClient, path: str
     assert head.content == b""
     assert head.headers["content-type"] == got.headers["content-type"]
     assert (await client.head("/v1/fits/linear")).status_code == 405  # no GET there either
+
+
+async def test_the_openapi_document_has_an_etag_and_answers_304(client: httpx.AsyncClient) -> None:
+    first = await client.get("/openapi.json")
+    etag = first.headers["etag"]
+    assert first.json()["info"]["title"] == "tapefit"
+    again = await client.get("/openapi.json", headers={"if-none-match": etag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == etag
+    for other in ('"stale"', 'W/"stale", "other"'):
+        changed = await client.get("/openapi.json", headers={"if-none-match": other})
+        assert changed.status_code == 200
+        assert changed.json() == first.json()
+    weak = await client.get("/openapi.json", headers={"if-none-match": f'"x", W/{etag}'})
+    assert weak.status_code == 304
+
+
+async def test_the_openapi_document_is_ready_for_generators(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    operations = [op for path in document["paths"].values() for op in path.values()]
+    ids = [op["operationId"] for op in operations]
+    assert len(set(ids)) == len(ids)
+    assert all(i.isidentifier() and "_v1_" not in i and not i.endswith("_post") for i in ids)
+    assert {"fit_linear", "fit_gaussian_batch", "plot_linear_binary", "healthz"} <= set(ids)
+    declared = {tag["name"] for tag in document["tags"]}
+    assert all(tag["description"] for tag in document["tags"])
+    assert {t for op in operations for t in op["tags"]} <= declared
+    assert document["servers"] and document["info"]["license"]["name"]
+    assert document["info"]["contact"]["name"]
+    schemas = document["components"]["schemas"]
+    # What every answer carries is required, so typed clients need no None checks.
+    for name in ("LinearFitResponse", "GaussianFitResponse", "LinearStats"):
+        assert {"stats", "warnings", "converged", "params"} & set(schemas[name]["properties"]) <= (
+            set(schemas[name]["required"])
+        )

@@ -123,7 +123,7 @@ async def test_options_work_with_binary_bodies(client: httpx.AsyncClient) -> Non
     }
     raw = np.concatenate([x, y]).astype("<f8").tobytes()
     as_raw = await client.post(
-        LINEAR,
+        LINEAR + "/binary",
         content=raw,
         headers={"content-type": "application/octet-stream"},
         params={**options, "seed": 2},

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from service.admission import Cost, fit_cost
 from service.api.deps import SettingsDep, WorkerDep
-from service.api.openapi import fit_body, json_only_body
+from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import (
     Parsed,
     parse_gaussian,
@@ -82,8 +82,8 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorDetail, "description": "Body larger than TAPEFIT_MAX_BODY_BYTES."},
     415: {
         "model": ErrorDetail,
-        "description": "Content-Type is not application/json, application/x-npy or "
-        "application/octet-stream.",
+        "description": "Content-Type is not application/json. (For compatibility, this path "
+        "also takes the binary bodies of its `/binary` twin.)",
     },
     422: {
         "model": ValidationErrorBody | FitFailure,
@@ -118,7 +118,7 @@ def _common(result: FitResult) -> dict[str, Any]:
         "converged": result.converged,
         "warnings": list(result.warnings),
         "seed": result.seed,
-        "stats": _stats(result.stats) if result.stats is not None else None,
+        "stats": _stats(result.stats),
     }
 
 
@@ -195,12 +195,13 @@ async def _single_fit(
     parsers: tuple[JsonParser[OptionsT], BinaryParser[OptionsT]],
     make_job: Callable[[Parsed[OptionsT]], Job],
     respond: Callable[[FitResult], BaseModel],
+    json: bool = True,
 ) -> BaseModel | Response:
     """Admission, parsing, then the fit: answered as JSON, or streamed as server-sent events
     (the admission place is then held until the stream ends)."""
     async with AsyncExitStack() as resources:  # sees any exception, unless handed on
         ticket = await resources.enter_async_context(worker.admit())
-        parsed = await parse_request(request, worker, settings, *parsers, ticket=ticket)
+        parsed = await parse_request(request, worker, settings, *parsers, ticket=ticket, json=json)
         body = parsed.request
         ticket.take_place(single_fit_cost(parsed))
         job = make_job(parsed)
@@ -257,9 +258,8 @@ def gaussian_response(result: FitResult) -> GaussianFitResponse:
     response_model=LinearFitResponse,
     summary="Fit a line by gradient descent on the MSE",
     responses=SINGLE_FIT_RESPONSES,
-    openapi_extra=fit_body(
+    openapi_extra=json_only_body(
         LinearFitRequest,
-        LinearOptions,
         {
             "seed-data": {
                 "summary": "Noisy line y = x + 2 (seed-style data)",
@@ -270,7 +270,6 @@ def gaussian_response(result: FitResult) -> GaussianFitResponse:
                 "value": LINEAR_ADAM_EXAMPLE,
             },
         },
-        binary_layout="shape (2, n): x then y",
     ),
 )
 async def fit_linear(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
@@ -286,16 +285,14 @@ async def fit_linear(request: Request, worker: WorkerDep, settings: SettingsDep)
     response_model=GaussianFitResponse,
     summary="Fit a normal distribution by maximum likelihood",
     responses=SINGLE_FIT_RESPONSES,
-    openapi_extra=fit_body(
+    openapi_extra=json_only_body(
         GaussianFitRequest,
-        GaussianOptions,
         {
             "seed-data": {
                 "summary": "Samples of N(2, 1) (seed-style data)",
                 "value": GAUSSIAN_EXAMPLE,
             }
         },
-        binary_layout="shape (n,): y",
     ),
 )
 async def fit_gaussian(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
@@ -304,6 +301,47 @@ async def fit_gaussian(request: Request, worker: WorkerDep, settings: SettingsDe
     statistics (standard errors, log-likelihood, AIC/BIC, the closed form and the gap)."""
     parsers = (parse_gaussian, parse_gaussian_binary)
     return await _single_fit(request, worker, settings, parsers, gaussian_job, gaussian_response)
+
+
+BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **SINGLE_FIT_RESPONSES,
+    415: {
+        "model": ErrorDetail,
+        "description": "Content-Type is not application/x-npy or application/octet-stream.",
+    },
+}
+
+
+@router.post(
+    "/linear/binary",
+    response_model=LinearFitResponse,
+    summary="Fit a line to binary data (.npy or raw floats)",
+    responses=BINARY_FIT_RESPONSES,
+    openapi_extra=binary_body(LinearOptions, "shape (2, n): x then y", "POST /v1/fits/linear"),
+)
+async def fit_linear_binary(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
+    """`POST /v1/fits/linear` with the data as a binary body (no per-number parsing: numpy
+    reads it as it is) and the options in the query string; the same answer."""
+    parsers = (parse_linear, parse_linear_binary)
+    return await _single_fit(
+        request, worker, settings, parsers, linear_job, linear_response, json=False
+    )
+
+
+@router.post(
+    "/gaussian/binary",
+    response_model=GaussianFitResponse,
+    summary="Fit a normal distribution to binary data (.npy or raw floats)",
+    responses=BINARY_FIT_RESPONSES,
+    openapi_extra=binary_body(GaussianOptions, "shape (n,): y", "POST /v1/fits/gaussian"),
+)
+async def fit_gaussian_binary(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
+    """`POST /v1/fits/gaussian` with the samples as a binary body and the options in the
+    query string; the same answer."""
+    parsers = (parse_gaussian, parse_gaussian_binary)
+    return await _single_fit(
+        request, worker, settings, parsers, gaussian_job, gaussian_response, json=False
+    )
 
 
 BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response
 
 from service.api.deps import SettingsDep, WorkerDep
-from service.api.openapi import fit_body
+from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import (
     Parsed,
     parse_gaussian,
@@ -19,6 +19,7 @@ from service.api.parsing import (
 )
 from service.api.requests import BinaryParser, JsonParser, parse_request
 from service.api.routes.fits import (
+    BINARY_FIT_RESPONSES,
     FIT_RESPONSES,
     fit_while_connected,
     gaussian_job,
@@ -59,11 +60,12 @@ async def _plot(
     parsers: tuple[JsonParser[OptionsT], BinaryParser[OptionsT]],
     make_job: Callable[[Parsed[OptionsT]], Job],
     draw: Callable[[Parsed[OptionsT], FitResult], bytes],
+    json: bool = True,
 ) -> Response:
     """Admission, parsing and the fit as for `/v1/fits`, then ``draw`` in a thread; the
     admission place is held until the PNG is drawn."""
     async with worker.admit() as ticket:
-        parsed = await parse_request(request, worker, settings, *parsers, ticket=ticket)
+        parsed = await parse_request(request, worker, settings, *parsers, ticket=ticket, json=json)
         ticket.take_place(single_fit_cost(parsed))
         job = make_job(parsed)
         result = await fit_while_connected(request, worker, job, parsed.request.timeout_s)
@@ -95,11 +97,9 @@ def _draw_gaussian(parsed: Parsed[GaussianOptions], result: FitResult) -> bytes:
     response_class=Response,
     summary="Fit a line, then plot the data, the line and the loss curve (PNG)",
     responses=RESPONSES,
-    openapi_extra=fit_body(
+    openapi_extra=json_only_body(
         LinearFitRequest,
-        LinearOptions,
         {"seed-data": {"summary": "Noisy line y = x + 2", "value": LINEAR_EXAMPLE}},
-        binary_layout="shape (2, n): x then y",
     ),
 )
 async def plot_linear(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
@@ -115,11 +115,9 @@ async def plot_linear(request: Request, worker: WorkerDep, settings: SettingsDep
     response_class=Response,
     summary="Fit a normal distribution, then plot data vs. fitted samples and the loss (PNG)",
     responses=RESPONSES,
-    openapi_extra=fit_body(
+    openapi_extra=json_only_body(
         GaussianFitRequest,
-        GaussianOptions,
         {"seed-data": {"summary": "Samples of N(2, 1)", "value": GAUSSIAN_EXAMPLE}},
-        binary_layout="shape (n,): y",
     ),
 )
 async def plot_gaussian(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
@@ -128,3 +126,35 @@ async def plot_gaussian(request: Request, worker: WorkerDep, settings: SettingsD
     "training data vs. generated data"; right: the loss per epoch."""
     parsers = (parse_gaussian, parse_gaussian_binary)
     return await _plot(request, worker, settings, parsers, gaussian_job, _draw_gaussian)
+
+
+@router.post(
+    "/linear/binary",
+    response_class=Response,
+    summary="Plot a line fitted to binary data (.npy or raw floats)",
+    responses={**RESPONSES, 415: BINARY_FIT_RESPONSES[415]},
+    openapi_extra=binary_body(LinearOptions, "shape (2, n): x then y", "POST /v1/plots/linear"),
+)
+async def plot_linear_binary(
+    request: Request, worker: WorkerDep, settings: SettingsDep
+) -> Response:
+    """`POST /v1/plots/linear` with the data as a binary body and the options in the query
+    string; the same PNG."""
+    parsers = (parse_linear, parse_linear_binary)
+    return await _plot(request, worker, settings, parsers, linear_job, _draw_linear, json=False)
+
+
+@router.post(
+    "/gaussian/binary",
+    response_class=Response,
+    summary="Plot a normal distribution fitted to binary data (.npy or raw floats)",
+    responses={**RESPONSES, 415: BINARY_FIT_RESPONSES[415]},
+    openapi_extra=binary_body(GaussianOptions, "shape (n,): y", "POST /v1/plots/gaussian"),
+)
+async def plot_gaussian_binary(
+    request: Request, worker: WorkerDep, settings: SettingsDep
+) -> Response:
+    """`POST /v1/plots/gaussian` with the samples as a binary body and the options in the
+    query string; the same PNG."""
+    parsers = (parse_gaussian, parse_gaussian_binary)
+    return await _plot(request, worker, settings, parsers, gaussian_job, _draw_gaussian, json=False)
