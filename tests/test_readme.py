@@ -3,8 +3,8 @@
 Every `curl` command in the shell blocks of the README and docs/api.md is run (against a real
 server on a free loopback port, from the repository root, so `@docs/...` files resolve). The
 output shown under it, in `# ...` comment lines, is elided with "..." where it is long; every
-complete `"name":value` pair it shows (a number, string, true, false, null, or []) must appear in the
-real output exactly.
+complete `"name":value` pair it shows (a number, string, true, false, null, or []) must appear
+in the real output exactly.
 """
 
 from __future__ import annotations
