@@ -39,12 +39,12 @@ $(VENV)/.installed-test: $(TEST_LOCK) pyproject.toml | $(PY)
 # Re-resolve both locks from pyproject.toml (the test lock first; the run lock is held to it).
 lock: | $(PY)
 	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
-	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra test $(LOCK_FLAGS) \
-		-o $(TEST_LOCK)
-	$(BIN)/uv pip compile pyproject.toml requirements/build.in -c $(TEST_LOCK) $(LOCK_FLAGS) \
-		-o $(RUN_LOCK)
-	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra test --extra mutate \
-		-c $(TEST_LOCK) $(LOCK_FLAGS) -o $(MUTATE_LOCK)
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra server --extra test \
+		$(LOCK_FLAGS) -o $(TEST_LOCK)
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra server -c $(TEST_LOCK) \
+		$(LOCK_FLAGS) -o $(RUN_LOCK)
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra server --extra test \
+		--extra mutate -c $(TEST_LOCK) $(LOCK_FLAGS) -o $(MUTATE_LOCK)
 
 run: $(VENV)/.installed
 	$(PY) -m service

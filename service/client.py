@@ -12,11 +12,12 @@
 Every method returns the server's response model (pydantic, the same classes the server
 validates against) or raises a :class:`TapefitError` subclass carrying the server's detail.
 A 429 (busy) or 503 (warming up, draining) answer is retried after its ``Retry-After``
-seconds, up to ``max_retries`` times. Options are checked here first (a typo fails at once,
-without a round trip). numpy arrays go over the wire as ``.npy`` (no JSON encoding) unless
-the call carries weights or ``binary=False``.
+seconds, up to ``max_retries`` times. Options and array lengths are checked here first (a
+typo fails at once, without a round trip, as :class:`InvalidArguments`). numpy arrays go over
+the wire as ``.npy`` (no JSON encoding) unless the call carries weights or ``binary=False``.
 
-Only pydantic, httpx and numpy are imported: no TensorFlow.
+It needs only httpx and pydantic (``pip install tapefit``, without the ``server`` extra);
+numpy is used when you pass numpy arrays, and is not required otherwise.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import httpx
-import numpy as np
-import numpy.typing as npt
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional: it is only needed to send numpy arrays
+    np = None  # type: ignore[assignment]
 
 from service.api.schemas import (
     Dataset,
@@ -45,13 +49,17 @@ from service.api.schemas import (
     LinearOptions,
 )
 
-Values = Sequence[float] | npt.NDArray[Any]
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+Values: TypeAlias = "Sequence[float] | npt.NDArray[Any]"
 ResponseT = TypeVar("ResponseT", bound=BaseModel)
 
 __all__ = [
     "AsyncClient",
     "Client",
     "FitFailed",
+    "InvalidArguments",
     "Overloaded",
     "Progress",
     "ServerError",
@@ -83,6 +91,41 @@ class ValidationFailed(TapefitError):
             for error in self.detail
             if isinstance(error, dict) and len(error.get("loc", ())) > 1
         ]
+
+
+class InvalidArguments(ValidationFailed):
+    """Raised before anything is sent: an option or the arrays would be refused. ``detail``
+    has the server's 422 shape (``loc``, ``msg``, ``type``), so one ``except
+    ValidationFailed`` handles both."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(422, errors, {"detail": errors})
+
+
+def _invalid(error: ValidationError) -> InvalidArguments:
+    return InvalidArguments(
+        [
+            {"loc": ["body", *error["loc"]], "msg": error["msg"], "type": error["type"]}
+            for error in error.errors(include_url=False, include_input=False)
+        ]
+    )
+
+
+def _same_lengths(arrays: Mapping[str, Any], at: tuple[Any, ...] = ()) -> None:
+    """Refuse arrays of different lengths, naming each field (the server would say 422)."""
+    lengths = {name: len(values) for name, values in arrays.items() if values is not None}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+        raise InvalidArguments(
+            [
+                {
+                    "loc": ["body", *at, name],
+                    "msg": f"the arrays must have the same length ({described})",
+                    "type": "length_mismatch",
+                }
+                for name in list(lengths)[1:]
+            ]
+        )
 
 
 class FitFailed(TapefitError):
@@ -146,8 +189,18 @@ class Progress:
     loss: float | None
 
 
+def _is_array(values: Any) -> bool:
+    return np is not None and isinstance(values, np.ndarray)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: numpy arrays and scalars become lists and floats; the rest as they are."""
+    numpy = np is not None and isinstance(value, np.generic | np.ndarray)
+    return value.tolist() if numpy else value
+
+
 def _list(values: Values) -> list[float]:
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+    return _plain(values) if _is_array(values) else list(values)
 
 
 def _npy(rows: list[Values]) -> bytes:
@@ -167,9 +220,14 @@ def _fit_call(
 ) -> _Call:
     """A fit-shaped request (fits and plots). numpy data without weights go as .npy."""
     weights = options.pop("weights", None)
-    checked = options_model.model_validate(options).model_dump(mode="json", exclude_unset=True)
+    _same_lengths({**arrays, "weights": weights})
+    try:
+        valid = options_model.model_validate({k: _plain(v) for k, v in options.items()})
+    except ValidationError as error:
+        raise _invalid(error) from None
+    checked = valid.model_dump(mode="json", exclude_unset=True)
     headers = {"accept": accept} if accept else {}
-    as_npy = binary and weights is None and all(isinstance(v, np.ndarray) for v in arrays.values())
+    as_npy = binary and weights is None and all(_is_array(v) for v in arrays.values())
     if as_npy:
         params = {name: json.dumps(value) for name, value in checked.items()}
         headers["content-type"] = "application/x-npy"
@@ -189,11 +247,12 @@ def _fit_call(
 def _batch_call(
     model: str, datasets: Sequence[Mapping[str, Any]], options: dict[str, Any]
 ) -> _Call:
-    sets = [
-        {name: (_list(value) if name in ("x", "y") else value) for name, value in dataset.items()}
-        for dataset in datasets
-    ]
-    return _Call("POST", f"/v1/fits/{model}/batch", json={"datasets": sets, **options})
+    """Each data set's arrays (x, y, initial...) may be lists or numpy arrays."""
+    sets = [{name: _plain(value) for name, value in dataset.items()} for dataset in datasets]
+    for i, dataset in enumerate(sets):
+        _same_lengths({name: dataset.get(name) for name in ("x", "y")}, ("datasets", i))
+    plain = {name: _plain(value) for name, value in options.items()}
+    return _Call("POST", f"/v1/fits/{model}/batch", json={"datasets": sets, **plain})
 
 
 def _dataset_call(model: str, options: dict[str, Any]) -> _Call:

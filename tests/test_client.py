@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from service.client import (
     AsyncClient,
     Client,
     FitFailed,
+    InvalidArguments,
     Overloaded,
     Progress,
     ValidationFailed,
@@ -100,8 +102,9 @@ def test_errors_carry_the_server_detail(server: Server) -> None:
         assert diverged.value.stop_reason == "diverged"
         assert diverged.value.epoch is not None
         assert "lower learning_rate" in str(diverged.value)
-        with pytest.raises(ValueError, match="optimiser"):  # checked here, no round trip
+        with pytest.raises(InvalidArguments) as typo:  # checked here, no round trip
             tapefit.fit_linear(x, y, optimiser="adam")
+        assert typo.value.fields == ["optimiser"]
 
 
 def test_stream_yields_progress_then_the_result(server: Server) -> None:
@@ -163,13 +166,65 @@ def _readme_block(after: str, language: str) -> str:
     return readme[start : readme.index("```", start)]
 
 
-def test_readme_quickstart_prints_what_the_readme_shows(server: Server, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def light_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with only the client installed (`pip install tapefit`: httpx, pydantic),
+    at the locked versions, from a wheel of this tree; its python."""
+    root, work = Path(__file__).parents[1], tmp_path_factory.mktemp("light")
+    source = work / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source)
+    shutil.copytree(root / "service", source / "service", ignore=shutil.ignore_patterns("__py*"))
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"),
+            *("--wheel-dir", str(work / "wheels"), str(source)),
+        ],
+        check=True,
+        timeout=120,
+    )
+    lock = (root / "requirements" / "test.lock").read_text().splitlines()
+    locked = [line.split(" ")[0] for line in lock]
+    (work / "constraints.txt").write_text("\n".join(pin for pin in locked if "==" in pin))
+    subprocess.run([sys.executable, "-m", "venv", str(work / "venv")], check=True, timeout=120)
+    python = work / "venv" / "bin" / "python"
+    wheel = next((work / "wheels").glob("tapefit-*.whl"))
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            str(wheel),
+            "--constraint",
+            str(work / "constraints.txt"),
+        ],
+        check=True,
+        timeout=300,
+    )
+    return python
+
+
+def test_readme_quickstart_runs_with_only_the_client_installed(
+    server: Server, light_python: Path, tmp_path: Path
+) -> None:
+    installed = subprocess.run(
+        [str(light_python), "-m", "pip", "list", "--format=freeze"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.lower()
+    assert "httpx==" in installed and "pydantic==" in installed
+    for heavy in ("tensorflow", "fastapi", "matplotlib", "numpy", "uvicorn"):
+        assert f"{heavy}==" not in installed, heavy
     code = _readme_block("### Python client", "python")
     expected = _readme_block("### Python client", "text")
     run = subprocess.run(
-        [sys.executable, "-c", code.replace("http://localhost:8000", server.url)],
+        [str(light_python), "-c", code.replace("http://localhost:8000", server.url)],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={"PATH": os.environ["PATH"]},  # no PYTHONPATH: the installed client, nothing else
         capture_output=True,
         text=True,
         timeout=120,

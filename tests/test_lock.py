@@ -46,10 +46,18 @@ def test_every_line_is_hashed_and_the_locks_agree() -> None:
 
 
 def test_every_declared_dependency_is_locked() -> None:
-    requires = metadata.requires("tapefit") or []
-    declared = {_canonical(Requirement(r).name) for r in requires if 'extra == "mutate"' not in r}
-    assert declared <= set(pins("test.lock"))
+    requires = [Requirement(r) for r in metadata.requires("tapefit") or []]
+
+    def declared(*extras: str) -> set[str]:
+        return {
+            _canonical(r.name)
+            for r in requires
+            if r.marker is None or any(r.marker.evaluate({"extra": extra}) for extra in extras)
+        }
+
+    assert declared("server", "test", "numpy") <= set(pins("test.lock"))
+    assert declared("server", "numpy") <= set(pins("run.lock"))
+    assert {"tensorflow-cpu", "fastapi"} <= declared("server") - declared()  # not the client's
+    assert declared() == {"httpx", "pydantic"}  # the light client
     assert {"mutmut"} <= set(pins("mutate.lock"))
-    runtime = {_canonical(Requirement(r).name) for r in requires if "extra ==" not in r}
-    assert runtime <= set(pins("run.lock"))
     assert "setuptools" in pins("run.lock")  # the build backend, for --no-build-isolation
