@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.fitting import FitEngine
-from service.fitting.reference import (
+from tests.reference import (
     gaussian_closed_form,
     linear_closed_form,
     reference_gaussian,

@@ -1,4 +1,4 @@
-"""The seed's figures as PNG bytes (matplotlib, Agg backend, no pyplot state).
+"""The reference post's figures as PNG bytes (matplotlib, Agg backend, no pyplot state).
 
 Each call builds its own ``Figure`` on an Agg canvas, so renders in different threads do
 not share state. Scatter plots show at most ``MAX_SCATTER`` points (evenly strided), so a
@@ -93,7 +93,7 @@ def gaussian_png(
     y: Array, samples: Array, mean: float, std: float, history: Array, every: int
 ) -> bytes:
     """Left: histograms of the data and of samples from the fitted N(mean, std²), as in the
-    seed's "training data vs. generated data"; right: the loss curve."""
+    reference post's "training data vs. generated data"; right: the loss curve."""
     figure, hist_axes, loss_axes = _figure()
     bins = np.histogram_bin_edges(np.concatenate([y, samples]), bins=30).tolist()
     hist_axes.hist(

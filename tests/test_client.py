@@ -26,8 +26,8 @@ from service.client import (
     Progress,
     ValidationFailed,
 )
-from service.fitting.reference import gaussian_closed_form, linear_closed_form
 from tests.conftest import seed_gaussian_data, seed_linear_data
+from tests.reference import gaussian_closed_form, linear_closed_form
 from tests.server import Server, serve
 
 pytestmark = pytest.mark.slow

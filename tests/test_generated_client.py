@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from service.app import create_app
-from service.fitting.reference import linear_closed_form
 from tests.conftest import seed_linear_data
+from tests.reference import linear_closed_form
 from tests.server import Server, serve
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from service.fitting.reference import gaussian_closed_form, linear_closed_form
 from tests.conftest import seed_gaussian_data, seed_linear_data
+from tests.reference import gaussian_closed_form, linear_closed_form
 from tests.server import marked_processes, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]

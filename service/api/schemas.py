@@ -15,6 +15,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypeAliasType
 
+from service.fitting import options, results
+from service.fitting import scaling as fitting_scaling
+
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 PositiveFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
 #: A seed for the random parts of a request (63 bits, so it round-trips through any client).
@@ -177,9 +180,10 @@ EpochCount = Annotated[
 
 # Named choices: each is one component of the OpenAPI document (one enum in a generated
 # client), not a copy inlined in every schema that uses it.
-Scaling = TypeAliasType("Scaling", Literal["standardize", "none"])
-Optimizer = TypeAliasType("Optimizer", Literal["sgd", "momentum", "adam", "newton"])
-Reduction = TypeAliasType("Reduction", Literal["mean", "sum"])
+# The choices and defaults come from the (TensorFlow-free) fitting options: one source.
+Scaling = TypeAliasType("Scaling", fitting_scaling.Scaling)
+Optimizer = TypeAliasType("Optimizer", options.OptimizerName)
+Reduction = TypeAliasType("Reduction", options.Reduction)
 
 
 class _Strict(BaseModel):
@@ -234,7 +238,7 @@ DEFAULT_MAX_HISTORY = 1000
 
 
 class _SingleFitOptions(_TrainingOptions):
-    """Options of a single fit beyond the seed: update rule, early stopping, history."""
+    """Options of a single fit beyond the reference post: update rule, early stopping, history."""
 
     optimizer: Optimizer = Field(
         "sgd",
@@ -246,10 +250,18 @@ class _SingleFitOptions(_TrainingOptions):
         'itself (`"stop_reason": "step_tolerance"`); it needs no learning_rate.',
         examples=["newton"],
     )
-    momentum: Fraction = Field(0.9, description='Velocity decay of "momentum", in [0, 1).')
-    beta_1: Fraction = Field(0.9, description="Adam's first-moment decay, in [0, 1).")
-    beta_2: Fraction = Field(0.999, description="Adam's second-moment decay, in [0, 1).")
-    epsilon: PositiveFloat = Field(1e-7, description="Adam's denominator guard (> 0).")
+    momentum: Fraction = Field(
+        options.SGD.momentum, description='Velocity decay of "momentum", in [0, 1).'
+    )
+    beta_1: Fraction = Field(
+        options.SGD.beta_1, description="Adam's first-moment decay, in [0, 1)."
+    )
+    beta_2: Fraction = Field(
+        options.SGD.beta_2, description="Adam's second-moment decay, in [0, 1)."
+    )
+    epsilon: PositiveFloat = Field(
+        options.SGD.epsilon, description="Adam's denominator guard (> 0)."
+    )
     tolerance: Tolerance | None = Field(
         None,
         description='Early stopping on the loss: stop (`"stop_reason": "loss_tolerance"`) '
@@ -258,7 +270,8 @@ class _SingleFitOptions(_TrainingOptions):
         examples=[1e-10],
     )
     patience: EpochCount = Field(
-        10, description="Epochs without enough improvement before `tolerance` stops the fit."
+        options.NO_STOPPING.patience,
+        description="Epochs without enough improvement before `tolerance` stops the fit.",
     )
     gradient_tolerance: Tolerance | None = Field(
         None,
@@ -336,7 +349,7 @@ class LinearOptions(_SingleFitOptions):
     initial: LinearInitial | None = Field(
         None,
         description="Initial parameters. Omitted: slope ~ N(0, 0.05²) drawn from `seed` and "
-        "intercept 0, like the seed's Keras `random_normal` / `zeros` initializers.",
+        "intercept 0, like the reference post's Keras `random_normal` / `zeros` initializers.",
     )
 
 
@@ -380,7 +393,7 @@ class GaussianOptions(_SingleFitOptions):
     )
     reduction: Reduction = Field(
         "mean",
-        description='"sum": the seed\'s NLL, (N/2)·log(2π s²) + Σ(y-m)²/(2 s²); "mean": the '
+        description='"sum": the post\'s NLL, (N/2)·log(2π s²) + Σ(y-m)²/(2 s²); "mean": the '
         "same divided by N, so the learning rate does not depend on N.",
     )
 
@@ -542,10 +555,7 @@ class GaussianParams(_Answer):
     std: float = Field(description="Fitted standard deviation s (always > 0).")
 
 
-StopReason = TypeAliasType(
-    "StopReason",
-    Literal["max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"],
-)
+StopReason = TypeAliasType("StopReason", results.StopReason)
 
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
@@ -644,7 +654,8 @@ class _FitResponse(_Answer, Generic[ParamsT, StatsT]):
         False,
         description="True when the returned parameters are at the optimum, judged in the "
         "coordinates the fit ran in (standardized by default, so the test means the same at "
-        "any scale): the Newton step H⁻¹·gradient is within 1e-6 of max(1, |parameters|), "
+        f"any scale): the Newton step H⁻¹·gradient is within {options.CONVERGED_RTOL:g} of "
+        "max(1, |parameters|), "
         "or the gradient norm is within gradient_tolerance. A `tolerance` stop alone does not "
         "make a fit converged: an oscillating optimizer can stall far from the optimum.",
     )
@@ -741,24 +752,27 @@ GAUSSIAN_DATASET_EXAMPLE: dict[str, Any] = {"n": 1000, "mean": 2.0, "std": 1.0, 
 
 
 class LinearDatasetRequest(_DatasetRequest):
-    """The seed's `generate_noisy_data`: x ~ U(0, 1), y = slope·x + intercept + N(0, noise_std²)."""
+    """The post's `generate_noisy_data`: x ~ U(0, 1), y = slope·x + intercept + N(0, noise_std²)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [LINEAR_DATASET_EXAMPLE]})
 
-    slope: FiniteFloat = Field(1.0, description="True slope m (the seed's 1).")
-    intercept: FiniteFloat = Field(2.0, description="True intercept b (the seed's 2).")
+    slope: FiniteFloat = Field(1.0, description="True slope m (the reference post's 1).")
+    intercept: FiniteFloat = Field(2.0, description="True intercept b (the reference post's 2).")
     noise_std: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)] = Field(
-        0.15, description="Standard deviation of the Gaussian noise on y (the seed's 0.15)."
+        0.15,
+        description="Standard deviation of the Gaussian noise on y (the reference post's 0.15).",
     )
 
 
 class GaussianDatasetRequest(_DatasetRequest):
-    """The seed's `generate_gaussian_data`: y ~ N(mean, std²), and x ~ U(0, 1) to plot against."""
+    """The post's `generate_gaussian_data`: y ~ N(mean, std²), and x ~ U(0, 1) to plot against."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [GAUSSIAN_DATASET_EXAMPLE]})
 
-    mean: FiniteFloat = Field(2.0, description="True mean (the seed's 2).")
-    std: PositiveFloat = Field(1.0, description="True standard deviation (> 0; the seed's 1).")
+    mean: FiniteFloat = Field(2.0, description="True mean (the reference post's 2).")
+    std: PositiveFloat = Field(
+        1.0, description="True standard deviation (> 0; the reference post's 1)."
+    )
 
 
 class Dataset(_Answer):

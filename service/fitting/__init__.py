@@ -1,6 +1,16 @@
-"""The fitting engine: TensorFlow + numpy only (no HTTP, no pydantic)."""
+"""The fitting engine: TensorFlow + numpy only (no HTTP, no pydantic).
 
-from service.fitting.loop import FitEngine, Reduction, StopCheck
+Importing the package does not import TensorFlow: its plain modules (``options``,
+``results``, ``scaling``) serve the schemas, the parser process and the client, and the engine
+(``FitEngine`` and what needs TensorFlow) loads on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from service.fitting.options import Reduction
 from service.fitting.results import (
     DegenerateData,
     FitCancelled,
@@ -10,7 +20,24 @@ from service.fitting.results import (
     ModelName,
     StopReason,
 )
-from service.fitting.runtime import configure_threads
+
+if TYPE_CHECKING:
+    from service.fitting.loop import FitEngine, StopCheck
+    from service.fitting.runtime import configure_threads
+
+#: What loads TensorFlow, and from where.
+_ENGINE = {
+    "FitEngine": "service.fitting.loop",
+    "StopCheck": "service.fitting.loop",
+    "configure_threads": "service.fitting.runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ENGINE:
+        return getattr(importlib.import_module(_ENGINE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DegenerateData",

@@ -2,7 +2,7 @@
 
 Every data set is reduced to its sufficient statistics (one vectorized numpy pass over all the
 points, however ragged the lengths), so a batch is a [B, S] matrix of summaries and a [B, 2]
-matrix of parameters. The loop is the seed's step on all rows at once: one ``GradientTape``
+matrix of parameters. The loop is the post's step on all rows at once: one ``GradientTape``
 over the sum of the per-row losses gives each row its own gradient (rows share no parameters).
 A row whose loss or parameters turn non-finite is frozen at its last finite parameters and
 reported as diverged; the others go on.
@@ -432,7 +432,7 @@ def _why(summary: Array, spread: int, what: str, initial: npt.ArrayLike = ()) ->
 
 
 def _compile_batch_loop(model: str, size: int, capacity: int) -> Any:
-    """The XLA loop for ``size`` rows: the seed's step on all rows at once, recording the loss
+    """The XLA loop for ``size`` rows: the post's step on all rows at once, recording the loss
     every ``every`` epochs into at most ``capacity`` history rows.
 
     Returns (params [size, 2], history [capacity, size], epochs_done, rows_recorded,

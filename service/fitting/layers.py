@@ -1,4 +1,4 @@
-"""The seed's models as Keras ``Layer`` subclasses holding their weights."""
+"""The reference post's models as Keras ``Layer`` subclasses holding their weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tensorflow as tf
 
 
 class LinearRegressionLayer(tf.keras.layers.Layer):
-    """Maps x to ``m * x + b``; m starts random-normal and b at zero, as in the seed.
+    """Maps x to ``m * x + b``; m starts random-normal and b at zero, as in the reference post.
 
     ``units`` > 1 holds that many independent lines (one (m, b) per element of x), for fitting
     many data sets at once.
@@ -25,7 +25,7 @@ class LinearRegressionLayer(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.m = self.add_weight(shape=(units,), initializer=m_initializer, name="m")
         self.b = self.add_weight(shape=(units,), initializer=b_initializer, name="b")
-        self.built = True  # weights exist from __init__, as in the seed
+        self.built = True  # weights exist from __init__, as in the reference post
 
     def call(self, inputs: Any) -> Any:
         return self.m * inputs + self.b
@@ -35,7 +35,7 @@ class GaussianFitLayer(tf.keras.layers.Layer):
     """A normal distribution with mean m and standard deviation s.
 
     ``ivs`` are the initial values (m0, s0). Calling the layer draws one sample per input,
-    as in the seed; fitting uses the weights directly through the negative log-likelihood.
+    as in the reference post; fitting uses the weights directly through the negative log-likelihood.
     """
 
     def __init__(self, ivs: Sequence[float], **kwargs: Any) -> None:

@@ -1,7 +1,8 @@
 """The compiled custom training loop.
 
-Each model gets one XLA-compiled ``tf.function`` that runs up to ``epochs_per_call`` epochs of
-the seed's step (``GradientTape`` -> ``tape.gradient`` -> update) on loop-carried parameter
+Each model and loop variant (optimizer, with or without stopping rules) gets one XLA-compiled
+``tf.function`` that runs up to ``epochs_per_call`` epochs of
+the post's step (``GradientTape`` -> ``tape.gradient`` -> update) on loop-carried parameter
 tensors. The data enter once, through :mod:`service.fitting.summary`, so every shape inside
 the loop is fixed: one trace and one XLA compilation serve every n, epoch count and learning
 rate. A driver calls the compiled chunk until the epochs are done, checking between calls
@@ -10,12 +11,13 @@ whether the caller wants it to stop (deadline, disconnect).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +33,7 @@ from service.fitting.options import (
     SGD,
     Optimizer,
     OptimizerName,
+    Reduction,
     Stopping,
 )
 from service.fitting.results import (
@@ -59,16 +62,17 @@ from service.fitting.summary import (
     linear_summary,
 )
 
-Reduction = Literal["sum", "mean"]
+log = logging.getLogger(__name__)
+
 #: Called between chunks: None to go on, "timeout" to stop and return what was reached.
 #: Raise :class:`FitCancelled` from it to abandon the fit.
 StopCheck = Callable[[], StopReason | None]
 #: Called between chunks with (epochs done, loss at the current parameters).
 Progress = Callable[[int, float], None]
 
-#: The seed's Keras ``random_normal`` initializer: mean 0, standard deviation 0.05.
+#: The reference post's Keras ``random_normal`` initializer: mean 0, standard deviation 0.05.
 SLOPE_INIT_STDDEV = 0.05
-#: The seed's deliberately-off Gaussian starting point: 0.7·mean(y), 1.3·std(y).
+#: The reference post's deliberately-off Gaussian starting point: 0.7·mean(y), 1.3·std(y).
 GAUSSIAN_INIT_FACTORS = (0.7, 1.3)
 
 LossFn = Callable[[Any, Any], Any]
@@ -102,7 +106,7 @@ def _compile_chunk(
     optimizer: OptimizerName = "sgd",
     stopping: bool = False,
 ) -> Any:
-    """An XLA-compiled loop of up to ``chunk`` epochs of the seed's GradientTape step on
+    """An XLA-compiled loop of up to ``chunk`` epochs of the reference post's GradientTape step on
     ``loss_fn`` with one update rule, and with or without the stopping rules.
 
     Each variant holds only its own ops (an epoch of plain gradient descent stays a handful of
@@ -629,12 +633,15 @@ def _fast_call(function: Any) -> Callable[..., Any]:
     """Call the single concrete function of ``function`` with tensors, skipping argument
     binding (~0.3 ms a call, more than a small fit's whole compute).
 
-    ``_call_flat`` is TensorFlow's internal entry point behind ``ConcreteFunction.__call__``;
-    if a TensorFlow version lacks it, the public call is used (same results, slower).
+    ``_call_flat`` is TensorFlow's internal entry point behind ``ConcreteFunction.__call__``
+    (private API). If a TensorFlow version lacks it, the public call is used (same results,
+    slower) with a warning, and ``tests/fitting/test_engine.py`` fails, so an upgrade cannot
+    lose the speed silently.
     """
     concrete = function.get_concrete_function()
     call_flat = getattr(concrete, "_call_flat", None)
-    if call_flat is None:  # pragma: no cover - depends on the TensorFlow version
+    if call_flat is None:
+        log.warning("ConcreteFunction._call_flat is gone: compiled calls take the slow path")
         return concrete  # type: ignore[no-any-return]
     captured = concrete.captured_inputs
 

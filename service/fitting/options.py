@@ -1,4 +1,4 @@
-"""Training options beyond the seed's plain gradient descent: the optimizer and when to stop."""
+"""Training options beyond the post's plain gradient descent: the optimizer and when to stop."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Literal
 
 OptimizerName = Literal["sgd", "momentum", "adam", "newton"]
 
+#: The Gaussian loss: "sum" is the reference post's NLL, "mean" divides it by N.
+Reduction = Literal["sum", "mean"]
+
 OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam", "newton")
 
 
@@ -15,7 +18,7 @@ OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam", "newton")
 class Optimizer:
     """The update rule, with Keras's defaults and formulas.
 
-    - ``sgd``: p ← p - lr·g (the seed's ``assign_sub``).
+    - ``sgd``: p ← p - lr·g (the reference post's ``assign_sub``).
     - ``momentum``: v ← momentum·v - lr·g; p ← p + v (``keras.optimizers.SGD(momentum=…)``).
     - ``adam``: bias-corrected first and second moments (``keras.optimizers.Adam``).
     - ``newton``: damped Newton on the exact Hessian (nested tapes): the step solves

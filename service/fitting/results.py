@@ -49,7 +49,7 @@ class FitStats:
 
 @dataclass(frozen=True, slots=True)
 class FitResult:
-    """What a fit produced. ``loss_history[i]`` is the loss before update i (as in the seed)."""
+    """What a fit produced. ``loss_history[i]`` is the loss before update i (as in the post)."""
 
     model: ModelName
     params: dict[str, float]

@@ -90,8 +90,3 @@ def _centre_numpy(
     dev = v - mean
     correction = float(dev.mean() if w is None else np.dot(w, dev))
     return mean + correction, dev - correction
-
-
-def as_vector(values: npt.ArrayLike) -> Any:
-    """A float64 tensor of shape [n] from any 1-D array-like."""
-    return tf.convert_to_tensor(np.asarray(values, dtype=np.float64).reshape(-1))

@@ -15,8 +15,8 @@ from service.api.schemas import (
     LinearBatchResponse,
 )
 from service.fitting import FitEngine, FitResult
-from service.fitting.reference import gaussian_closed_form, linear_closed_form
 from tests.conftest import app_settings, running_app
+from tests.reference import gaussian_closed_form, linear_closed_form
 
 pytestmark = pytest.mark.anyio
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from service.api.schemas import GAUSSIAN_EXAMPLE, LINEAR_EXAMPLE
-from service.fitting.reference import (
+from tests.conftest import app_settings, running_app, seed_gaussian_data, seed_linear_data
+from tests.reference import (
     gaussian_closed_form,
     linear_closed_form,
     reference_gaussian,
     reference_linear,
 )
-from tests.conftest import app_settings, running_app, seed_gaussian_data, seed_linear_data
 
 pytestmark = pytest.mark.anyio
 

@@ -11,8 +11,8 @@ import pytest
 import statsmodels.api as sm
 
 from service.api.schemas import LINEAR_ADAM_EXAMPLE
-from service.fitting.reference import gaussian_closed_form, linear_closed_form
 from tests.conftest import seed_gaussian_data, seed_linear_data
+from tests.reference import gaussian_closed_form, linear_closed_form
 
 pytestmark = pytest.mark.anyio
 

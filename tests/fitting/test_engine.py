@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from service.fitting import (
     DegenerateData,
@@ -16,14 +17,15 @@ from service.fitting import (
     StopReason,
 )
 from service.fitting.batch import BatchEngine, Ragged
-from service.fitting.reference import (
+from service.fitting.loop import _fast_call
+from service.fitting.summary import gaussian_summary, linear_summary
+from tests.conftest import seed_gaussian_data, seed_linear_data
+from tests.reference import (
     gaussian_closed_form,
     linear_closed_form,
     reference_gaussian,
     reference_linear,
 )
-from service.fitting.summary import as_vector, gaussian_summary, linear_summary
-from tests.conftest import seed_gaussian_data, seed_linear_data
 
 # float32 (the seed's dtype) against our float64 loop.
 RTOL = 2e-5
@@ -233,12 +235,12 @@ def test_summaries_survive_large_offsets() -> None:
     rng = np.random.default_rng(11)
     x = 1e7 + rng.random(10_000)
     y = -3e6 + 0.5 * x + rng.normal(0, 0.01, 10_000)
-    s = linear_summary(as_vector(x), as_vector(y)).numpy()
+    s = linear_summary(_vector(x), _vector(y)).numpy()
     dx, dy = x - x.mean(), y - y.mean()
     np.testing.assert_allclose(
         s[3:], [np.mean(dx * dx), np.mean(dx * dy), np.mean(dy * dy)], rtol=1e-9
     )
-    g = gaussian_summary(as_vector(y)).numpy()
+    g = gaussian_summary(_vector(y)).numpy()
     assert g[2] == pytest.approx(np.var(y), rel=1e-9)
 
 
@@ -278,3 +280,20 @@ def test_numpy_and_graph_summaries_give_the_same_fit(n: int) -> None:
             )
             np.testing.assert_allclose(g.loss_history, h.loss_history, rtol=1e-12)
             assert g.params == pytest.approx(h.params, rel=1e-12)
+
+
+def test_the_fast_call_still_has_its_private_entry_point() -> None:
+    """The engine calls compiled loops through ``ConcreteFunction._call_flat`` (private; the
+    public call costs ~0.3 ms, more than a small fit). If a TensorFlow upgrade removes it, the
+    engine still works, slower, and this test says so."""
+    function = tf.function(
+        lambda v: v * 2.0, input_signature=[tf.TensorSpec([2], tf.float64)], jit_compile=True
+    )
+    call = _fast_call(function)
+    assert call is not function.get_concrete_function(), "TensorFlow lost _call_flat"
+    assert call(tf.constant([1.0, 2.5], tf.float64)).numpy().tolist() == [2.0, 5.0]
+
+
+def _vector(values: Any) -> Any:
+    """A float64 tensor of shape [n], as the engine's summaries take."""
+    return tf.convert_to_tensor(np.asarray(values, dtype=np.float64).reshape(-1))

@@ -10,13 +10,13 @@ import tensorflow as tf
 
 from service.fitting import DegenerateData, FitEngine
 from service.fitting.options import NO_STOPPING, Optimizer, OptimizerName, Stopping
-from service.fitting.reference import (
+from tests.conftest import seed_gaussian_data, seed_linear_data
+from tests.reference import (
     gaussian_closed_form,
     linear_closed_form,
     reference_gaussian,
     reference_linear,
 )
-from tests.conftest import seed_gaussian_data, seed_linear_data
 
 #: The reference loop runs in float64 here, so only summation order differs.
 RTOL = 1e-9

@@ -1,4 +1,4 @@
-"""POST /v1/datasets/{linear,gaussian}: the seed's synthetic data, seeded."""
+"""POST /v1/datasets/{linear,gaussian}: the reference post's synthetic data, seeded."""
 
 from __future__ import annotations
 
@@ -69,13 +69,13 @@ def _answer(body: bytes | None, fields: dict[str, float]) -> Response:
 @router.post(
     "/linear",
     response_model=Dataset,
-    summary="Noisy points along a line, as in the seed",
+    summary="Noisy points along a line, as in the reference post",
     responses=RESPONSES,
     openapi_extra=json_only_body(
         LinearDatasetRequest,
         {
             "seed": {
-                "summary": "The seed's data: y = x + 2, noise 0.15",
+                "summary": "The reference post's data: y = x + 2, noise 0.15",
                 "value": LINEAR_DATASET_EXAMPLE,
             }
         },
@@ -98,20 +98,20 @@ async def linear_dataset(request: Request, worker: WorkerDep, settings: Settings
 @router.post(
     "/gaussian",
     response_model=Dataset,
-    summary="Normally distributed samples, as in the seed",
+    summary="Normally distributed samples, as in the reference post",
     responses=RESPONSES,
     openapi_extra=json_only_body(
         GaussianDatasetRequest,
         {
             "seed": {
-                "summary": "The seed's data: N(2, 1), 1000 samples",
+                "summary": "The reference post's data: N(2, 1), 1000 samples",
                 "value": GAUSSIAN_DATASET_EXAMPLE,
             }
         },
     ),
 )
 async def gaussian_dataset(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
-    """y ~ N(mean, std²) (and x ~ U(0, 1), which the seed plots y against): post
+    """y ~ N(mean, std²) (and x ~ U(0, 1), which the reference post plots y against): post
     `{"y": ...}` to `/v1/fits/gaussian` to fit it."""
     body = (await parse_request(request, worker, settings, parse_gaussian_dataset)).request
     seed = _seed(body.seed)

@@ -1,4 +1,4 @@
-"""POST /v1/fits/{linear,gaussian}: the seed's two fits."""
+"""POST /v1/fits/{linear,gaussian}: the reference post's two fits."""
 
 from __future__ import annotations
 
@@ -261,8 +261,8 @@ def gaussian_response(result: FitResult) -> GaussianFitResponse:
     openapi_extra=json_only_body(
         LinearFitRequest,
         {
-            "seed-data": {
-                "summary": "Noisy line y = x + 2 (seed-style data)",
+            "reference-post-data": {
+                "summary": "Noisy line y = x + 2 (reference-post-style data)",
                 "value": LINEAR_EXAMPLE,
             },
             "adam-early-stop": {
@@ -273,7 +273,7 @@ def gaussian_response(result: FitResult) -> GaussianFitResponse:
     ),
 )
 async def fit_linear(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
-    """Fit y = slope·x + intercept to (x, y) with the seed's GradientTape loop, minimizing the
+    """Fit y = slope·x + intercept to (x, y) with the post's GradientTape loop, minimizing the
     (weighted) mean squared error; returns the parameters, the loss history, and statistics
     (standard errors, R², AIC/BIC, the closed-form answer and the gap to it)."""
     parsers = (parse_linear, parse_linear_binary)
@@ -288,15 +288,15 @@ async def fit_linear(request: Request, worker: WorkerDep, settings: SettingsDep)
     openapi_extra=json_only_body(
         GaussianFitRequest,
         {
-            "seed-data": {
-                "summary": "Samples of N(2, 1) (seed-style data)",
+            "reference-post-data": {
+                "summary": "Samples of N(2, 1) (reference-post-style data)",
                 "value": GAUSSIAN_EXAMPLE,
             }
         },
     ),
 )
 async def fit_gaussian(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
-    """Fit N(mean, std²) to the samples y with the seed's GradientTape loop, minimizing the
+    """Fit N(mean, std²) to the samples y with the post's GradientTape loop, minimizing the
     (weighted) negative log-likelihood; returns the parameters, the loss history, and
     statistics (standard errors, log-likelihood, AIC/BIC, the closed form and the gap)."""
     parsers = (parse_gaussian, parse_gaussian_binary)

@@ -1,4 +1,4 @@
-"""POST /v1/plots/{linear,gaussian}: fit, then draw the seed's figures as PNG."""
+"""POST /v1/plots/{linear,gaussian}: fit, then draw the reference post's figures as PNG."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ PNG = "image/png"
 RESPONSES: dict[int | str, dict[str, Any]] = {
     **FIT_RESPONSES,
     200: {
-        "description": "A 1200x400 PNG: the seed's figure and the loss curve.",
+        "description": "A 1200x400 PNG: the reference post's figure and the loss curve.",
         "content": {PNG: {"schema": {"type": "string", "format": "binary"}}},
     },
 }
@@ -99,12 +99,12 @@ def _draw_gaussian(parsed: Parsed[GaussianOptions], result: FitResult) -> bytes:
     responses=RESPONSES,
     openapi_extra=json_only_body(
         LinearFitRequest,
-        {"seed-data": {"summary": "Noisy line y = x + 2", "value": LINEAR_EXAMPLE}},
+        {"reference-post-data": {"summary": "Noisy line y = x + 2", "value": LINEAR_EXAMPLE}},
     ),
 )
 async def plot_linear(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
     """The same body as `POST /v1/fits/linear`. Left: the data ('b.') and the fitted line
-    ('r'), as in the seed; right: the loss per epoch. The same request with the same seed draws
+    ('r'), as in the post; right: the loss per epoch. The same request with the same seed draws
     the same bytes."""
     parsers = (parse_linear, parse_linear_binary)
     return await _plot(request, worker, settings, parsers, linear_job, _draw_linear)
@@ -117,12 +117,12 @@ async def plot_linear(request: Request, worker: WorkerDep, settings: SettingsDep
     responses=RESPONSES,
     openapi_extra=json_only_body(
         GaussianFitRequest,
-        {"seed-data": {"summary": "Samples of N(2, 1)", "value": GAUSSIAN_EXAMPLE}},
+        {"reference-post-data": {"summary": "Samples of N(2, 1)", "value": GAUSSIAN_EXAMPLE}},
     ),
 )
 async def plot_gaussian(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
     """The same body as `POST /v1/fits/gaussian`. Left: histograms of the data and of as many
-    samples from the fitted N(mean, std²) (drawn with `seed`, default 0), as in the seed's
+    samples from the fitted N(mean, std²) (drawn with `seed`, default 0), as in the reference post's
     "training data vs. generated data"; right: the loss per epoch."""
     parsers = (parse_gaussian, parse_gaussian_binary)
     return await _plot(request, worker, settings, parsers, gaussian_job, _draw_gaussian)

@@ -1,4 +1,4 @@
-"""The seed's eager training loops, line by line, in float32. Used by tests and the benchmark.
+"""The post's eager training loops, line by line, in float32. Used by tests and the benchmark.
 
 Deliberately slow (one Python iteration and several eager ops per epoch): it is the yardstick
 the compiled loop is checked and measured against.
@@ -23,9 +23,9 @@ def reference_linear(
     optimizer: tf.keras.optimizers.Optimizer | None = None,
     dtype: str = "float32",
 ) -> tuple[float, float, list[float]]:
-    """The seed's linear-regression loop; returns (m, b, mse_loss). With a Keras
-    ``optimizer`` its ``apply_gradients`` replaces the seed's ``assign_sub`` update;
-    ``dtype`` is the seed's float32 unless asked otherwise."""
+    """The reference post's linear-regression loop; returns (m, b, mse_loss). With a Keras
+    ``optimizer`` its ``apply_gradients`` replaces the reference post's ``assign_sub`` update;
+    ``dtype`` is the reference post's float32 unless asked otherwise."""
     x_train = tf.constant(np.asarray(x), dtype)
     y_train = tf.constant(np.asarray(y), dtype)
     linear_regression_layer = LinearRegressionLayer(dtype=dtype)
@@ -60,9 +60,9 @@ def reference_gaussian(
     optimizer: tf.keras.optimizers.Optimizer | None = None,
     dtype: str = "float32",
 ) -> tuple[float, float, list[float]]:
-    """The seed's maximum-likelihood loop (summed NLL); returns (m, s, nll_loss). With a Keras
-    ``optimizer`` its ``apply_gradients`` replaces the seed's ``assign_sub`` update;
-    ``dtype`` is the seed's float32 unless asked otherwise."""
+    """The post's maximum-likelihood loop (summed NLL); returns (m, s, nll_loss). With a Keras
+    ``optimizer`` its ``apply_gradients`` replaces the reference post's ``assign_sub`` update;
+    ``dtype`` is the reference post's float32 unless asked otherwise."""
     y_train = tf.constant(np.asarray(y), dtype)
     if initial is None:
         m0 = 0.7 * tf.reduce_mean(y_train)
