@@ -45,9 +45,8 @@ from service.fitting import (
 )
 from service.fitting.batch import BatchEngine, Ragged
 from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
-from service.fitting.options import NO_STOPPING, SGD, Optimizer, Stopping
+from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
-from service.fitting.scaling import Scaling
 from service.parser_pool import ParserFailed, ParserPool, release_memory
 from service.settings import Settings
 

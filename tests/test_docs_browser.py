@@ -71,7 +71,7 @@ def browser() -> Iterator[BrowserContext]:
 
 @pytest.mark.parametrize(
     ("operation", "param"),
-    [("fit_linear_v1_fits_linear_post", "slope"), ("fit_gaussian_v1_fits_gaussian_post", "std")],
+    [("fit_linear", "slope"), ("fit_gaussian", "std")],
 )
 def test_try_it_out_executes_a_fit(
     server: Server, browser: BrowserContext, operation: str, param: str
@@ -138,11 +138,11 @@ def test_try_it_out_makes_data_and_draws_a_plot(server: Server, browser: Browser
     page = browser.new_page()
     page.goto(f"{server.url}/docs", wait_until="networkidle")
 
-    live = _execute(page, "#operations-datasets-linear_dataset_v1_datasets_linear_post")
+    live = _execute(page, "#operations-datasets-linear_dataset")
     data = json.loads(live.locator("tr.response .highlight-code pre").first.inner_text())
     assert len(data["x"]) == len(data["y"]) == 100
 
-    live = _execute(page, "#operations-plots-plot_linear_v1_plots_linear_post")
+    live = _execute(page, "#operations-plots-plot_linear")
     image = live.locator("tr.response img").first
     image.wait_for(timeout=30_000)
     loaded = "img => img.complete && img.naturalWidth > 0"

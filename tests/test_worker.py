@@ -38,13 +38,13 @@ def test_thread_pools_are_set_from_settings_before_the_first_op() -> None:
     assert "not applied" not in run.stderr  # configure_threads' warning when TF had started
 
 
-def test_schemas_options_and_client_import_no_tensorflow() -> None:
+def test_schemas_and_options_import_no_tensorflow_nor_numpy() -> None:
     """The parser process, the client and the schemas need the fitting options, not the
-    engine: importing them must not cost TensorFlow's seconds and half a gigabyte."""
+    engine: importing them must not cost TensorFlow's seconds and half a gigabyte, nor need
+    numpy (the light client has none; tests/test_client.py installs it so)."""
     code = (
-        "import sys, service.api.schemas, service.client, service.fitting.options, "
-        "service.fitting.results, service.fitting.scaling; "
-        "print(sorted(m for m in ('tensorflow', 'keras', 'fastapi') if m in sys.modules))"
+        "import sys, service.api.schemas, service.fitting.options; "
+        "print(sorted(m for m in ('tensorflow', 'keras', 'fastapi', 'numpy') if m in sys.modules))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr

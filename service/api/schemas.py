@@ -15,8 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypeAliasType
 
-from service.fitting import options, results
-from service.fitting import scaling as fitting_scaling
+from service.fitting import options
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 PositiveFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
@@ -181,7 +180,7 @@ EpochCount = Annotated[
 # Named choices: each is one component of the OpenAPI document (one enum in a generated
 # client), not a copy inlined in every schema that uses it.
 # The choices and defaults come from the (TensorFlow-free) fitting options: one source.
-Scaling = TypeAliasType("Scaling", fitting_scaling.Scaling)
+Scaling = TypeAliasType("Scaling", options.Scaling)
 Optimizer = TypeAliasType("Optimizer", options.OptimizerName)
 Reduction = TypeAliasType("Reduction", options.Reduction)
 
@@ -555,7 +554,7 @@ class GaussianParams(_Answer):
     std: float = Field(description="Fitted standard deviation s (always > 0).")
 
 
-StopReason = TypeAliasType("StopReason", results.StopReason)
+StopReason = TypeAliasType("StopReason", options.StopReason)
 
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
@@ -788,7 +787,9 @@ class Health(_Answer):
     status: Literal["ok", "ready", "starting", "stopping"]
 
 
-class ErrorDetail(_Answer):
+# Error bodies are written by the handlers, not through a response model: their optional
+# fields (ctx, epoch...) stay optional.
+class ErrorDetail(BaseModel):
     """An error whose cause is one sentence (divergence, overload, readiness, size)."""
 
     detail: str
@@ -803,14 +804,14 @@ class FitFailure(ErrorDetail):
     epoch: int | None = Field(None, description="The epoch at which the fit diverged.")
 
 
-class ValidationErrorItem(_Answer):
+class ValidationErrorItem(BaseModel):
     loc: list[str | int] = Field(description='Where: ["body", field, index...].')
     msg: str
     type: str
     ctx: dict[str, Any] | None = None
 
 
-class ValidationErrorBody(_Answer):
+class ValidationErrorBody(BaseModel):
     """FastAPI's usual 422 shape (the offending input is never echoed back)."""
 
     detail: list[ValidationErrorItem]

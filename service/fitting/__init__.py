@@ -1,8 +1,7 @@
 """The fitting engine: TensorFlow + numpy only (no HTTP, no pydantic).
 
-Importing the package does not import TensorFlow: its plain modules (``options``,
-``results``, ``scaling``) serve the schemas, the parser process and the client, and the engine
-(``FitEngine`` and what needs TensorFlow) loads on first use.
+Importing the package imports neither TensorFlow nor numpy: its plain ``options`` serve the
+schemas, the parser process and the client, and everything else loads on first use.
 """
 
 from __future__ import annotations
@@ -10,26 +9,28 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from service.fitting.options import Reduction
-from service.fitting.results import (
-    DegenerateData,
-    FitCancelled,
-    FitDiverged,
-    FitError,
-    FitResult,
-    ModelName,
-    StopReason,
-)
+from service.fitting.options import ModelName, Reduction, StopReason
 
 if TYPE_CHECKING:
     from service.fitting.loop import FitEngine, StopCheck
+    from service.fitting.results import (
+        DegenerateData,
+        FitCancelled,
+        FitDiverged,
+        FitError,
+        FitResult,
+    )
     from service.fitting.runtime import configure_threads
 
-#: What loads TensorFlow, and from where.
+#: What loads numpy or TensorFlow, and from where.
 _ENGINE = {
     "FitEngine": "service.fitting.loop",
     "StopCheck": "service.fitting.loop",
     "configure_threads": "service.fitting.runtime",
+    **dict.fromkeys(
+        ("DegenerateData", "FitCancelled", "FitDiverged", "FitError", "FitResult"),
+        "service.fitting.results",
+    ),
 }
 
 

@@ -36,11 +36,11 @@ from service.fitting.loop import (
     unusable,
 )
 from service.fitting.losses import mse_from_moments, nll_from_moments
+from service.fitting.options import Scaling
 from service.fitting.results import FitDiverged, FitError, FitResult, StopReason
 from service.fitting.scaling import (
     IDENTITY,
     Coordinates,
-    Scaling,
     Standardize,
     fit_coordinates,
 )

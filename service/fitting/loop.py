@@ -34,6 +34,7 @@ from service.fitting.options import (
     Optimizer,
     OptimizerName,
     Reduction,
+    Scaling,
     Stopping,
 )
 from service.fitting.results import (
@@ -44,7 +45,7 @@ from service.fitting.results import (
     ModelName,
     StopReason,
 )
-from service.fitting.scaling import IDENTITY, Coordinates, Scaling, fit_coordinates
+from service.fitting.scaling import IDENTITY, Coordinates, fit_coordinates
 from service.fitting.stats import (
     CURVATURE_SIZE,
     AtFit,

@@ -1,4 +1,6 @@
-"""Training options beyond the post's plain gradient descent: the optimizer and when to stop."""
+"""Plain options and names of the engine: no TensorFlow and no numpy, so the schemas, the
+parser process and the client import them. Training options beyond the post's plain gradient
+descent: the optimizer and when to stop."""
 
 from __future__ import annotations
 
@@ -10,6 +12,15 @@ OptimizerName = Literal["sgd", "momentum", "adam", "newton"]
 
 #: The Gaussian loss: "sum" is the reference post's NLL, "mean" divides it by N.
 Reduction = Literal["sum", "mean"]
+#: Where the loop runs: standardized coordinates, or the raw ones (the reference post's).
+Scaling = Literal["standardize", "none"]
+ModelName = Literal["linear", "gaussian"]
+#: Why the loop stopped, named after the rule that stopped it: all epochs ran; the loss
+#: stalled (``tolerance``); the gradient fell within ``gradient_tolerance``; Newton's full step
+#: fell within the convergence threshold (so the fit converged); the deadline.
+StopReason = Literal[
+    "max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"
+]
 
 OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam", "newton")
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-ModelName = Literal["linear", "gaussian"]
-#: Why the loop stopped, named after the rule that stopped it: all epochs ran; the loss
-#: stalled (``tolerance``); the gradient fell within ``gradient_tolerance``; Newton's full step
-#: fell within the convergence threshold (so the fit converged); the deadline.
-StopReason = Literal[
-    "max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"
-]
+from service.fitting.options import ModelName, StopReason
+
+__all__ = ["ModelName", "StopReason"]  # re-exported; defined with the other plain names
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,13 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from service.fitting.options import Scaling
+
 Array = npt.NDArray[np.float64]
-Scaling = Literal["standardize", "none"]
 Pair = tuple[float, float]
 Matrix = tuple[Pair, Pair]
 
