@@ -18,7 +18,6 @@ from service.worker import FitDiverged, FitError, ParserFailed, Refused, Unavail
 
 class UnsupportedMediaType(Exception):
     def __init__(self, content_type: str, accepted: tuple[str, ...]) -> None:
-        self.content_type = content_type
         super().__init__(f"unsupported Content-Type {content_type!r}; send {' or '.join(accepted)}")
 
 

@@ -577,12 +577,21 @@ class _Reference(_Answer, Generic[ParamsT]):
     params: ParamsT
     loss: float
 
-    @classmethod
-    def model_parametrized_name(cls, params: tuple[Any, ...]) -> str:
-        return f"{params[0].__name__.removesuffix('Params')}Reference"  # LinearReference
+
+# Named subclasses, so the OpenAPI components (and generated classes) are LinearReference, not
+# _Reference_LinearParams_.
+class LinearReference(_Reference[LinearParams]):
+    pass
 
 
-class _Stats(_Answer, Generic[ParamsT, ErrorsT]):
+class GaussianReference(_Reference[GaussianParams]):
+    pass
+
+
+ReferenceT = TypeVar("ReferenceT", bound=BaseModel)
+
+
+class _Stats(_Answer, Generic[ErrorsT, ReferenceT]):
     """Statistics at the returned parameters. Values that do not exist there (e.g. standard
     errors away from a minimum, where the Hessian is not positive definite) are null."""
 
@@ -606,24 +615,24 @@ class _Stats(_Answer, Generic[ParamsT, ErrorsT]):
     log_likelihood: float | None = Field(description="Log-likelihood at the parameters.")
     aic: float | None = Field(description="2k - 2·log_likelihood, k = 2.")
     bic: float | None = Field(description="k·ln(n_used) - 2·log_likelihood, k = 2.")
-    closed_form: _Reference[ParamsT] | None = Field(
+    closed_form: ReferenceT | None = Field(
         description="The exact optimum (least squares; sample mean and population std) and "
         "the loss there (null only if it overflows float64)."
     )
-    gap: _Reference[ParamsT] | None = Field(
+    gap: ReferenceT | None = Field(
         description="Returned minus closed-form parameters, and final_loss minus the "
         "closed-form loss: near zero when gradient descent converged."
     )
 
 
-class LinearStats(_Stats[LinearParams, LinearStdErrors]):
+class LinearStats(_Stats[LinearStdErrors, LinearReference]):
     r_squared: float | None = Field(description="1 - residual variance / variance of y.")
     residual_std: float | None = Field(
         description="sqrt(Σw·r² / (n_used - 2)): the noise standard deviation."
     )
 
 
-class GaussianStats(_Stats[GaussianParams, GaussianStdErrors]):
+class GaussianStats(_Stats[GaussianStdErrors, GaussianReference]):
     pass
 
 

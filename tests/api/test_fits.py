@@ -403,3 +403,27 @@ async def test_the_seed_is_reported_only_when_it_drew_the_start(client: httpx.As
     samples = {"y": seed_gaussian_data(4).tolist(), "epochs": 5}
     for body in (samples, {**samples, "seed": 9}):
         assert (await client.post(GAUSSIAN, json=body)).json()["seed"] is None
+
+
+async def test_weights_need_two_positive_values_and_one_per_point(
+    client: httpx.AsyncClient,
+) -> None:
+    y = [1.0, 2.0, 4.0]
+    two = await client.post(GAUSSIAN, json={"y": y, "weights": [1.0, 0.0, 3.0], "epochs": 5})
+    assert two.status_code == 200, two.text
+    one = await client.post(GAUSSIAN, json={"y": y, "weights": [0.0, 0.0, 3.0]})
+    assert one.status_code == 422
+    assert one.json()["detail"] == [
+        {
+            "loc": ["body", "weights"],
+            "msg": "at least 2 points need a positive weight",
+            "type": "too_few_weights",
+        }
+    ]
+    for path, body in ((GAUSSIAN, {"y": y}), (LINEAR, {"x": [0.0, 1.0, 2.0], "y": y})):
+        short = await client.post(path, json={**body, "weights": [1.0, 1.0]})
+        assert short.status_code == 422
+        (error,) = short.json()["detail"]
+        assert error["loc"] == ["body", "weights"]
+        assert error["type"] == "length_mismatch"
+        assert error["msg"] == "weights has 2 values but y has 3; they must pair up"

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -156,3 +157,29 @@ async def test_both_framings_are_refused_and_the_connection_closed(
     assert r.status_code == 400
     assert r.headers["connection"] == "close"
     assert "Transfer-Encoding" in r.json()["detail"]
+
+
+async def test_a_refused_body_is_drained_to_its_end_and_no_further() -> None:
+    """What the drain reads of a refused upload (so the client reads the answer, not a
+    reset): every chunk up to the last, nothing after it, and never past a disconnect."""
+    from service.api.limits import _received, drain
+
+    def receiving(messages: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
+        left = list(messages)
+
+        async def receive() -> dict[str, Any]:
+            return left.pop(0)
+
+        return receive, left
+
+    chunk = {"type": "http.request", "more_body": True}
+    last = {"type": "http.request", "body": b"e"}
+    after = {"type": "http.request", "body": b"never read"}
+    receive, left = receiving([{**chunk, "body": b"ab"}, {**chunk, "body": b"cd"}, last, after])
+    assert [c async for c in _received(receive)] == [b"ab", b"cd", b"e"]
+    assert len(left) == 1  # the message after the last chunk is not consumed
+    receive, left = receiving([{**chunk, "body": b"ab"}, {"type": "http.disconnect"}, chunk])
+    await drain(_received(receive), seconds=1.0)
+    assert left == [chunk]
+    receive, _ = receiving([{"type": "http.request"}])  # a body-less last message
+    assert [c async for c in _received(receive)] == [b""]

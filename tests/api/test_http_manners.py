@@ -116,6 +116,11 @@ async def test_the_openapi_document_is_ready_for_generators(client: httpx.AsyncC
     assert document["servers"] and document["info"]["license"]["name"]
     assert document["info"]["contact"]["name"]
     schemas = document["components"]["schemas"]
+    # Generic models get readable names, and the choices are components of their own.
+    assert {"LinearReference", "GaussianReference", "Optimizer", "Scaling", "Reduction"} <= set(
+        schemas
+    )
+    assert schemas["Optimizer"]["enum"] == ["sgd", "momentum", "adam", "newton"]
     # What every answer carries is required, so typed clients need no None checks.
     for name in ("LinearFitResponse", "GaussianFitResponse", "LinearStats"):
         assert {"stats", "warnings", "converged", "params"} & set(schemas[name]["properties"]) <= (
