@@ -78,8 +78,8 @@ clean:
 chaos: $(VENV)/.installed-test
 	$(PY) -m tests.chaos
 
-# Mutation testing of the HTTP contract's rules and the statistics (mutmut; about 90 minutes on
-# 2 cores, so not in CI). Resumable: a second run only checks what changed. Survivors and why
+# Mutation testing of the HTTP contract's rules (mutmut; about an hour on 2 cores, so not in
+# CI). Resumable: a second run only checks what changed. Survivors and why
 # they survive: tests/mutation.md.
 # Each mutant's worker compiles the loops its tests use: XLA's persistent cache halves that.
 mutate: $(VENV)/.installed-test
