@@ -411,6 +411,15 @@ async def test_weights_need_two_positive_values_and_one_per_point(
     y = [1.0, 2.0, 4.0]
     two = await client.post(GAUSSIAN, json={"y": y, "weights": [1.0, 0.0, 3.0], "epochs": 5})
     assert two.status_code == 200, two.text
+    huge = await client.post(GAUSSIAN, json={"y": y, "weights": [1e308, 1e308, 1.0]})
+    assert huge.json()["detail"] == [
+        {
+            "loc": ["body", "weights"],
+            "msg": "the sum of the weights overflows float64; rescale them (only their ratios "
+            "and their sum matter)",
+            "type": "weights_overflow",
+        }
+    ]
     one = await client.post(GAUSSIAN, json={"y": y, "weights": [0.0, 0.0, 3.0]})
     assert one.status_code == 422
     assert one.json()["detail"] == [
