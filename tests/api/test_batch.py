@@ -137,24 +137,48 @@ async def test_one_bad_set_does_not_spoil_the_others(client: httpx.AsyncClient) 
 
 
 @pytest.mark.parametrize(
-    ("payload", "loc"),
+    ("payload", "loc", "kind"),
     [
-        ({"datasets": []}, ["body", "datasets"]),
-        ({"datasets": [{"x": [1.0, 2.0], "y": [1.0]}]}, ["body", "datasets", 0, "y"]),
-        ({"datasets": [{"x": [1.0, "2"], "y": [1.0, 2.0]}]}, ["body", "datasets", 0, "x", 1]),
-        ({"datasets": _sets(0, [2, 2, 2])}, ["body", "datasets"]),  # over TAPEFIT_MAX_BATCH
-        ({"datasets": _sets(0, [30])}, ["body", "datasets"]),  # over TAPEFIT_MAX_POINTS
-        ({"datasets": _sets(0, [5, 5]), "epochs": 100}, ["body", "datasets"]),  # history cap
-        ({"datasets": _sets(0, [5]), "history_every": 0}, ["body", "history_every"]),
+        ({"datasets": []}, ["body", "datasets"], "too_short"),
+        ({"datasets": [{"x": [1.0, 2.0], "y": [1.0]}]}, ["body", "datasets", 0, "y"], None),
+        ({"datasets": [{"x": [1.0, "2"], "y": [1.0, 2.0]}]}, ["body", "datasets", 0, "x", 1], None),
+        # Each limit alone (history_every keeps the history cap out of the way):
+        ({"datasets": _sets(0, [2, 2, 2]), "history_every": 1000}, ["body"], "too_many_datasets"),
+        ({"datasets": _sets(0, [30]), "history_every": 1000}, ["body"], "too_many_points"),
+        ({"datasets": _sets(0, [5, 5]), "epochs": 100}, ["body"], "too_much_history"),
+        ({"datasets": _sets(0, [5]), "history_every": 0}, ["body", "history_every"], None),
     ],
 )
-async def test_batch_limits_and_invalid_requests(payload: dict[str, Any], loc: list[Any]) -> None:
+async def test_batch_limits_and_invalid_requests(
+    payload: dict[str, Any], loc: list[Any], kind: str | None
+) -> None:
     settings = app_settings(max_batch=2, max_points=20, max_batch_history=150)
     async with running_app(settings) as c:
         r = await c.post(LINEAR, json=payload)
         assert r.status_code == 422, r.text
-        assert r.json()["detail"][0]["loc"] == loc
-        assert "input" not in r.json()["detail"][0]
+        (error,) = r.json()["detail"]
+        assert error["loc"][: len(loc)] == loc
+        assert kind is None or error["type"] == kind
+        assert "input" not in error
+    messages = {
+        "too_many_datasets": "at most 2 data sets per batch (TAPEFIT_MAX_BATCH), got 3",
+        "too_many_points": "at most 20 points are allowed (TAPEFIT_MAX_POINTS), got 30",
+    }
+    if kind in messages:
+        assert error["msg"] == messages[kind]
+
+
+async def test_batch_work_is_capped_by_points_times_epochs() -> None:
+    async with running_app(app_settings(max_work=1000)) as c:
+        r = await c.post(LINEAR, json={"datasets": _sets(0, [6, 6]), "epochs": 100})
+        (error,) = r.json()["detail"]
+        assert (error["type"], error["msg"]) == (
+            "too_much_work",
+            "points x epochs = 1200 exceeds 1000 (TAPEFIT_MAX_WORK); send fewer points or ask "
+            "for fewer epochs",
+        )
+        ok = await c.post(LINEAR, json={"datasets": _sets(0, [5, 5]), "epochs": 100})
+        assert ok.status_code == 200, ok.text
 
 
 async def test_batches_take_json_only(client: httpx.AsyncClient) -> None:
