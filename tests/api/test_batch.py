@@ -163,6 +163,8 @@ async def test_batch_limits_and_invalid_requests(
     messages = {
         "too_many_datasets": "at most 2 data sets per batch (TAPEFIT_MAX_BATCH), got 3",
         "too_many_points": "at most 20 points are allowed (TAPEFIT_MAX_POINTS), got 30",
+        "too_much_history": "200 loss-history values exceed 150 (TAPEFIT_MAX_BATCH_HISTORY); "
+        "raise history_every",
     }
     if kind in messages:
         assert error["msg"] == messages[kind]
