@@ -170,6 +170,18 @@ async def test_batch_limits_and_invalid_requests(
         assert error["msg"] == messages[kind]
 
 
+async def test_batch_limits_are_inclusive() -> None:
+    """Exactly at each limit is allowed: 2 sets, 20 points, 150 history values."""
+    settings = app_settings(max_batch=2, max_points=20, max_batch_history=150)
+    async with running_app(settings) as c:
+        for payload in (
+            {"datasets": _sets(0, [10, 10]), "epochs": 75, "history_every": 1},  # 2 x 75 = 150
+            {"datasets": _sets(0, [20]), "epochs": 150, "history_every": 1},
+        ):
+            r = await c.post(LINEAR, json=payload)
+            assert r.status_code == 200, r.text
+
+
 async def test_batch_work_is_capped_by_points_times_epochs() -> None:
     async with running_app(app_settings(max_work=1000)) as c:
         r = await c.post(LINEAR, json={"datasets": _sets(0, [6, 6]), "epochs": 100})
