@@ -405,6 +405,18 @@ async def test_the_seed_is_reported_only_when_it_drew_the_start(client: httpx.As
         assert (await client.post(GAUSSIAN, json=body)).json()["seed"] is None
 
 
+async def test_mismatched_x_and_y_are_named_in_the_422(client: httpx.AsyncClient) -> None:
+    r = await client.post(LINEAR, json={"x": [0.0, 1.0, 2.0], "y": [1.0, 2.0]})
+    assert r.json()["detail"] == [
+        {
+            "loc": ["body", "y"],
+            "msg": "y has 2 values but x has 3; they must pair up",
+            "type": "length_mismatch",
+            "ctx": {"nx": 3, "ny": 2, "first": "x", "second": "y"},
+        }
+    ]
+
+
 async def test_weights_need_two_positive_values_and_one_per_point(
     client: httpx.AsyncClient,
 ) -> None:

@@ -183,3 +183,42 @@ async def test_a_refused_body_is_drained_to_its_end_and_no_further() -> None:
     assert left == [chunk]
     receive, _ = receiving([{"type": "http.request"}])  # a body-less last message
     assert [c async for c in _received(receive)] == [b""]
+
+
+async def test_a_refused_request_is_drained_unless_the_client_expects_100_continue() -> None:
+    """The 429/503 answers drop the rest of the body first (so the client reads them), but a
+    client that sent ``Expect: 100-continue`` is waiting, not uploading: nothing is read."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from service.api.errors import _drain
+    from service.settings import Settings
+
+    app = SimpleNamespace(state=SimpleNamespace(settings=Settings()))
+
+    async def drained(headers: dict[str, str], messages: list[dict[str, Any]]) -> int:
+        left = list(messages)
+
+        async def receive() -> dict[str, Any]:
+            return left.pop(0)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/fits/linear",
+            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+            "app": app,
+        }
+        await _drain(Request(scope, receive))
+        return len(messages) - len(left)
+
+    body: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd"},
+    ]
+    assert await drained({"content-length": "4"}, body) == 2
+    assert await drained({"content-length": "4", "expect": "100-Continue"}, body) == 0
+    assert await drained({}, body) == 2  # no declared length: the body limit's deadline
+    gone = [body[0], {"type": "http.disconnect"}]
+    assert await drained({"content-length": "4"}, gone) == 2  # a disconnect ends it quietly
