@@ -405,6 +405,18 @@ async def test_the_seed_is_reported_only_when_it_drew_the_start(client: httpx.As
         assert (await client.post(GAUSSIAN, json=body)).json()["seed"] is None
 
 
+async def test_constant_data_is_a_422_saying_what_is_constant(client: httpx.AsyncClient) -> None:
+    for path, body, what in (
+        (LINEAR, {"x": [2.0, 2.0, 2.0], "y": [1.0, 2.0, 3.0]}, "x"),
+        (GAUSSIAN, {"y": [5.0, 5.0]}, "y"),
+    ):
+        (error,) = (await client.post(path, json=body)).json()["detail"]
+        assert (error["loc"], error["type"]) == (["body", what], "constant_data")
+        assert (
+            error["msg"] == f"all {what} values are equal; at least two distinct values are needed"
+        )
+
+
 async def test_mismatched_x_and_y_are_named_in_the_422(client: httpx.AsyncClient) -> None:
     r = await client.post(LINEAR, json={"x": [0.0, 1.0, 2.0], "y": [1.0, 2.0]})
     assert r.json()["detail"] == [

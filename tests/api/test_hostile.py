@@ -184,6 +184,14 @@ async def test_a_refused_body_is_drained_to_its_end_and_no_further() -> None:
     receive, _ = receiving([{"type": "http.request"}])  # a body-less last message
     assert [c async for c in _received(receive)] == [b""]
 
+    async def stalled() -> dict[str, Any]:
+        await asyncio.Event().wait()  # a client that stops sending mid-body
+        return {}
+
+    # The drain gives up by itself at its deadline, quietly (the outer bound only guards the
+    # test; the drain's own 0.05 s is what ends it).
+    await asyncio.wait_for(drain(_received(stalled), seconds=0.05), timeout=30)
+
 
 async def test_a_refused_request_is_drained_unless_the_client_expects_100_continue() -> None:
     """The 429/503 answers drop the rest of the body first (so the client reads them), but a
