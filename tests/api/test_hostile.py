@@ -230,3 +230,15 @@ async def test_a_refused_request_is_drained_unless_the_client_expects_100_contin
     assert await drained({}, body) == 2  # no declared length: the body limit's deadline
     gone = [body[0], {"type": "http.disconnect"}]
     assert await drained({"content-length": "4"}, gone) == 2  # a disconnect ends it quietly
+
+
+async def test_a_request_refused_after_its_body_was_read_still_gets_its_json_answer() -> None:
+    """The fit's own cost is known only after parsing: a refusal then (here 413, its loss
+    history alone over the memory budget) must still answer JSON, although the body that the
+    refusal would otherwise drain has already been read."""
+    async with running_app(app_settings(memory_budget_bytes=2_000_000)) as c:
+        body = {"y": [1.0, 2.0, 3.0], "epochs": 100_000, "history_every": 1}
+        r = await c.post("/v1/fits/gaussian", json=body)
+        assert r.status_code == 413, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert "memory" in r.json()["detail"]
