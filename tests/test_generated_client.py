@@ -88,6 +88,7 @@ def test_the_generated_client_fits_plots_and_reads_a_422(
     models = _module("models")
     types = _module("types")
     x, y = seed_linear_data(2)
+    x, y = 3000.0 + 1000.0 * x, 1e7 + 0.1 * y  # units real callers send, not unit scale
     slope, intercept = linear_closed_form(x, y)
     with package.Client(base_url=server.url, raise_on_unexpected_status=True) as client:
         body = models.LinearFitRequest.from_dict({"x": x.tolist(), "y": y.tolist(), "seed": 1})

@@ -122,7 +122,11 @@ async def test_the_openapi_document_is_ready_for_generators(client: httpx.AsyncC
     )
     assert schemas["Optimizer"]["enum"] == ["sgd", "momentum", "adam", "newton"]
     # What every answer carries is required, so typed clients need no None checks.
-    for name in ("LinearFitResponse", "GaussianFitResponse", "LinearStats"):
-        assert {"stats", "warnings", "converged", "params"} & set(schemas[name]["properties"]) <= (
-            set(schemas[name]["required"])
-        )
+    answers = ("LinearFitResponse", "GaussianFitResponse", "LinearStats", "GaussianStats")
+    for name in (*answers, "LinearBatchItem", "Dataset"):
+        assert set(schemas[name]["properties"]) == set(schemas[name]["required"]), name
+    assert {"stats", "warnings", "converged", "seed"} <= set(
+        schemas["LinearFitResponse"]["required"]
+    )
+    # Error bodies are written by handlers: their optional fields stay optional.
+    assert "ctx" not in schemas["ValidationErrorItem"]["required"]

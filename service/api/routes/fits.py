@@ -187,6 +187,12 @@ SINGLE_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 OptionsT = TypeVar("OptionsT", LinearOptions, GaussianOptions)
 
+#: Each model's body parsers (JSON, binary) and binary layout: the fits and the plots share them.
+LINEAR_PARSERS = (parse_linear, parse_linear_binary)
+GAUSSIAN_PARSERS = (parse_gaussian, parse_gaussian_binary)
+LINEAR_LAYOUT = "shape (2, n): x then y"
+GAUSSIAN_LAYOUT = "shape (n,): y"
+
 
 async def _single_fit(
     request: Request,
@@ -276,8 +282,7 @@ async def fit_linear(request: Request, worker: WorkerDep, settings: SettingsDep)
     """Fit y = slope·x + intercept to (x, y) with the post's GradientTape loop, minimizing the
     (weighted) mean squared error; returns the parameters, the loss history, and statistics
     (standard errors, R², AIC/BIC, the closed-form answer and the gap to it)."""
-    parsers = (parse_linear, parse_linear_binary)
-    return await _single_fit(request, worker, settings, parsers, linear_job, linear_response)
+    return await _single_fit(request, worker, settings, LINEAR_PARSERS, linear_job, linear_response)
 
 
 @router.post(
@@ -299,8 +304,9 @@ async def fit_gaussian(request: Request, worker: WorkerDep, settings: SettingsDe
     """Fit N(mean, std²) to the samples y with the post's GradientTape loop, minimizing the
     (weighted) negative log-likelihood; returns the parameters, the loss history, and
     statistics (standard errors, log-likelihood, AIC/BIC, the closed form and the gap)."""
-    parsers = (parse_gaussian, parse_gaussian_binary)
-    return await _single_fit(request, worker, settings, parsers, gaussian_job, gaussian_response)
+    return await _single_fit(
+        request, worker, settings, GAUSSIAN_PARSERS, gaussian_job, gaussian_response
+    )
 
 
 BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -317,14 +323,13 @@ BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     response_model=LinearFitResponse,
     summary="Fit a line to binary data (.npy or raw floats)",
     responses=BINARY_FIT_RESPONSES,
-    openapi_extra=binary_body(LinearOptions, "shape (2, n): x then y", "POST /v1/fits/linear"),
+    openapi_extra=binary_body(LinearOptions, LINEAR_LAYOUT, "POST /v1/fits/linear"),
 )
 async def fit_linear_binary(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
     """`POST /v1/fits/linear` with the data as a binary body (no per-number parsing: numpy
     reads it as it is) and the options in the query string; the same answer."""
-    parsers = (parse_linear, parse_linear_binary)
     return await _single_fit(
-        request, worker, settings, parsers, linear_job, linear_response, json=False
+        request, worker, settings, LINEAR_PARSERS, linear_job, linear_response, json=False
     )
 
 
@@ -333,14 +338,13 @@ async def fit_linear_binary(request: Request, worker: WorkerDep, settings: Setti
     response_model=GaussianFitResponse,
     summary="Fit a normal distribution to binary data (.npy or raw floats)",
     responses=BINARY_FIT_RESPONSES,
-    openapi_extra=binary_body(GaussianOptions, "shape (n,): y", "POST /v1/fits/gaussian"),
+    openapi_extra=binary_body(GaussianOptions, GAUSSIAN_LAYOUT, "POST /v1/fits/gaussian"),
 )
 async def fit_gaussian_binary(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
     """`POST /v1/fits/gaussian` with the samples as a binary body and the options in the
     query string; the same answer."""
-    parsers = (parse_gaussian, parse_gaussian_binary)
     return await _single_fit(
-        request, worker, settings, parsers, gaussian_job, gaussian_response, json=False
+        request, worker, settings, GAUSSIAN_PARSERS, gaussian_job, gaussian_response, json=False
     )
 
 

@@ -12,15 +12,15 @@ from service.api.deps import SettingsDep, WorkerDep
 from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import (
     Parsed,
-    parse_gaussian,
-    parse_gaussian_binary,
-    parse_linear,
-    parse_linear_binary,
 )
 from service.api.requests import BinaryParser, JsonParser, parse_request
 from service.api.routes.fits import (
     BINARY_FIT_RESPONSES,
     FIT_RESPONSES,
+    GAUSSIAN_LAYOUT,
+    GAUSSIAN_PARSERS,
+    LINEAR_LAYOUT,
+    LINEAR_PARSERS,
     fit_while_connected,
     gaussian_job,
     linear_job,
@@ -106,8 +106,7 @@ async def plot_linear(request: Request, worker: WorkerDep, settings: SettingsDep
     """The same body as `POST /v1/fits/linear`. Left: the data ('b.') and the fitted line
     ('r'), as in the post; right: the loss per epoch. The same request with the same seed draws
     the same bytes."""
-    parsers = (parse_linear, parse_linear_binary)
-    return await _plot(request, worker, settings, parsers, linear_job, _draw_linear)
+    return await _plot(request, worker, settings, LINEAR_PARSERS, linear_job, _draw_linear)
 
 
 @router.post(
@@ -124,8 +123,7 @@ async def plot_gaussian(request: Request, worker: WorkerDep, settings: SettingsD
     """The same body as `POST /v1/fits/gaussian`. Left: histograms of the data and of as many
     samples from the fitted N(mean, std²) (drawn with `seed`, default 0), as in the reference post's
     "training data vs. generated data"; right: the loss per epoch."""
-    parsers = (parse_gaussian, parse_gaussian_binary)
-    return await _plot(request, worker, settings, parsers, gaussian_job, _draw_gaussian)
+    return await _plot(request, worker, settings, GAUSSIAN_PARSERS, gaussian_job, _draw_gaussian)
 
 
 @router.post(
@@ -133,15 +131,16 @@ async def plot_gaussian(request: Request, worker: WorkerDep, settings: SettingsD
     response_class=Response,
     summary="Plot a line fitted to binary data (.npy or raw floats)",
     responses={**RESPONSES, 415: BINARY_FIT_RESPONSES[415]},
-    openapi_extra=binary_body(LinearOptions, "shape (2, n): x then y", "POST /v1/plots/linear"),
+    openapi_extra=binary_body(LinearOptions, LINEAR_LAYOUT, "POST /v1/plots/linear"),
 )
 async def plot_linear_binary(
     request: Request, worker: WorkerDep, settings: SettingsDep
 ) -> Response:
     """`POST /v1/plots/linear` with the data as a binary body and the options in the query
     string; the same PNG."""
-    parsers = (parse_linear, parse_linear_binary)
-    return await _plot(request, worker, settings, parsers, linear_job, _draw_linear, json=False)
+    return await _plot(
+        request, worker, settings, LINEAR_PARSERS, linear_job, _draw_linear, json=False
+    )
 
 
 @router.post(
@@ -149,12 +148,13 @@ async def plot_linear_binary(
     response_class=Response,
     summary="Plot a normal distribution fitted to binary data (.npy or raw floats)",
     responses={**RESPONSES, 415: BINARY_FIT_RESPONSES[415]},
-    openapi_extra=binary_body(GaussianOptions, "shape (n,): y", "POST /v1/plots/gaussian"),
+    openapi_extra=binary_body(GaussianOptions, GAUSSIAN_LAYOUT, "POST /v1/plots/gaussian"),
 )
 async def plot_gaussian_binary(
     request: Request, worker: WorkerDep, settings: SettingsDep
 ) -> Response:
     """`POST /v1/plots/gaussian` with the samples as a binary body and the options in the
     query string; the same PNG."""
-    parsers = (parse_gaussian, parse_gaussian_binary)
-    return await _plot(request, worker, settings, parsers, gaussian_job, _draw_gaussian, json=False)
+    return await _plot(
+        request, worker, settings, GAUSSIAN_PARSERS, gaussian_job, _draw_gaussian, json=False
+    )
