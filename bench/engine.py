@@ -123,11 +123,13 @@ def measure(engine: FitEngine, model: str, n: int, epochs: int, eager_cap: int) 
         eager = timed(lambda: reference_linear(x, y, lr, eager_epochs, (0.0, 0.0)), max_reps=3)
         eager *= epochs / eager_epochs
         numpy_t = timed(lambda: numpy_linear(x, y, lr, epochs), max_reps=5)
-        engine_t = timed(lambda: engine.fit_linear(x, y, learning_rate=lr, epochs=epochs, seed=0))
+        engine_t = timed(
+            lambda: engine.fit("linear", x, y, learning_rate=lr, epochs=epochs, seed=0)
+        )
         closed = timed(lambda: linear_closed_form(x, y))
         loop_only = timed(
-            lambda: engine.fit_linear(
-                tiny_x, tiny_y + np.array([0.0, 1.0]), learning_rate=lr, epochs=epochs
+            lambda: engine.fit(
+                "linear", tiny_x, tiny_y + np.array([0.0, 1.0]), learning_rate=lr, epochs=epochs
             )
         )
     else:
@@ -135,11 +137,11 @@ def measure(engine: FitEngine, model: str, n: int, epochs: int, eager_cap: int) 
         eager = timed(lambda: reference_gaussian(y, lr, eager_epochs), max_reps=3)
         eager *= epochs / eager_epochs
         numpy_t = timed(lambda: numpy_gaussian(y, lr, epochs), max_reps=5)
-        engine_t = timed(lambda: engine.fit_gaussian(y, learning_rate=lr, epochs=epochs))
+        engine_t = timed(lambda: engine.fit("gaussian", y, learning_rate=lr, epochs=epochs))
         closed = timed(lambda: gaussian_closed_form(y))
         loop_only = timed(
-            lambda: engine.fit_gaussian(
-                tiny_y + np.array([0.0, 1.0]), learning_rate=lr, epochs=epochs
+            lambda: engine.fit(
+                "gaussian", tiny_y + np.array([0.0, 1.0]), learning_rate=lr, epochs=epochs
             )
         )
     floor = timed(lambda: one_pass(x, y)) + loop_only

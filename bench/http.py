@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from service.api.parsing import parse_linear
+from service.api.models import BUILT_IN
 from service.api.schemas import limits_context
 from tests.server import Server, serve
 
@@ -188,7 +188,9 @@ def big_requests(server: Server, n: int = 1_000_000, runs: int = 3) -> Big:
     y = x + 2.0 + rng.normal(0.0, 0.15, n)
     body = json.dumps({"x": x.tolist(), "y": y.tolist(), "epochs": 1000}).encode()
     context = limits_context(n, 100_000, 10**12)
-    parse = statistics.median(_time(lambda: parse_linear(body, context)) for _ in range(runs))
+    parse = statistics.median(
+        _time(lambda: BUILT_IN["linear"].parse_json(body, context)) for _ in range(runs)
+    )
     json_runs = [
         asyncio.run(_big_request(server.url, body, {"content-type": "application/json"}))
         for _ in range(runs)

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -20,18 +20,13 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.api.bodies import BodyParsers
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimit
+from service.api.models import BUILT_IN, HttpModel
 from service.api.openapi import install_openapi
 from service.api.routes import datasets, fits, health, plots
-from service.api.schemas import (
-    GaussianBatchRequest,
-    GaussianDatasetRequest,
-    GaussianFitRequest,
-    LinearBatchRequest,
-    LinearDatasetRequest,
-    LinearFitRequest,
-)
+from service.api.schemas import GaussianDatasetRequest, LinearDatasetRequest
 from service.logs import AccessLogMiddleware, valid_request_id
 from service.settings import Settings, get_settings
 from service.worker import FitWorker
@@ -55,15 +50,19 @@ TAGS = [
 ]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the worker warms up in the background (``/readyz`` says when)."""
+def create_app(
+    settings: Settings | None = None, models: Mapping[str, HttpModel] = BUILT_IN
+) -> FastAPI:
+    """Build the app serving ``models``; the worker warms up in the background (``/readyz``
+    says when), and the parser processes start after readiness."""
     settings = settings or get_settings()
     registry = CollectorRegistry()
     worker = FitWorker(settings, registry)
+    bodies = BodyParsers(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        starting = asyncio.create_task(worker.start(), name="worker-start")
+        starting = asyncio.create_task(worker.start(bodies.start), name="worker-start")
         app.state.worker_started = starting
         try:
             yield
@@ -72,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not starting.done():
                 starting.cancel()
             await worker.stop()
+            await bodies.stop()
 
     # FastAPIOffline: /docs and /redoc with Swagger UI / ReDoc assets served by the app itself
     # (from the fastapi-offline package), so the pages work without any CDN.
@@ -90,9 +90,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.worker = worker
+    app.state.bodies = bodies
     install_error_handlers(app)
-    app.include_router(fits.router)
-    app.include_router(plots.router)
+    app.include_router(fits.router(models.values()))
+    app.include_router(plots.router(models.values()))
     app.include_router(datasets.router)
     app.include_router(health.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, deadline=settings.body_deadline)
@@ -105,17 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id
     )
-    install_openapi(
-        app,
-        [
-            LinearFitRequest,
-            GaussianFitRequest,
-            LinearBatchRequest,
-            GaussianBatchRequest,
-            LinearDatasetRequest,
-            GaussianDatasetRequest,
-        ],
-    )
+    requests = [schema for m in models.values() for schema in (m.request, m.batch_request)]
+    install_openapi(app, [*requests, LinearDatasetRequest, GaussianDatasetRequest])
     _cache_openapi(app)
     app.add_middleware(DocsContentSecurityPolicy)
     app.add_middleware(HeadAsGet)

@@ -1,4 +1,4 @@
-"""Bounded execution of fits off the event loop: admission, deadlines, cancellation, parsing.
+"""Bounded execution of fits off the event loop: admission, deadlines, cancellation.
 
 - At most ``max_concurrent_fits`` fits run at once, in a dedicated thread pool; what may
   wait is decided by :mod:`service.admission` (places, memory, expected time), which
@@ -7,10 +7,6 @@
   returns what it reached with ``stop_reason="timeout"``.
 - A caller that stops waiting (client gone) sets the fit's cancel flag; the engine abandons
   the fit at the next chunk boundary.
-- Large request bodies are parsed in a separate process so that pydantic, which holds the
-  GIL for the whole parse, never stalls the event loop. Every parse there has a deadline; a
-  parser that dies or hangs in any state is replaced and the request answered 503
-  (:class:`ParserFailed`), so no place ever leaks.
 """
 
 from __future__ import annotations
@@ -21,18 +17,25 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from functools import lru_cache, partial
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.admission import Admission, Refused, Ticket, memory_limit, rss_bytes
+from service.admission import (
+    Admission,
+    Refused,
+    Ticket,
+    memory_limit,
+    release_memory,
+    rss_bytes,
+)
 from service.fitting import (
     DegenerateData,
     FitCancelled,
@@ -47,18 +50,12 @@ from service.fitting.batch import BatchEngine, Ragged
 from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
-from service.parser_pool import ParserFailed, ParserPool, release_memory
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Seconds a refused client is told to wait (429): fits take milliseconds to a few seconds.
-#: A parse in the parser process may take this long, plus a second per PARSE_MIN_BYTES_PER_S
-#: of body (a 40 MB body parses in ~0.3 s): past that the parser is dead or wedged.
-PARSE_DEADLINE_S = 5.0
-PARSE_MIN_BYTES_PER_S = 10 * 1024 * 1024
-#: Memory a parser process may keep between parses (16 MiB idle, ~160 MiB after 38 MiB
-#: bodies): the budget leaves this for it, and a parser over it is replaced.
+#: Memory each parser process may keep between parses (see service.api.parser_pool): the
+#: automatic budget leaves this for each.
 PARSER_RESERVE_BYTES = 128 * 1024 * 1024
 #: What the warm-up after readiness adds to the server (batch loops, other variants):
 #: measured ~250 MiB.
@@ -75,13 +72,11 @@ __all__ = [
     "DegenerateData",
     "FitDiverged",
     "FitError",
+    "FitJob",
     "FitResult",
     "FitStats",
     "FitWorker",
-    "GaussianJob",
-    "LinearJob",
     "Optimizer",
-    "ParserFailed",
     "Refused",
     "Reporter",
     "Stopping",
@@ -107,43 +102,34 @@ class Training:
 
 
 @dataclass(frozen=True, slots=True)
-class LinearJob:
-    x: Array
-    y: Array
+class FitJob:
+    """One fit of ``model`` to ``data`` (the model's arrays in its order, e.g. x, y);
+    ``initial`` in the caller's units and the model's parameter order; ``options`` the
+    model's own (e.g. the Gaussian's reduction)."""
+
+    model: str
+    data: tuple[Array, ...]
     training: Training
-    initial: tuple[float, float] | None = None
+    initial: tuple[float, ...] | None = None
     seed: int | None = None
     weights: Array | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class GaussianJob:
-    y: Array
-    training: Training
-    initial: tuple[float, float] | None = None
-    reduction: Literal["sum", "mean"] = "mean"
-    seed: int | None = None
-    weights: Array | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class BatchJob:
-    """Many data sets of one model: values laid end to end, cut by ``lengths``."""
+    """Many data sets of one model: each array's values laid end to end, cut by ``lengths``."""
 
-    model: Literal["linear", "gaussian"]
+    model: str
     lengths: npt.NDArray[np.int64]
-    y: Array
+    data: tuple[Array, ...]
     learning_rate: float
     epochs: int
-    x: Array | None = None
-    initial: Array | None = None  # [B, 2], NaN rows where a set gave none
-    reduction: Literal["sum", "mean"] = "mean"
+    initial: Array | None = None  # [B, k], NaN rows where a set gave none
+    options: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None
     scaling: Scaling = "standardize"
     history_every: int = 1
-
-
-Job = LinearJob | GaussianJob
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,18 +213,6 @@ class FitMetrics:
             "Memory charged to the requests in progress (estimated peaks).",
             registry=registry,
         )
-        self.parser_restarts = Counter(
-            "tapefit_parser_restarts",
-            "Parser processes replaced: dead, past a deadline, or over their memory reserve.",
-            registry=registry,
-        )
-        self.parse_duration = Histogram(
-            "tapefit_parse_duration_seconds",
-            "Wall time of parsing and validating a request body.",
-            ["where"],
-            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=registry,
-        )
 
 
 @lru_cache(maxsize=4)
@@ -278,13 +252,12 @@ class FitWorker:
         self._fit_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent_fits, thread_name_prefix="fit"
         )
-        self._parse_pool: ParserPool | None = None
-        self._parse_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Set TensorFlow's threads, build and warm the compiled loops, start the parser."""
+    async def start(self, *warm_ups: Callable[[], object]) -> None:
+        """Set TensorFlow's threads, build and warm the compiled loops; the rest of the
+        warm-up, and ``warm_ups`` (the app's: its parser processes), run after readiness."""
         s = self.settings
         loop = asyncio.get_running_loop()
         configure_threads(s.intra_op_threads, s.inter_op_threads)
@@ -299,7 +272,7 @@ class FitWorker:
         # (In the default executor: warm-ups never take a fit slot.)
         self._batch_ready = loop.run_in_executor(None, shared_batch_engine)
         self._warming = [
-            loop.run_in_executor(None, self._start_parser),
+            *(loop.run_in_executor(None, warm_up) for warm_up in warm_ups),
             loop.run_in_executor(None, lambda: engine.warm_up(small=False)),
             self._batch_ready,
         ]
@@ -341,10 +314,6 @@ class FitWorker:
         self.begin_drain()
         self.ready = False
         self._fit_pool.shutdown(wait=False, cancel_futures=True)
-        with self._parse_lock:
-            pool, self._parse_pool = self._parse_pool, None
-        if pool is not None:  # whatever the parser is doing, it is not waited for
-            await asyncio.to_thread(pool.close)
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -377,44 +346,10 @@ class FitWorker:
             if large:
                 await asyncio.to_thread(release_memory)
 
-    # -- parsing --------------------------------------------------------------------------
-
-    def _start_parser(self) -> None:
-        if self.settings.parse_processes < 1:
-            return
-        pool: ParserPool | None = ParserPool(
-            self.settings.parse_processes,
-            on_restart=self.metrics.parser_restarts.inc,
-            max_rss_bytes=PARSER_RESERVE_BYTES,
-        )
-        with self._parse_lock:
-            if not self.draining:
-                self._parse_pool, pool = pool, None
-        if pool is not None:  # shut down while starting
-            pool.close()
-
-    async def parse(
-        self, fn: Callable[[bytes, dict[str, Any]], T], body: bytes, ctx: dict[str, Any]
-    ) -> T:
-        """Run a pure parse function: inline when small, else in a parser process (in a
-        thread until the parser processes are up)."""
-        start = time.perf_counter()
-        pool = self._parse_pool
-        if len(body) <= self.settings.parse_inline_max_bytes:
-            result, where = fn(body, ctx), "inline"
-        elif pool is None:
-            result, where = await asyncio.to_thread(fn, body, ctx), "thread"
-        else:
-            deadline = PARSE_DEADLINE_S + len(body) / PARSE_MIN_BYTES_PER_S
-            call = partial(pool.call, fn, body, ctx, deadline_s=deadline)
-            result, where = await asyncio.to_thread(call), "process"
-        self.metrics.parse_duration.labels(where).observe(time.perf_counter() - start)
-        return result
-
     # -- fitting --------------------------------------------------------------------------
 
     async def fit(
-        self, job: Job, timeout_s: float | None = None, progress: Reporter | None = None
+        self, job: FitJob, timeout_s: float | None = None, progress: Reporter | None = None
     ) -> FitResult:
         """Run one fit in the pool; cancelling the caller abandons the fit. ``progress``
         receives (epochs done, loss) in the fit's thread every ``progress.every`` epochs."""
@@ -425,7 +360,7 @@ class FitWorker:
         future = loop.run_in_executor(
             self._fit_pool, self._run, self.engine, job, should_stop, progress
         )
-        return await self._cancellable(future, cancelled, _model_name(job))
+        return await self._cancellable(future, cancelled, job.model)
 
     async def fit_batch(
         self, job: BatchJob, timeout_s: float | None = None
@@ -490,11 +425,11 @@ class FitWorker:
     def _run(
         self,
         engine: FitEngine,
-        job: Job,
+        job: FitJob,
         should_stop: Callable[[], StopReason | None],
         progress: Reporter | None = None,
     ) -> FitResult:
-        model = _model_name(job)
+        model = job.model
         outcome = "error"
         start = time.perf_counter()
         self.metrics.running.inc()
@@ -521,32 +456,28 @@ class FitWorker:
     @staticmethod
     def _dispatch(
         engine: FitEngine,
-        job: Job,
+        job: FitJob,
         should_stop: Callable[[], StopReason | None],
         progress: Reporter | None = None,
     ) -> FitResult:
         t = job.training
-        options: dict[str, Any] = {
-            "learning_rate": t.learning_rate,
-            "epochs": t.epochs,
-            "optimizer": t.optimizer,
-            "stopping": t.stopping,
-            "scaling": t.scaling,
-            "history_every": t.history_every,
-            "initial": job.initial,
-            "seed": job.seed,
-            "weights": job.weights,
-            "should_stop": should_stop,
-            "on_progress": progress.report if progress is not None else None,
-            "progress_every": progress.every if progress is not None else None,
-        }
-        if isinstance(job, LinearJob):
-            return engine.fit_linear(job.x, job.y, **options)
-        return engine.fit_gaussian(job.y, reduction=job.reduction, **options)
-
-
-def _model_name(job: Job) -> str:
-    return "linear" if isinstance(job, LinearJob) else "gaussian"
+        return engine.fit(
+            job.model,
+            *job.data,
+            learning_rate=t.learning_rate,
+            epochs=t.epochs,
+            optimizer=t.optimizer,
+            stopping=t.stopping,
+            scaling=t.scaling,
+            history_every=t.history_every,
+            initial=job.initial,
+            seed=job.seed,
+            weights=job.weights,
+            options=job.options,
+            should_stop=should_stop,
+            on_progress=progress.report if progress is not None else None,
+            progress_every=progress.every if progress is not None else None,
+        )
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
@@ -557,26 +488,14 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
 def _run_batch(
     engine: BatchEngine, job: BatchJob, should_stop: Callable[[], StopReason | None]
 ) -> list[FitResult | FitError]:
-    y = Ragged(job.y, job.lengths)
-    if job.model == "linear":
-        assert job.x is not None
-        return engine.fit_linear(
-            Ragged(job.x, job.lengths),
-            y,
-            learning_rate=job.learning_rate,
-            epochs=job.epochs,
-            initial=job.initial,
-            seed=job.seed,
-            scaling=job.scaling,
-            history_every=job.history_every,
-            should_stop=should_stop,
-        )
-    return engine.fit_gaussian(
-        y,
+    return engine.fit(
+        job.model,
+        *(Ragged(values, job.lengths) for values in job.data),
         learning_rate=job.learning_rate,
         epochs=job.epochs,
         initial=job.initial,
-        reduction=job.reduction,
+        options=job.options,
+        seed=job.seed,
         scaling=job.scaling,
         history_every=job.history_every,
         should_stop=should_stop,

@@ -179,8 +179,8 @@ def test_newton_reaches_the_certified_answers_within_50_epochs(
     far: dict[str, Any] = {}
     if start == "far":  # 100 standard deviations away in both parameters
         far = {"initial": (NORRIS_SLOPE + 100 * sd_y / sd_x, NORRIS_INTERCEPT - 100 * sd_y)}
-    line = engine.fit_linear(
-        x, y, learning_rate=0.1, epochs=50, optimizer=Optimizer("newton"), **far
+    line = engine.fit(
+        "linear", x, y, learning_rate=0.1, epochs=50, optimizer=Optimizer("newton"), **far
     )
     assert line.converged and line.stop_reason == "step_tolerance" and line.epochs_run <= 50
     assert lre(line.params["slope"], NORRIS_SLOPE) >= 9
@@ -189,8 +189,8 @@ def test_newton_reaches_the_certified_answers_within_50_epochs(
     for name, data in numacc().items():
         mean, std = exact_normal(data)
         far = {"initial": (mean + 100 * std, std)} if start == "far" else {}
-        fit = engine.fit_gaussian(
-            data, learning_rate=0.1, epochs=50, optimizer=Optimizer("newton"), **far
+        fit = engine.fit(
+            "gaussian", data, learning_rate=0.1, epochs=50, optimizer=Optimizer("newton"), **far
         )
         assert fit.converged and fit.epochs_run <= 50, name
         assert lre(fit.params["mean"], mean) >= 9, name
@@ -204,8 +204,13 @@ def test_newton_recovers_from_a_start_with_an_indefinite_hessian(engine: FitEngi
     y = np.random.default_rng(8).normal(-4.0, 2.0, 500)
     mean, std = exact_normal(y)
     for initial in [(mean + 100 * std, std), (mean, 100 * std), (mean, 0.01 * std)]:
-        fit = engine.fit_gaussian(
-            y, learning_rate=0.1, epochs=50, initial=initial, optimizer=Optimizer("newton")
+        fit = engine.fit(
+            "gaussian",
+            y,
+            learning_rate=0.1,
+            epochs=50,
+            initial=initial,
+            optimizer=Optimizer("newton"),
         )
         assert fit.converged, initial
         assert fit.params["mean"] == pytest.approx(mean, rel=1e-12)
@@ -256,22 +261,25 @@ def test_sweep_of_offsets_and_spreads_single(
     engine: FitEngine, offset: float, spread: float
 ) -> None:
     x, y, g = _sweep_data(offset, spread)
-    _check_line(engine.fit_linear(x, y, learning_rate=0.1, epochs=1000, seed=0), x, y)
-    _check_normal(engine.fit_gaussian(g, learning_rate=0.1, epochs=1000), g)
+    _check_line(engine.fit("linear", x, y, learning_rate=0.1, epochs=1000, seed=0), x, y)
+    _check_normal(engine.fit("gaussian", g, learning_rate=0.1, epochs=1000), g)
 
 
 def test_sweep_of_offsets_and_spreads_batch() -> None:
     """Every set of one batch is standardized on its own: all scales at once."""
     cases = [_sweep_data(o, s) for o, s in _sweep()]
     batch = BatchEngine()
-    lines = batch.fit_linear(
+    lines = batch.fit(
+        "linear",
         Ragged.of([c[0] for c in cases]),
         Ragged.of([c[1] for c in cases]),
         learning_rate=0.1,
         epochs=1000,
         seed=0,
     )
-    normals = batch.fit_gaussian(Ragged.of([c[2] for c in cases]), learning_rate=0.1, epochs=1000)
+    normals = batch.fit(
+        "gaussian", Ragged.of([c[2] for c in cases]), learning_rate=0.1, epochs=1000
+    )
     for (x, y, g), line, normal in zip(cases, lines, normals, strict=True):
         _check_line(line, x, y)
         _check_normal(normal, g)
@@ -281,11 +289,11 @@ def test_initial_values_are_in_the_callers_units(engine: FitEngine) -> None:
     """A start at the exact optimum stays there: loss history flat at the optimum's loss."""
     x, y = norris()
     slope, intercept = exact_line(x, y)
-    fit = engine.fit_linear(x, y, learning_rate=0.1, epochs=5, initial=(slope, intercept))
+    fit = engine.fit("linear", x, y, learning_rate=0.1, epochs=5, initial=(slope, intercept))
     assert fit.params["slope"] == pytest.approx(slope, rel=1e-12)
     np.testing.assert_allclose(fit.loss_history, 26.6173985294224 / x.size, rtol=1e-9)
     g = numacc()["NumAcc4"]
     mean, std = exact_normal(g)
-    normal = engine.fit_gaussian(g, learning_rate=0.1, epochs=5, initial=(mean, std))
+    normal = engine.fit("gaussian", g, learning_rate=0.1, epochs=5, initial=(mean, std))
     assert normal.params["mean"] == pytest.approx(mean, rel=1e-15)
     assert normal.params["std"] == pytest.approx(std, rel=1e-9)

@@ -1,13 +1,34 @@
-"""FastAPI dependencies as ``Annotated`` aliases (async: sync ones would cost a thread hop)."""
+"""FastAPI dependencies as ``Annotated`` aliases (async: sync ones would cost a thread hop).
+
+Routes never touch the raw request: they get the worker and settings, an admission ticket
+(:data:`AdmittedDep`), the parsed, validated body (:func:`parsed_body`), and the
+:class:`Caller` (is it still there; does it want server-sent events).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
+from service.admission import Ticket
+from service.api.bodies import BodyParsers
+from service.api.parsing import Parsed
+from service.api.requests import (
+    BinaryParser,
+    JsonParser,
+    parse_request,
+    unless_disconnected,
+    wait_for_disconnect,
+)
+from service.api.streaming import wants_stream
 from service.settings import Settings
 from service.worker import FitWorker
+
+T = TypeVar("T")
 
 
 async def get_worker(request: Request) -> FitWorker:
@@ -20,5 +41,87 @@ async def get_app_settings(request: Request) -> Settings:
     return settings
 
 
+async def get_bodies(request: Request) -> BodyParsers:
+    bodies: BodyParsers = request.app.state.bodies
+    return bodies
+
+
 WorkerDep = Annotated[FitWorker, Depends(get_worker)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+BodiesDep = Annotated[BodyParsers, Depends(get_bodies)]
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request's admission ticket (:mod:`service.admission`), released when the route
+    returns, or, once :meth:`hand_over` gave it to a streamed answer, when that ends."""
+
+    ticket: Ticket
+    _resources: AsyncExitStack
+
+    def hand_over(self) -> AsyncExitStack:
+        return self._resources.pop_all()
+
+
+async def admitted(worker: WorkerDep) -> AsyncIterator[Admitted]:
+    """Refused at once (before the body is read) when the service is not serving or every
+    place is taken; exceptions of the route pass through the ticket (refusals are counted)."""
+    async with AsyncExitStack() as resources:
+        ticket = await resources.enter_async_context(worker.admit())
+        yield Admitted(ticket, resources)
+
+
+#: Exits when the route function returns (before the answer is sent), so a place is free as
+#: soon as its answer is made; streamed answers take the ticket along (``hand_over``).
+AdmittedDep = Annotated[Admitted, Depends(admitted, scope="function")]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The client on the other end of the request."""
+
+    _request: Request
+
+    @property
+    def wants_events(self) -> bool:
+        """It asked for server-sent events (``Accept: text/event-stream``)."""
+        return wants_stream(self._request)
+
+    async def gone(self) -> None:
+        """Returns when the client disconnects."""
+        await wait_for_disconnect(self._request)
+
+    async def unless_gone(self, work: Awaitable[T]) -> T:
+        """Await ``work``, cancelled (which abandons a fit) if the client disconnects first."""
+        return await unless_disconnected(self._request, work)
+
+
+async def get_caller(request: Request) -> Caller:
+    return Caller(request)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def parsed_body(
+    parse_json: JsonParser[Any],
+    parse_binary: BinaryParser[Any] | None = None,
+    *,
+    json: bool = True,
+    admission: bool = True,
+) -> Callable[..., Awaitable[Parsed[Any]]]:
+    """A dependency giving the validated body: JSON (unless ``json`` is False) and/or, with
+    ``parse_binary``, a binary body with the options in the query string. With
+    ``admission`` the body is read after the request was admitted, charged to its ticket."""
+
+    async def admitted_body(
+        request: Request, admitted: AdmittedDep, settings: SettingsDep, bodies: BodiesDep
+    ) -> Parsed[Any]:
+        return await parse_request(
+            request, bodies, settings, parse_json, parse_binary, admitted.ticket, json=json
+        )
+
+    async def body(request: Request, settings: SettingsDep, bodies: BodiesDep) -> Parsed[Any]:
+        return await parse_request(request, bodies, settings, parse_json, parse_binary, json=json)
+
+    return admitted_body if admission else body

@@ -12,8 +12,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service.api.limits import drain, too_large
+from service.api.parser_pool import ParserFailed
 from service.api.parsing import sanitize_errors
-from service.worker import FitDiverged, FitError, ParserFailed, Refused, Unavailable
+from service.worker import FitDiverged, FitError, Refused, Unavailable
 
 
 class UnsupportedMediaType(Exception):

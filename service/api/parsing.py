@@ -21,14 +21,9 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from service.api.schemas import (
-    GaussianBatchRequest,
     GaussianDatasetRequest,
-    GaussianFitRequest,
-    GaussianOptions,
-    LinearBatchRequest,
     LinearDatasetRequest,
     LinearFitRequest,
-    LinearOptions,
     constant_error,
     context_limit,
     points_error,
@@ -106,9 +101,10 @@ def _too_many_numbers(body: bytes, arrays: int, context: dict[str, Any]) -> Inva
     )
 
 
-def _parse(
+def parse_json(
     model: type[RequestT], array_fields: tuple[str, ...], body: bytes, context: dict[str, Any]
 ) -> Parsed[RequestT] | Invalid:
+    """A JSON body of ``model``, its ``array_fields`` (and weights) taken out as arrays."""
     if array_fields and (refused := _too_many_numbers(body, len(array_fields) + 1, context)):
         return refused  # the arrays, and their weights
     try:
@@ -126,28 +122,20 @@ def _parse(
 def parse_linear_dataset(
     body: bytes, context: dict[str, Any]
 ) -> Parsed[LinearDatasetRequest] | Invalid:
-    return _parse(LinearDatasetRequest, (), body, context)
+    return parse_json(LinearDatasetRequest, (), body, context)
 
 
 def parse_gaussian_dataset(
     body: bytes, context: dict[str, Any]
 ) -> Parsed[GaussianDatasetRequest] | Invalid:
-    return _parse(GaussianDatasetRequest, (), body, context)
+    return parse_json(GaussianDatasetRequest, (), body, context)
 
 
-def parse_linear(body: bytes, context: dict[str, Any]) -> Parsed[LinearOptions] | Invalid:
-    return _parse(LinearFitRequest, ("x", "y"), body, context)
-
-
-def parse_gaussian(body: bytes, context: dict[str, Any]) -> Parsed[GaussianOptions] | Invalid:
-    return _parse(GaussianFitRequest, ("y",), body, context)
-
-
-def _parse_batch(
-    model: type[RequestT], names: tuple[str, ...], body: bytes, context: dict[str, Any]
+def parse_batch(
+    model: type[RequestT], names: tuple[str, ...], k: int, body: bytes, context: dict[str, Any]
 ) -> Parsed[RequestT] | Invalid:
-    """Batches: every set's arrays laid end to end, plus "lengths" and "initial" (NaN rows
-    where a set gave none)."""
+    """Batches: every set's arrays laid end to end, plus "lengths" and "initial" ([B, k], NaN
+    rows where a set gave none)."""
     if refused := _too_many_numbers(body, len(names) + 2, context):  # + lengths, initial
         return refused
     try:
@@ -160,24 +148,12 @@ def _parse_batch(
         for name in names
     }
     arrays["lengths"] = np.array([len(getattr(d, names[0])) for d in datasets], dtype=np.float64)
-    initial = np.full((len(datasets), 2), np.nan)
+    initial = np.full((len(datasets), k), np.nan)
     for i, d in enumerate(datasets):
         if d.initial is not None:
             initial[i] = tuple(d.initial.model_dump().values())
     arrays["initial"] = initial
     return Parsed(request.model_copy(update={"datasets": []}), arrays)
-
-
-def parse_linear_batch(
-    body: bytes, context: dict[str, Any]
-) -> Parsed[LinearBatchRequest] | Invalid:
-    return _parse_batch(LinearBatchRequest, ("x", "y"), body, context)
-
-
-def parse_gaussian_batch(
-    body: bytes, context: dict[str, Any]
-) -> Parsed[GaussianBatchRequest] | Invalid:
-    return _parse_batch(GaussianBatchRequest, ("y",), body, context)
 
 
 # -- binary bodies ------------------------------------------------------------------------
@@ -294,7 +270,7 @@ def _check_array(
     return _error(["body", name], error) if error is not None else None
 
 
-def _parse_binary(
+def parse_binary(
     options_model: type[RequestT],
     names: tuple[str, ...],
     distinct: tuple[bool, ...],
@@ -325,20 +301,6 @@ def _parse_binary(
     )
 
 
-def parse_linear_binary(
-    body: bytes, media: str, query: Mapping[str, str], context: dict[str, Any]
-) -> Parsed[LinearOptions] | Invalid:
-    """x then y: a (2, n) .npy array, or 2n raw little-endian floats."""
-    return _parse_binary(LinearOptions, ("x", "y"), (True, False), body, media, query, context)
-
-
-def parse_gaussian_binary(
-    body: bytes, media: str, query: Mapping[str, str], context: dict[str, Any]
-) -> Parsed[GaussianOptions] | Invalid:
-    """y: an (n,) .npy array, or n raw little-endian floats."""
-    return _parse_binary(GaussianOptions, ("y",), (True,), body, media, query, context)
-
-
 def warm() -> bool:
     """Touch the parsers once (used to start a parser process ahead of traffic)."""
-    return isinstance(parse_linear(b"{}", {}), Invalid)
+    return isinstance(parse_json(LinearFitRequest, ("x", "y"), b"{}", {}), Invalid)

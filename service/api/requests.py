@@ -12,11 +12,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
 from service.admission import Ticket, body_cost
+from service.api.bodies import BodyParsers
 from service.api.errors import BodyTimeout, ClientDisconnected, UnsupportedMediaType
 from service.api.parsing import BINARY_MEDIA_TYPES, Invalid, Parsed
 from service.api.schemas import limits_context
 from service.settings import Settings
-from service.worker import FitWorker
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
@@ -76,7 +76,7 @@ async def read_body(
 
 async def parse_request(
     request: Request,
-    worker: FitWorker,
+    bodies: BodyParsers,
     settings: Settings,
     parse_json: JsonParser[RequestT],
     parse_binary: BinaryParser[RequestT] | None = None,
@@ -110,7 +110,7 @@ async def parse_request(
                     for name in request.query_params
                 ]
             )
-        parsed = await worker.parse(parse_json, body, context)
+        parsed = await bodies.parse(parse_json, body, context)
     else:  # numpy decoding: no per-number Python objects; off the loop when large
         assert parse_binary is not None
         query = request.query_params

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -28,8 +28,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.api.errors import fit_error_body
-from service.api.requests import wait_for_disconnect
-from service.worker import FitError, FitResult, FitWorker, Job, Reporter
+from service.worker import FitError, FitJob, FitResult, FitWorker, Reporter
 
 EVENT_STREAM = "text/event-stream"
 #: Progress events per fit when the request does not set progress_every.
@@ -89,14 +88,15 @@ class EventStream(HoldingStream):
 
 
 async def fit_events(
-    request: Request,
+    gone_when: Callable[[], Awaitable[None]],
     worker: FitWorker,
-    job: Job,
+    job: FitJob,
     timeout_s: float | None,
     every: int,
     respond: Callable[[FitResult], BaseModel],
 ) -> AsyncIterator[str]:
-    """Run the fit, yielding progress events as its chunks finish, then the result."""
+    """Run the fit, yielding progress events as its chunks finish, then the result; stop
+    (abandoning the fit) when ``gone_when()`` returns: the client went away."""
     loop = asyncio.get_running_loop()
     progress: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
 
@@ -104,7 +104,7 @@ async def fit_events(
         loop.call_soon_threadsafe(progress.put_nowait, (epoch, loss))
 
     fit = asyncio.ensure_future(worker.fit(job, timeout_s, Reporter(report, every)))
-    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    gone = asyncio.ensure_future(gone_when())
     try:
         while True:
             update = asyncio.ensure_future(progress.get())

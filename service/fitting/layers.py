@@ -28,7 +28,13 @@ class LinearRegressionLayer(tf.keras.layers.Layer):
         self.built = True  # weights exist from __init__, as in the reference post
 
     def call(self, inputs: Any) -> Any:
-        return self.m * inputs + self.b
+        return self.line(self.m, self.b, inputs)
+
+    @staticmethod
+    def line(m: Any, b: Any, x: Any) -> Any:
+        """The layer's map on given weights: the engine evaluates it on loop-carried tensors
+        (no variable is read or written, so concurrent fits share nothing)."""
+        return m * x + b
 
 
 class GaussianFitLayer(tf.keras.layers.Layer):

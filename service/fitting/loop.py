@@ -1,31 +1,35 @@
-"""The compiled custom training loop.
+"""The compiled custom training loop, for any model spec (:mod:`service.fitting.models`).
 
-Each model and loop variant (optimizer, with or without stopping rules) gets one XLA-compiled
-``tf.function`` that runs up to ``epochs_per_call`` epochs of
-the post's step (``GradientTape`` -> ``tape.gradient`` -> update) on loop-carried parameter
-tensors. The data enter once, through :mod:`service.fitting.summary`, so every shape inside
-the loop is fixed: one trace and one XLA compilation serve every n, epoch count and learning
-rate. A driver calls the compiled chunk until the epochs are done, checking between calls
-whether the caller wants it to stop (deadline, disconnect).
+Each model and loop variant (update rule, with or without stopping rules) gets one
+XLA-compiled ``tf.function`` that runs up to ``epochs_per_call`` epochs of the reference
+post's step (``GradientTape`` -> ``tape.gradient`` -> update) on loop-carried parameter
+tensors. The data enter once, as the model's summary, so every shape inside the loop is
+fixed: one trace and one XLA compilation serve every n, epoch count and learning rate. A
+driver calls the compiled chunk until the epochs are done, checking between calls whether
+the caller wants it to stop (deadline, disconnect).
+
+What crosses into and out of a compiled call is three flat vectors, each with a stated
+layout (:mod:`service.fitting.layout`): the summary, the loop state (:func:`state_layout`)
+and the :class:`Controls`; out comes :func:`output_layout`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
-from service.fitting import scaling as scaling_
-from service.fitting.layers import GaussianFitLayer, LinearRegressionLayer
-from service.fitting.losses import mse_from_moments, nll_from_moments
+from service.fitting.layout import Layout
+from service.fitting.models import BUILT_IN, Loss, ModelSpec
 from service.fitting.options import (
     CONVERGED_RTOL,
     NO_STOPPING,
@@ -45,22 +49,14 @@ from service.fitting.results import (
     ModelName,
     StopReason,
 )
-from service.fitting.scaling import IDENTITY, Coordinates, fit_coordinates
+from service.fitting.scaling import IDENTITY, Coordinates, fit_coordinates, quiet
 from service.fitting.stats import (
-    CURVATURE_SIZE,
     AtFit,
     curvature,
-    gaussian_stats,
+    curvature_layout,
     is_converged,
-    linear_stats,
     not_converged,
     weight_summary,
-)
-from service.fitting.summary import (
-    gaussian_moments_numpy,
-    gaussian_summary,
-    linear_moments_numpy,
-    linear_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -71,22 +67,61 @@ StopCheck = Callable[[], StopReason | None]
 #: Called between chunks with (epochs done, loss at the current parameters).
 Progress = Callable[[int, float], None]
 
-#: The reference post's Keras ``random_normal`` initializer: mean 0, standard deviation 0.05.
-SLOPE_INIT_STDDEV = 0.05
-#: The reference post's deliberately-off Gaussian starting point: 0.7·mean(y), 1.3·std(y).
-GAUSSIAN_INIT_FACTORS = (0.7, 1.3)
-
-LossFn = Callable[[Any, Any], Any]
+Array = npt.NDArray[np.float64]
 
 
-#: Carried between chunks: [param0, param1, slot0 (2), slot1 (2), step, best_loss, stall].
-#: The slots are the optimizer's (momentum's velocity, Adam's two moments); ``best_loss`` and
-#: ``stall`` serve the loss tolerance.
-STATE_SIZE = 9
-#: [learning_rate, steps, momentum|beta_1, beta_2, epsilon, tolerance, patience,
-#: gradient_tolerance]; a negative tolerance disables that criterion. (The update rule and
-#: whether the stopping rules run are chosen by the loop variant.)
-CONTROLS_SIZE = 8
+class Controls(NamedTuple):
+    """The numbers a compiled loop runs with, as one vector in this order. (The update rule,
+    and whether the stopping rules run, are chosen by the loop variant.)"""
+
+    learning_rate: float
+    #: Epochs to run in this call.
+    steps: float
+    #: The first optimizer slot's decay: momentum's, or Adam's beta_1.
+    first_rate: float
+    beta_2: float
+    epsilon: float
+    #: Negative: this criterion is disabled.
+    tolerance: float
+    patience: float
+    gradient_tolerance: float
+
+
+class LoopState(NamedTuple):
+    """Carried between epochs and chunks: the parameters, the optimizer's two slots
+    (momentum's velocity; Adam's first and second moments), Adam's step count, and the best
+    loss and stall count of the loss tolerance."""
+
+    params: Any
+    first: Any
+    second: Any
+    step: Any
+    best: Any
+    stall: Any
+
+
+@functools.cache
+def state_layout(k: int) -> Layout:
+    return Layout.of(params=k, first=k, second=k, step=None, best=None, stall=None)
+
+
+@functools.cache
+def output_layout(k: int) -> Layout:
+    """A chunk's one output vector: the state, epochs done, how it ended, the
+    :func:`~service.fitting.stats.curvature` where it ended, then the loss history."""
+    return Layout.of(
+        state=state_layout(k).size,
+        done=None,
+        status=None,
+        curvature=curvature_layout(k).size,
+        history=-1,
+    )
+
+
+def _pack(layout: Layout, parts: Mapping[str, Any]) -> Any:
+    return tf.concat([tf.reshape(v, [-1]) for v in layout.order(parts)], axis=0)
+
+
 #: How a chunk ended: still running, non-finite, or the stopping rule that fired.
 RUNNING, NON_FINITE, LOSS_TOLERANCE, GRADIENT_TOLERANCE, STEP_TOLERANCE = 0, 1, 2, 3, 4
 _STOPS: dict[int, StopReason] = {
@@ -94,64 +129,65 @@ _STOPS: dict[int, StopReason] = {
     GRADIENT_TOLERANCE: "gradient_tolerance",
     STEP_TOLERANCE: "step_tolerance",
 }
-_HEAD = STATE_SIZE + 2 + CURVATURE_SIZE
 #: Newton's backtracking: at most this many halvings of a step, and Armijo's constant.
 MAX_HALVINGS = 60
 ARMIJO = 1e-4
 
 
 def _compile_chunk(
-    loss_fn: LossFn,
+    loss_fn: Loss,
     summary_size: int,
+    k: int,
     chunk: int,
     optimizer: OptimizerName = "sgd",
     stopping: bool = False,
 ) -> Any:
     """An XLA-compiled loop of up to ``chunk`` epochs of the reference post's GradientTape step on
-    ``loss_fn`` with one update rule, and with or without the stopping rules.
+    ``loss_fn`` (``k`` parameters) with one update rule, and with or without the stopping
+    rules.
 
     Each variant holds only its own ops (an epoch of plain gradient descent stays a handful of
-    fused ops); the numbers they use (learning rate, betas, tolerances) come in ``controls``,
-    so one compilation per variant serves every request. Returns one packed vector (one
-    device-to-host copy): [state (9), epochs_done, status, final_loss, history (chunk)]. Each
-    epoch evaluates the loss and its gradient at the current parameters, stops there if a
-    stopping rule holds (no update), and otherwise updates. The loop also stops when the loss
-    or the update is non-finite; the state is then the one before the failing update.
+    fused ops); the numbers they use come in the :class:`Controls`, so one compilation per
+    variant serves every request. Returns one :func:`output_layout` vector (one
+    device-to-host copy). Each epoch evaluates the loss and its gradient at the current
+    parameters, stops there if a stopping rule holds (no update), and otherwise updates. The
+    loop also stops when the loss or the update is non-finite; the state is then the one
+    before the failing update.
     """
+    layout = state_layout(k)
 
     @tf.function(
         jit_compile=True,
         input_signature=[
-            tf.TensorSpec([summary_size], tf.float64),  # data summary (+ loss constants)
-            tf.TensorSpec([STATE_SIZE], tf.float64),
-            tf.TensorSpec([CONTROLS_SIZE], tf.float64),
+            tf.TensorSpec([summary_size], tf.float64),
+            tf.TensorSpec([layout.size], tf.float64),
+            tf.TensorSpec([len(Controls._fields)], tf.float64),
         ],
     )
     def run(summary: Any, state: Any, controls: Any) -> Any:
-        learning_rate, steps = controls[0], tf.cast(controls[1], tf.int32)
-        beta_1, beta_2, epsilon = controls[2], controls[3], controls[4]
-        tolerance, patience, gradient_tolerance = controls[5], controls[6], controls[7]
+        c = Controls(*tf.unstack(controls))
+        steps = tf.cast(c.steps, tf.int32)
         history = tf.TensorArray(tf.float64, size=chunk, element_shape=[])
 
-        def epoch(i: Any, s: Any, history: Any, status: Any) -> Any:
-            p = s[0:2]
+        def epoch(i: Any, s: LoopState, history: Any, status: Any) -> Any:
+            p = s.params
             if optimizer == "newton":
-                at = curvature(loss_fn, p, summary)
-                loss, g = at[0], at[1:3]
+                at = curvature_layout(k).unpack(curvature(loss_fn, p, summary))
+                loss, g = at["loss"], at["gradient"]
             else:
                 with tf.GradientTape() as tape:
                     tape.watch(p)
                     loss = loss_fn(p, summary)
                 g = tape.gradient(loss, p)
-            slots, step, best, stall = s[2:6], s[6], s[7], s[8]
+            first, second, step, best, stall = s.first, s.second, s.step, s.best, s.stall
 
             stop = tf.constant(RUNNING)
             if stopping:
                 scale = tf.maximum(tf.abs(loss), tf.constant(1.0, tf.float64))
-                stall = tf.where((best - loss) > tolerance * scale, 0.0 * stall, stall + 1.0)
+                stall = tf.where((best - loss) > c.tolerance * scale, 0.0 * stall, stall + 1.0)
                 best = tf.minimum(best, loss)
-                loss_stop = (tolerance >= 0.0) & (stall >= patience)
-                gradient_stop = (gradient_tolerance >= 0.0) & (tf.norm(g) <= gradient_tolerance)
+                loss_stop = (c.tolerance >= 0.0) & (stall >= c.patience)
+                gradient_stop = (c.gradient_tolerance >= 0.0) & (tf.norm(g) <= c.gradient_tolerance)
                 stop = tf.where(
                     tf.math.is_finite(loss),
                     tf.where(
@@ -163,49 +199,58 @@ def _compile_chunk(
                 )
 
             if optimizer == "sgd":
-                new_p = p - learning_rate * g
+                new_p = p - c.learning_rate * g
             elif optimizer == "momentum":
-                velocity = beta_1 * slots[0:2] - learning_rate * g
-                new_p = p + velocity
-                slots = tf.concat([velocity, slots[2:4]], axis=0)
+                first = c.first_rate * first - c.learning_rate * g
+                new_p = p + first
             elif optimizer == "adam":
                 step = step + 1.0
-                first = slots[0:2] + (g - slots[0:2]) * (1.0 - beta_1)
-                second = slots[2:4] + (g * g - slots[2:4]) * (1.0 - beta_2)
-                alpha = learning_rate * tf.sqrt(1.0 - beta_2**step) / (1.0 - beta_1**step)
-                new_p = p - alpha * first / (tf.sqrt(second) + epsilon)
-                slots = tf.concat([first, second], axis=0)
+                first = first + (g - first) * (1.0 - c.first_rate)
+                second = second + (g * g - second) * (1.0 - c.beta_2)
+                alpha = c.learning_rate * tf.sqrt(1.0 - c.beta_2**step) / (1.0 - c.first_rate**step)
+                new_p = p - alpha * first / (tf.sqrt(second) + c.epsilon)
             else:  # newton
-                new_p, final = _newton_update(loss_fn, summary, p, loss, g, at[3:7])
+                hessian = tf.reshape(at["hessian"], [k, k])
+                new_p, final = _newton_update(loss_fn, summary, p, loss, g, hessian)
                 # The step is taken, then the fit stops: after a quadratic step that small,
                 # the parameters are at the optimum to rounding.
                 stop = tf.where((stop == RUNNING) & final, STEP_TOLERANCE, stop)
 
-            updated = tf.concat([new_p, slots, tf.stack([step, best, stall])], axis=0)
-            finite = tf.math.is_finite(loss) & tf.reduce_all(tf.math.is_finite(updated[0:6]))
+            updated = LoopState(new_p, first, second, step, best, stall)
+            finite = tf.math.is_finite(loss) & tf.reduce_all(
+                tf.math.is_finite(tf.concat([new_p, first, second], axis=0))
+            )
             history = history.write(i, loss)
             # A tolerance stop halts before the update; Newton's step-tolerance stop keeps the
             # step just taken (and it counts).
             steps_on = (stop == RUNNING) | (stop == STEP_TOLERANCE)
             status = tf.where(steps_on & ~finite, NON_FINITE, stop)
-            new_s = tf.where(steps_on & finite, updated, s)
+            keep = steps_on & finite
+            new_s = tf.nest.map_structure(lambda a, b: tf.where(keep, a, b), updated, s)
             return i + tf.where(steps_on, 1, 0), new_s, history, status
 
-        done, state, history, status = tf.while_loop(
+        done, state_out, history, status = tf.while_loop(
             lambda i, s, h, status: (i < steps) & (status == RUNNING),
             epoch,
-            [tf.constant(0), state, history, tf.constant(RUNNING)],
+            [tf.constant(0), LoopState(**layout.unpack(state)), history, tf.constant(RUNNING)],
         )
-        flags = tf.stack([tf.cast(done, tf.float64), tf.cast(status, tf.float64)])
         # On a Newton step-tolerance stop the history holds one entry per step taken.
-        at_end = curvature(loss_fn, state[0:2], summary)  # loss, gradient, Hessian
-        return tf.concat([state, flags, at_end, history.stack()], axis=0)
+        return _pack(
+            output_layout(k),
+            {
+                "state": _pack(layout, state_out._asdict()),
+                "done": tf.cast(done, tf.float64),
+                "status": tf.cast(status, tf.float64),
+                "curvature": curvature(loss_fn, state_out.params, summary),
+                "history": history.stack(),
+            },
+        )
 
     return run
 
 
 def _newton_update(
-    loss_fn: LossFn, summary: Any, p: Any, loss: Any, g: Any, hessian: Any
+    loss_fn: Loss, summary: Any, p: Any, loss: Any, g: Any, hessian: Any
 ) -> tuple[Any, Any]:
     """One damped Newton step from ``p``, and whether it was the last one needed: a full
     step already within ``CONVERGED_RTOL`` of max(1, |parameters|).
@@ -217,8 +262,7 @@ def _newton_update(
     rounding. If no halving decreases the loss the parameters stay.
     """
     size = p.shape[0]
-    h = tf.reshape(hessian, [size, size])
-    h = 0.5 * (h + tf.transpose(h))
+    h = 0.5 * (hessian + tf.transpose(hessian))
     eigenvalues = tf.linalg.eigvalsh(h)
     lowest, highest = eigenvalues[0], eigenvalues[-1]
     zero = tf.zeros_like(lowest)
@@ -253,56 +297,55 @@ VARIANTS: tuple[Variant, ...] = tuple(
 DEFAULT_VARIANT: Variant = ("sgd", False)
 
 
-_VECTOR = tf.TensorSpec([None], tf.float64)
-
-
 class FitEngine:
-    """Fits the reference post's two models; safe to call from many threads at once.
+    """Fits any model spec; safe to call from many threads at once.
 
-    The layers are templates: their ``add_weight`` variables define the parameters, and the
-    compiled loops evaluate them statelessly on loop-carried tensors, so concurrent fits never
-    share mutable state.
+    The loops evaluate each model's loss statelessly on loop-carried tensors, so concurrent
+    fits never share mutable state.
 
-    Every fit reduces its data to a summary (numpy below ``graph_min_points`` or with
-    weights, where a graph call costs more than the whole computation; a graph function
+    Every fit reduces its data to the model's summary (numpy below ``graph_min_points`` or
+    with weights, where a graph call costs more than the whole computation; a graph function
     above), standardizes it unless ``scaling="none"`` (:mod:`service.fitting.scaling`), and
     calls the XLA-compiled loop in chunks. The loop returns the loss, gradient and Hessian
     where it stops, for the statistics; everything is reported in the caller's units.
     """
 
-    def __init__(self, epochs_per_call: int = 4096, graph_min_points: int = 32_768) -> None:
+    def __init__(
+        self,
+        epochs_per_call: int = 4096,
+        graph_min_points: int = 32_768,
+        models: Mapping[str, ModelSpec] = BUILT_IN,
+    ) -> None:
         if epochs_per_call < 1:
             raise ValueError("epochs_per_call must be >= 1")
         self.epochs_per_call = epochs_per_call
         self.graph_min_points = graph_min_points
-        self.linear_layer = LinearRegressionLayer(dtype="float64", name="linear")
-        self.gaussian_layer = GaussianFitLayer((0.0, 1.0), dtype="float64", name="gaussian")
+        self.models: dict[str, ModelSpec] = {}
         # One loop per model and variant; each compiles on its first call (warm_up calls them).
-        self._loop_fns = {
-            (model, variant): _compile_chunk(loss, size, epochs_per_call, *variant)
-            for model, loss, size in (
-                ("linear", self._linear_loss, 6),
-                ("gaussian", self._gaussian_loss, 4),
-            )
-            for variant in VARIANTS
-        }
+        self._loop_fns: dict[tuple[str, Variant], Any] = {}
         # Fast callers are made on first use: making one traces its function (~0.15 s each).
         self._loops: dict[tuple[str, Variant], Callable[..., Any]] = {}
-        self._loops_lock = threading.Lock()
-        # The large-data summaries (data in as TensorSpec([None])), traced on first use.
-        self._summary_fns = {"linear": linear_summary, "gaussian": gaussian_summary}
         self._summaries: dict[str, Callable[..., Any]] = {}
+        self._loops_lock = threading.Lock()
+        for spec in models.values():
+            self.register(spec)
 
-    # -- losses on loop-carried parameters -------------------------------------------------
+    def register(self, spec: ModelSpec) -> None:
+        """Fit ``spec`` too (its loops compile on first use, or in :meth:`warm_up`)."""
+        with self._loops_lock:
+            self.models[spec.name] = spec
+            for variant in VARIANTS:
+                self._loop_fns[(spec.name, variant)] = _compile_chunk(
+                    spec.loss, spec.summary.size, spec.k, self.epochs_per_call, *variant
+                )
 
-    def _linear_loss(self, p: Any, summary: Any) -> Any:
-        slope, intercept = p[0:1], p[1:2]
-        at_mean, _ = self.linear_layer.stateless_call([slope, intercept], [], summary[1:2])
-        return mse_from_moments(at_mean[0], p[0], summary)
-
-    @staticmethod
-    def _gaussian_loss(p: Any, summary: Any) -> Any:
-        return nll_from_moments(p[0], p[1], summary, summary[3])
+    def spec(self, model: str | ModelSpec) -> ModelSpec:
+        if isinstance(model, ModelSpec):
+            return model
+        try:
+            return self.models[model]
+        except KeyError:
+            raise ValueError(f"unknown model {model!r}") from None
 
     # -- the compiled entry points -----------------------------------------------------------
 
@@ -318,36 +361,30 @@ class FitEngine:
                 caller = callers[key]
         return caller
 
-    def _loop(self, model: str, variant: Variant) -> Callable[..., Any]:
-        key = (model, variant)
+    def _loop(self, spec: ModelSpec, variant: Variant) -> Callable[..., Any]:
+        key = (spec.name, variant)
         return self._caller(self._loops, key, self._loop_fns[key])
 
-    def _moments(
-        self,
-        model: str,
-        in_numpy: Callable[..., npt.NDArray[np.float64]],
-        weights: npt.NDArray[np.float64] | None,
-        *data: npt.NDArray[np.float64],
-    ) -> npt.NDArray[np.float64]:
-        """The data's summary: by numpy for small or weighted data (a graph call costs more
+    def _moments(self, spec: ModelSpec, weights: Array | None, data: list[Array]) -> Array:
+        """The data's moments: by numpy for small or weighted data (a graph call costs more
         than the whole computation there), else by one graph call for all the points."""
         if weights is not None or data[0].size < self.graph_min_points:
-            return in_numpy(*data, weights)
-        summarize = self._caller(self._summaries, model, self._summary_fns[model])
+            return spec.moments(*data, weights)
+        summarize = self._caller(self._summaries, spec.name, spec.moments_graph)
         return np.asarray(summarize(*(_vector(v) for v in data)).numpy())
 
     # -- public API --------------------------------------------------------------------------
 
-    def fit_linear(
+    def fit(
         self,
-        x: npt.ArrayLike,
-        y: npt.ArrayLike,
-        *,
+        model: str | ModelSpec,
+        *data: npt.ArrayLike,
         learning_rate: float,
         epochs: int,
-        initial: tuple[float, float] | None = None,
+        initial: npt.ArrayLike | None = None,
         seed: int | None = None,
         weights: npt.ArrayLike | None = None,
+        options: Mapping[str, Any] | None = None,
         optimizer: Optimizer = SGD,
         stopping: Stopping = NO_STOPPING,
         scaling: Scaling = "standardize",
@@ -356,155 +393,74 @@ class FitEngine:
         on_progress: Progress | None = None,
         progress_every: int | None = None,
     ) -> FitResult:
-        """Fit y = m·x + b by minimizing the (weighted) MSE.
+        """Fit ``model`` to ``data`` (its arrays in the spec's order, e.g. x, y).
 
-        Without ``initial``, m starts from N(0, 0.05²) drawn with ``seed`` (a fresh seed is
-        drawn and reported when none is given) and b from 0, as the reference post's layer
-        does: in standardized coordinates by default, in raw units with ``scaling="none"``.
-        ``initial`` is in the caller's units. ``weights`` (one per point, >= 0) make the loss
-        Σw(y - mx - b)² / Σw. ``on_progress(epochs_done, loss)`` is called after every
-        ``progress_every`` epochs (and at the end); ``should_stop`` is checked as often.
+        Without ``initial`` the fit starts from the model's default: for a random start
+        (the line's slope, from N(0, 0.05²) as in the reference post's layer) drawn with
+        ``seed`` (a fresh seed is drawn and reported when none is given); a deterministic
+        start reports no seed. ``initial`` is in the caller's units, in the spec's parameter
+        order. ``weights`` (one per point, >= 0) weight the loss; ``options`` are the model's
+        own (e.g. the Gaussian's ``reduction``). ``on_progress(epochs_done, loss)`` is called
+        after every ``progress_every`` epochs (and at the end); ``should_stop`` is checked
+        as often.
         """
-        _check_hyperparameters(learning_rate, epochs, initial or (0.0, 0.0), history_every)
-        xs, ys = _array(x), _array(y)
-        ws = _weights(weights, xs.size)
-        summary = self._moments("linear", linear_moments_numpy, ws, xs, ys)
-        _check(summary, 3, "x")
-        fit_summary, coords = fit_coordinates(scaling, summary, scaling_.linear)
-        if initial is None:
-            seed = _fresh_seed() if seed is None else seed
-            start = (random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV), 0.0)
-        else:
-            seed, start = None, coords.to_fit(initial)  # nothing random: no seed to report
-        _check(fit_summary, 3, "x", start)
-        plan = self._plan(
-            "linear",
-            learning_rate,
-            epochs,
-            optimizer,
-            stopping,
-            coords,
-            on_progress,
-            should_stop,
-            progress_every,
-        )
-        run = plan.run(fit_summary, start)
-        at = AtFit.of(run.curvature, run.params, coords)
-        stats = linear_stats(at, summary, weight_summary(ws, xs.size))
-        return _result("linear", run, at, stats, stopping, scaling, history_every, seed)
-
-    def fit_gaussian(
-        self,
-        y: npt.ArrayLike,
-        *,
-        learning_rate: float,
-        epochs: int,
-        initial: tuple[float, float] | None = None,
-        reduction: Reduction = "mean",
-        seed: int | None = None,
-        weights: npt.ArrayLike | None = None,
-        optimizer: Optimizer = SGD,
-        stopping: Stopping = NO_STOPPING,
-        scaling: Scaling = "standardize",
-        history_every: int = 1,
-        should_stop: StopCheck | None = None,
-        on_progress: Progress | None = None,
-        progress_every: int | None = None,
-    ) -> FitResult:
-        """Fit N(m, s²) by minimizing the (weighted) negative log-likelihood.
-
-        Nothing here is random: ``seed`` is accepted like the linear fit's, and the result's
-        ``seed`` is None.
-
-        ``reduction="sum"`` is the reference post's NLL; ``"mean"`` divides it by N (by Σw
-        with weights) so one learning rate suits any N. Without ``initial`` the start is
-        (ȳ - 0.3·sd, 1.3·sd): the post's deliberately-off 0.7 and 1.3 factors, measured in
-        standard deviations so the start is O(1) away at any scale; with
-        ``scaling="none"`` it is the post's own (0.7·ȳ, 1.3·sd). ``initial`` is in the
-        caller's units. The returned std is |s| (the NLL depends on s only through s²).
-        ``weights`` make the NLL Σ w·nll(y). ``on_progress`` and ``progress_every`` as for
-        :meth:`fit_linear`.
-        """
-        _check_hyperparameters(learning_rate, epochs, initial or (0.0, 1.0), history_every)
-        ys = _array(y)
-        ws = _weights(weights, ys.size)
-        moments = self._moments("gaussian", gaussian_moments_numpy, ws, ys)
-        total = moments[0] if ws is None else float(ws.sum())
-        summary = np.append(moments, total if reduction == "sum" else 1.0)
-        _check(summary, 2, "y")
-        fit_summary, coords = fit_coordinates(scaling, summary, scaling_.gaussian)
+        spec = self.spec(model)
+        model_options = spec.model_options(options)
+        _check_hyperparameters(learning_rate, epochs, history_every)
+        arrays = _arrays(spec, data)
+        n = arrays[0].size
+        ws = _weights(weights, n)
+        moments = self._moments(spec, ws, arrays)
+        total = np.asarray(n if ws is None else ws.sum(), dtype=np.float64)
+        summary = spec.complete(moments, total, model_options)
+        _check(spec, summary)
+        fit_summary, coords = fit_coordinates(scaling, summary, spec.standardize)
         if initial is not None:
-            start = coords.to_fit(initial)
-        elif scaling == "none":
-            m_factor, s_factor = GAUSSIAN_INIT_FACTORS
-            with np.errstate(over="ignore", invalid="ignore"):
-                start = (m_factor * float(summary[1]), s_factor * math.sqrt(summary[2]))
+            given = _initial(spec, initial)
+            seed, start = None, coords.to_fit(given)  # nothing random: no seed to report
         else:
-            start = STANDARDIZED_GAUSSIAN_START
-        _check(fit_summary, 2, "y", start)
-        plan = self._plan(
-            "gaussian",
-            learning_rate,
-            epochs,
-            optimizer,
-            stopping,
-            coords,
-            on_progress,
-            should_stop,
-            progress_every,
-        )
-        run = plan.run(fit_summary, start)
-        at = AtFit.of(run.curvature, run.params, coords)
-        stats = gaussian_stats(at, summary, weight_summary(ws, ys.size))
-        # The Gaussian start is deterministic: there is no seed to report.
-        return _result("gaussian", run, at, stats, stopping, scaling, history_every, None)
-
-    def _plan(
-        self,
-        model: str,
-        learning_rate: float,
-        epochs: int,
-        optimizer: Optimizer,
-        stopping: Stopping,
-        coords: Coordinates,
-        on_progress: Progress | None,
-        should_stop: StopCheck | None,
-        progress_every: int | None,
-    ) -> _Plan:
+            seed = (_fresh_seed() if seed is None else seed) if spec.random_start else None
+            start = spec.start(summary[None, :], scaling, [seed])[0]
+        _check(spec, fit_summary, start)
         per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
-        variant = (optimizer.name, stopping.enabled)
-        return _Plan(
-            loop=self._loop(model, variant),
+        plan = _Plan(
+            loop=self._loop(spec, (optimizer.name, stopping.enabled)),
             controls=_controls(learning_rate, min(per_call, epochs), optimizer, stopping),
             epochs=epochs,
+            k=spec.k,
             coords=coords,
             should_stop=should_stop,
             on_progress=on_progress,
             progress_every=progress_every,
         )
+        run = plan.run(fit_summary, start)
+        at = AtFit.of(run.curvature, run.params, coords)
+        with quiet():  # what overflows float64 is reported as null
+            stats = spec.stats(at, summary, weight_summary(ws, n))
+        return _result(spec, run, at, stats, stopping, scaling, history_every, seed)
 
     def warm_up(self, small: bool = True, large: bool = True, variants: bool = True) -> None:
-        """Run the compiled functions once so no request pays tracing or XLA compilation:
-        the default loop, the large-data summaries, and the loops of the other optimizers
-        and of the stopping rules. (Scaling changes only the numbers the loops get.)"""
+        """Run the compiled functions of every model once so no request pays tracing or XLA
+        compilation: the default loop, the large-data summaries, and the loops of the other
+        optimizers and of the stopping rules. (Scaling changes only the numbers the loops
+        get.)"""
         rng = np.random.default_rng(0)
         sizes = ([16] if small else []) + ([self.graph_min_points] if large else [])
-        x = rng.random(16)
-        y = 2.0 * x + 1.0 + rng.normal(0, 0.1, 16)
-        for n in sizes:
-            x = rng.random(n)
-            y = 2.0 * x + 1.0 + rng.normal(0, 0.1, n)
-            self.fit_linear(x, y, learning_rate=0.1, epochs=2, seed=0)
-            self.fit_gaussian(y, learning_rate=0.1, epochs=2)
-        for name, stopping in VARIANTS if variants else ():
-            options: dict[str, Any] = {
-                "learning_rate": 0.01,
-                "epochs": 2,
-                "optimizer": Optimizer(name),
-                "stopping": Stopping(tolerance=0.0) if stopping else NO_STOPPING,
-            }
-            self.fit_linear(x[:16], y[:16], seed=0, **options)
-            self.fit_gaussian(y[:16], **options)
+        for spec in list(self.models.values()):
+            for n in sizes:
+                data = [rng.random(n) for _ in spec.data]
+                self.fit(spec, *data, learning_rate=0.01, epochs=2, seed=0)
+            data = [rng.random(16) for _ in spec.data]
+            for name, stopping in VARIANTS if variants else ():
+                self.fit(
+                    spec,
+                    *data,
+                    learning_rate=0.01,
+                    epochs=2,
+                    seed=0,
+                    optimizer=Optimizer(name),
+                    stopping=Stopping(tolerance=0.0) if stopping else NO_STOPPING,
+                )
 
     def xla_input_signatures(self) -> list[Any]:
         """Input specs of the XLA-compiled functions: fully static, so one compilation serves
@@ -513,43 +469,40 @@ class FitEngine:
 
     def trace_counts(self) -> dict[str, int]:
         """How often each compiled function was traced (stays 1 after warm-up)."""
-        functions = {f"{model}_summary": fn for model, fn in self._summary_fns.items()}
+        functions = {f"{name}_summary": spec.moments_graph for name, spec in self.models.items()}
         for (model, (name, stopping)), fn in self._loop_fns.items():
             functions[f"{model}_loop_{name}" + ("_stopping" if stopping else "")] = fn
         return {name: int(fn.experimental_get_tracing_count()) for name, fn in functions.items()}
 
 
-#: The default Gaussian start in standardized units: the reference post's deliberately-off
-#: factors 0.7 and 1.3, as 0.3 standard deviations below the mean and 1.3 of them wide.
-STANDARDIZED_GAUSSIAN_START = (-0.3, 1.3)
-
-
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """How one fit runs: its compiled loop (variant), controls, length, coordinates and
-    callbacks. Chunks are at most the first chunk's length (``controls[1]``) and end on
+    callbacks. Chunks are at most the first chunk's length (``controls.steps``) and end on
     multiples of ``progress_every``, where progress is reported (and at the end), in the
     caller's units."""
 
     loop: Callable[..., Any]
-    controls: npt.NDArray[np.float64]
+    controls: Controls
     epochs: int
+    k: int
     coords: Coordinates
     should_stop: StopCheck | None
     on_progress: Progress | None
     progress_every: int | None
 
-    def run(self, summary: npt.NDArray[np.float64], start: tuple[float, float]) -> _Run:
+    def run(self, summary: Array, start: Array) -> _Run:
         """Run chunks from ``start`` (fit coordinates) until ``epochs`` or a stop, checking
         each chunk's outcome."""
         controls, epochs = self.controls, self.epochs
-        learning_rate = float(controls[0])
-        per_call = int(controls[1])
+        learning_rate = controls.learning_rate
+        per_call = int(controls.steps)
         every = self.progress_every or epochs
         should_stop = self.should_stop
         summary_t = _vector(summary)
-        chunk = _Chunk(self.loop(summary_t, _initial_state(start), _vector(controls)).numpy())
-        pieces: list[npt.NDArray[np.float64]] = []
+        k = self.k
+        chunk = _Chunk(self.loop(summary_t, _initial_state(start), _vector(controls)), k)
+        pieces: list[Array] = []
         stop: StopReason = "max_epochs"
         done_total = 0
         while True:
@@ -567,23 +520,16 @@ class _Plan:
                 self.on_progress(done_total, self.coords.loss(chunk.final))
             if ending:
                 break
-            controls = controls.copy()
-            controls[1] = min(per_call, epochs - done_total, every - done_total % every)
-            chunk = _Chunk(self.loop(summary_t, _vector(chunk.state), _vector(controls)).numpy())
+            steps = min(per_call, epochs - done_total, every - done_total % every)
+            next_controls = _vector(controls._replace(steps=steps))
+            chunk = _Chunk(self.loop(summary_t, _vector(chunk.state), next_controls), k)
         final_loss = chunk.final
         if not math.isfinite(final_loss):
             raise FitDiverged(epoch=done_total, learning_rate=learning_rate)
         history = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         if history.size:
             check_descended(history, final_loss, learning_rate, self.coords)
-        return _Run(
-            (float(chunk.params[0]), float(chunk.params[1])),
-            history,
-            final_loss,
-            done_total,
-            stop,
-            chunk.curvature,
-        )
+        return _Run(chunk.params, history, final_loss, done_total, stop, chunk.curvature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,16 +537,16 @@ class _Run:
     """What the driver reached, in fit coordinates: parameters, full loss history, final
     loss, updates, why it stopped, and the loss, gradient and Hessian at the parameters."""
 
-    params: tuple[float, float]
-    history: npt.NDArray[np.float64]
+    params: Array
+    history: Array
     final_loss: float
     epochs_run: int
     stop: StopReason
-    curvature: npt.NDArray[np.float64]
+    curvature: Array
 
 
 def _result(
-    model: ModelName,
+    spec: ModelSpec,
     run: _Run,
     at: AtFit,
     stats: FitStats,
@@ -611,12 +557,10 @@ def _result(
 ) -> FitResult:
     coords = at.coords
     converged = is_converged(at, stopping.gradient_tolerance)
-    fitted = coords.from_fit(run.params)
-    if model == "gaussian":
-        fitted = (fitted[0], abs(fitted[1]))
+    fitted = spec.report(coords.from_fit(run.params))
     return FitResult(
-        model=model,
-        params=dict(zip(stats.names, fitted, strict=True)),
+        model=spec.name,
+        params={name: float(v) for name, v in zip(spec.params, fitted, strict=True)},
         loss_history=coords.losses(run.history[::history_every]),
         final_loss=coords.loss(run.final_loss),
         epochs_run=run.epochs_run,
@@ -653,44 +597,66 @@ def _fast_call(function: Any) -> Callable[..., Any]:
 
 
 class _Chunk:
-    """A chunk's packed output: [state (9), epochs_done, status, curvature (7), history]."""
+    """A chunk's :func:`output_layout` vector, read by name."""
 
-    def __init__(self, values: npt.NDArray[np.float64]) -> None:
-        self.state = values[0:STATE_SIZE]
-        self.params = values[0:2]
-        self.done = int(values[STATE_SIZE])
-        self.status = int(values[STATE_SIZE + 1])
-        self.curvature = values[STATE_SIZE + 2 : _HEAD].copy()
+    def __init__(self, output: Any, k: int) -> None:
+        values = output.numpy()
+        parts = output_layout(k).unpack(values)
+        self.state = parts["state"]
+        self.params = state_layout(k).read(self.state, "params")
+        self.done = int(parts["done"])
+        self.status = int(parts["status"])
+        self.curvature = parts["curvature"].copy()
         self.final = float(self.curvature[0])
         # A copy, not a view: a view would keep the whole chunk-sized buffer alive, and a
         # fit of many short chunks (progress every epoch) would hold gigabytes.
-        self.history = values[_HEAD : _HEAD + self.done].copy()
+        self.history = parts["history"][: self.done].copy()
 
 
 def _controls(
     learning_rate: float, steps: int, optimizer: Optimizer, stopping: Stopping
-) -> npt.NDArray[np.float64]:
+) -> Controls:
     def disabled_if_none(value: float | None) -> float:
         return -1.0 if value is None else value
 
-    return np.array(
-        [
-            learning_rate,
-            steps,
-            optimizer.first_rate,
-            optimizer.beta_2,
-            optimizer.epsilon,
-            disabled_if_none(stopping.tolerance),
-            stopping.patience,
-            disabled_if_none(stopping.gradient_tolerance),
-        ],
-        dtype=np.float64,
+    return Controls(
+        learning_rate=learning_rate,
+        steps=steps,
+        first_rate=optimizer.first_rate,
+        beta_2=optimizer.beta_2,
+        epsilon=optimizer.epsilon,
+        tolerance=disabled_if_none(stopping.tolerance),
+        patience=stopping.patience,
+        gradient_tolerance=disabled_if_none(stopping.gradient_tolerance),
     )
 
 
-def _initial_state(params: tuple[float, float]) -> Any:
+def _initial_state(params: Array) -> Any:
     """Parameters, empty optimizer slots, step 0, best loss +inf, no stall."""
-    return _vector((*params, 0.0, 0.0, 0.0, 0.0, 0.0, math.inf, 0.0))
+    k = params.size
+    zeros = np.zeros(k)
+    state = {"params": params, "first": zeros, "second": zeros, "step": 0.0, "best": math.inf}
+    return _vector(state_layout(k).pack(state | {"stall": 0.0}))
+
+
+def _arrays(spec: ModelSpec, data: tuple[npt.ArrayLike, ...]) -> list[Array]:
+    """The model's arrays, flat float64, all of one length."""
+    if len(data) != len(spec.data):
+        raise ValueError(f"model {spec.name!r} takes {len(spec.data)} arrays {spec.data}")
+    arrays = [_array(v) for v in data]
+    for name, values in zip(spec.data, arrays, strict=True):
+        if values.size != arrays[0].size:
+            raise ValueError(f"{values.size} {name} values for {arrays[0].size} points")
+    return arrays
+
+
+def _initial(spec: ModelSpec, initial: npt.ArrayLike) -> Array:
+    given = _array(initial)
+    if given.size != spec.k:
+        raise ValueError(f"initial needs {spec.k} values {spec.params}")
+    if not np.all(np.isfinite(given)):
+        raise ValueError("initial values must be finite")
+    return given
 
 
 def _weights(weights: npt.ArrayLike | None, n: int) -> npt.NDArray[np.float64] | None:
@@ -720,47 +686,18 @@ def _vector(values: npt.ArrayLike) -> Any:
     return tf.constant(_array(values))
 
 
-_CONSTANT = {
-    "x": "all x values are equal (or so close that their variance underflows float64): "
-    "the slope is not determined",
-    "y": "all y values are equal (or so close that their variance underflows float64): "
-    "the standard deviation is zero",
-}
-
-
-def unusable(
-    summary: npt.NDArray[np.float64], spread: int, what: str, initial: npt.ArrayLike = ()
-) -> DegenerateData | None:
-    """Why data with this summary cannot be fitted (``summary[spread]`` is the variance that
-    must be positive), or None. Shared by single and batch fits."""
-    if not (np.all(np.isfinite(summary)) and np.all(np.isfinite(initial))):
-        return DegenerateData(
-            "the data are too large in magnitude: their mean or variance overflows float64; "
-            "rescale them"
-        )
-    if not summary[spread] > 0.0:
-        return DegenerateData(_CONSTANT[what])
-    return None
-
-
-def _check(
-    summary: npt.NDArray[np.float64], spread: int, what: str, initial: npt.ArrayLike = ()
-) -> None:
-    if (error := unusable(summary, spread, what, initial)) is not None:
+def _check(spec: ModelSpec, summary: Array, initial: npt.ArrayLike = ()) -> None:
+    if (error := spec.unusable(summary, initial)) is not None:
         raise error
 
 
-def _check_hyperparameters(
-    learning_rate: float, epochs: int, initial: tuple[float, float], history_every: int
-) -> None:
+def _check_hyperparameters(learning_rate: float, epochs: int, history_every: int) -> None:
     if history_every < 1:
         raise ValueError("history_every must be >= 1")
     if epochs < 1:
         raise ValueError("epochs must be >= 1")
     if not (math.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError("learning_rate must be a positive finite number")
-    if not all(math.isfinite(v) for v in initial):
-        raise ValueError("initial values must be finite")
 
 
 #: Relative slack before "the loss ended above its start" counts as divergence (rounding).
@@ -793,4 +730,4 @@ def check_descended(
     )
 
 
-__all__ = ["FitEngine", "ModelName", "Progress", "Reduction", "StopCheck"]
+__all__ = ["FitEngine", "ModelName", "ModelSpec", "Progress", "Reduction", "StopCheck"]

@@ -9,35 +9,43 @@ import numpy.typing as npt
 
 from service.fitting.options import ModelName, StopReason
 
-__all__ = ["ModelName", "StopReason"]  # re-exported; defined with the other plain names
+# ModelName and StopReason are re-exported; they are defined with the other plain names.
+__all__ = ["Matrix", "ModelName", "Optional", "StopReason"]
+
+
+#: One value per parameter, None where undefined.
+Optional = tuple[float | None, ...]
+#: A k x k matrix in parameter order, None where undefined.
+Matrix = tuple[Optional, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class FitStats:
     """Statistics of a fit at the parameters it reached (None where undefined).
 
-    ``covariance``/``correlation`` are 2x2 in ``names`` order. ``closed_form`` is the exact
-    optimum (least squares; weighted mean and population std), ``closed_form_loss`` the loss
-    there, and ``gap`` the fitted minus the closed-form parameters and loss; these three, and
-    any other value that overflows float64, are None.
+    Every per-parameter value is in ``names`` order; ``covariance`` and ``correlation`` are
+    k x k. ``closed_form`` is the exact optimum where the model has one (least squares;
+    weighted mean and population std), ``closed_form_loss`` the loss there, and ``gap`` the
+    fitted minus the closed-form parameters, and the loss's; these three, and any other value
+    that overflows float64, are None.
     """
 
-    names: tuple[str, str]
+    names: tuple[str, ...]
     n: int
     n_used: int
     dof: int
     loss: float
     gradient_norm: float | None
     newton_step: float | None
-    std_errors: tuple[float | None, float | None]
-    covariance: tuple[tuple[float | None, float | None], tuple[float | None, float | None]]
-    correlation: float | None
+    std_errors: Optional
+    covariance: Matrix
+    correlation: Matrix
     log_likelihood: float | None
     aic: float | None
     bic: float | None
-    closed_form: tuple[float, float] | None
+    closed_form: tuple[float, ...] | None
     closed_form_loss: float | None
-    gap: tuple[float, float, float] | None
+    gap: tuple[tuple[float, ...], float] | None
     r_squared: float | None = None
     residual_std: float | None = None
 
@@ -46,7 +54,7 @@ class FitStats:
 class FitResult:
     """What a fit produced. ``loss_history[i]`` is the loss before update i (as in the post)."""
 
-    model: ModelName
+    model: str
     params: dict[str, float]
     loss_history: npt.NDArray[np.float64]
     final_loss: float

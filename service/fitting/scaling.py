@@ -2,29 +2,23 @@
 
 Gradient descent is not scale-invariant: on x in the thousands or a mean of 1e7 with a spread
 of 0.1, a step size that suits one parameter is billions of times wrong for the other, and
-the raw loop diverges or crawls. So by default the loop runs on standardized data, and this
-module maps everything back exactly:
+the raw loop diverges or crawls. So by default the loop runs on standardized data, and each
+model (:mod:`service.fitting.models`) states the affine map back, which this module applies
+exactly.
 
-- linear: x' = (x - x̄)/sx, y' = (y - ȳ)/sy, so m' = m·sx/sy and b' = (b + m·x̄ - ȳ)/sy;
-  the MSE is sy²·MSE'.
-- Gaussian: y' = (y - ȳ)/sy, so m' = (m - ȳ)/sy and s' = s/sy; the NLL per unit weight is
-  NLL' + log(sy).
+Every map is p' = A·(p - origin), with the loss l = a·l' + shift, so the gradient is
+a·Aᵀ·g', the Hessian a·Aᵀ·H'·A, a covariance maps as A⁻¹·C'·A⁻ᵀ and a Newton step as
+A⁻¹·d'. Uncertainties are computed in the well-conditioned coordinates and then mapped:
+inverting the raw Hessian of a line with x̄ = 1e9 and sx = 1 would lose every digit.
 
-sx, sy are the (weighted) population standard deviations. Both maps are affine,
-p' = A·(p - origin), with the loss l = a·l' + shift, so the gradient is a·Aᵀ·g', the Hessian
-a·Aᵀ·H'·A, a covariance maps as A⁻¹·C'·A⁻ᵀ and a Newton step as A⁻¹·d'. Uncertainties are
-computed in the well-conditioned coordinates and then mapped: inverting the raw Hessian of a
-line with x̄ = 1e9 and sx = 1 would lose every digit.
-
-The summaries are transformed, not the data: the standardized summary of a line is
-[n, 0, 0, 1, r, 1] with r the correlation, of a Gaussian [n, 0, 1, scale].
+The summaries are transformed, not the data.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,34 +26,47 @@ import numpy.typing as npt
 from service.fitting.options import Scaling
 
 Array = npt.NDArray[np.float64]
-Pair = tuple[float, float]
-Matrix = tuple[Pair, Pair]
 
-_IDENTITY: Matrix = ((1.0, 0.0), (0.0, 1.0))
+
+def quiet() -> Any:
+    """Values that overflow float64 come out inf or nan, and the statistics report them as
+    null: no warnings. (A fresh context each time: one errstate object is not re-entrant.)"""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
 
 
 @dataclass(frozen=True, slots=True)
 class Coordinates:
-    """An affine change of parameters p' = A·(p - origin) with loss l = a·l' + shift.
+    """An affine change of parameters p' = A·(p - origin) with loss l = a·l' + shift; A None
+    is the identity (the raw loop, ``scaling="none"``).
 
     ``origin`` is the caller's point at p' = 0, kept explicitly so mapping back adds it
     (m = ȳ + sy·m') instead of undoing a division by sy (which costs the last digits)."""
 
     a: float = 1.0
     shift: float = 0.0
-    A: Matrix = _IDENTITY
-    A_inv: Matrix = _IDENTITY
-    origin: Pair = (0.0, 0.0)
+    A: Array | None = None
+    A_inv: Array | None = None
+    origin: Array | None = None
 
     @property
     def identity(self) -> bool:
-        return self == IDENTITY
+        return self.A is None and self.a == 1.0 and self.shift == 0.0
 
-    def to_fit(self, p: Pair) -> Pair:
-        return _apply(self.A, (p[0] - self.origin[0], p[1] - self.origin[1]))
+    def to_fit(self, p: npt.ArrayLike) -> Array:
+        p = np.asarray(p, dtype=np.float64)
+        if self.A is None:
+            return p
+        with quiet():
+            fit: Array = self.A @ (p - self.origin)
+        return fit
 
-    def from_fit(self, q: Pair) -> Pair:
-        return _add(_apply(self.A_inv, q), self.origin)
+    def from_fit(self, q: npt.ArrayLike) -> Array:
+        q = np.asarray(q, dtype=np.float64)
+        if self.A_inv is None:
+            return q
+        with quiet():
+            caller: Array = self.A_inv @ q + self.origin
+        return caller
 
     def loss(self, fit_loss: float) -> float:
         return self.a * fit_loss + self.shift
@@ -67,84 +74,56 @@ class Coordinates:
     def losses(self, fit_losses: Array) -> Array:
         if self.identity:
             return fit_losses
-        return self.a * fit_losses + self.shift
+        with quiet():
+            return self.a * fit_losses + self.shift
 
-    def gradient(self, g: Pair) -> Pair:
+    def gradient(self, g: Array) -> Array:
         """The gradient in the caller's units from the one in fit coordinates."""
-        (a00, a01), (a10, a11) = self.A
-        return (self.a * (a00 * g[0] + a10 * g[1]), self.a * (a01 * g[0] + a11 * g[1]))
+        with quiet():
+            return self.a * (g if self.A is None else self.A.T @ g)
 
-    def step(self, d: Pair) -> Pair:
+    def step(self, d: Array) -> Array:
         """A parameter displacement (e.g. a Newton step) in the caller's units."""
-        return _apply(self.A_inv, d)
+        with quiet():
+            return d if self.A_inv is None else self.A_inv @ d
 
-    def covariance(self, cov: Matrix) -> Matrix:
+    def covariance(self, cov: Array) -> Array:
         """A⁻¹·C·A⁻ᵀ: a covariance (or inverse Hessian) in the caller's units."""
-        left = _matmul(self.A_inv, cov)
-        return _matmul(left, _transpose(self.A_inv))
+        if self.A_inv is None:
+            return cov
+        with quiet():
+            return self.A_inv @ cov @ self.A_inv.T
 
 
 IDENTITY = Coordinates()
 
-
+#: A model's standardization: the summary in fit coordinates, and the map back.
 Standardize = Callable[[Array], tuple[Array, Coordinates]]
+
+
+def affine(
+    A: list[list[float]],
+    A_inv: list[list[float]],
+    origin: list[float],
+    a: float = 1.0,
+    shift: float = 0.0,
+) -> Coordinates:
+    """The map p' = A·(p - origin), l = a·l' + shift. The inverse is given in closed form
+    by the model (a numerical inverse would cost the last digits)."""
+    return Coordinates(
+        a=a,
+        shift=shift,
+        A=np.array(A, dtype=np.float64),
+        A_inv=np.array(A_inv, dtype=np.float64),
+        origin=np.array(origin, dtype=np.float64),
+    )
 
 
 def fit_coordinates(
     scaling: Scaling, summary: Array, standardize: Standardize
 ) -> tuple[Array, Coordinates]:
-    """The summary the loop fits and the map back: standardized by ``standardize``
-    (:func:`linear`, :func:`gaussian`), or as given with ``scaling="none"``."""
+    """The summary the loop fits and the map back: standardized by the model's
+    ``standardize``, or as given with ``scaling="none"``."""
     if scaling == "none":
         return summary, IDENTITY
     return standardize(summary)
-
-
-def linear(summary: Array) -> tuple[Array, Coordinates]:
-    """The standardized summary of a line ([n, x̄, ȳ, Vxx, Vxy, Vyy]) and its coordinates.
-    Vxx must be positive; constant y (Vyy = 0) keeps sy = 1."""
-    n, x_mean, y_mean, vxx, vxy, vyy = (float(v) for v in summary[:6])
-    sx = math.sqrt(vxx)
-    sy = math.sqrt(vyy) if vyy > 0.0 else 1.0
-    r = vxy / sx / sy
-    coords = Coordinates(
-        a=sy * sy,
-        A=((sx / sy, 0.0), (x_mean / sy, 1.0 / sy)),
-        A_inv=((sy / sx, 0.0), (-x_mean * sy / sx, sy)),
-        origin=(0.0, y_mean),
-    )
-    return np.array([n, 0.0, 0.0, 1.0, r, vyy / (sy * sy)]), coords
-
-
-def gaussian(summary: Array) -> tuple[Array, Coordinates]:
-    """The standardized summary of a Gaussian ([n, ȳ, Vyy, scale]) and its coordinates;
-    Vyy must be positive. ``scale`` (N or Σw for the summed NLL, 1 for the mean) multiplies
-    the log(sy) shift of the loss."""
-    n, y_mean, vyy, scale = (float(v) for v in summary[:4])
-    sy = math.sqrt(vyy)
-    coords = Coordinates(
-        shift=scale * math.log(sy),
-        A=((1.0 / sy, 0.0), (0.0, 1.0 / sy)),
-        A_inv=((sy, 0.0), (0.0, sy)),
-        origin=(y_mean, 0.0),
-    )
-    return np.array([n, 0.0, 1.0, scale]), coords
-
-
-def _apply(m: Matrix, p: Pair) -> Pair:
-    return (m[0][0] * p[0] + m[0][1] * p[1], m[1][0] * p[0] + m[1][1] * p[1])
-
-
-def _add(p: Pair, q: Pair) -> Pair:
-    return (p[0] + q[0], p[1] + q[1])
-
-
-def _matmul(m: Matrix, n: Matrix) -> Matrix:
-    return (
-        (m[0][0] * n[0][0] + m[0][1] * n[1][0], m[0][0] * n[0][1] + m[0][1] * n[1][1]),
-        (m[1][0] * n[0][0] + m[1][1] * n[1][0], m[1][0] * n[0][1] + m[1][1] * n[1][1]),
-    )
-
-
-def _transpose(m: Matrix) -> Matrix:
-    return ((m[0][0], m[1][0]), (m[0][1], m[1][1]))

@@ -1,27 +1,21 @@
-"""Statistics of a fit at the parameters gradient descent reached.
+"""Statistics of a fit at the parameters the loop reached, for any model of k parameters.
 
 The loss, its gradient and its exact Hessian come from nested ``GradientTape``s on the same
-loss the training loop minimized, evaluated inside the compiled loop where it stops. The rest
-is closed-form arithmetic on the data summary:
+loss the training loop minimized, evaluated inside the compiled loop where it stops. Each
+model (:mod:`service.fitting.models`) turns them into its statistics with the shared parts
+here: uncertainty from the inverse Hessian, taken in fit coordinates (well conditioned)
+and mapped to the caller's units (:mod:`service.fitting.scaling`); the information
+criteria; the gap to the model's closed form; convergence.
 
-- linear (weighted least squares, weights as inverse variances like statsmodels' WLS):
-  σ² = Σw·r² / (n - 2) and Cov = σ²·(XᵀWX)⁻¹ = σ²·(2/Σw)·H⁻¹, since the loss
-  Σw·r²/Σw has Hessian H = (2/Σw)·XᵀWX. R² = 1 - loss / weighted variance of y; the
-  log-likelihood is that of y ~ N(mx + b, σ²/w) at the maximum-likelihood σ².
-- Gaussian: Cov = inverse observed information = inverse Hessian of the summed (weighted)
-  NLL, i.e. H⁻¹·scale/Σw for the loss as trained (scale = Σw for "sum", 1 for "mean").
-
-The curvature is that of the loss in fit coordinates (standardized by default, see
-:mod:`service.fitting.scaling`); inverses are taken there and mapped to the caller's units.
-
-AIC = 2k - 2·loglik and BIC = k·ln(n) - 2·loglik with k = 2 (statsmodels' convention for
-least squares: the noise variance is not counted). n counts the points with positive weight.
+AIC = 2k - 2·loglik and BIC = k·ln(n) - 2·loglik (statsmodels' convention for least
+squares: the noise variance is not counted). n counts the points with positive weight.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +23,20 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
-from service.fitting.losses import LOG_2PI
+from service.fitting.layout import Layout
 from service.fitting.options import CONVERGED_RTOL
-from service.fitting.results import FitStats
-from service.fitting.scaling import IDENTITY, Coordinates
+from service.fitting.results import FitStats, Matrix, Optional
+from service.fitting.scaling import IDENTITY, Coordinates, quiet
 
 Array = npt.NDArray[np.float64]
-#: Parameters of either model.
-K = 2
 #: Relative size of float64 rounding in the moment-form losses.
 ROUNDING = 64 * float(np.finfo(np.float64).eps)
+
+
+@functools.cache
+def curvature_layout(k: int) -> Layout:
+    """[loss, gradient (k), Hessian (k·k, row-major)]: what :func:`curvature` returns."""
+    return Layout.of(loss=None, gradient=k, hessian=k * k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,26 +50,28 @@ class WeightSummary:
 
 
 def curvature(loss_fn: Callable[[Any, Any], Any], params: Any, summary: Any) -> Any:
-    """[loss, gradient (2), Hessian (2x2, row-major)] at ``params``, by nested GradientTapes:
-    exact second derivatives of the training loss. Traced into the compiled training loop,
-    which returns it for the parameters it ends on (no extra call per fit)."""
+    """:func:`curvature_layout` at ``params`` ([k]), by nested GradientTapes: exact second
+    derivatives of the training loss. Traced into the compiled training loop, which returns
+    it for the parameters it ends on (no extra call per fit)."""
+    k = params.shape[0]
     with tf.GradientTape(persistent=True) as outer:
         outer.watch(params)
         with tf.GradientTape() as inner:
             inner.watch(params)
             loss = loss_fn(params, summary)
         gradient = inner.gradient(loss, params)
-        first, second = gradient[0], gradient[1]
-    rows = [outer.gradient(first, params), outer.gradient(second, params)]
+        components = [gradient[i] for i in range(k)]
+    rows = [outer.gradient(component, params) for component in components]
     del outer
     return tf.concat([tf.reshape(loss, [1]), gradient, *rows], axis=0)
 
 
 def curvature_rows(losses_fn: Callable[[Any, Any], Any], params: Any, summary: Any) -> Any:
-    """:func:`curvature` for every row of a batch at once ([B, 7]). The rows are independent,
-    so the gradient of the summed loss is each row's gradient, and the gradient of the summed
-    first (second) gradient component is each row's first (second) Hessian row: still exact
-    second derivatives by nested GradientTapes."""
+    """:func:`curvature` for every row of a batch at once ([B, 1 + k + k·k]). The rows are
+    independent, so the gradient of the summed loss is each row's gradient, and the gradient
+    of the summed i-th gradient component is each row's i-th Hessian row: still exact second
+    derivatives by nested GradientTapes."""
+    k = params.shape[1]
     with tf.GradientTape(persistent=True) as outer:
         outer.watch(params)
         with tf.GradientTape() as inner:
@@ -79,91 +79,90 @@ def curvature_rows(losses_fn: Callable[[Any, Any], Any], params: Any, summary: A
             losses = losses_fn(params, summary)
             total = tf.reduce_sum(losses)
         gradient = inner.gradient(total, params)
-        first, second = tf.reduce_sum(gradient[:, 0]), tf.reduce_sum(gradient[:, 1])
-    rows = [outer.gradient(first, params), outer.gradient(second, params)]
+        components = [tf.reduce_sum(gradient[:, i]) for i in range(k)]
+    rows = [outer.gradient(component, params) for component in components]
     del outer
     return tf.concat([losses[:, None], gradient, *rows], axis=1)
 
 
-#: Length of :func:`curvature`'s output.
-CURVATURE_SIZE = 7
-
-
 @dataclass(frozen=True, slots=True)
-class _Curvature:
-    """Loss, gradient and (symmetric) Hessian at the parameters, as Python floats: 2x2
-    algebra by hand costs microseconds where numpy's linalg costs tens per call."""
+class Curvature:
+    """Loss, gradient and (symmetrized) Hessian at the parameters, in fit coordinates."""
 
     loss: float
-    g0: float
-    g1: float
-    h00: float
-    h01: float
-    h11: float
+    gradient: Array
+    hessian: Array
 
     @classmethod
-    def of(cls, values: Array) -> _Curvature:
-        loss, g0, g1, h00, h01, h10, h11 = (float(x) for x in values)
-        return cls(loss, g0, g1, h00, 0.5 * (h01 + h10), h11)
+    def of(cls, values: Array, k: int) -> Curvature:
+        parts = curvature_layout(k).unpack(values)
+        h = np.asarray(parts["hessian"], dtype=np.float64).reshape(k, k)
+        return cls(float(parts["loss"]), np.array(parts["gradient"]), 0.5 * (h + h.T))
 
     @property
     def gradient_norm(self) -> float:
-        return math.hypot(self.g0, self.g1)
+        return float(np.linalg.norm(self.gradient))
 
-    def flipped(self) -> _Curvature:
-        """The same for the second parameter's sign reversed (std = |s|)."""
-        return _Curvature(self.loss, self.g0, -self.g1, self.h00, -self.h01, self.h11)
+    def flipped(self, index: int) -> Curvature:
+        """The same for parameter ``index``'s sign reversed (e.g. std = |s|)."""
+        sign = np.ones(self.gradient.size)
+        sign[index] = -1.0
+        return Curvature(self.loss, sign * self.gradient, np.outer(sign, sign) * self.hessian)
 
-    def inverse(self) -> tuple[float, float, float] | None:
-        """H⁻¹ as (00, 01, 11), or None unless H is positive definite (at a minimum)."""
-        det = self.h00 * self.h11 - self.h01 * self.h01
-        if not (math.isfinite(det) and self.h00 > 0.0 and det > 0.0):
+    def inverse(self) -> Array | None:
+        """H⁻¹, or None unless H is positive definite (at a minimum)."""
+        if not np.all(np.isfinite(self.hessian)):
             return None
-        return self.h11 / det, -self.h01 / det, self.h00 / det
+        try:
+            lower = np.linalg.cholesky(self.hessian)
+        except np.linalg.LinAlgError:
+            return None
+        lower_inv = np.linalg.inv(lower)
+        return lower_inv.T @ lower_inv
 
-    def newton_vector(self) -> tuple[float, float] | None:
-        """H⁻¹·g: how far the optimum is, by Newton's method (exact for the quadratic MSE);
+    def newton_vector(self) -> Array | None:
+        """H⁻¹·g: how far the optimum is, by Newton's method (exact for a quadratic loss);
         None away from a minimum."""
         inverse = self.inverse()
-        if inverse is None:
-            return None
-        i00, i01, i11 = inverse
-        return (i00 * self.g0 + i01 * self.g1, i01 * self.g0 + i11 * self.g1)
+        return None if inverse is None else inverse @ self.gradient
 
     def newton_step(self) -> float | None:
         """‖H⁻¹·g‖, or None away from a minimum."""
         vector = self.newton_vector()
-        return None if vector is None else _finite(math.hypot(*vector))
+        return None if vector is None else _finite(float(np.linalg.norm(vector)))
 
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-Pair = tuple[float | None, float | None]
+def _matrix(values: Array) -> Matrix:
+    return tuple(tuple(_finite(float(v)) for v in row) for row in values)
+
+
+def _undefined(k: int) -> Matrix:
+    return tuple((None,) * k for _ in range(k))
 
 
 def _uncertainty(
-    curvature: _Curvature, factor: float, coords: Coordinates
-) -> tuple[Pair, tuple[Pair, Pair], float | None]:
+    curvature: Curvature, factor: float, coords: Coordinates
+) -> tuple[Optional, Matrix, Matrix]:
     """Standard errors, covariance and correlation in the caller's units: factor·H⁻¹ in fit
     coordinates (well conditioned), mapped by ``coords``; None where undefined."""
+    k = curvature.gradient.size
     inverse = curvature.inverse() if math.isfinite(factor) and factor > 0.0 else None
     if inverse is None:
-        return (None, None), ((None, None), (None, None)), None
-    i00, i01, i11 = (factor * v for v in inverse)
-    (c00, c01), (_, c11) = coords.covariance(((i00, i01), (i01, i11)))
-    if not (c00 > 0.0 and c11 > 0.0):
-        return (None, None), ((None, None), (None, None)), None
-    se0, se1 = math.sqrt(c00), math.sqrt(c11)
-    covariance = ((_finite(c00), _finite(c01)), (_finite(c01), _finite(c11)))
-    return (_finite(se0), _finite(se1)), covariance, _finite(c01 / se0 / se1)
-
-
-def _criteria(loglik: float, n_used: int) -> tuple[float | None, float | None, float | None]:
-    if not math.isfinite(loglik):
-        return None, None, None
-    return loglik, 2.0 * K - 2.0 * loglik, K * math.log(n_used) - 2.0 * loglik
+        return (None,) * k, _undefined(k), _undefined(k)
+    mapped = coords.covariance(factor * inverse)
+    cov = 0.5 * (mapped + mapped.T)  # exactly symmetric, whatever the rounding of the map
+    variances = np.diag(cov)
+    if not np.all(variances > 0.0):
+        return (None,) * k, _undefined(k), _undefined(k)
+    se = np.sqrt(variances)
+    with quiet():
+        correlation = cov / np.outer(se, se)
+    np.fill_diagonal(correlation, 1.0)
+    return tuple(_finite(float(v)) for v in se), _matrix(cov), _matrix(correlation)
 
 
 def weight_summary(weights: Array | None, n: int) -> WeightSummary:
@@ -185,15 +184,20 @@ class AtFit:
     once from the :func:`curvature` vector), the parameters, and the map to the caller's
     units."""
 
-    point: _Curvature
-    params: tuple[float, float]
+    point: Curvature
+    params: Array
     coords: Coordinates = IDENTITY
 
     @classmethod
-    def of(
-        cls, curvature: Array, params: tuple[float, float], coords: Coordinates = IDENTITY
-    ) -> AtFit:
-        return cls(_Curvature.of(curvature), params, coords)
+    def of(cls, curvature: Array, params: npt.ArrayLike, coords: Coordinates = IDENTITY) -> AtFit:
+        p = np.array(params, dtype=np.float64)
+        return cls(Curvature.of(curvature, p.size), p, coords)
+
+    def flipped(self, index: int) -> AtFit:
+        """The same point with parameter ``index``'s sign reversed (a loss even in it)."""
+        params = self.params.copy()
+        params[index] = -params[index]
+        return AtFit(self.point.flipped(index), params, self.coords)
 
 
 def is_converged(at: AtFit, gradient_tolerance: float | None = None) -> bool:
@@ -204,109 +208,60 @@ def is_converged(at: AtFit, gradient_tolerance: float | None = None) -> bool:
     if gradient_tolerance is not None and at.point.gradient_norm <= gradient_tolerance:
         return True
     step = at.point.newton_step()
-    return step is not None and step <= CONVERGED_RTOL * max(1.0, math.hypot(*at.params))
+    scale = max(1.0, float(np.linalg.norm(at.params)))
+    return step is not None and step <= CONVERGED_RTOL * scale
 
 
-def _stats(
-    names: tuple[str, str],
-    at: _Curvature,
-    coords: Coordinates,
+def fit_stats(
+    names: Sequence[str],
+    fit: AtFit,
     weights: WeightSummary,
     covariance_factor: float,
     loglik: float,
-    fitted: tuple[float, float],
-    closed: tuple[float, float],
+    closed: Sequence[float] | None,
     closed_loss: float,
     r_squared: float | None = None,
     residual_std: float | None = None,
 ) -> FitStats:
-    """The parts both models share: uncertainty from the Hessian in fit coordinates, the
-    information criteria, and the closed-form check (None where float64 overflows)."""
+    """The statistics every model shares: uncertainty from ``covariance_factor``·H⁻¹ in fit
+    coordinates, the information criteria, and the gap to the model's closed form (``closed``
+    in the caller's units; None where a model has none, or where float64 overflows)."""
+    at, coords = fit.point, fit.coords
+    k = len(names)
     std_errors, covariance, correlation = _uncertainty(at, covariance_factor, coords)
-    loglik_, aic, bic = _criteria(loglik, weights.count)
+    criteria: tuple[float | None, float | None, float | None] = (None, None, None)
+    if math.isfinite(loglik):
+        criteria = (loglik, 2.0 * k - 2.0 * loglik, k * math.log(weights.count) - 2.0 * loglik)
     loss = coords.loss(at.loss)
-    gap = (fitted[0] - closed[0], fitted[1] - closed[1], loss - closed_loss)
-    closed_ok = all(math.isfinite(v) for v in (*closed, closed_loss))
+    fitted = coords.from_fit(fit.params)
+    closed_ok = closed is not None and all(math.isfinite(v) for v in (*closed, closed_loss))
+    gap: tuple[tuple[float, ...], float] | None = None
+    if closed is not None and closed_ok:
+        params_gap = tuple(float(f - c) for f, c in zip(fitted, closed, strict=True))
+        if all(math.isfinite(v) for v in (*params_gap, loss - closed_loss)):
+            gap = (params_gap, loss - closed_loss)
     fit_step = at.newton_vector()
     return FitStats(
-        names=names,
+        names=tuple(names),
         n=weights.points,
         n_used=weights.count,
-        dof=weights.count - K,
+        dof=weights.count - k,
         loss=loss,
-        gradient_norm=_finite(math.hypot(*coords.gradient((at.g0, at.g1)))),
-        newton_step=None if fit_step is None else _finite(math.hypot(*coords.step(fit_step))),
+        gradient_norm=_finite(float(np.linalg.norm(coords.gradient(at.gradient)))),
+        newton_step=None
+        if fit_step is None
+        else _finite(float(np.linalg.norm(coords.step(fit_step)))),
         std_errors=std_errors,
         covariance=covariance,
         correlation=correlation,
-        log_likelihood=loglik_,
-        aic=aic,
-        bic=bic,
-        closed_form=closed if closed_ok else None,
+        log_likelihood=criteria[0],
+        aic=criteria[1],
+        bic=criteria[2],
+        closed_form=tuple(float(v) for v in closed) if closed is not None and closed_ok else None,
         closed_form_loss=closed_loss if closed_ok else None,
-        gap=gap if closed_ok and all(math.isfinite(v) for v in gap) else None,
+        gap=gap,
         r_squared=r_squared,
         residual_std=residual_std,
-    )
-
-
-def linear_stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
-    """Statistics of a line (``summary`` = [n, x̄, ȳ, Vxx, Vxy, Vyy] in the caller's units,
-    weighted) where the fit ended."""
-    at = fit.point
-    coords = fit.coords
-    x_mean, y_mean, vxx, vxy, vyy = (float(v) for v in summary[1:6])
-    slope = vxy / vxx
-    n_used = weights.count
-    dof = n_used - K
-    loss = coords.loss(at.loss)
-    # Σw·r². The moment form of the loss is exact only to rounding of Vyy: a residual below
-    # that (a perfect fit, e.g. two points) is zero, not a log-likelihood of rounding noise.
-    exact = loss <= ROUNDING * vyy
-    ssr = 0.0 if exact else weights.total * loss
-    sigma2 = ssr / dof if dof > 0 else math.nan
-    loglik = (
-        -0.5 * n_used * (LOG_2PI + math.log(ssr / n_used) + 1.0) + 0.5 * weights.log_sum
-        if ssr > 0.0
-        else math.inf
-    )
-    # Cov = σ²·(2/Σw)·H⁻¹ with H = a·AᵀH'A, so in fit coordinates the factor is divided by a.
-    return _stats(
-        ("slope", "intercept"),
-        at,
-        coords,
-        weights,
-        covariance_factor=sigma2 * 2.0 / weights.total / coords.a,
-        loglik=loglik,
-        fitted=coords.from_fit(fit.params),
-        closed=(slope, y_mean - slope * x_mean),
-        closed_loss=max(vyy - vxy * slope, 0.0),
-        r_squared=_finite(1.0 - loss / vyy) if vyy > 0.0 else None,
-        residual_std=_finite(math.sqrt(sigma2)) if dof > 0 else None,
-    )
-
-
-def gaussian_stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
-    """Statistics of a normal fit (``summary`` = [n, ȳ, Vyy, scale] in the caller's units,
-    weighted) where the fit ended; s may be negative there (the NLL depends on s², and the
-    reported std is |s|)."""
-    at = fit.point
-    m, s = fit.params
-    if s < 0.0:  # report for |s|
-        at, s = at.flipped(), -s
-    coords = fit.coords
-    y_mean, vyy, scale = float(summary[1]), float(summary[2]), float(summary[3])
-    mean_nll = 0.5 * (LOG_2PI + math.log(vyy) + 1.0)  # per unit weight, at the optimum
-    return _stats(
-        ("mean", "std"),
-        at,
-        coords,
-        weights,
-        covariance_factor=scale / weights.total / coords.a,
-        loglik=-coords.loss(at.loss) * weights.total / scale,
-        fitted=coords.from_fit((m, s)),
-        closed=(y_mean, math.sqrt(vyy)),
-        closed_loss=mean_nll * scale,
     )
 
 
@@ -320,11 +275,10 @@ def not_converged(stats: FitStats, stop: str, scaling: str) -> tuple[str, ...]:
         f"{_show(stats.newton_step)}"
     ]
     if stats.gap is not None and stats.closed_form is not None:
-        lines.append(
-            f"the exact optimum is {names[0]} = {stats.closed_form[0]:.15g}, "
-            f"{names[1]} = {stats.closed_form[1]:.15g}; the returned parameters differ by "
-            f"{stats.gap[0]:.3g} and {stats.gap[1]:.3g}"
-        )
+        pairs = zip(names, stats.closed_form, strict=True)
+        optimum = ", ".join(f"{name} = {value:.15g}" for name, value in pairs)
+        gaps = " and ".join(f"{v:.3g}" for v in stats.gap[0])
+        lines.append(f"the exact optimum is {optimum}; the returned parameters differ by {gaps}")
     advice = 'use optimizer "newton", or run more epochs or a larger learning_rate'
     if scaling == "none":
         advice += '; scaling "none" fits in raw units, where gradient descent crawls or '

@@ -55,7 +55,9 @@ async def test_batch_equals_single_fits(client: httpx.AsyncClient, engine: FitEn
     r = await client.post(LINEAR, json={"datasets": datasets, "epochs": 200, "seed": 5})
     assert r.status_code == 200, r.text
     for i, (item, data) in enumerate(zip(r.json()["results"], datasets, strict=True)):
-        single = engine.fit_linear(data["x"], data["y"], learning_rate=0.1, epochs=200, seed=5 + i)
+        single = engine.fit(
+            "linear", data["x"], data["y"], learning_rate=0.1, epochs=200, seed=5 + i
+        )
         result = item["result"]
         assert result["seed"] == 5 + i
         np.testing.assert_allclose(result["loss_history"], single.loss_history, rtol=1e-10)
@@ -102,8 +104,13 @@ async def test_gaussian_batch_equals_single_fits(
     assert r.status_code == 200, r.text
     for item, data in zip(r.json()["results"], datasets, strict=True):
         initial = (data["initial"]["mean"], data["initial"]["std"]) if "initial" in data else None
-        single = engine.fit_gaussian(
-            data["y"], learning_rate=0.001, epochs=100, reduction="sum", initial=initial
+        single = engine.fit(
+            "gaussian",
+            data["y"],
+            learning_rate=0.001,
+            epochs=100,
+            options={"reduction": "sum"},
+            initial=initial,
         )
         np.testing.assert_allclose(item["result"]["loss_history"], single.loss_history, rtol=1e-10)
         assert item["result"]["params"]["std"] == pytest.approx(single.params["std"], rel=1e-10)

@@ -18,7 +18,8 @@ from service.fitting import (
 )
 from service.fitting.batch import BatchEngine, Ragged
 from service.fitting.loop import _fast_call
-from service.fitting.summary import gaussian_summary, linear_summary
+from service.fitting.models.gaussian import moments_graph as gaussian_summary
+from service.fitting.models.linear import moments_graph as linear_summary
 from tests.conftest import seed_gaussian_data, seed_linear_data
 from tests.reference import (
     gaussian_closed_form,
@@ -39,8 +40,8 @@ def test_linear_matches_seed_loop_with_seed_hyperparameters(
     m0 = 0.05 * np.random.default_rng(100 + data_seed).standard_normal()
     m, b, history = reference_linear(x, y, learning_rate=0.05, epochs=30, initial=(m0, 0.0))
 
-    result = engine.fit_linear(
-        x, y, learning_rate=0.05, epochs=30, initial=(m0, 0.0), scaling="none"
+    result = engine.fit(
+        "linear", x, y, learning_rate=0.05, epochs=30, initial=(m0, 0.0), scaling="none"
     )
 
     assert result.epochs_run == 30
@@ -61,8 +62,8 @@ def test_gaussian_matches_seed_loop_with_seed_hyperparameters(
     y = seed_gaussian_data(data_seed)
     m, s, history = reference_gaussian(y, learning_rate=0.0005, epochs=50)
 
-    result = engine.fit_gaussian(
-        y, learning_rate=0.0005, epochs=50, reduction="sum", scaling="none"
+    result = engine.fit(
+        "gaussian", y, learning_rate=0.0005, epochs=50, options={"reduction": "sum"}, scaling="none"
     )
 
     np.testing.assert_allclose(result.loss_history, history, rtol=RTOL)
@@ -75,13 +76,13 @@ def test_gaussian_matches_seed_loop_with_seed_hyperparameters(
 
 def test_final_loss_is_loss_at_returned_parameters(engine: FitEngine) -> None:
     x, y = seed_linear_data(3)
-    result = engine.fit_linear(x, y, learning_rate=0.1, epochs=200, initial=(0.0, 0.0))
+    result = engine.fit("linear", x, y, learning_rate=0.1, epochs=200, initial=(0.0, 0.0))
     slope, intercept = result.params["slope"], result.params["intercept"]
     assert result.final_loss == pytest.approx(np.mean((slope * x + intercept - y) ** 2), rel=1e-10)
     assert result.final_loss <= result.loss_history[-1]
 
     yg = seed_gaussian_data(3)
-    g = engine.fit_gaussian(yg, learning_rate=0.1, epochs=200)
+    g = engine.fit("gaussian", yg, learning_rate=0.1, epochs=200)
     mean, std = g.params["mean"], g.params["std"]
     expected = 0.5 * np.log(2 * np.pi * std**2) + np.mean((yg - mean) ** 2) / (2 * std**2)
     assert g.final_loss == pytest.approx(expected, rel=1e-10)
@@ -89,8 +90,10 @@ def test_final_loss_is_loss_at_returned_parameters(engine: FitEngine) -> None:
 
 def test_mean_reduction_is_sum_divided_by_n(engine: FitEngine) -> None:
     y = seed_gaussian_data(4, n=500)
-    total = engine.fit_gaussian(y, learning_rate=0.0001, epochs=20, reduction="sum")
-    mean = engine.fit_gaussian(y, learning_rate=0.0001 * 500, epochs=20, reduction="mean")
+    total = engine.fit("gaussian", y, learning_rate=0.0001, epochs=20, options={"reduction": "sum"})
+    mean = engine.fit(
+        "gaussian", y, learning_rate=0.0001 * 500, epochs=20, options={"reduction": "mean"}
+    )
     np.testing.assert_allclose(total.loss_history / 500, mean.loss_history, rtol=1e-10)
 
 
@@ -98,13 +101,13 @@ def test_mean_reduction_is_sum_divided_by_n(engine: FitEngine) -> None:
 def test_converges_to_closed_form(engine: FitEngine, data_seed: int) -> None:
     x, y = seed_linear_data(data_seed)
     slope, intercept = linear_closed_form(x, y)
-    fit = engine.fit_linear(x, y, learning_rate=0.1, epochs=1000, seed=data_seed)
+    fit = engine.fit("linear", x, y, learning_rate=0.1, epochs=1000, seed=data_seed)
     assert fit.params["slope"] == pytest.approx(slope, abs=1e-3)
     assert fit.params["intercept"] == pytest.approx(intercept, abs=1e-3)
 
     yg = seed_gaussian_data(data_seed)
     mean, std = gaussian_closed_form(yg)
-    g = engine.fit_gaussian(yg, learning_rate=0.1, epochs=1000)
+    g = engine.fit("gaussian", yg, learning_rate=0.1, epochs=1000)
     assert g.params["mean"] == pytest.approx(mean, abs=1e-6)
     assert g.params["std"] == pytest.approx(std, abs=1e-6)
 
@@ -115,9 +118,13 @@ def test_one_trace_serves_every_n_epochs_and_learning_rate(engine: FitEngine) ->
     rng = np.random.default_rng(9)
     for n, epochs, lr in [(2, 1, 0.5), (37, 10, 0.01), (5000, 300, 0.2), (100, 9000, 0.05)]:
         x = rng.random(n)
-        engine.fit_linear(x, 3 * x - 1 + rng.normal(0, 0.1, n), learning_rate=lr, epochs=epochs)
-        engine.fit_gaussian(
-            rng.normal(0, 2, n), learning_rate=lr / n, epochs=epochs, reduction="sum"
+        engine.fit("linear", x, 3 * x - 1 + rng.normal(0, 0.1, n), learning_rate=lr, epochs=epochs)
+        engine.fit(
+            "gaussian",
+            rng.normal(0, 2, n),
+            learning_rate=lr / n,
+            epochs=epochs,
+            options={"reduction": "sum"},
         )
     assert engine.trace_counts() == before
     assert set(before.values()) == {1}
@@ -131,8 +138,8 @@ def test_batch_loops_compile_once_per_size_bucket() -> None:
     for sets in (3, 5, 8, 2, 9, 16):
         data = [rng.random(int(n)) for n in rng.integers(2, 40, sets)]
         y = Ragged.of([2 * d + 1 for d in data])
-        batch.fit_linear(Ragged.of(data), y, learning_rate=0.1, epochs=int(sets) * 7, seed=1)
-        batch.fit_gaussian(y, learning_rate=0.05, epochs=20)
+        batch.fit("linear", Ragged.of(data), y, learning_rate=0.1, epochs=int(sets) * 7, seed=1)
+        batch.fit("gaussian", y, learning_rate=0.05, epochs=20)
     assert batch.compiled_buckets() == [
         ("gaussian", 8),
         ("gaussian", 16),
@@ -153,13 +160,13 @@ def test_chunked_loop_equals_one_call() -> None:
             "initial": (0.3, -0.2),
             "scaling": scaling,
         }
-        chunked, one = small.fit_linear(x, y, **options), whole.fit_linear(x, y, **options)
+        chunked, one = small.fit("linear", x, y, **options), whole.fit("linear", x, y, **options)
         assert chunked.epochs_run == one.epochs_run == 50
         np.testing.assert_array_equal(chunked.loss_history, one.loss_history)
         assert chunked.params == one.params
     reference = reference_linear(x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2))
-    chunked = small.fit_linear(
-        x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2), scaling="none"
+    chunked = small.fit(
+        "linear", x, y, learning_rate=0.1, epochs=50, initial=(0.3, -0.2), scaling="none"
     )
     np.testing.assert_allclose(chunked.loss_history, reference[2], rtol=RTOL)  # float32 there
 
@@ -167,7 +174,7 @@ def test_chunked_loop_equals_one_call() -> None:
 def test_divergence_is_reported_with_epoch_and_advice(engine: FitEngine) -> None:
     x, y = seed_linear_data(0)
     with pytest.raises(FitDiverged) as info:
-        engine.fit_linear(x, y, learning_rate=100.0, epochs=1000, seed=1)
+        engine.fit("linear", x, y, learning_rate=100.0, epochs=1000, seed=1)
     assert 1 <= info.value.epoch <= 1000
     message = str(info.value)
     assert "diverged" in message
@@ -177,29 +184,29 @@ def test_divergence_is_reported_with_epoch_and_advice(engine: FitEngine) -> None
 
 def test_gaussian_std_is_positive_even_from_a_negative_start(engine: FitEngine) -> None:
     y = seed_gaussian_data(7)
-    fit = engine.fit_gaussian(y, learning_rate=0.1, epochs=1000, initial=(0.0, -3.0))
+    fit = engine.fit("gaussian", y, learning_rate=0.1, epochs=1000, initial=(0.0, -3.0))
     assert fit.params["std"] > 0
     assert fit.params["std"] == pytest.approx(float(np.std(y)), abs=1e-6)
 
 
 def test_degenerate_data_is_refused(engine: FitEngine) -> None:
     with pytest.raises(DegenerateData, match="x"):
-        engine.fit_linear([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], learning_rate=0.1, epochs=5)
+        engine.fit("linear", [1.0, 1.0, 1.0], [1.0, 2.0, 3.0], learning_rate=0.1, epochs=5)
     with pytest.raises(DegenerateData, match="y"):
-        engine.fit_gaussian([2.0, 2.0], learning_rate=0.1, epochs=5)
+        engine.fit("gaussian", [2.0, 2.0], learning_rate=0.1, epochs=5)
 
 
 def test_seed_makes_random_start_reproducible(engine: FitEngine) -> None:
     x, y = seed_linear_data(8)
-    a = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=123)
-    b = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=123)
-    c = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=124)
+    a = engine.fit("linear", x, y, learning_rate=0.05, epochs=30, seed=123)
+    b = engine.fit("linear", x, y, learning_rate=0.05, epochs=30, seed=123)
+    c = engine.fit("linear", x, y, learning_rate=0.05, epochs=30, seed=124)
     assert a.params == b.params
     np.testing.assert_array_equal(a.loss_history, b.loss_history)
     assert a.loss_history[0] != c.loss_history[0]
-    unseeded = engine.fit_linear(x, y, learning_rate=0.05, epochs=30)
+    unseeded = engine.fit("linear", x, y, learning_rate=0.05, epochs=30)
     assert unseeded.seed is not None
-    replay = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=unseeded.seed)
+    replay = engine.fit("linear", x, y, learning_rate=0.05, epochs=30, seed=unseeded.seed)
     np.testing.assert_array_equal(unseeded.loss_history, replay.loss_history)
 
 
@@ -212,8 +219,8 @@ def test_stop_check_times_out_between_chunks() -> None:
         return "timeout" if len(calls) >= 3 else None
 
     x, y = seed_linear_data(0)
-    fit = small.fit_linear(
-        x, y, learning_rate=0.1, epochs=1000, seed=0, should_stop=stop_after_three_chunks
+    fit = small.fit(
+        "linear", x, y, learning_rate=0.1, epochs=1000, seed=0, should_stop=stop_after_three_chunks
     )
     assert fit.stop_reason == "timeout"
     assert fit.epochs_run == 30
@@ -228,7 +235,7 @@ def test_stop_check_can_cancel() -> None:
 
     yg = seed_gaussian_data(0)
     with pytest.raises(FitCancelled):
-        small.fit_gaussian(yg, learning_rate=0.1, epochs=100, should_stop=cancel)
+        small.fit("gaussian", yg, learning_rate=0.1, epochs=100, should_stop=cancel)
 
 
 def test_summaries_survive_large_offsets() -> None:
@@ -247,16 +254,16 @@ def test_summaries_survive_large_offsets() -> None:
 def test_gaussian_overshoot_that_stays_finite_is_divergence(engine: FitEngine) -> None:
     y = seed_gaussian_data(0)
     with pytest.raises(FitDiverged, match="rose above its starting value") as info:
-        engine.fit_gaussian(y, learning_rate=50.0, epochs=1000)
+        engine.fit("gaussian", y, learning_rate=50.0, epochs=1000)
     assert info.value.epoch == 2  # the first update already overshot
 
 
 def test_data_whose_moments_overflow_are_refused(engine: FitEngine) -> None:
     huge = [-1.7976931348623157e308, 1.0, 1e300]
     with pytest.raises(DegenerateData, match="overflows"):
-        engine.fit_gaussian(huge, learning_rate=0.1, epochs=5)
+        engine.fit("gaussian", huge, learning_rate=0.1, epochs=5)
     with pytest.raises(DegenerateData, match="overflows"):
-        engine.fit_linear(huge, [1.0, 2.0, 3.0], learning_rate=0.1, epochs=5)
+        engine.fit("linear", huge, [1.0, 2.0, 3.0], learning_rate=0.1, epochs=5)
 
 
 @pytest.mark.parametrize("n", [50, 5000])
@@ -265,18 +272,28 @@ def test_numpy_and_graph_summaries_give_the_same_fit(n: int) -> None:
     x, y = seed_linear_data(12, n=n)
     graph = FitEngine(graph_min_points=1)
     eager_moments = FitEngine(graph_min_points=10**9)
-    a = graph.fit_linear(x, y, learning_rate=0.1, epochs=300, seed=3)
-    b = eager_moments.fit_linear(x, y, learning_rate=0.1, epochs=300, seed=3)
+    a = graph.fit("linear", x, y, learning_rate=0.1, epochs=300, seed=3)
+    b = eager_moments.fit("linear", x, y, learning_rate=0.1, epochs=300, seed=3)
     np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-12)
     assert a.params == pytest.approx(b.params, rel=1e-12)
     cases: list[tuple[Reduction, float]] = [("sum", 0.1 / n), ("mean", 0.1)]
     for reduction, lr in cases:
         for initial in (None, (1.0, 2.0)):
-            g = graph.fit_gaussian(
-                y, learning_rate=lr, epochs=40, reduction=reduction, initial=initial
+            g = graph.fit(
+                "gaussian",
+                y,
+                learning_rate=lr,
+                epochs=40,
+                options={"reduction": reduction},
+                initial=initial,
             )
-            h = eager_moments.fit_gaussian(
-                y, learning_rate=lr, epochs=40, reduction=reduction, initial=initial
+            h = eager_moments.fit(
+                "gaussian",
+                y,
+                learning_rate=lr,
+                epochs=40,
+                options={"reduction": reduction},
+                initial=initial,
             )
             np.testing.assert_allclose(g.loss_history, h.loss_history, rtol=1e-12)
             assert g.params == pytest.approx(h.params, rel=1e-12)

@@ -30,8 +30,8 @@ def _linear_sets() -> list[tuple[np.ndarray, np.ndarray]]:
 def test_linear_stats_match_statsmodels(engine: FitEngine, case: int, weighted: bool) -> None:
     x, y = _linear_sets()[case]
     w = np.random.default_rng(case).uniform(0.2, 3.0, x.size) if weighted else None
-    result = engine.fit_linear(
-        x, y, learning_rate=0.01, epochs=100_000, seed=0, weights=w, stopping=CONVERGE
+    result = engine.fit(
+        "linear", x, y, learning_rate=0.01, epochs=100_000, seed=0, weights=w, stopping=CONVERGE
     )
     exog = sm.add_constant(x)
     ols = (sm.WLS(y, exog, weights=w) if weighted else sm.OLS(y, exog)).fit()
@@ -48,7 +48,8 @@ def test_linear_stats_match_statsmodels(engine: FitEngine, case: int, weighted: 
         np.array(s.covariance, dtype=float), ols.cov_params()[np.ix_(order, order)], rtol=1e-7
     )
     corr = ols.cov_params()[0, 1] / (ols.bse[0] * ols.bse[1])
-    assert s.correlation == pytest.approx(corr, rel=1e-7)
+    assert s.correlation[0][1] == pytest.approx(corr, rel=1e-7)
+    assert s.correlation[1][0] == s.correlation[0][1]
     assert s.r_squared == pytest.approx(ols.rsquared, rel=1e-9)
     assert s.residual_std == pytest.approx(np.sqrt(ols.scale), rel=1e-9)
     assert s.log_likelihood == pytest.approx(ols.llf, rel=1e-9)
@@ -57,7 +58,7 @@ def test_linear_stats_match_statsmodels(engine: FitEngine, case: int, weighted: 
     assert s.dof == ols.df_resid
     assert s.closed_form == pytest.approx((slope, intercept), rel=1e-9)
     assert s.gap is not None
-    assert abs(s.gap[0]) < 1e-8 and abs(s.gap[1]) < 1e-8
+    assert abs(s.gap[0][0]) < 1e-8 and abs(s.gap[0][1]) < 1e-8
     assert result.converged
 
 
@@ -82,8 +83,13 @@ def test_gaussian_stats_match_scipy_and_statsmodels(
     y = [seed_gaussian_data(case), rng.normal(-3.0, 0.2, 40), rng.exponential(2.0, 300)][case]
     # Standardized, the mean NLL's curvature at the optimum is 1 (mean) and 2 (std).
     lr = 0.5 / (1 if reduction == "mean" else y.size)
-    result = engine.fit_gaussian(
-        y, learning_rate=lr, epochs=100_000, reduction=reduction, stopping=CONVERGE
+    result = engine.fit(
+        "gaussian",
+        y,
+        learning_rate=lr,
+        epochs=100_000,
+        options={"reduction": reduction},
+        stopping=CONVERGE,
     )
     s = result.stats
     assert s is not None and result.stop_reason == "gradient_tolerance" and result.converged
@@ -101,7 +107,7 @@ def test_gaussian_stats_match_scipy_and_statsmodels(
     np.testing.assert_allclose(
         _floats(s.std_errors), [std / np.sqrt(n), std / np.sqrt(2 * n)], rtol=1e-8
     )
-    assert s.correlation is not None and abs(s.correlation) < 1e-6
+    assert s.correlation[0][1] is not None and abs(s.correlation[0][1]) < 1e-6
     loglik = s.log_likelihood
     assert loglik is not None
     assert s.aic == pytest.approx(4.0 - 2.0 * loglik, rel=1e-12)
@@ -112,18 +118,18 @@ def test_gaussian_stats_match_scipy_and_statsmodels(
     mle_nll = -float(np.sum(sps.norm.logpdf(y, loc=mean, scale=std)))
     expected_loss = mle_nll / (1 if reduction == "sum" else n)
     assert s.closed_form_loss == pytest.approx(expected_loss, rel=1e-12)
-    assert s.gap[2] == pytest.approx(result.final_loss - expected_loss, abs=1e-12)
-    assert abs(s.gap[2]) < 1e-9
+    assert s.gap[1] == pytest.approx(result.final_loss - expected_loss, abs=1e-12)
+    assert abs(s.gap[1]) < 1e-9
 
 
 def test_gap_shows_an_unconverged_fit(engine: FitEngine) -> None:
     x, y = seed_linear_data(0)
-    short = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=3)
+    short = engine.fit("linear", x, y, learning_rate=0.05, epochs=30, seed=3)
     s = short.stats
     assert s is not None and s.gap is not None and s.closed_form_loss is not None
     assert s.gradient_norm is not None
     assert not short.converged
-    assert abs(s.gap[0]) > 0.01  # the seed's 30 epochs stop well short of least squares
+    assert abs(s.gap[0][0]) > 0.01  # the seed's 30 epochs stop well short of least squares
     assert short.final_loss > s.closed_form_loss
     assert s.gradient_norm > 1e-3
 
@@ -131,9 +137,9 @@ def test_gap_shows_an_unconverged_fit(engine: FitEngine) -> None:
 def test_stats_away_from_a_minimum_are_null_not_nan(engine: FitEngine) -> None:
     """Far from the optimum the NLL's Hessian is not positive definite: no standard errors."""
     y = seed_gaussian_data(0)
-    result = engine.fit_gaussian(y, learning_rate=1e-6, epochs=1, initial=(40.0, 0.5))
+    result = engine.fit("gaussian", y, learning_rate=1e-6, epochs=1, initial=(40.0, 0.5))
     s = result.stats
     assert s is not None
     assert s.std_errors == (None, None)
-    assert s.correlation is None
+    assert s.correlation == ((None, None), (None, None))
     assert s.log_likelihood is not None and np.isfinite(s.log_likelihood)

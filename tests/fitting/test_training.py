@@ -51,7 +51,8 @@ def test_linear_optimizers_match_keras(engine: FitEngine, name: OptimizerName) -
         x, y, epochs=40, initial=(0.3, -0.2), optimizer=_keras(name, 0.05), dtype="float64"
     )
 
-    result = engine.fit_linear(
+    result = engine.fit(
+        "linear",
         x,
         y,
         learning_rate=_as_keras_stores(0.05),
@@ -74,12 +75,13 @@ def test_gaussian_optimizers_match_keras(engine: FitEngine, name: OptimizerName)
         y, epochs=40, initial=(1.0, 2.0), optimizer=_keras(name, lr), dtype="float64"
     )
 
-    result = engine.fit_gaussian(
+    result = engine.fit(
+        "gaussian",
         y,
         learning_rate=_as_keras_stores(lr),
         epochs=40,
         initial=(1.0, 2.0),
-        reduction="sum",
+        options={"reduction": "sum"},
         optimizer=_our(name),
         scaling="none",
     )
@@ -104,7 +106,8 @@ def test_adam_matches_the_textbook_formula(engine: FitEngine) -> None:
         alpha = lr * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
         p = p - alpha * m / (np.sqrt(v) + epsilon)
 
-    result = engine.fit_linear(
+    result = engine.fit(
+        "linear",
         x,
         y,
         learning_rate=lr,
@@ -122,8 +125,8 @@ def test_adam_matches_the_textbook_formula(engine: FitEngine) -> None:
 def test_every_optimizer_reaches_the_closed_form(engine: FitEngine, name: OptimizerName) -> None:
     x, y = seed_linear_data(5)
     lr = 0.01 if name == "adam" else 0.1
-    result = engine.fit_linear(
-        x, y, learning_rate=lr, epochs=20_000, seed=1, optimizer=Optimizer(name)
+    result = engine.fit(
+        "linear", x, y, learning_rate=lr, epochs=20_000, seed=1, optimizer=Optimizer(name)
     )
     slope, intercept = linear_closed_form(x, y)
     assert result.params["slope"] == pytest.approx(slope, abs=1e-4)
@@ -132,9 +135,15 @@ def test_every_optimizer_reaches_the_closed_form(engine: FitEngine, name: Optimi
 
 def test_loss_tolerance_stops_early_and_says_so(engine: FitEngine) -> None:
     x, y = seed_linear_data(0)
-    full = engine.fit_linear(x, y, learning_rate=0.1, epochs=5000, seed=1)
-    result = engine.fit_linear(
-        x, y, learning_rate=0.1, epochs=5000, seed=1, stopping=Stopping(tolerance=1e-9, patience=5)
+    full = engine.fit("linear", x, y, learning_rate=0.1, epochs=5000, seed=1)
+    result = engine.fit(
+        "linear",
+        x,
+        y,
+        learning_rate=0.1,
+        epochs=5000,
+        seed=1,
+        stopping=Stopping(tolerance=1e-9, patience=5),
     )
     assert full.stop_reason == "max_epochs"
     assert full.converged
@@ -156,8 +165,8 @@ def test_loss_tolerance_stops_early_and_says_so(engine: FitEngine) -> None:
 
 def test_gradient_tolerance_stops_at_a_small_gradient(engine: FitEngine) -> None:
     y = seed_gaussian_data(1)
-    result = engine.fit_gaussian(
-        y, learning_rate=0.1, epochs=50_000, stopping=Stopping(gradient_tolerance=1e-8)
+    result = engine.fit(
+        "gaussian", y, learning_rate=0.1, epochs=50_000, stopping=Stopping(gradient_tolerance=1e-8)
     )
     assert result.stop_reason == "gradient_tolerance"
     assert result.epochs_run < 1000
@@ -175,11 +184,25 @@ def test_early_stopping_carries_across_chunks() -> None:
     whole = FitEngine(epochs_per_call=4096)
     stopping = Stopping(tolerance=1e-9, patience=5)
     for optimizer in (Optimizer("sgd"), Optimizer("adam")):
-        a = chunked.fit_linear(
-            x, y, learning_rate=0.05, epochs=3000, seed=2, stopping=stopping, optimizer=optimizer
+        a = chunked.fit(
+            "linear",
+            x,
+            y,
+            learning_rate=0.05,
+            epochs=3000,
+            seed=2,
+            stopping=stopping,
+            optimizer=optimizer,
         )
-        b = whole.fit_linear(
-            x, y, learning_rate=0.05, epochs=3000, seed=2, stopping=stopping, optimizer=optimizer
+        b = whole.fit(
+            "linear",
+            x,
+            y,
+            learning_rate=0.05,
+            epochs=3000,
+            seed=2,
+            stopping=stopping,
+            optimizer=optimizer,
         )
         assert a.epochs_run == b.epochs_run
         np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-13)
@@ -188,17 +211,18 @@ def test_early_stopping_carries_across_chunks() -> None:
 
 def test_converged_is_false_for_a_short_fit(engine: FitEngine) -> None:
     x, y = seed_linear_data(0)
-    result = engine.fit_linear(x, y, learning_rate=0.05, epochs=30, seed=1)
+    result = engine.fit("linear", x, y, learning_rate=0.05, epochs=30, seed=1)
     assert result.stop_reason == "max_epochs"
     assert not result.converged
-    long = engine.fit_linear(x, y, learning_rate=0.5, epochs=5000, seed=1)
+    long = engine.fit("linear", x, y, learning_rate=0.5, epochs=5000, seed=1)
     assert long.converged
 
 
 def test_a_loss_tolerance_stall_far_from_the_optimum_is_not_converged(engine: FitEngine) -> None:
     """Adam with a large step oscillates; a short patience stops it mid-swing."""
     x, y = seed_linear_data(0)
-    result = engine.fit_linear(
+    result = engine.fit(
+        "linear",
         x,
         y,
         learning_rate=0.1,
@@ -220,8 +244,8 @@ def test_zero_weights_drop_their_points(engine: FitEngine) -> None:
     weights = np.ones(60)
     weights[::3] = 0.0
     kept = weights > 0
-    weighted = engine.fit_linear(x, y, learning_rate=0.5, epochs=3000, seed=1, weights=weights)
-    dropped = engine.fit_linear(x[kept], y[kept], learning_rate=0.5, epochs=3000, seed=1)
+    weighted = engine.fit("linear", x, y, learning_rate=0.5, epochs=3000, seed=1, weights=weights)
+    dropped = engine.fit("linear", x[kept], y[kept], learning_rate=0.5, epochs=3000, seed=1)
     assert weighted.params == pytest.approx(dropped.params, rel=1e-10)
     np.testing.assert_allclose(weighted.loss_history, dropped.loss_history, rtol=1e-10)
     assert weighted.n == 60
@@ -233,11 +257,22 @@ def test_zero_weights_drop_their_points(engine: FitEngine) -> None:
 def test_integer_weights_repeat_points_in_the_gaussian_nll(engine: FitEngine) -> None:
     y = seed_gaussian_data(4, n=50)
     counts = np.arange(50) % 3 + 1
-    weighted = engine.fit_gaussian(
-        y, learning_rate=0.0005, epochs=200, reduction="sum", initial=(1.0, 1.5), weights=counts
+    weighted = engine.fit(
+        "gaussian",
+        y,
+        learning_rate=0.0005,
+        epochs=200,
+        options={"reduction": "sum"},
+        initial=(1.0, 1.5),
+        weights=counts,
     )
-    repeated = engine.fit_gaussian(
-        np.repeat(y, counts), learning_rate=0.0005, epochs=200, reduction="sum", initial=(1.0, 1.5)
+    repeated = engine.fit(
+        "gaussian",
+        np.repeat(y, counts),
+        learning_rate=0.0005,
+        epochs=200,
+        options={"reduction": "sum"},
+        initial=(1.0, 1.5),
     )
     np.testing.assert_allclose(weighted.loss_history, repeated.loss_history, rtol=1e-10)
     assert weighted.params == pytest.approx(repeated.params, rel=1e-10)
@@ -246,7 +281,7 @@ def test_integer_weights_repeat_points_in_the_gaussian_nll(engine: FitEngine) ->
 def test_weights_apply_to_large_data_too(engine: FitEngine) -> None:
     x, y = seed_linear_data(6, n=engine.graph_min_points + 10)
     w = np.random.default_rng(0).random(x.size)
-    result = engine.fit_linear(x, y, learning_rate=0.5, epochs=3000, seed=0, weights=w)
+    result = engine.fit("linear", x, y, learning_rate=0.5, epochs=3000, seed=0, weights=w)
     xm, ym = np.average(x, weights=w), np.average(y, weights=w)
     slope = np.sum(w * (x - xm) * (y - ym)) / np.sum(w * (x - xm) ** 2)
     assert result.params["slope"] == pytest.approx(slope, abs=1e-6)
@@ -255,17 +290,17 @@ def test_weights_apply_to_large_data_too(engine: FitEngine) -> None:
 def test_unusable_weights_are_refused(engine: FitEngine) -> None:
     x, y = seed_linear_data(0, n=5)
     with pytest.raises(DegenerateData, match="positive weight"):
-        engine.fit_linear(x, y, learning_rate=0.1, epochs=5, weights=[0, 0, 0, 1.0, 0])
+        engine.fit("linear", x, y, learning_rate=0.1, epochs=5, weights=[0, 0, 0, 1.0, 0])
     with pytest.raises(ValueError, match="weights"):
-        engine.fit_linear(x, y, learning_rate=0.1, epochs=5, weights=[1.0, -1.0, 1, 1, 1])
+        engine.fit("linear", x, y, learning_rate=0.1, epochs=5, weights=[1.0, -1.0, 1, 1, 1])
     with pytest.raises(ValueError, match="4 weights for 5 points"):
-        engine.fit_linear(x, y, learning_rate=0.1, epochs=5, weights=[1.0] * 4)
+        engine.fit("linear", x, y, learning_rate=0.1, epochs=5, weights=[1.0] * 4)
 
 
 def test_history_every_thins_from_epoch_zero(engine: FitEngine) -> None:
     y = seed_gaussian_data(0)
-    full = engine.fit_gaussian(y, learning_rate=0.1, epochs=1001)
-    thin = engine.fit_gaussian(y, learning_rate=0.1, epochs=1001, history_every=100)
+    full = engine.fit("gaussian", y, learning_rate=0.1, epochs=1001)
+    thin = engine.fit("gaussian", y, learning_rate=0.1, epochs=1001, history_every=100)
     assert thin.history_every == 100
     np.testing.assert_array_equal(thin.loss_history, full.loss_history[::100])
     assert len(thin.loss_history) == 11
@@ -285,7 +320,8 @@ def test_trace_counts_stay_at_one_across_options() -> None:
         x, y = seed_linear_data(0, n=n)
         for name in names:
             for stopping in (NO_STOPPING, Stopping(tolerance=1e-6, patience=3)):
-                engine.fit_linear(
+                engine.fit(
+                    "linear",
                     x,
                     y,
                     learning_rate=0.01,
@@ -295,8 +331,13 @@ def test_trace_counts_stay_at_one_across_options() -> None:
                     stopping=stopping,
                     weights=np.linspace(0.5, 1.5, n) if n == 50 else None,
                 )
-                engine.fit_gaussian(
-                    y, learning_rate=0.01, epochs=70, optimizer=Optimizer(name), stopping=stopping
+                engine.fit(
+                    "gaussian",
+                    y,
+                    learning_rate=0.01,
+                    epochs=70,
+                    optimizer=Optimizer(name),
+                    stopping=stopping,
                 )
     assert engine.trace_counts() == before
 
@@ -315,11 +356,11 @@ def test_large_data_gives_the_small_data_answer_for_every_variant() -> None:
                 "optimizer": Optimizer(name),
                 "stopping": stopping,
             }
-            a = small.fit_linear(x, y, seed=3, **options)
-            b = large.fit_linear(x, y, seed=3, **options)
+            a = small.fit("linear", x, y, seed=3, **options)
+            b = large.fit("linear", x, y, seed=3, **options)
             np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-10)
-            g_small = small.fit_gaussian(y, **options)
-            g_large = large.fit_gaussian(y, **options)
+            g_small = small.fit("gaussian", y, **options)
+            g_large = large.fit("gaussian", y, **options)
             np.testing.assert_allclose(g_small.loss_history, g_large.loss_history, rtol=1e-10)
             assert g_small.params == pytest.approx(g_large.params, rel=1e-10)
 
@@ -329,7 +370,8 @@ def test_progress_is_reported_on_multiples_of_progress_every() -> None:
     x, y = seed_linear_data(0)
     engine = FitEngine(epochs_per_call=7)
     seen: list[tuple[int, float]] = []
-    reported = engine.fit_linear(
+    reported = engine.fit(
+        "linear",
         x,
         y,
         learning_rate=0.1,
@@ -338,7 +380,7 @@ def test_progress_is_reported_on_multiples_of_progress_every() -> None:
         on_progress=lambda epoch, loss: seen.append((epoch, loss)),
         progress_every=10,
     )
-    plain = engine.fit_linear(x, y, learning_rate=0.1, epochs=95, seed=1)
+    plain = engine.fit("linear", x, y, learning_rate=0.1, epochs=95, seed=1)
     assert [epoch for epoch, _ in seen] == [*range(10, 100, 10), 95]
     np.testing.assert_array_equal(reported.loss_history, plain.loss_history)
     assert [loss for _, loss in seen[:-1]] == list(plain.loss_history[10::10])

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.exceptions import RequestValidationError
 
-from service.api.deps import SettingsDep, WorkerDep
+from service.api.deps import parsed_body
 from service.api.openapi import json_only_body
-from service.api.parsing import parse_gaussian_dataset, parse_linear_dataset
-from service.api.requests import parse_request
+from service.api.parsing import Parsed, parse_gaussian_dataset, parse_linear_dataset
 from service.api.schemas import (
     GAUSSIAN_DATASET_EXAMPLE,
     LINEAR_DATASET_EXAMPLE,
@@ -27,6 +26,14 @@ from service.api.schemas import (
 from service.worker import gaussian_data, linear_data
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+#: The validated bodies (no admission: making a data set is cheap and bounded by its limits).
+LinearDatasetBody = Annotated[
+    Parsed[LinearDatasetRequest], Depends(parsed_body(parse_linear_dataset, admission=False))
+]
+GaussianDatasetBody = Annotated[
+    Parsed[GaussianDatasetRequest], Depends(parsed_body(parse_gaussian_dataset, admission=False))
+]
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorDetail, "description": "Content-Type is not application/json."},
@@ -81,10 +88,10 @@ def _answer(body: bytes | None, fields: dict[str, float]) -> Response:
         },
     ),
 )
-async def linear_dataset(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
+async def linear_dataset(parsed: LinearDatasetBody) -> Response:
     """x ~ U(0, 1) and y = slope·x + intercept + N(0, noise_std²): post the answer to
     `/v1/fits/linear` to fit it."""
-    body = (await parse_request(request, worker, settings, parse_linear_dataset)).request
+    body = parsed.request
     seed = _seed(body.seed)
 
     def make() -> bytes | None:
@@ -110,10 +117,10 @@ async def linear_dataset(request: Request, worker: WorkerDep, settings: Settings
         },
     ),
 )
-async def gaussian_dataset(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
+async def gaussian_dataset(parsed: GaussianDatasetBody) -> Response:
     """y ~ N(mean, std²) (and x ~ U(0, 1), which the reference post plots y against): post
     `{"y": ...}` to `/v1/fits/gaussian` to fit it."""
-    body = (await parse_request(request, worker, settings, parse_gaussian_dataset)).request
+    body = parsed.request
     seed = _seed(body.seed)
 
     def make() -> bytes | None:

@@ -1,82 +1,39 @@
-"""POST /v1/fits/{linear,gaussian}: the reference post's two fits."""
-
-from __future__ import annotations
+"""POST /v1/fits/{model}: fit any model of :mod:`service.api.models`, one data set (JSON,
+server-sent events, or a binary body) or many at once."""
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import AsyncExitStack
-from typing import Any, Literal, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from service.admission import Cost, fit_cost
-from service.api.deps import SettingsDep, WorkerDep
+from service.api.deps import Admitted, AdmittedDep, Caller, CallerDep, WorkerDep, parsed_body
+from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
-from service.api.parsing import (
-    Parsed,
-    parse_gaussian,
-    parse_gaussian_batch,
-    parse_gaussian_binary,
-    parse_linear,
-    parse_linear_batch,
-    parse_linear_binary,
-)
-from service.api.requests import BinaryParser, JsonParser, parse_request, unless_disconnected
-from service.api.schemas import (
-    GAUSSIAN_BATCH_EXAMPLE,
-    GAUSSIAN_EXAMPLE,
-    LINEAR_ADAM_EXAMPLE,
-    LINEAR_BATCH_EXAMPLE,
-    LINEAR_EXAMPLE,
-    BatchOptions,
-    ErrorDetail,
-    FitFailure,
-    GaussianBatchItem,
-    GaussianBatchRequest,
-    GaussianBatchResponse,
-    GaussianFitRequest,
-    GaussianFitResponse,
-    GaussianOptions,
-    GaussianParams,
-    LinearBatchItem,
-    LinearBatchRequest,
-    LinearBatchResponse,
-    LinearFitRequest,
-    LinearFitResponse,
-    LinearOptions,
-    LinearParams,
-    ValidationErrorBody,
-)
+from service.api.parsing import Parsed
+from service.api.schemas import ErrorDetail, FitFailure, ValidationErrorBody
 from service.api.streaming import (
     EVENT_STREAM,
     EventStream,
     HoldingStream,
     fit_events,
     progress_step,
-    wants_stream,
 )
 from service.api.streaming import EXAMPLE as STREAM_EXAMPLE
-from service.settings import Settings
 from service.worker import (
     BatchJob,
     FitError,
+    FitJob,
     FitResult,
     FitStats,
     FitWorker,
-    GaussianJob,
-    Job,
-    LinearJob,
     Optimizer,
     Stopping,
     Training,
 )
-
-router = APIRouter(prefix="/v1/fits", tags=["fits"])
-
-RequestT = TypeVar("RequestT", bound=BaseModel)
-T = TypeVar("T")
 
 FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorDetail, "description": "Body larger than TAPEFIT_MAX_BODY_BYTES."},
@@ -100,14 +57,7 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def fit_while_connected(
-    request: Request, worker: FitWorker, job: Job, timeout_s: float | None
-) -> FitResult:
-    """The fit, abandoned if the client disconnects first."""
-    return await unless_disconnected(request, worker.fit(job, timeout_s))
-
-
-def _common(result: FitResult) -> dict[str, Any]:
+def _common(result: FitResult, model: HttpModel) -> dict[str, Any]:
     return {
         "loss_history": result.loss_history.tolist(),
         "history_every": result.history_every,
@@ -118,15 +68,17 @@ def _common(result: FitResult) -> dict[str, Any]:
         "converged": result.converged,
         "warnings": list(result.warnings),
         "seed": result.seed,
-        "stats": _stats(result.stats),
+        "stats": _stats(result.stats, model),
     }
 
 
-def _stats(stats: FitStats) -> dict[str, Any]:
+def _stats(stats: FitStats, model: HttpModel) -> dict[str, Any]:
     """The engine's statistics in the response's shape (validated by the response model)."""
     names = stats.names
-    correlation = stats.correlation
     closed, gap = stats.closed_form, stats.gap
+    extra = {
+        name: getattr(stats, name) for name in ("r_squared", "residual_std") if model.has_stat(name)
+    }
     return {
         "parameters": list(names),
         "n_used": stats.n_used,
@@ -135,9 +87,7 @@ def _stats(stats: FitStats) -> dict[str, Any]:
         "newton_step": stats.newton_step,
         "std_errors": dict(zip(names, stats.std_errors, strict=True)),
         "covariance": [list(row) for row in stats.covariance],
-        "correlation": [[1.0, correlation], [correlation, 1.0]]
-        if correlation is not None
-        else [[None, None], [None, None]],
+        "correlation": [list(row) for row in stats.correlation],
         "log_likelihood": stats.log_likelihood,
         "aic": stats.aic,
         "bic": stats.bic,
@@ -146,15 +96,16 @@ def _stats(stats: FitStats) -> dict[str, Any]:
         else {"params": dict(zip(names, closed, strict=True)), "loss": stats.closed_form_loss},
         "gap": None
         if gap is None
-        else {"params": dict(zip(names, gap[:2], strict=True)), "loss": gap[2]},
-    } | (
-        {"r_squared": stats.r_squared, "residual_std": stats.residual_std}
-        if stats.names[0] == "slope"
-        else {}
-    )
+        else {"params": dict(zip(names, gap[0], strict=True)), "loss": gap[1]},
+    } | extra
 
 
-def _training(body: LinearOptions | GaussianOptions) -> Training:
+def fit_response(model: HttpModel, result: FitResult) -> BaseModel:
+    return model.response(params=model.params(**result.params), **_common(result, model))
+
+
+def _training(body: Any) -> Training:
+    """The training options of a parsed single-fit body (any model's)."""
     return Training(
         learning_rate=body.learning_rate,
         epochs=body.epochs,
@@ -185,128 +136,46 @@ SINGLE_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
 }
 
-OptionsT = TypeVar("OptionsT", LinearOptions, GaussianOptions)
 
-#: Each model's body parsers (JSON, binary) and binary layout: the fits and the plots share them.
-LINEAR_PARSERS = (parse_linear, parse_linear_binary)
-GAUSSIAN_PARSERS = (parse_gaussian, parse_gaussian_binary)
-LINEAR_LAYOUT = "shape (2, n): x then y"
-GAUSSIAN_LAYOUT = "shape (n,): y"
-
-
-async def _single_fit(
-    request: Request,
-    worker: FitWorker,
-    settings: Settings,
-    parsers: tuple[JsonParser[OptionsT], BinaryParser[OptionsT]],
-    make_job: Callable[[Parsed[OptionsT]], Job],
-    respond: Callable[[FitResult], BaseModel],
-    json: bool = True,
-) -> BaseModel | Response:
-    """Admission, parsing, then the fit: answered as JSON, or streamed as server-sent events
-    (the admission place is then held until the stream ends)."""
-    async with AsyncExitStack() as resources:  # sees any exception, unless handed on
-        ticket = await resources.enter_async_context(worker.admit())
-        parsed = await parse_request(request, worker, settings, *parsers, ticket=ticket, json=json)
-        body = parsed.request
-        ticket.take_place(single_fit_cost(parsed))
-        job = make_job(parsed)
-        if wants_stream(request):
-            every = progress_step(body.epochs, body.progress_every)
-            events = fit_events(request, worker, job, body.timeout_s, every, respond)
-            return EventStream(events, resources.pop_all())
-        return respond(await fit_while_connected(request, worker, job, body.timeout_s))
-
-
-def single_fit_cost(parsed: Parsed[LinearOptions] | Parsed[GaussianOptions]) -> Cost:
+def single_fit_cost(model: HttpModel, parsed: Parsed[Any]) -> Cost:
     """What a parsed single fit will cost (:mod:`service.admission`)."""
     body = parsed.request
-    points = len(parsed.arrays["y"])
-    arrays = sum(1 for name in ("x", "y", "weights") if parsed.arrays.get(name) is not None)
+    points = len(parsed.arrays[model.data[0]])
+    arrays = len(model.data) + (parsed.arrays.get("weights") is not None)
     history = body.epochs // body.history_step() + 1
     return fit_cost(points, arrays, body.epochs, history + body.epochs // 8)
 
 
-def linear_job(parsed: Parsed[LinearOptions]) -> Job:
+def fit_job(model: HttpModel, parsed: Parsed[Any]) -> FitJob:
     body = parsed.request
-    return LinearJob(
-        x=parsed.arrays["x"],
-        y=parsed.arrays["y"],
+    return FitJob(
+        model=model.name,
+        data=tuple(parsed.arrays[name] for name in model.data),
         training=_training(body),
-        initial=(body.initial.slope, body.initial.intercept) if body.initial else None,
+        initial=tuple(body.initial.model_dump().values()) if body.initial else None,
         seed=body.seed,
         weights=parsed.arrays.get("weights"),
+        options=model.options_of(body),
     )
 
 
-def gaussian_job(parsed: Parsed[GaussianOptions]) -> Job:
+async def _single_fit(
+    model: HttpModel, worker: FitWorker, admitted: Admitted, caller: Caller, parsed: Parsed[Any]
+) -> BaseModel | EventStream:
+    """The fit, after admission and parsing (the dependencies): answered as JSON, or streamed
+    as server-sent events (the admission ticket is then held until the stream ends)."""
     body = parsed.request
-    return GaussianJob(
-        y=parsed.arrays["y"],
-        training=_training(body),
-        initial=(body.initial.mean, body.initial.std) if body.initial else None,
-        reduction=body.reduction,
-        seed=body.seed,
-        weights=parsed.arrays.get("weights"),
-    )
+    admitted.ticket.take_place(single_fit_cost(model, parsed))
+    job = fit_job(model, parsed)
 
+    def respond(result: FitResult) -> BaseModel:
+        return fit_response(model, result)
 
-def linear_response(result: FitResult) -> LinearFitResponse:
-    return LinearFitResponse(params=LinearParams(**result.params), **_common(result))
-
-
-def gaussian_response(result: FitResult) -> GaussianFitResponse:
-    return GaussianFitResponse(params=GaussianParams(**result.params), **_common(result))
-
-
-@router.post(
-    "/linear",
-    response_model=LinearFitResponse,
-    summary="Fit a line by gradient descent on the MSE",
-    responses=SINGLE_FIT_RESPONSES,
-    openapi_extra=json_only_body(
-        LinearFitRequest,
-        {
-            "reference-post-data": {
-                "summary": "Noisy line y = x + 2 (reference-post-style data)",
-                "value": LINEAR_EXAMPLE,
-            },
-            "adam-early-stop": {
-                "summary": "Adam with early stopping and weights",
-                "value": LINEAR_ADAM_EXAMPLE,
-            },
-        },
-    ),
-)
-async def fit_linear(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
-    """Fit y = slope·x + intercept to (x, y) with the post's GradientTape loop, minimizing the
-    (weighted) mean squared error; returns the parameters, the loss history, and statistics
-    (standard errors, R², AIC/BIC, the closed-form answer and the gap to it)."""
-    return await _single_fit(request, worker, settings, LINEAR_PARSERS, linear_job, linear_response)
-
-
-@router.post(
-    "/gaussian",
-    response_model=GaussianFitResponse,
-    summary="Fit a normal distribution by maximum likelihood",
-    responses=SINGLE_FIT_RESPONSES,
-    openapi_extra=json_only_body(
-        GaussianFitRequest,
-        {
-            "reference-post-data": {
-                "summary": "Samples of N(2, 1) (reference-post-style data)",
-                "value": GAUSSIAN_EXAMPLE,
-            }
-        },
-    ),
-)
-async def fit_gaussian(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
-    """Fit N(mean, std²) to the samples y with the post's GradientTape loop, minimizing the
-    (weighted) negative log-likelihood; returns the parameters, the loss history, and
-    statistics (standard errors, log-likelihood, AIC/BIC, the closed form and the gap)."""
-    return await _single_fit(
-        request, worker, settings, GAUSSIAN_PARSERS, gaussian_job, gaussian_response
-    )
+    if caller.wants_events:
+        every = progress_step(body.epochs, body.progress_every)
+        events = fit_events(caller.gone, worker, job, body.timeout_s, every, respond)
+        return EventStream(events, admitted.hand_over())
+    return respond(await caller.unless_gone(worker.fit(job, body.timeout_s)))
 
 
 BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -316,36 +185,6 @@ BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Content-Type is not application/x-npy or application/octet-stream.",
     },
 }
-
-
-@router.post(
-    "/linear/binary",
-    response_model=LinearFitResponse,
-    summary="Fit a line to binary data (.npy or raw floats)",
-    responses=BINARY_FIT_RESPONSES,
-    openapi_extra=binary_body(LinearOptions, LINEAR_LAYOUT, "POST /v1/fits/linear"),
-)
-async def fit_linear_binary(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
-    """`POST /v1/fits/linear` with the data as a binary body (no per-number parsing: numpy
-    reads it as it is) and the options in the query string; the same answer."""
-    return await _single_fit(
-        request, worker, settings, LINEAR_PARSERS, linear_job, linear_response, json=False
-    )
-
-
-@router.post(
-    "/gaussian/binary",
-    response_model=GaussianFitResponse,
-    summary="Fit a normal distribution to binary data (.npy or raw floats)",
-    responses=BINARY_FIT_RESPONSES,
-    openapi_extra=binary_body(GaussianOptions, GAUSSIAN_LAYOUT, "POST /v1/fits/gaussian"),
-)
-async def fit_gaussian_binary(request: Request, worker: WorkerDep, settings: SettingsDep) -> Any:
-    """`POST /v1/fits/gaussian` with the samples as a binary body and the options in the
-    query string; the same answer."""
-    return await _single_fit(
-        request, worker, settings, GAUSSIAN_PARSERS, gaussian_job, gaussian_response, json=False
-    )
 
 
 BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -359,58 +198,40 @@ BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-BatchT = TypeVar("BatchT", bound=BatchOptions)
-
-
 async def _fit_batch(
-    request: Request,
-    worker: FitWorker,
-    settings: Settings,
-    parse_json: JsonParser[BatchT],
-    model: Literal["linear", "gaussian"],
-    item: type[LinearBatchItem | GaussianBatchItem],
-) -> Response:
-    """Admission, parsing, the batch fit, and its answer, streamed entry by entry (a
-    10,000-set answer with full histories is tens of MB of JSON: built whole, its
-    ``json.dumps`` would hold the GIL, and the memory, for a second) while the admission
-    ticket is held."""
-    async with AsyncExitStack() as resources:
-        ticket = await resources.enter_async_context(worker.admit())
-        parsed = await parse_request(request, worker, settings, parse_json, ticket=ticket)
-        body = parsed.request
-        lengths = parsed.arrays["lengths"]
-        sets, recorded = len(lengths), -(-body.epochs // body.history_every)
-        arrays = 2 if parsed.arrays.get("x") is not None else 1
-        ticket.take_place(
-            fit_cost(int(lengths.sum()), arrays, body.epochs, sets * recorded, sets=sets)
-        )
-        job = BatchJob(
-            model=model,
-            lengths=lengths.astype(np.int64),
-            x=parsed.arrays.get("x"),
-            y=parsed.arrays["y"],
-            learning_rate=body.learning_rate,
-            epochs=body.epochs,
-            initial=parsed.arrays["initial"],
-            reduction=getattr(body, "reduction", "mean"),
-            seed=body.seed,
-            scaling=body.scaling,
-            history_every=body.history_every,
-        )
-        results = await unless_disconnected(request, worker.fit_batch(job, body.timeout_s))
-        answer = _batch_answer(model, results, item)
-        return HoldingStream(answer, resources.pop_all(), media_type="application/json")
+    model: HttpModel, worker: FitWorker, admitted: Admitted, caller: Caller, parsed: Parsed[Any]
+) -> HoldingStream:
+    """The batch fit, and its answer, streamed entry by entry (a 10,000-set answer with full
+    histories is tens of MB of JSON: built whole, its ``json.dumps`` would hold the GIL, and
+    the memory, for a second) while the admission ticket is held."""
+    body = parsed.request
+    lengths = parsed.arrays["lengths"]
+    sets, recorded = len(lengths), -(-body.epochs // body.history_every)
+    points = int(lengths.sum())
+    cost = fit_cost(points, len(model.data), body.epochs, sets * recorded, sets=sets)
+    admitted.ticket.take_place(cost)
+    job = BatchJob(
+        model=model.name,
+        lengths=lengths.astype(np.int64),
+        data=tuple(parsed.arrays[name] for name in model.data),
+        learning_rate=body.learning_rate,
+        epochs=body.epochs,
+        initial=parsed.arrays["initial"],
+        options=model.options_of(body),
+        seed=body.seed,
+        scaling=body.scaling,
+        history_every=body.history_every,
+    )
+    results = await caller.unless_gone(worker.fit_batch(job, body.timeout_s))
+    answer = _batch_answer(model, results)
+    return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
 
 #: Batch entries per streamed piece of the answer.
 ENTRIES_PER_PIECE = 64
 
 
-def _batch_answer(
-    model: Literal["linear", "gaussian"],
-    results: list[FitResult | FitError],
-    item: type[LinearBatchItem | GaussianBatchItem],
-) -> Iterator[bytes]:
+def _batch_answer(model: HttpModel, results: list[FitResult | FitError]) -> Iterator[bytes]:
     """The batch response, serialized straight from plain data, a few entries at a time
     (the stream runs this generator in a thread): validating 10,000 nested response models
     would cost more than the fits (~75 µs each). The data come from the engine and
@@ -418,7 +239,7 @@ def _batch_answer(
     response model). An entry with anything non-finite makes ``json.dumps`` refuse, and then
     the item model renders it (null, never NaN)."""
     failed = sum(isinstance(r, Exception) for r in results)
-    head = {"model": model, "succeeded": len(results) - failed, "failed": failed}
+    head = {"model": model.name, "succeeded": len(results) - failed, "failed": failed}
     yield json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"results":['
     piece: list[str] = []
     for i, r in enumerate(results):
@@ -427,14 +248,14 @@ def _batch_answer(
             if isinstance(r, Exception)
             else {
                 "index": i,
-                "result": {"model": model, "params": r.params, **_common(r)},
+                "result": {"model": model.name, "params": r.params, **_common(r, model)},
                 "error": None,
             }
         )
         try:
             piece.append(json.dumps(entry, allow_nan=False, separators=(",", ":")))
         except ValueError:
-            piece.append(item.model_validate(entry).model_dump_json())
+            piece.append(model.batch_item.model_validate(entry).model_dump_json())
         if len(piece) == ENTRIES_PER_PIECE:
             yield (b"," if i >= ENTRIES_PER_PIECE else b"") + ",".join(piece).encode()
             piece = []
@@ -443,44 +264,84 @@ def _batch_answer(
     yield b"]}"
 
 
-@router.post(
-    "/linear/batch",
-    response_model=LinearBatchResponse,
-    summary="Fit a line to many data sets at once",
-    responses=BATCH_RESPONSES,
-    openapi_extra=json_only_body(
-        LinearBatchRequest,
-        {
-            "three-sets": {
-                "summary": "Two lines and one constant-x set",
-                "value": LINEAR_BATCH_EXAMPLE,
-            }
-        },
-    ),
-)
-async def fit_linear_batch(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
-    """Fit y = slope·x + intercept to every data set in one vectorized GradientTape loop; the
-    results come back in order, a set that cannot be fitted carrying an error instead."""
-    return await _fit_batch(
-        request, worker, settings, parse_linear_batch, "linear", LinearBatchItem
+def router(models: Iterable[HttpModel]) -> APIRouter:
+    """The fit routes of every model: JSON, binary, batch (in that order, model by model)."""
+    models = list(models)
+    fits = APIRouter(prefix="/v1/fits", tags=["fits"])
+    for model in models:
+        _add_fit(fits, model)
+    for model in models:
+        _add_fit_binary(fits, model)
+    for model in models:
+        _add_batch(fits, model)
+    return fits
+
+
+def _add_fit(fits: APIRouter, model: HttpModel) -> None:
+    async def fit(
+        worker: WorkerDep,
+        admitted: AdmittedDep,
+        caller: CallerDep,
+        parsed: Annotated[Parsed[Any], Depends(parsed_body(model.parse_json, model.parse_binary))],
+    ) -> Any:
+        return await _single_fit(model, worker, admitted, caller, parsed)
+
+    fits.add_api_route(
+        f"/{model.name}",
+        fit,
+        methods=["POST"],
+        name=f"fit_{model.name}",
+        response_model=model.response,
+        summary=model.fit.summary,
+        description=model.fit.description,
+        responses=SINGLE_FIT_RESPONSES,
+        openapi_extra=json_only_body(model.request, model.fit.examples),
     )
 
 
-@router.post(
-    "/gaussian/batch",
-    response_model=GaussianBatchResponse,
-    summary="Fit normal distributions to many data sets at once",
-    responses=BATCH_RESPONSES,
-    openapi_extra=json_only_body(
-        GaussianBatchRequest,
-        {"two-sets": {"summary": "Two samples", "value": GAUSSIAN_BATCH_EXAMPLE}},
-    ),
-)
-async def fit_gaussian_batch(
-    request: Request, worker: WorkerDep, settings: SettingsDep
-) -> Response:
-    """Fit N(mean, std²) to every data set in one vectorized GradientTape loop; the results
-    come back in order, a set that cannot be fitted carrying an error instead."""
-    return await _fit_batch(
-        request, worker, settings, parse_gaussian_batch, "gaussian", GaussianBatchItem
+def _add_fit_binary(fits: APIRouter, model: HttpModel) -> None:
+    body = parsed_body(model.parse_json, model.parse_binary, json=False)
+
+    async def fit_binary(
+        worker: WorkerDep,
+        admitted: AdmittedDep,
+        caller: CallerDep,
+        parsed: Annotated[Parsed[Any], Depends(body)],
+    ) -> Any:
+        return await _single_fit(model, worker, admitted, caller, parsed)
+
+    fits.add_api_route(
+        f"/{model.name}/binary",
+        fit_binary,
+        methods=["POST"],
+        name=f"fit_{model.name}_binary",
+        response_model=model.response,
+        summary=model.fit_binary.summary,
+        description=model.fit_binary.description,
+        responses=BINARY_FIT_RESPONSES,
+        openapi_extra=binary_body(
+            model.options, model.binary_layout, f"POST /v1/fits/{model.name}"
+        ),
+    )
+
+
+def _add_batch(fits: APIRouter, model: HttpModel) -> None:
+    async def fit_batch(
+        worker: WorkerDep,
+        admitted: AdmittedDep,
+        caller: CallerDep,
+        parsed: Annotated[Parsed[Any], Depends(parsed_body(model.parse_batch))],
+    ) -> Any:
+        return await _fit_batch(model, worker, admitted, caller, parsed)
+
+    fits.add_api_route(
+        f"/{model.name}/batch",
+        fit_batch,
+        methods=["POST"],
+        name=f"fit_{model.name}_batch",
+        response_model=model.batch_response,
+        summary=model.batch.summary,
+        description=model.batch.description,
+        responses=BATCH_RESPONSES,
+        openapi_extra=json_only_body(model.batch_request, model.batch.examples),
     )

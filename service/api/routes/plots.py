@@ -1,44 +1,22 @@
-"""POST /v1/plots/{linear,gaussian}: fit, then draw the reference post's figures as PNG."""
-
-from __future__ import annotations
+"""POST /v1/plots/{model}: fit, then draw the model's figures as PNG."""
 
 import asyncio
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Response
 
-from service.api.deps import SettingsDep, WorkerDep
+from service.api.deps import AdmittedDep, Caller, CallerDep, WorkerDep, parsed_body
+from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
-from service.api.parsing import (
-    Parsed,
-)
-from service.api.requests import BinaryParser, JsonParser, parse_request
+from service.api.parsing import Parsed
 from service.api.routes.fits import (
     BINARY_FIT_RESPONSES,
     FIT_RESPONSES,
-    GAUSSIAN_LAYOUT,
-    GAUSSIAN_PARSERS,
-    LINEAR_LAYOUT,
-    LINEAR_PARSERS,
-    fit_while_connected,
-    gaussian_job,
-    linear_job,
+    fit_job,
     single_fit_cost,
 )
-from service.api.schemas import (
-    GAUSSIAN_EXAMPLE,
-    LINEAR_EXAMPLE,
-    GaussianFitRequest,
-    GaussianOptions,
-    LinearFitRequest,
-    LinearOptions,
-)
-from service.plots import gaussian_png, linear_png
-from service.settings import Settings
-from service.worker import FitResult, FitWorker, Job, gaussian_samples
-
-router = APIRouter(prefix="/v1/plots", tags=["plots"])
+from service.worker import FitWorker
 
 PNG = "image/png"
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -50,111 +28,53 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-OptionsT = TypeVar("OptionsT", LinearOptions, GaussianOptions)
-
-
 async def _plot(
-    request: Request,
-    worker: FitWorker,
-    settings: Settings,
-    parsers: tuple[JsonParser[OptionsT], BinaryParser[OptionsT]],
-    make_job: Callable[[Parsed[OptionsT]], Job],
-    draw: Callable[[Parsed[OptionsT], FitResult], bytes],
-    json: bool = True,
+    model: HttpModel, worker: FitWorker, admitted: Any, caller: Caller, parsed: Parsed[Any]
 ) -> Response:
-    """Admission, parsing and the fit as for `/v1/fits`, then ``draw`` in a thread; the
-    admission place is held until the PNG is drawn."""
-    async with worker.admit() as ticket:
-        parsed = await parse_request(request, worker, settings, *parsers, ticket=ticket, json=json)
-        ticket.take_place(single_fit_cost(parsed))
-        job = make_job(parsed)
-        result = await fit_while_connected(request, worker, job, parsed.request.timeout_s)
-        png = await asyncio.to_thread(draw, parsed, result)
+    """The fit as for `/v1/fits`, then the model's drawing in a thread; the admission place
+    is held until the PNG is drawn."""
+    admitted.ticket.take_place(single_fit_cost(model, parsed))
+    job = fit_job(model, parsed)
+    result = await caller.unless_gone(worker.fit(job, parsed.request.timeout_s))
+    png = await asyncio.to_thread(model.draw, parsed, result)
     return Response(png, media_type=PNG)
 
 
-def _draw_linear(parsed: Parsed[LinearOptions], result: FitResult) -> bytes:
-    params = result.params
-    return linear_png(
-        parsed.arrays["x"],
-        parsed.arrays["y"],
-        params["slope"],
-        params["intercept"],
-        result.loss_history,
-        result.history_every,
-    )
+def router(models: Iterable[HttpModel]) -> APIRouter:
+    """The plot routes of every model: JSON, then binary."""
+    models = list(models)
+    plots = APIRouter(prefix="/v1/plots", tags=["plots"])
+    for model in models:
+        _add_plot(plots, model, binary=False)
+    for model in models:
+        _add_plot(plots, model, binary=True)
+    return plots
 
 
-def _draw_gaussian(parsed: Parsed[GaussianOptions], result: FitResult) -> bytes:
-    y = parsed.arrays["y"]
-    mean, std = result.params["mean"], result.params["std"]
-    samples = gaussian_samples(y.size, mean, std, parsed.request.seed or 0)
-    return gaussian_png(y, samples, mean, std, result.loss_history, result.history_every)
+def _add_plot(plots: APIRouter, model: HttpModel, binary: bool) -> None:
+    body = parsed_body(model.parse_json, model.parse_binary, json=not binary)
 
+    async def plot(
+        worker: WorkerDep,
+        admitted: AdmittedDep,
+        caller: CallerDep,
+        parsed: Annotated[Parsed[Any], Depends(body)],
+    ) -> Response:
+        return await _plot(model, worker, admitted, caller, parsed)
 
-@router.post(
-    "/linear",
-    response_class=Response,
-    summary="Fit a line, then plot the data, the line and the loss curve (PNG)",
-    responses=RESPONSES,
-    openapi_extra=json_only_body(
-        LinearFitRequest,
-        {"reference-post-data": {"summary": "Noisy line y = x + 2", "value": LINEAR_EXAMPLE}},
-    ),
-)
-async def plot_linear(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
-    """The same body as `POST /v1/fits/linear`. Left: the data ('b.') and the fitted line
-    ('r'), as in the post; right: the loss per epoch. The same request with the same seed draws
-    the same bytes."""
-    return await _plot(request, worker, settings, LINEAR_PARSERS, linear_job, _draw_linear)
-
-
-@router.post(
-    "/gaussian",
-    response_class=Response,
-    summary="Fit a normal distribution, then plot data vs. fitted samples and the loss (PNG)",
-    responses=RESPONSES,
-    openapi_extra=json_only_body(
-        GaussianFitRequest,
-        {"reference-post-data": {"summary": "Samples of N(2, 1)", "value": GAUSSIAN_EXAMPLE}},
-    ),
-)
-async def plot_gaussian(request: Request, worker: WorkerDep, settings: SettingsDep) -> Response:
-    """The same body as `POST /v1/fits/gaussian`. Left: histograms of the data and of as many
-    samples from the fitted N(mean, std²) (drawn with `seed`, default 0), as in the reference post's
-    "training data vs. generated data"; right: the loss per epoch."""
-    return await _plot(request, worker, settings, GAUSSIAN_PARSERS, gaussian_job, _draw_gaussian)
-
-
-@router.post(
-    "/linear/binary",
-    response_class=Response,
-    summary="Plot a line fitted to binary data (.npy or raw floats)",
-    responses={**RESPONSES, 415: BINARY_FIT_RESPONSES[415]},
-    openapi_extra=binary_body(LinearOptions, LINEAR_LAYOUT, "POST /v1/plots/linear"),
-)
-async def plot_linear_binary(
-    request: Request, worker: WorkerDep, settings: SettingsDep
-) -> Response:
-    """`POST /v1/plots/linear` with the data as a binary body and the options in the query
-    string; the same PNG."""
-    return await _plot(
-        request, worker, settings, LINEAR_PARSERS, linear_job, _draw_linear, json=False
-    )
-
-
-@router.post(
-    "/gaussian/binary",
-    response_class=Response,
-    summary="Plot a normal distribution fitted to binary data (.npy or raw floats)",
-    responses={**RESPONSES, 415: BINARY_FIT_RESPONSES[415]},
-    openapi_extra=binary_body(GaussianOptions, GAUSSIAN_LAYOUT, "POST /v1/plots/gaussian"),
-)
-async def plot_gaussian_binary(
-    request: Request, worker: WorkerDep, settings: SettingsDep
-) -> Response:
-    """`POST /v1/plots/gaussian` with the samples as a binary body and the options in the
-    query string; the same PNG."""
-    return await _plot(
-        request, worker, settings, GAUSSIAN_PARSERS, gaussian_job, _draw_gaussian, json=False
+    operation = model.plot_binary if binary else model.plot
+    plots.add_api_route(
+        f"/{model.name}" + ("/binary" if binary else ""),
+        plot,
+        methods=["POST"],
+        name=f"plot_{model.name}" + ("_binary" if binary else ""),
+        response_class=Response,
+        summary=operation.summary,
+        description=operation.description,
+        responses={**RESPONSES, 415: BINARY_FIT_RESPONSES[415]} if binary else RESPONSES,
+        openapi_extra=binary_body(
+            model.options, model.binary_layout, f"POST /v1/plots/{model.name}"
+        )
+        if binary
+        else json_only_body(model.request, operation.examples),
     )

@@ -11,8 +11,6 @@ that was in it raises :class:`ParserFailed`.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -30,6 +28,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Memory a parser process may keep between parses (16 MiB idle, ~160 MiB after 38 MiB
+#: bodies): the memory budget leaves this for each, and a parser over it is replaced.
+PARSER_RESERVE_BYTES = 128 * 1024 * 1024
 #: How often a parser process checks that the server that started it is still alive.
 PARENT_POLL_S = 0.25
 START_TIMEOUT_S = 120.0
@@ -52,13 +53,6 @@ def _serve(conn: Connection, parent: int) -> None:
         except Exception as error:
             reply = (False, error)
         conn.send(reply)
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the system (glibc keeps it for reuse otherwise, and a
-    container's limit counts it); a no-op where there is no glibc."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _watch_parent(parent: int) -> None:

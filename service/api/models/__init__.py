@@ -1,0 +1,111 @@
+"""Each model's HTTP face, in one place: :class:`HttpModel`.
+
+The routes (:mod:`service.api.routes.fits`, :mod:`service.api.routes.plots`) are made from
+these descriptions, for every model alike: ``POST /v1/fits/{name}`` (JSON, or server-sent
+events), ``/v1/fits/{name}/binary``, ``/v1/fits/{name}/batch``, ``/v1/plots/{name}`` and
+``/v1/plots/{name}/binary``. A model's engine side is its spec (:mod:`service.fitting.models`);
+its HTTP side is its request and response schemas (:mod:`service.api.schemas`), how it is
+drawn, and the words and examples of its operations, here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel
+
+from service.api.parsing import (
+    Invalid,
+    Parsed,
+    parse_batch,
+    parse_binary,
+    parse_json,
+)
+from service.worker import FitResult
+
+Examples = dict[str, dict[str, Any]]
+JsonParser = Callable[[bytes, dict[str, Any]], "Parsed[Any] | Invalid"]
+BinaryParser = Callable[[bytes, str, Mapping[str, str], dict[str, Any]], "Parsed[Any] | Invalid"]
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """What /docs and generated clients show for one operation."""
+
+    summary: str
+    #: Written like a docstring (indented continuation lines), shown like one.
+    description: str
+    examples: Examples = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "description", inspect.cleandoc(self.description))
+
+
+@dataclass(frozen=True, slots=True)
+class HttpModel:
+    """One model over HTTP (see the module's docstring)."""
+
+    #: The engine's model name (its spec), and the URL path segment.
+    name: str
+    #: The body's arrays, in the spec's order, and which of them must not be constant.
+    data: tuple[str, ...]
+    must_vary: tuple[bool, ...]
+    #: Schemas: the JSON body; the same without the data (the binary twin's query); the
+    #: batch body; the parameters and the answers.
+    request: type[BaseModel]
+    options: type[BaseModel]
+    batch_request: type[BaseModel]
+    params: type[BaseModel]
+    response: type[BaseModel]
+    batch_item: type[BaseModel]
+    batch_response: type[BaseModel]
+    #: The binary body's array, in words.
+    binary_layout: str
+    fit: Operation
+    fit_binary: Operation
+    batch: Operation
+    plot: Operation
+    plot_binary: Operation
+    #: The PNG of a fit: (the parsed request, the result) -> bytes.
+    draw: Callable[[Parsed[Any], FitResult], bytes]
+    #: Request fields that are the spec's model options (e.g. the Gaussian's reduction).
+    model_options: tuple[str, ...] = ()
+
+    @property
+    def parse_json(self) -> JsonParser:
+        """The JSON body's parser (picklable: it may run in a parser process)."""
+        return partial(parse_json, self.request, self.data)
+
+    @property
+    def parse_binary(self) -> BinaryParser:
+        return partial(parse_binary, self.options, self.data, self.must_vary)
+
+    @property
+    def parse_batch(self) -> JsonParser:
+        return partial(parse_batch, self.batch_request, self.data, len(self.params.model_fields))
+
+    def options_of(self, body: BaseModel) -> dict[str, Any]:
+        """The spec's model options from a parsed body."""
+        return {name: getattr(body, name) for name in self.model_options}
+
+    def has_stat(self, name: str) -> bool:
+        """Whether this model's answer reports statistic ``name`` (e.g. r_squared)."""
+        stats = self.response.model_fields["stats"].annotation
+        return isinstance(stats, type) and name in getattr(stats, "model_fields", {})
+
+
+def _registry() -> dict[str, HttpModel]:
+    from service.api.models.gaussian import GAUSSIAN
+    from service.api.models.linear import LINEAR
+
+    return {model.name: model for model in (LINEAR, GAUSSIAN)}
+
+
+#: The built-in models, by name.
+BUILT_IN: Mapping[str, HttpModel] = _registry()
+
+__all__ = ["BUILT_IN", "HttpModel", "Operation"]

@@ -1,0 +1,172 @@
+"""The reference post's line, y = slope·x + intercept, fitted by (weighted) mean squared error.
+
+Full-batch MSE of a line depends on the data only through five centred moments, so the loop
+evaluates it in O(1) per epoch from the summary [n, x̄, ȳ, Vxx, Vxy, Vyy]:
+
+    MSE(m, b) = m²·Vxx - 2m·Vxy + Vyy + (m·x̄ + b - ȳ)²
+
+Standardized (x' = (x - x̄)/sx, y' = (y - ȳ)/sy): m' = m·sx/sy, b' = (b + m·x̄ - ȳ)/sy, and
+the MSE is sy²·MSE'; the summary becomes [n, 0, 0, 1, r, 1] with r the correlation.
+
+Statistics (weighted least squares, weights as inverse variances like statsmodels' WLS):
+σ² = Σw·r² / (n - 2) and Cov = σ²·(XᵀWX)⁻¹ = σ²·(2/Σw)·H⁻¹, since the loss Σw·r²/Σw has
+Hessian H = (2/Σw)·XᵀWX. R² = 1 - loss / weighted variance of y; the log-likelihood is that
+of y ~ N(mx + b, σ²/w) at the maximum-likelihood σ².
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from service.fitting.layers import LinearRegressionLayer
+from service.fitting.layout import Layout
+from service.fitting.losses import LOG_2PI
+from service.fitting.models import ModelSpec, all_equal
+from service.fitting.options import Scaling
+from service.fitting.results import FitStats
+from service.fitting.scaling import Coordinates, affine
+from service.fitting.stats import ROUNDING, AtFit, WeightSummary, fit_stats
+from service.fitting.summary import (
+    VECTOR,
+    Ragged,
+    centre,
+    centre_numpy,
+    centre_sets,
+    mean_product,
+    mean_products_of_sets,
+    normalized,
+)
+
+Array = np.ndarray[Any, np.dtype[np.float64]]
+
+SUMMARY = Layout.of(n=None, x_mean=None, y_mean=None, vxx=None, vxy=None, vyy=None)
+#: The reference post's Keras ``random_normal`` initializer: mean 0, standard deviation 0.05.
+SLOPE_INIT_STDDEV = 0.05
+
+
+def moments(x: Array, y: Array, weights: Array | None = None) -> Array:
+    """[n, x̄, ȳ, Vxx, Vxy, Vyy] of paired samples; with ``weights`` the means and moments
+    are weighted (n stays the point count)."""
+    w = normalized(weights)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as inf/nan
+        x_mean, dx = centre_numpy(x, w)
+        y_mean, dy = centre_numpy(y, w)
+        wdx = dx / x.size if w is None else w * dx  # weighted once, for both products
+        products = (float(np.dot(wdx, dx)), float(np.dot(wdx, dy)), mean_product(dy, dy, w))
+    return np.array([x.size, x_mean, y_mean, *products])
+
+
+@tf.function(input_signature=[VECTOR, VECTOR])
+def moments_graph(x: Any, y: Any) -> Any:
+    """:func:`moments` of unweighted data in one graph call (large data)."""
+    n = tf.cast(tf.size(x), tf.float64)
+    x_mean, dx = centre(x)
+    y_mean, dy = centre(y)
+    products = [tf.reduce_mean(a * b) for a, b in ((dx, dx), (dx, dy), (dy, dy))]
+    return tf.stack([n, x_mean, y_mean, *products])
+
+
+def moments_of_sets(x: Ragged, y: Ragged) -> Array:
+    """[B, 6]: :func:`moments` of every set at once."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        x_mean, dx = centre_sets(x)
+        y_mean, dy = centre_sets(y)
+        products = mean_products_of_sets(x, [(dx, dx), (dx, dy), (dy, dy)])
+    return np.stack([x.lengths.astype(np.float64), x_mean, y_mean, *products], axis=1)
+
+
+def complete(moments: Array, total: Array, options: Mapping[str, Any]) -> Array:
+    return moments
+
+
+def loss(p: Any, summary: Any) -> Any:
+    """The MSE from the summary, with the line evaluated by the reference post's layer."""
+    s = SUMMARY.columns(summary)
+    slope, intercept = p[..., 0], p[..., 1]
+    offset = LinearRegressionLayer.line(slope, intercept, s["x_mean"]) - s["y_mean"]
+    return slope * slope * s["vxx"] - 2.0 * slope * s["vxy"] + s["vyy"] + offset * offset
+
+
+def standardize(summary: Array) -> tuple[Array, Coordinates]:
+    """The standardized summary and its coordinates. Vxx must be positive; constant y
+    (Vyy = 0) keeps sy = 1."""
+    n, x_mean, y_mean, vxx, vxy, vyy = (float(v) for v in summary)
+    sx = math.sqrt(vxx)
+    sy = math.sqrt(vyy) if vyy > 0.0 else 1.0
+    coords = affine(
+        A=[[sx / sy, 0.0], [x_mean / sy, 1.0 / sy]],
+        A_inv=[[sy / sx, 0.0], [-x_mean * sy / sx, sy]],
+        origin=[0.0, y_mean],
+        a=sy * sy,
+    )
+    return np.array([n, 0.0, 0.0, 1.0, vxy / sx / sy, vyy / (sy * sy)]), coords
+
+
+def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Array:
+    """The reference post's layer's start: m from N(0, 0.05²) drawn with the row's seed,
+    b = 0 (in the loop's coordinates, standardized or raw)."""
+    starts = np.zeros((len(summaries), 2))
+    for i, seed in enumerate(seeds):
+        if seed is not None:
+            starts[i, 0] = random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV)
+    return starts
+
+
+def stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
+    """Statistics of the line where the fit ended (``summary`` in the caller's units)."""
+    at, coords = fit.point, fit.coords
+    s = SUMMARY.columns(summary)
+    x_mean, y_mean, vxx, vxy, vyy = (float(s[name]) for name in SUMMARY.names[1:])
+    slope = vxy / vxx
+    dof = weights.count - 2
+    loss_ = coords.loss(at.loss)
+    # Σw·r². The moment form of the loss is exact only to rounding of Vyy: a residual below
+    # that (a perfect fit, e.g. two points) is zero, not a log-likelihood of rounding noise.
+    ssr = 0.0 if loss_ <= ROUNDING * vyy else weights.total * loss_
+    sigma2 = ssr / dof if dof > 0 else math.nan
+    n_used = weights.count
+    loglik = (
+        -0.5 * n_used * (LOG_2PI + math.log(ssr / n_used) + 1.0) + 0.5 * weights.log_sum
+        if ssr > 0.0
+        else math.inf
+    )
+    r_squared = 1.0 - loss_ / vyy if vyy > 0.0 else math.nan
+    # Cov = σ²·(2/Σw)·H⁻¹ with H = a·AᵀH'A, so in fit coordinates the factor is divided by a.
+    return fit_stats(
+        ("slope", "intercept"),
+        fit,
+        weights,
+        covariance_factor=sigma2 * 2.0 / weights.total / coords.a,
+        loglik=loglik,
+        closed=(slope, y_mean - slope * x_mean),
+        closed_loss=max(vyy - vxy * slope, 0.0),
+        r_squared=r_squared if math.isfinite(r_squared) else None,
+        residual_std=math.sqrt(sigma2) if dof > 0 and math.isfinite(sigma2) else None,
+    )
+
+
+LINEAR = ModelSpec(
+    name="linear",
+    params=("slope", "intercept"),
+    data=("x", "y"),
+    summary=SUMMARY,
+    moments=moments,
+    moments_graph=moments_graph,
+    moments_of_sets=moments_of_sets,
+    complete=complete,
+    loss=loss,
+    spread="vxx",
+    constant=all_equal("x", "the slope is not determined"),
+    standardize=standardize,
+    start=start,
+    random_start=True,
+    stats=stats,
+    dummy=(2.0, 0.0, 0.0, 1.0, 0.0, 1.0),
+    dummy_start=(0.0, 0.0),
+)
