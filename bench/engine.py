@@ -79,7 +79,7 @@ from service.fitting import FitEngine
 x = np.random.default_rng(0).random(100); y = 2 * x + 1
 t = time.perf_counter()
 e = FitEngine()
-e.fit_{"linear(x, y," if model == "linear" else "gaussian(y,"} learning_rate=0.1, epochs=100)
+e.fit({'"linear", x, y' if model == "linear" else '"gaussian", y'}, learning_rate=0.1, epochs=100)
 print(time.perf_counter() - t)
 """
     out = subprocess.run(
