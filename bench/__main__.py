@@ -9,7 +9,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import engine, http
+from bench import engine, expressions, http
 
 
 def main() -> None:
@@ -23,6 +23,8 @@ def main() -> None:
     print(f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
     rows, first = engine.run(args.quick)
     print(engine.table(rows, first))
+    print()
+    print(expressions.run())
     print()
     if not args.no_http:
         print(http.report(http.run(args.quick)))

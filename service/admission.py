@@ -49,6 +49,11 @@ SECONDS_PER_FIT = 3e-4
 SECONDS_PER_EPOCH = 3e-7
 SECONDS_PER_POINT = 2e-8
 SECONDS_PER_SET_EPOCH = 2e-8
+#: Expression fits: each Levenberg-Marquardt iteration builds the Jacobian (points x
+#: parameters) and a few copies of it (the QR of the augmented system), and costs about
+#: this much per entry.
+JACOBIAN_COPIES = 4
+SECONDS_PER_JACOBIAN_ENTRY = 2e-8
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,21 @@ def fit_cost(points: int, arrays: int, epochs: int, history: int, sets: int = 0)
     seconds = SECONDS_PER_FIT + SECONDS_PER_EPOCH * epochs + SECONDS_PER_POINT * points
     if sets:
         seconds += SECONDS_PER_SET_EPOCH * sets * epochs
+    return Cost(bytes=memory, seconds=seconds)
+
+
+def expression_cost(
+    points: int, variables: int, parameters: int, epochs: int, history: int
+) -> Cost:
+    """The cost of an expression fit: its arrays, its Jacobians, its iterations."""
+    entries = points * parameters
+    memory = (
+        REQUEST_BYTES
+        + FIT_BYTES_PER_POINT * points * (variables + 2)
+        + 8.0 * JACOBIAN_COPIES * entries
+        + BYTES_PER_HISTORY_VALUE * history
+    )
+    seconds = SECONDS_PER_FIT + epochs * (SECONDS_PER_EPOCH + SECONDS_PER_JACOBIAN_ENTRY * entries)
     return Cost(bytes=memory, seconds=seconds)
 
 

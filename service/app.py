@@ -25,8 +25,12 @@ from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimit
 from service.api.models import BUILT_IN, HttpModel
 from service.api.openapi import install_openapi
-from service.api.routes import datasets, fits, health, plots
-from service.api.schemas import GaussianDatasetRequest, LinearDatasetRequest
+from service.api.routes import datasets, expressions, fits, health, plots
+from service.api.schemas import (
+    ExpressionFitRequest,
+    GaussianDatasetRequest,
+    LinearDatasetRequest,
+)
 from service.logs import AccessLogMiddleware, valid_request_id
 from service.settings import Settings, get_settings
 from service.worker import FitWorker
@@ -38,13 +42,16 @@ Fits models with custom TensorFlow training loops (`tf.GradientTape`): POST the 
 optionally, hyperparameters; get the fitted parameters and the loss history back as JSON.
 
 - **linear**: y = slope·x + intercept, gradient descent on the mean squared error;
-- **gaussian**: N(mean, std²), gradient descent on the negative log-likelihood.
+- **gaussian**: N(mean, std²), gradient descent on the negative log-likelihood;
+- **expression**: any model you write down (or a named one), by Levenberg-Marquardt with the
+  exact Jacobian from the tape, certified on NIST's nonlinear reference data sets.
 """
 
 
 TAGS = [
     {"name": "fits", "description": "Fit a model to data: parameters, loss history, statistics."},
     {"name": "plots", "description": "Fit, then draw the reference post's figures as PNG."},
+    {"name": "expressions", "description": "Any model written down, or a named one."},
     {"name": "datasets", "description": "The reference post's synthetic data, seeded."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
@@ -93,6 +100,7 @@ def create_app(
     app.state.bodies = bodies
     install_error_handlers(app)
     app.include_router(fits.router(models.values()))
+    app.include_router(expressions.router)
     app.include_router(plots.router(models.values()))
     app.include_router(datasets.router)
     app.include_router(health.router)
@@ -107,7 +115,9 @@ def create_app(
         CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id
     )
     requests = [schema for m in models.values() for schema in (m.request, m.batch_request)]
-    install_openapi(app, [*requests, LinearDatasetRequest, GaussianDatasetRequest])
+    install_openapi(
+        app, [*requests, ExpressionFitRequest, LinearDatasetRequest, GaussianDatasetRequest]
+    )
     _cache_openapi(app)
     app.add_middleware(DocsContentSecurityPolicy)
     app.add_middleware(HeadAsGet)

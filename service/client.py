@@ -41,12 +41,14 @@ except ImportError:  # numpy is optional: it is only needed to send numpy arrays
 
 from service.api.schemas import (
     Dataset,
+    ExpressionFitResponse,
     GaussianBatchResponse,
     GaussianFitResponse,
     GaussianOptions,
     LinearBatchResponse,
     LinearFitResponse,
     LinearOptions,
+    ModelList,
 )
 
 if TYPE_CHECKING:
@@ -255,6 +257,27 @@ def _batch_call(
     return _Call("POST", f"/v1/fits/{model}/batch", json={"datasets": sets, **plain})
 
 
+def _expression_call(
+    path: str,
+    x: Values | Mapping[str, Values],
+    y: Values,
+    expression: str | None,
+    model: str | None,
+    parameters: Mapping[str, float] | None,
+    options: dict[str, Any],
+) -> _Call:
+    """An expression fit (``x``: one array, or named arrays for several variables)."""
+    xs = {name: _plain(v) for name, v in x.items()} if isinstance(x, Mapping) else _plain(x)
+    body: dict[str, Any] = {"x": xs, "y": _plain(y), **{k: _plain(v) for k, v in options.items()}}
+    if expression is not None:
+        body["expression"] = expression
+    if model is not None:
+        body["model"] = model
+    if parameters is not None:
+        body["parameters"] = {name: float(value) for name, value in parameters.items()}
+    return _Call("POST", path, json=body)
+
+
 def _dataset_call(model: str, options: dict[str, Any]) -> _Call:
     return _Call("POST", f"/v1/datasets/{model}", json=options)
 
@@ -402,6 +425,40 @@ class Client(_Base):
         """PNG bytes."""
         return self._send(self._gaussian("/v1/plots/gaussian", y, options)).content
 
+    def fit_expression(
+        self,
+        x: Values | Mapping[str, Values],
+        y: Values,
+        expression: str | None = None,
+        parameters: Mapping[str, float] | None = None,
+        *,
+        model: str | None = None,
+        **options: Any,
+    ) -> ExpressionFitResponse:
+        """Fit ``expression`` (or the named ``model``) from ``parameters``' starting values."""
+        call = _expression_call("/v1/fits/expression", x, y, expression, model, parameters, options)
+        return self._model(call, ExpressionFitResponse)
+
+    def plot_expression(
+        self,
+        x: Values | Mapping[str, Values],
+        y: Values,
+        expression: str | None = None,
+        parameters: Mapping[str, float] | None = None,
+        *,
+        model: str | None = None,
+        **options: Any,
+    ) -> bytes:
+        """PNG bytes: data and fit, residuals, loss."""
+        call = _expression_call(
+            "/v1/plots/expression", x, y, expression, model, parameters, options
+        )
+        return self._send(call).content
+
+    def models(self) -> ModelList:
+        """The named models."""
+        return self._model(_Call("GET", "/v1/models"), ModelList)
+
     def linear_dataset(self, n: int, **options: Any) -> Dataset:
         return self._model(_dataset_call("linear", {"n": n, **options}), Dataset)
 
@@ -497,6 +554,38 @@ class AsyncClient(_Base):
 
     async def plot_gaussian(self, y: Values, **options: Any) -> bytes:
         return (await self._send(self._gaussian("/v1/plots/gaussian", y, options))).content
+
+    async def fit_expression(
+        self,
+        x: Values | Mapping[str, Values],
+        y: Values,
+        expression: str | None = None,
+        parameters: Mapping[str, float] | None = None,
+        *,
+        model: str | None = None,
+        **options: Any,
+    ) -> ExpressionFitResponse:
+        """Fit ``expression`` (or the named ``model``) from ``parameters``' starting values."""
+        call = _expression_call("/v1/fits/expression", x, y, expression, model, parameters, options)
+        return await self._model(call, ExpressionFitResponse)
+
+    async def plot_expression(
+        self,
+        x: Values | Mapping[str, Values],
+        y: Values,
+        expression: str | None = None,
+        parameters: Mapping[str, float] | None = None,
+        *,
+        model: str | None = None,
+        **options: Any,
+    ) -> bytes:
+        call = _expression_call(
+            "/v1/plots/expression", x, y, expression, model, parameters, options
+        )
+        return (await self._send(call)).content
+
+    async def models(self) -> ModelList:
+        return await self._model(_Call("GET", "/v1/models"), ModelList)
 
     async def linear_dataset(self, n: int, **options: Any) -> Dataset:
         return await self._model(_dataset_call("linear", {"n": n, **options}), Dataset)

@@ -106,3 +106,40 @@ def gaussian_png(
     hist_axes.legend()
     _loss_curve(loss_axes, history, every, "Cost function\n(Negative Log-Likelihood)")
     return _png(figure)
+
+
+@_quiet
+def expression_png(
+    x: Array,
+    y: Array,
+    fitted: Array,
+    curve: tuple[Array, Array] | None,
+    history: Array,
+    every: int,
+    title: str,
+) -> bytes:
+    """Left: the data and the fit (a smooth ``curve`` over the first variable, or fitted
+    against observed for several variables); middle: the residuals; right: the loss."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(15.0, 4.0), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    data_axes, residual_axes, loss_axes = figure.subplots(1, 3)
+    xs, ys, fs = _strided(x, y, fitted)
+    if curve is not None:
+        data_axes.plot(xs, ys, "b.", label="data")
+        data_axes.plot(*curve, "r", label="fit")
+        data_axes.set(xlabel="x", ylabel="y", title=title)
+    else:
+        data_axes.plot(fs, ys, "b.", label="data")
+        data_axes.plot([fs.min(), fs.max()], [fs.min(), fs.max()], "r", label="y = fit")
+        data_axes.set(xlabel="fitted", ylabel="observed", title=title)
+    data_axes.legend()
+    residual_axes.axhline(0.0, color="r")
+    residual_axes.plot(xs if curve is not None else fs, ys - fs, "b.")
+    residual_axes.set(
+        xlabel="x" if curve is not None else "fitted", ylabel="residual", title="Residuals"
+    )
+    _loss_curve(loss_axes, history, every, "Mean squared residual")
+    return _png(figure)

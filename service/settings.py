@@ -50,6 +50,26 @@ class Settings(BaseSettings):
     max_dataset_points: Annotated[int, Field(ge=2)] = Field(
         100_000, description="Most points one synthetic data set may have (422 above)."
     )
+    max_expression_work: Annotated[int, Field(ge=1)] = Field(
+        4_000_000,
+        description="Most points x parameters in one expression fit (422 above): its "
+        "Jacobian holds that many float64 values (32 MB at the default) and each "
+        "Levenberg-Marquardt iteration a few copies of it.",
+    )
+    compile_threads: Annotated[int, Field(ge=1)] = Field(
+        1,
+        description="Expression fits that compile (a new expression or size bucket: traced "
+        "and XLA-compiled, seconds) run on this many threads of their own, apart from the fit "
+        "slots, so compiling never holds up cached fits.",
+    )
+    max_queued_compiles: Annotated[int, Field(ge=0)] = Field(
+        4,
+        description="Compiling fits that may wait for a compile thread; more answer 429 with "
+        "Retry-After.",
+    )
+    expression_cache_size: Annotated[int, Field(ge=1)] = Field(
+        64, description="Compiled expressions kept (least recently used evicted first)."
+    )
     max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
         64 * 1024 * 1024, description="Largest request body accepted (413 above)."
     )

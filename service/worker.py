@@ -60,6 +60,9 @@ PARSER_RESERVE_BYTES = 128 * 1024 * 1024
 #: What the warm-up after readiness adds to the server (batch loops, other variants):
 #: measured ~250 MiB.
 WARM_UP_BYTES = 300 * 1024 * 1024
+#: Seconds a client refused because every compile place is taken is told to wait: a compile
+#: takes one to a few seconds.
+COMPILE_RETRY_S = 2
 #: The automatic budget leaves this share of the limit for what no estimate counts.
 BUDGET_SHARE = 0.95
 MIN_BUDGET_BYTES = 64 * 1024 * 1024
@@ -216,10 +219,10 @@ class FitMetrics:
 
 
 @lru_cache(maxsize=4)
-def shared_engine(epochs_per_call: int) -> FitEngine:
+def shared_engine(epochs_per_call: int, expression_cache_size: int = 64) -> FitEngine:
     """One engine per process and chunk size: it is stateless and thread-safe. Returned warm
     for small data (enough for readiness); see :meth:`FitWorker.start` for the rest."""
-    engine = FitEngine(epochs_per_call=epochs_per_call)
+    engine = FitEngine(epochs_per_call=epochs_per_call, expression_cache_size=expression_cache_size)
     engine.warm_up(large=False, variants=False)
     return engine
 
@@ -252,6 +255,12 @@ class FitWorker:
         self._fit_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent_fits, thread_name_prefix="fit"
         )
+        # Fits that must first compile (a new expression or size bucket) run here, apart
+        # from the fit slots: a flood of new expressions queues (then 429s) on its own.
+        self._compile_pool = ThreadPoolExecutor(
+            max_workers=settings.compile_threads, thread_name_prefix="compile"
+        )
+        self._compiling = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -261,7 +270,9 @@ class FitWorker:
         s = self.settings
         loop = asyncio.get_running_loop()
         configure_threads(s.intra_op_threads, s.inter_op_threads)
-        self.engine = await loop.run_in_executor(self._fit_pool, shared_engine, s.epochs_per_call)
+        self.engine = await loop.run_in_executor(
+            self._fit_pool, shared_engine, s.epochs_per_call, s.expression_cache_size
+        )
         self._set_budget(warm=False)
         self.ready = True
         # The large-data entry points and the batch loops warm after readiness, so start-up
@@ -314,6 +325,7 @@ class FitWorker:
         self.begin_drain()
         self.ready = False
         self._fit_pool.shutdown(wait=False, cancel_futures=True)
+        self._compile_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -355,12 +367,43 @@ class FitWorker:
         receives (epochs done, loss) in the fit's thread every ``progress.every`` epochs."""
         if self.engine is None:
             raise Unavailable("the service is warming up")
+        engine = self.engine
+        pool = self._fit_pool
+        if job.model == "expression" and not self._compiled(engine, job):
+            pool = self._compile_pool
+            if self._compiling >= self.settings.compile_threads + self.settings.max_queued_compiles:
+                self.metrics.rejections.labels("compiling").inc()
+                raise Refused(
+                    "compiling",
+                    COMPILE_RETRY_S,
+                    "every compile thread and queue place is taken by new expressions; "
+                    "retry, or reuse an expression (compiled ones fit at once)",
+                )
         cancelled, should_stop = self._stop_check(timeout_s)
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(
-            self._fit_pool, self._run, self.engine, job, should_stop, progress
-        )
-        return await self._cancellable(future, cancelled, job.model)
+        future = loop.run_in_executor(pool, self._run, engine, job, should_stop, progress)
+        if pool is self._fit_pool:
+            return await self._cancellable(future, cancelled, job.model)
+        self._compiling += 1
+        try:
+            return await self._cancellable(future, cancelled, job.model)
+        finally:
+            self._compiling -= 1
+
+    def must_compile(self, job: FitJob) -> bool:
+        """Whether this fit would first trace and compile (a new expression or bucket)."""
+        engine = self.engine
+        if engine is None or job.model != "expression":
+            return False
+        return not self._compiled(engine, job)
+
+    @staticmethod
+    def _compiled(engine: FitEngine, job: FitJob) -> bool:
+        """Whether the loop an expression fit will run is compiled (cheap: a cache lookup)."""
+        expression = job.options["expression"]
+        spec = engine.expression_spec(expression, job.data[0].size)
+        stopping = job.training.stopping.enabled
+        return engine.compiled(spec, job.training.optimizer.name, stopping)
 
     async def fit_batch(
         self, job: BatchJob, timeout_s: float | None = None

@@ -49,7 +49,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 def engine() -> FitEngine:
-    return shared_engine(Settings().epochs_per_call)
+    settings = Settings()
+    return shared_engine(settings.epochs_per_call, settings.expression_cache_size)
 
 
 def app_settings(**overrides: Any) -> Settings:

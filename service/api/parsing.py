@@ -21,13 +21,17 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from service.api.schemas import (
+    ExpressionFitRequest,
     GaussianDatasetRequest,
     LinearDatasetRequest,
     LinearFitRequest,
     constant_error,
     context_limit,
+    length_error,
     points_error,
 )
+from service.fitting import catalog
+from service.fitting.expression import CONSTANTS, FUNCTIONS, Expression, ExpressionError, parse
 
 #: Binary bodies: raw little-endian floats (x then y for a line), or one NumPy .npy array.
 OCTET_STREAM = "application/octet-stream"
@@ -42,10 +46,12 @@ ErrorList = list[dict[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class Parsed(Generic[RequestT]):
-    """A validated request whose data arrays were moved out into float64 numpy arrays."""
+    """A validated request whose data arrays were moved out into float64 numpy arrays
+    (``plan``: what a request needs beyond them, e.g. its parsed expression)."""
 
     request: RequestT
     arrays: dict[str, npt.NDArray[np.float64]]
+    plan: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,3 +310,221 @@ def parse_binary(
 def warm() -> bool:
     """Touch the parsers once (used to start a parser process ahead of traffic)."""
     return isinstance(parse_json(LinearFitRequest, ("x", "y"), b"{}", {}), Invalid)
+
+
+# -- expressions ----------------------------------------------------------------------------
+
+#: Most predictors (named x arrays) of one expression fit.
+MAX_VARIABLES = 16
+#: Up to this many points, an expression fit's x and y are also read from the body's decimal
+#: text in extended precision, for its statistics (one more pass over the body: ~1 µs a
+#: number).
+EXACT_MAX_POINTS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ExpressionPlan:
+    """What a parsed expression fit needs beyond its options and arrays: the expression, the
+    named model (if any), the starting values given (a named model's others are guessed
+    later) and the bounds."""
+
+    expression: Expression
+    named_model: str | None
+    given: dict[str, float]
+    bounds: dict[str, tuple[float | None, float | None]]
+
+
+def parse_expression(
+    body: bytes, context: dict[str, Any]
+) -> Parsed[ExpressionFitRequest] | Invalid:
+    """An expression fit: the schema, then the rules JSON Schema cannot state (the
+    expression's allow-list, names, lengths, bounds, the work limit), each error located."""
+    if refused := _too_many_numbers(body, MAX_VARIABLES + 2, context):
+        return refused
+    try:
+        request = ExpressionFitRequest.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        return _errors(exc, "body")
+    variables = request.variables()
+    columns = [request.x] if isinstance(request.x, list) else list(request.x.values())
+    errors = _expression_data_errors(request, variables, columns, context)
+    plan = None
+    if not errors:
+        plan = _expression_plan(request, variables, len(request.y), context, errors)
+    if plan is None:
+        return Invalid(errors)
+    arrays = {
+        f"x:{name}": np.asarray(column, dtype=np.float64)
+        for name, column in zip(variables, columns, strict=True)
+    }
+    arrays["y"] = np.asarray(request.y, dtype=np.float64)
+    if request.weights is not None:
+        arrays["weights"] = np.asarray(request.weights, dtype=np.float64)
+    if len(request.y) <= EXACT_MAX_POINTS:
+        arrays |= _exact_columns(body, variables)
+    slim = request.model_copy(update={"x": [], "y": [], "weights": None})
+    return Parsed(slim, arrays, plan)
+
+
+def _exact_columns(body: bytes, variables: tuple[str, ...]) -> dict[str, npt.NDArray[Any]]:
+    """x and y as numpy ``longdouble`` straight from their decimal text (float64 would round
+    each value first). The body is valid JSON: the schema accepted it."""
+    document = json.loads(body, parse_float=np.longdouble, parse_int=np.longdouble)
+    x = document["x"]
+    columns = {"x": x} if isinstance(x, list) else x
+    exact = {f"exact:x:{name}": np.array(columns[name], dtype=np.longdouble) for name in variables}
+    exact["exact:y"] = np.array(document["y"], dtype=np.longdouble)
+    return exact
+
+
+def _expression_data_errors(
+    request: ExpressionFitRequest,
+    variables: tuple[str, ...],
+    columns: list[list[float]],
+    context: dict[str, Any],
+) -> ErrorList:
+    errors: ErrorList = []
+    n = len(request.y)
+    if not variables or len(variables) > MAX_VARIABLES:
+        errors.append(
+            _error(
+                ["body", "x"],
+                PydanticCustomError(
+                    "variables", "x needs 1 to {limit} variables", {"limit": MAX_VARIABLES}
+                ),
+            )
+        )
+    for name, column in zip(variables, columns, strict=True):
+        where: list[str | int] = (
+            ["body", "x"] if isinstance(request.x, list) else ["body", "x", name]
+        )
+        if not name.isidentifier() or name in FUNCTIONS or name in CONSTANTS:
+            errors.append(
+                _error(
+                    where,
+                    PydanticCustomError(
+                        "variable_name",
+                        "a variable name must be an identifier and not a function or constant: "
+                        "{name}",
+                        {"name": name},
+                    ),
+                )
+            )
+        elif (error := length_error(len(column), n, first="x", second="y")) is not None:
+            errors.append(_error(["body", "y"], error))
+    if request.weights is not None:
+        if error := length_error(n, len(request.weights), first="y", second="weights"):
+            errors.append(_error(["body", "weights"], error))
+        elif sum(1 for w in request.weights if w > 0) < 2:
+            errors.append(
+                _error(
+                    ["body", "weights"],
+                    PydanticCustomError(
+                        "too_few_weights", "at least 2 points need a positive weight"
+                    ),
+                )
+            )
+    if (error := points_error(n, request.epochs, context)) is not None:
+        errors.append(_error(["body", "y"], error))
+    return errors
+
+
+def _expression_plan(
+    request: ExpressionFitRequest,
+    variables: tuple[str, ...],
+    n: int,
+    context: dict[str, Any],
+    errors: ErrorList,
+) -> ExpressionPlan | None:
+    """The parsed expression and its start, or None with ``errors`` filled in."""
+    given = dict(request.parameters or {})
+    if (request.expression is None) == (request.model is None):
+        errors.append(
+            _error(
+                ["body", "expression"],
+                PydanticCustomError(
+                    "expression_or_model", "give either an expression or a named model"
+                ),
+            )
+        )
+        return None
+    if request.model is not None:
+        named = catalog.BY_NAME[request.model]
+        text, names = named.expression, list(named.parameters)
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            errors.append(
+                _error(
+                    ["body", "parameters"],
+                    PydanticCustomError(
+                        "unknown_parameter",
+                        "{model} has no parameter {names}; its parameters are {known}",
+                        {
+                            "model": named.name,
+                            "names": ", ".join(unknown),
+                            "known": ", ".join(names),
+                        },
+                    ),
+                )
+            )
+            return None
+    else:
+        if request.parameters is None:
+            errors.append(
+                _error(
+                    ["body", "parameters"],
+                    PydanticCustomError(
+                        "missing",
+                        "parameters (the starting value of each) are required with an expression",
+                    ),
+                )
+            )
+            return None
+        text, names = str(request.expression), list(given)
+    try:
+        expression = parse(text, variables, names)
+    except ExpressionError as error:
+        loc = (
+            "parameters" if error.kind in ("too_many_parameters", "reserved_name") else "expression"
+        )
+        errors.append(
+            _error(
+                ["body", loc],
+                PydanticCustomError(f"expression_{error.kind}", "{reason}", {"reason": str(error)}),
+            )
+        )
+        return None
+    limit = context_limit(context, "max_expression_work")
+    if limit is not None and n * len(names) > limit:
+        errors.append(
+            _error(
+                ["body"],
+                PydanticCustomError(
+                    "too_much_expression_work",
+                    "points x parameters = {work} exceeds {limit} (TAPEFIT_MAX_EXPRESSION_WORK)",
+                    {"work": n * len(names), "limit": limit},
+                ),
+            )
+        )
+        return None
+    bounds = dict(request.bounds or {})
+    for name, (low, high) in bounds.items():
+        problem = None
+        if name not in names:
+            problem = f"{name} is not a parameter"
+        elif low is not None and high is not None and not low < high:
+            problem = "the lower bound must be below the upper one"
+        elif name in given and not (
+            (low is None or given[name] >= low) and (high is None or given[name] <= high)
+        ):
+            problem = "the starting value is outside the bounds"
+        if problem is not None:
+            errors.append(
+                _error(
+                    ["body", "bounds", name],
+                    PydanticCustomError("bounds", "{problem}", {"problem": problem}),
+                )
+            )
+    if errors:
+        return None
+    return ExpressionPlan(expression, request.model, given, bounds)

@@ -97,6 +97,7 @@ async def parse_request(
         settings.max_batch,
         settings.max_batch_history,
         settings.max_dataset_points,
+        settings.max_expression_work,
     )
     if media == JSON:
         if request.query_params:  # never silently ignored

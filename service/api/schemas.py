@@ -15,7 +15,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypeAliasType
 
-from service.fitting import options
+from service.fitting import catalog, options
+from service.fitting import expression as expression_rules
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 PositiveFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
@@ -60,9 +61,11 @@ def limits_context(
     max_batch: int | None = None,
     max_batch_history: int | None = None,
     max_dataset_points: int | None = None,
+    max_expression_work: int | None = None,
 ) -> dict[str, Any]:
     """Validation context carrying the settings-dependent limits."""
     return {
+        "max_expression_work": max_expression_work,
         "max_points": max_points,
         "max_epochs": max_epochs,
         "max_work": max_work,
@@ -824,3 +827,199 @@ class ValidationErrorBody(BaseModel):
     """FastAPI's usual 422 shape (the offending input is never echoed back)."""
 
     detail: list[ValidationErrorItem]
+
+
+# -- expressions: any model written down --------------------------------------------------
+
+ExpressionOptimizer = TypeAliasType("ExpressionOptimizer", options.ExpressionOptimizer)
+NamedModelName = TypeAliasType(
+    "NamedModelName",
+    Literal[  # type: ignore[valid-type]
+        catalog.NAMES
+    ],
+)
+Bound = tuple[FiniteFloat | None, FiniteFloat | None]
+DEFAULT_EXPRESSION_EPOCHS = 1000
+
+EXPRESSION_EXAMPLE: dict[str, Any] = {
+    "expression": "b1*(1-exp(-b2*x))",
+    "parameters": {"b1": 500.0, "b2": 0.0001},
+    "x": [
+        77.6,
+        114.9,
+        141.1,
+        190.8,
+        239.9,
+        289.0,
+        332.8,
+        378.4,
+        434.8,
+        477.3,
+        536.8,
+        593.1,
+        689.1,
+        760.0,
+    ],
+    "y": [
+        10.07,
+        14.73,
+        17.94,
+        23.93,
+        29.61,
+        35.18,
+        40.02,
+        44.82,
+        50.76,
+        55.05,
+        61.01,
+        66.4,
+        75.47,
+        81.78,
+    ],
+}
+NAMED_MODEL_EXAMPLE: dict[str, Any] = {
+    "model": "michaelis_menten",
+    "x": [0.02, 0.06, 0.11, 0.22, 0.56, 1.1],
+    "y": [76.0, 97.0, 123.0, 159.0, 191.0, 207.0],
+}
+
+
+class ExpressionFitRequest(_Strict):
+    """Fit y = f(x; parameters) for an expression you write, or a named model, by least
+    squares (Levenberg-Marquardt by default, with the exact Jacobian from the tape)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXPRESSION_EXAMPLE]})
+
+    expression: str | None = Field(
+        None,
+        description="y as a function of the variable(s) and the parameters, in Python syntax: "
+        "numbers, + - * / **, unary minus, parentheses, the functions "
+        f"{', '.join(expression_rules.FUNCTIONS)} and the constants pi and e. At most "
+        f"{expression_rules.MAX_LENGTH} characters, nesting at most "
+        f"{expression_rules.MAX_DEPTH} deep. Give this or `model`.",
+        examples=["b1*(1-exp(-b2*x))"],
+    )
+    model: NamedModelName | None = Field(
+        None,
+        description="A named model instead of an expression (GET /v1/models lists them); its "
+        "starting values are then optional (guessed from the data).",
+        examples=["michaelis_menten"],
+    )
+    parameters: dict[str, FiniteFloat] | None = Field(
+        None,
+        description="Starting value of every parameter, by name (at most "
+        f"{expression_rules.MAX_PARAMETERS}): every name of the expression that is not a "
+        "variable, function or constant, and each must appear in it. With `model`: optional, "
+        "any of its parameters (the others are guessed).",
+        examples=[{"b1": 500.0, "b2": 0.0001}],
+    )
+    x: Points | dict[str, Points] = Field(
+        description="The independent variable: a list (named x), or an object of named "
+        'equal-length lists for several predictors, e.g. {"x1": [...], "x2": [...]}.'
+    )
+    y: Points = Field(description="The observations, one per point.")
+    weights: list[Weight] | None = Field(None, description=WEIGHTS_DESCRIPTION)
+    bounds: dict[str, Bound] | None = Field(
+        None,
+        description="Bounds by parameter name, [low, high] with null for an open side. "
+        "Enforced by projection: after every step each parameter is clipped into its "
+        "interval. A parameter that ends on a bound gets a warning: its standard error "
+        "assumes it is free.",
+        examples=[{"b2": [0.0, None]}],
+    )
+    optimizer: ExpressionOptimizer = Field(
+        "levenberg_marquardt",
+        description='"levenberg_marquardt" (default): damped Gauss-Newton with Marquardt\'s '
+        "scaling, the step solved by QR, inside the compiled loop; each epoch is one "
+        'iteration, and it stops by itself at the optimum (`"stop_reason": '
+        '"step_tolerance"`). "newton", "adam", "momentum", "sgd" as for the other fits '
+        "(gradient descent runs in your units here: no standardization).",
+    )
+    learning_rate: PositiveFloat = Field(
+        0.01, description='Step size of "sgd", "momentum" and "adam".'
+    )
+    epochs: EpochCount = Field(DEFAULT_EXPRESSION_EPOCHS, description="Most iterations (epochs).")
+    tolerance: Tolerance | None = Field(
+        None, description="As for the other fits: a relative loss tolerance with `patience`."
+    )
+    patience: EpochCount = Field(options.NO_STOPPING.patience, description="See `tolerance`.")
+    gradient_tolerance: Tolerance | None = Field(
+        None, description="Stop once the gradient norm of the loss is at most this."
+    )
+    timeout_s: PositiveFloat | None = Field(
+        None, description="Wall-clock budget in seconds, as for the other fits."
+    )
+    history_every: EpochCount | None = Field(
+        None, description="Return the loss every this many epochs, as for the other fits."
+    )
+    progress_every: EpochCount | None = Field(
+        None, description="With `Accept: text/event-stream`: epochs between progress events."
+    )
+
+    def history_step(self) -> int:
+        if self.history_every is not None:
+            return self.history_every
+        return max(1, -(-self.epochs // DEFAULT_MAX_HISTORY))
+
+    def variables(self) -> tuple[str, ...]:
+        return ("x",) if isinstance(self.x, list) else tuple(self.x)
+
+
+class ExpressionStats(_Answer):
+    """Statistics at the returned parameters (null where they do not exist)."""
+
+    parameters: list[str] = Field(description="Order of the rows and columns of the matrices.")
+    n_used: int = Field(description="Points with positive weight.")
+    dof: int = Field(description="Residual degrees of freedom: n_used - number of parameters.")
+    std_errors: dict[str, float | None] = Field(
+        description="sqrt of the covariance diagonal: s²·(JᵀWJ)⁻¹ with s² = rss/dof and J the "
+        "Jacobian at the parameters (NIST's convention, and curve_fit's)."
+    )
+    covariance: list[list[float | None]] = Field(description="s²·(JᵀWJ)⁻¹.")
+    correlation: list[list[float | None]] = Field(description="Correlation of the parameters.")
+    rss: float | None = Field(
+        description="Residual sum of squares Σw·r², computed in extended precision."
+    )
+    residual_std: float | None = Field(description="sqrt(rss / dof).")
+    r_squared: float | None = Field(description="1 - rss / Σw·(y - ȳ)².")
+    log_likelihood: float | None = Field(
+        description="Gaussian log-likelihood at the maximum-likelihood noise variance."
+    )
+    aic: float | None = Field(description="2k - 2·log_likelihood, k parameters.")
+    bic: float | None = Field(description="k·ln(n_used) - 2·log_likelihood.")
+    gradient_norm: float | None = Field(description="Norm of the loss gradient.")
+    newton_step: float | None = Field(
+        description="Length of the Newton step to the optimum; null away from a minimum."
+    )
+
+
+class ExpressionFitResponse(_Answer):
+    model: Literal["expression"] = "expression"
+    expression: str = Field(description="The expression fitted (a named model's, if named).")
+    named_model: str | None = Field(description="The named model, if one was asked for.")
+    params: dict[str, float] = Field(description="The fitted parameters, by name.")
+    start: dict[str, float] = Field(
+        description="The starting values used (given, or guessed for a named model)."
+    )
+    loss_history: list[float] = Field(
+        description="Mean squared residual Σw·r²/Σw before each iteration (every history_every)."
+    )
+    history_every: int = Field(description="Epochs between loss_history entries.")
+    final_loss: float = Field(description="Mean squared residual at the returned parameters.")
+    epochs_run: int = Field(description="Iterations run.")
+    n: int = Field(description="Number of data points.")
+    stop_reason: StopReason = Field(description="As for the other fits.")
+    converged: bool = Field(description="At the optimum (as for the other fits).")
+    warnings: list[str] = Field(description="Empty when converged and no bound is active.")
+    stats: ExpressionStats
+
+
+class ModelDescription(_Answer):
+    name: str
+    expression: str
+    parameters: dict[str, str] = Field(description="Each parameter and its meaning.")
+    description: str
+
+
+class ModelList(_Answer):
+    models: list[ModelDescription]

@@ -106,7 +106,7 @@ class BatchEngine:
             starts[i] = coords[i].to_fit(given[i])
         usable &= np.all(np.isfinite(starts), axis=1)
         errors = {int(i): _why(spec, summaries[i], starts[i]) for i in np.flatnonzero(~usable)}
-        sets = _Sets(summaries, fit_summaries, coords, starts, usable, errors, seeds)
+        sets = _Sets(summaries, fit_summaries, coords, starts, usable, errors, seeds, model_options)
         return self._run(spec, sets, learning_rate, epochs, scaling, history_every, should_stop)
 
     def warm_up(self) -> None:
@@ -158,6 +158,7 @@ class BatchEngine:
             for row, result in zip(rows, trained, strict=True):
                 out[row] = _result(
                     spec,
+                    sets.options,
                     result,
                     sets.summaries[row],
                     sets.coords[row],
@@ -241,6 +242,7 @@ class _Sets:
     usable: npt.NDArray[np.bool_]
     errors: dict[int, FitError]
     seeds: list[int | None]
+    options: Mapping[str, Any]
 
 
 def _standardized(
@@ -267,6 +269,7 @@ class _Row:
 
 def _result(
     spec: ModelSpec,
+    options: Mapping[str, Any],
     row: _Row,
     summary: Array,
     coords: Coordinates,
@@ -285,7 +288,7 @@ def _result(
         return diverged
     at = AtFit.of(row.curvature, row.params, coords)
     with quiet():  # what overflows float64 is reported as null
-        stats = spec.stats(at, summary, weight_summary(None, int(summary[0])))
+        stats = spec.stats(at, summary, weight_summary(None, int(summary[0])), options)
     fitted = spec.report(coords.from_fit(at.params))
     converged = is_converged(at)
     return FitResult(

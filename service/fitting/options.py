@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 OptimizerName = Literal["sgd", "momentum", "adam", "newton"]
+#: Least squares models (expressions) also take Levenberg-Marquardt, their default.
+ExpressionOptimizer = Literal["levenberg_marquardt", "sgd", "momentum", "adam", "newton"]
 
 #: The Gaussian loss: "sum" is the reference post's NLL, "mean" divides it by N.
 Reduction = Literal["sum", "mean"]
@@ -23,6 +25,9 @@ StopReason = Literal[
 ]
 
 OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam", "newton")
+LEVENBERG_MARQUARDT: Literal["levenberg_marquardt"] = "levenberg_marquardt"
+#: Every update rule of the loop (Levenberg-Marquardt needs a model's residuals).
+LOOP_OPTIMIZERS: tuple[ExpressionOptimizer, ...] = (LEVENBERG_MARQUARDT, *OPTIMIZERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +43,14 @@ class Optimizer:
       and stops by itself once a full step is within ``CONVERGED_RTOL`` (after taking it).
     """
 
-    name: OptimizerName = "sgd"
+    name: ExpressionOptimizer = "sgd"
     momentum: float = 0.9
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-7
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
+        if self.name not in LOOP_OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.name!r}")
         for name in ("momentum", "beta_1", "beta_2"):
             value = getattr(self, name)

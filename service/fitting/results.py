@@ -48,6 +48,8 @@ class FitStats:
     gap: tuple[tuple[float, ...], float] | None
     r_squared: float | None = None
     residual_std: float | None = None
+    #: Least squares models: the (weighted) residual sum of squares.
+    rss: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,14 +81,25 @@ class FitDiverged(FitError):
 
     NON_FINITE = "the loss or the parameters became non-finite"
 
-    def __init__(self, epoch: int, learning_rate: float, reason: str = NON_FINITE) -> None:
+    #: What to change, for update rules that choose their own steps (no learning rate).
+    SELF_STEPPING = (
+        "the model's values overflow float64 or are undefined (a log or square root of a "
+        "negative, 0/0) at the start or along the way: check the expression, the starting "
+        "values and the bounds"
+    )
+
+    def __init__(
+        self,
+        epoch: int,
+        learning_rate: float,
+        reason: str = NON_FINITE,
+        advice: str | None = None,
+    ) -> None:
         self.epoch = epoch
         self.learning_rate = learning_rate
         self.reason = reason
-        super().__init__(
-            f"the fit diverged at epoch {epoch}: {reason}; "
-            f"lower learning_rate (it was {learning_rate:g})"
-        )
+        advice = advice or f"lower learning_rate (it was {learning_rate:g})"
+        super().__init__(f"the fit diverged at epoch {epoch}: {reason}; {advice}")
 
 
 class DegenerateData(FitError):

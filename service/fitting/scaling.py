@@ -11,19 +11,22 @@ a·Aᵀ·g', the Hessian a·Aᵀ·H'·A, a covariance maps as A⁻¹·C'·A⁻�
 A⁻¹·d'. Uncertainties are computed in the well-conditioned coordinates and then mapped:
 inverting the raw Hessian of a line with x̄ = 1e9 and sx = 1 would lose every digit.
 
-The summaries are transformed, not the data.
+The summaries are transformed, not the data. Parameters are tuples of floats here (see
+:mod:`service.fitting.small` for why).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from service.fitting import small
 from service.fitting.options import Scaling
+from service.fitting.small import Matrix, Numbers, Vector
 
 Array = npt.NDArray[np.float64]
 
@@ -44,29 +47,25 @@ class Coordinates:
 
     a: float = 1.0
     shift: float = 0.0
-    A: Array | None = None
-    A_inv: Array | None = None
-    origin: Array | None = None
+    A: Matrix | None = None
+    A_inv: Matrix | None = None
+    origin: Vector | None = None
 
     @property
     def identity(self) -> bool:
         return self.A is None and self.a == 1.0 and self.shift == 0.0
 
-    def to_fit(self, p: npt.ArrayLike) -> Array:
-        p = np.asarray(p, dtype=np.float64)
-        if self.A is None:
+    def to_fit(self, p: Numbers) -> Vector:
+        p = small.vector(p)
+        if self.A is None or self.origin is None:
             return p
-        with quiet():
-            fit: Array = self.A @ (p - self.origin)
-        return fit
+        return small.matvec(self.A, small.subtract(p, self.origin))
 
-    def from_fit(self, q: npt.ArrayLike) -> Array:
-        q = np.asarray(q, dtype=np.float64)
-        if self.A_inv is None:
+    def from_fit(self, q: Numbers) -> Vector:
+        q = small.vector(q)
+        if self.A_inv is None or self.origin is None:
             return q
-        with quiet():
-            caller: Array = self.A_inv @ q + self.origin
-        return caller
+        return small.add(small.matvec(self.A_inv, q), self.origin)
 
     def loss(self, fit_loss: float) -> float:
         return self.a * fit_loss + self.shift
@@ -77,22 +76,20 @@ class Coordinates:
         with quiet():
             return self.a * fit_losses + self.shift
 
-    def gradient(self, g: Array) -> Array:
+    def gradient(self, g: Vector) -> Vector:
         """The gradient in the caller's units from the one in fit coordinates."""
-        with quiet():
-            return self.a * (g if self.A is None else self.A.T @ g)
+        mapped = g if self.A is None else small.matvec(small.transpose(self.A), g)
+        return small.scale(self.a, mapped)
 
-    def step(self, d: Array) -> Array:
+    def step(self, d: Vector) -> Vector:
         """A parameter displacement (e.g. a Newton step) in the caller's units."""
-        with quiet():
-            return d if self.A_inv is None else self.A_inv @ d
+        return d if self.A_inv is None else small.matvec(self.A_inv, d)
 
-    def covariance(self, cov: Array) -> Array:
+    def covariance(self, cov: Matrix) -> Matrix:
         """A⁻¹·C·A⁻ᵀ: a covariance (or inverse Hessian) in the caller's units."""
         if self.A_inv is None:
             return cov
-        with quiet():
-            return self.A_inv @ cov @ self.A_inv.T
+        return small.matmul(small.matmul(self.A_inv, cov), small.transpose(self.A_inv))
 
 
 IDENTITY = Coordinates()
@@ -102,20 +99,16 @@ Standardize = Callable[[Array], tuple[Array, Coordinates]]
 
 
 def affine(
-    A: list[list[float]],
-    A_inv: list[list[float]],
-    origin: list[float],
+    A: Sequence[Sequence[float]],
+    A_inv: Sequence[Sequence[float]],
+    origin: Sequence[float],
     a: float = 1.0,
     shift: float = 0.0,
 ) -> Coordinates:
     """The map p' = A·(p - origin), l = a·l' + shift. The inverse is given in closed form
     by the model (a numerical inverse would cost the last digits)."""
     return Coordinates(
-        a=a,
-        shift=shift,
-        A=np.array(A, dtype=np.float64),
-        A_inv=np.array(A_inv, dtype=np.float64),
-        origin=np.array(origin, dtype=np.float64),
+        a=a, shift=shift, A=small.matrix(A), A_inv=small.matrix(A_inv), origin=small.vector(origin)
     )
 
 

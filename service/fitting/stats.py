@@ -23,10 +23,13 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
+from service.fitting import small
 from service.fitting.layout import Layout
 from service.fitting.options import CONVERGED_RTOL
-from service.fitting.results import FitStats, Matrix, Optional
-from service.fitting.scaling import IDENTITY, Coordinates, quiet
+from service.fitting.results import FitStats, Optional
+from service.fitting.results import Matrix as MatrixOrNone
+from service.fitting.scaling import IDENTITY, Coordinates
+from service.fitting.small import Matrix, Numbers, Vector
 
 Array = npt.NDArray[np.float64]
 #: Relative size of float64 rounding in the moment-form losses.
@@ -85,84 +88,94 @@ def curvature_rows(losses_fn: Callable[[Any, Any], Any], params: Any, summary: A
     return tf.concat([losses[:, None], gradient, *rows], axis=1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Curvature:
-    """Loss, gradient and (symmetrized) Hessian at the parameters, in fit coordinates."""
+    """Loss, gradient and (symmetrized) Hessian at the parameters, in fit coordinates, as
+    floats (:mod:`service.fitting.small`). The inverse is computed once, on first use."""
 
     loss: float
-    gradient: Array
-    hessian: Array
+    gradient: Vector
+    hessian: Matrix
 
     @classmethod
     def of(cls, values: Array, k: int) -> Curvature:
-        parts = curvature_layout(k).unpack(values)
-        h = np.asarray(parts["hessian"], dtype=np.float64).reshape(k, k)
-        return cls(float(parts["loss"]), np.array(parts["gradient"]), 0.5 * (h + h.T))
+        flat = values.tolist()
+        h = [flat[1 + k + i * k : 1 + k + (i + 1) * k] for i in range(k)]
+        return cls(float(flat[0]), tuple(flat[1 : 1 + k]), small.symmetric(small.matrix(h)))
 
     @property
     def gradient_norm(self) -> float:
-        return float(np.linalg.norm(self.gradient))
+        return small.norm(self.gradient)
 
     def flipped(self, index: int) -> Curvature:
         """The same for parameter ``index``'s sign reversed (e.g. std = |s|)."""
-        sign = np.ones(self.gradient.size)
-        sign[index] = -1.0
-        return Curvature(self.loss, sign * self.gradient, np.outer(sign, sign) * self.hessian)
+        sign = [-1.0 if i == index else 1.0 for i in range(len(self.gradient))]
+        gradient = tuple(s * g for s, g in zip(sign, self.gradient, strict=True))
+        hessian = tuple(
+            tuple(si * sj * h for sj, h in zip(sign, row, strict=True))
+            for si, row in zip(sign, self.hessian, strict=True)
+        )
+        return Curvature(self.loss, gradient, hessian)
 
-    def inverse(self) -> Array | None:
+    @functools.cached_property
+    def _inverse(self) -> Matrix | None:
+        return small.inverse_positive_definite(self.hessian)
+
+    def inverse(self) -> Matrix | None:
         """H⁻¹, or None unless H is positive definite (at a minimum)."""
-        if not np.all(np.isfinite(self.hessian)):
-            return None
-        try:
-            lower = np.linalg.cholesky(self.hessian)
-        except np.linalg.LinAlgError:
-            return None
-        lower_inv = np.linalg.inv(lower)
-        return lower_inv.T @ lower_inv
+        return self._inverse
 
-    def newton_vector(self) -> Array | None:
+    @functools.cached_property
+    def _newton(self) -> Vector | None:
+        inverse = self._inverse
+        return None if inverse is None else small.matvec(inverse, self.gradient)
+
+    def newton_vector(self) -> Vector | None:
         """H⁻¹·g: how far the optimum is, by Newton's method (exact for a quadratic loss);
         None away from a minimum."""
-        inverse = self.inverse()
-        return None if inverse is None else inverse @ self.gradient
+        return self._newton
 
     def newton_step(self) -> float | None:
         """‖H⁻¹·g‖, or None away from a minimum."""
-        vector = self.newton_vector()
-        return None if vector is None else _finite(float(np.linalg.norm(vector)))
+        vector = self._newton
+        return None if vector is None else _finite(small.norm(vector))
 
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _matrix(values: Array) -> Matrix:
-    return tuple(tuple(_finite(float(v)) for v in row) for row in values)
-
-
-def _undefined(k: int) -> Matrix:
+def _undefined(k: int) -> MatrixOrNone:
     return tuple((None,) * k for _ in range(k))
 
 
 def _uncertainty(
     curvature: Curvature, factor: float, coords: Coordinates
-) -> tuple[Optional, Matrix, Matrix]:
+) -> tuple[Optional, MatrixOrNone, MatrixOrNone]:
     """Standard errors, covariance and correlation in the caller's units: factor·H⁻¹ in fit
     coordinates (well conditioned), mapped by ``coords``; None where undefined."""
-    k = curvature.gradient.size
+    k = len(curvature.gradient)
     inverse = curvature.inverse() if math.isfinite(factor) and factor > 0.0 else None
     if inverse is None:
         return (None,) * k, _undefined(k), _undefined(k)
-    mapped = coords.covariance(factor * inverse)
-    cov = 0.5 * (mapped + mapped.T)  # exactly symmetric, whatever the rounding of the map
-    variances = np.diag(cov)
-    if not np.all(variances > 0.0):
+    scaled = tuple(tuple(factor * v for v in row) for row in inverse)
+    cov = small.symmetric(coords.covariance(scaled))  # exactly symmetric after the map
+    if not all(cov[i][i] > 0.0 for i in range(k)):
         return (None,) * k, _undefined(k), _undefined(k)
-    se = np.sqrt(variances)
-    with quiet():
-        correlation = cov / np.outer(se, se)
-    np.fill_diagonal(correlation, 1.0)
-    return tuple(_finite(float(v)) for v in se), _matrix(cov), _matrix(correlation)
+    se = tuple(math.sqrt(cov[i][i]) for i in range(k))
+    correlation = tuple(
+        tuple(1.0 if i == j else _ratio(cov[i][j], se[i] * se[j]) for j in range(k))
+        for i in range(k)
+    )
+    covariance = tuple(tuple(_finite(v) for v in row) for row in cov)
+    return tuple(_finite(v) for v in se), covariance, correlation
+
+
+def _ratio(a: float, b: float) -> float | None:
+    try:
+        return _finite(a / b)
+    except ZeroDivisionError:
+        return None
 
 
 def weight_summary(weights: Array | None, n: int) -> WeightSummary:
@@ -185,18 +198,17 @@ class AtFit:
     units."""
 
     point: Curvature
-    params: Array
+    params: Vector
     coords: Coordinates = IDENTITY
 
     @classmethod
-    def of(cls, curvature: Array, params: npt.ArrayLike, coords: Coordinates = IDENTITY) -> AtFit:
-        p = np.array(params, dtype=np.float64)
-        return cls(Curvature.of(curvature, p.size), p, coords)
+    def of(cls, curvature: Array, params: Numbers, coords: Coordinates = IDENTITY) -> AtFit:
+        p = small.vector(params)
+        return cls(Curvature.of(curvature, len(p)), p, coords)
 
     def flipped(self, index: int) -> AtFit:
         """The same point with parameter ``index``'s sign reversed (a loss even in it)."""
-        params = self.params.copy()
-        params[index] = -params[index]
+        params = tuple(-v if i == index else v for i, v in enumerate(self.params))
         return AtFit(self.point.flipped(index), params, self.coords)
 
 
@@ -208,8 +220,7 @@ def is_converged(at: AtFit, gradient_tolerance: float | None = None) -> bool:
     if gradient_tolerance is not None and at.point.gradient_norm <= gradient_tolerance:
         return True
     step = at.point.newton_step()
-    scale = max(1.0, float(np.linalg.norm(at.params)))
-    return step is not None and step <= CONVERGED_RTOL * scale
+    return step is not None and step <= CONVERGED_RTOL * max(1.0, small.norm(at.params))
 
 
 def fit_stats(
@@ -237,7 +248,7 @@ def fit_stats(
     closed_ok = closed is not None and all(math.isfinite(v) for v in (*closed, closed_loss))
     gap: tuple[tuple[float, ...], float] | None = None
     if closed is not None and closed_ok:
-        params_gap = tuple(float(f - c) for f, c in zip(fitted, closed, strict=True))
+        params_gap = tuple(f - c for f, c in zip(fitted, closed, strict=True))
         if all(math.isfinite(v) for v in (*params_gap, loss - closed_loss)):
             gap = (params_gap, loss - closed_loss)
     fit_step = at.newton_vector()
@@ -247,10 +258,8 @@ def fit_stats(
         n_used=weights.count,
         dof=weights.count - k,
         loss=loss,
-        gradient_norm=_finite(float(np.linalg.norm(coords.gradient(at.gradient)))),
-        newton_step=None
-        if fit_step is None
-        else _finite(float(np.linalg.norm(coords.step(fit_step)))),
+        gradient_norm=_finite(small.norm(coords.gradient(at.gradient))),
+        newton_step=None if fit_step is None else _finite(small.norm(coords.step(fit_step))),
         std_errors=std_errors,
         covariance=covariance,
         correlation=correlation,

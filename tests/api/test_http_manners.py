@@ -130,3 +130,26 @@ async def test_the_openapi_document_is_ready_for_generators(client: httpx.AsyncC
     )
     # Error bodies are written by handlers: their optional fields stay optional.
     assert "ctx" not in schemas["ValidationErrorItem"]["required"]
+
+
+def test_routes_take_parsed_bodies_by_dependency_never_the_raw_request() -> None:
+    """The model-spec redesign's rule: a route gets its worker, ticket, parsed body and caller
+    from dependencies; none takes a starlette Request (health and the docs are FastAPI's or
+    take nothing)."""
+    import inspect
+    import typing
+
+    from fastapi.routing import APIRoute
+    from starlette.requests import Request
+
+    from service.api.models import BUILT_IN
+    from service.api.routes import datasets, expressions, fits, health, plots
+
+    routers = [fits.router(BUILT_IN.values()), plots.router(BUILT_IN.values())]
+    routers += [expressions.router, datasets.router, health.router]
+    routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
+    assert len(routes) == 17  # 6 fits, 4 plots, 3 expression routes, 2 datasets, 2 health
+    for route in routes:
+        hints = typing.get_type_hints(route.endpoint, include_extras=True)
+        for name in inspect.signature(route.endpoint).parameters:
+            assert hints.get(name) is not Request, (route.path, name)

@@ -127,7 +127,8 @@ def test_one_trace_serves_every_n_epochs_and_learning_rate(engine: FitEngine) ->
             options={"reduction": "sum"},
         )
     assert engine.trace_counts() == before
-    assert set(before.values()) == {1}
+    built_in = {name: count for name, count in before.items() if not name.startswith("expr")}
+    assert set(built_in.values()) == {1}  # (an expression's loops trace on first use)
     # No recompilation either: XLA compiles per input shape, and the loops' shapes are fixed.
     assert all(spec.shape.is_fully_defined() for spec in engine.xla_input_signatures())
 

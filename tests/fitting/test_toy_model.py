@@ -101,7 +101,9 @@ def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Ar
     return np.zeros((len(summaries), 3))
 
 
-def stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
+def stats(
+    fit: AtFit, summary: Array, weights: WeightSummary, options: Mapping[str, Any]
+) -> FitStats:
     s = SUMMARY.columns(summary)
     # The normal equations in (a, β, g) about the centre, then back to (a, b, c).
     gram = np.array([[s["uuuu"], s["uuu"], s["uu"]], [s["uuu"], s["uu"], 0.0], [s["uu"], 0.0, 1.0]])

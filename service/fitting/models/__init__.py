@@ -30,6 +30,7 @@ from service.fitting.layout import Layout
 from service.fitting.options import Scaling
 from service.fitting.results import DegenerateData, FitStats
 from service.fitting.scaling import Standardize
+from service.fitting.small import Vector
 from service.fitting.stats import AtFit, WeightSummary
 from service.fitting.summary import Ragged
 
@@ -52,7 +53,8 @@ class ModelSpec:
     summary: Layout
     #: numpy: (arrays..., weights or None) -> the moments (a prefix of the summary).
     moments: Callable[..., Array]
-    #: The same as a graph function of float64 vectors, for large unweighted data.
+    #: The same as a graph function of float64 vectors, for large unweighted data (None: numpy
+    #: always).
     moments_graph: Any
     #: Batches: (Ragged arrays...) -> [B, moments] for every set at once.
     moments_of_sets: Callable[..., Array]
@@ -68,17 +70,24 @@ class ModelSpec:
     #: scaling and one seed per row (a random start draws row i from ``seeds[i]``).
     start: Callable[[Array, Scaling, Sequence[int | None]], Array]
     random_start: bool
-    #: Statistics where the fit ended (the summary in the caller's units).
-    stats: Callable[[AtFit, Array, WeightSummary], FitStats]
+    #: Statistics where the fit ended (the summary in the caller's units, the model options).
+    stats: Callable[[AtFit, Array, WeightSummary, Mapping[str, Any]], FitStats]
     #: A summary row any start fits harmlessly (pads a batch to its compiled size), and a
     #: start for it.
     dummy: tuple[float, ...]
     dummy_start: tuple[float, ...]
     #: Parameters in the caller's units -> as reported (e.g. a std's sign dropped).
-    report: Callable[[Array], Array] = lambda p: p
+    report: Callable[[Vector], Vector] = lambda p: p
     #: Options the model takes beyond the training options (e.g. the Gaussian's reduction),
     #: with their defaults.
     options: Mapping[str, Any] = ()  # type: ignore[assignment]
+    #: Least squares: the (weighted) residuals whose sum of squares over Σw is the loss, on
+    #: the same parameters and summary. With them the loop offers Levenberg-Marquardt.
+    residuals: Loss | None = None
+    #: Parameters -> the nearest allowed ones (bounds, by projection after every update).
+    project: Loss | None = None
+    #: How many leading summary fields must be finite (None: all; bounds may be infinite).
+    finite_fields: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.dummy) != self.summary.size or len(self.dummy_start) != self.k:
@@ -102,7 +111,8 @@ class ModelSpec:
     def unusable(self, summary: Array, initial: npt.ArrayLike = ()) -> DegenerateData | None:
         """Why data with this summary (caller's units) cannot be fitted from ``initial``
         (fit coordinates), or None. Single and batch fits share it."""
-        if not (np.all(np.isfinite(summary)) and np.all(np.isfinite(initial))):
+        checked = summary[..., : self.finite_fields]
+        if not (np.isfinite(checked).all() and np.isfinite(initial).all()):
             return DegenerateData(
                 "the data are too large in magnitude: their mean or variance overflows "
                 "float64; rescale them"

@@ -31,6 +31,7 @@ from service.fitting.models import ModelSpec, all_equal
 from service.fitting.options import Scaling
 from service.fitting.results import FitStats
 from service.fitting.scaling import Coordinates, affine
+from service.fitting.small import Vector
 from service.fitting.stats import AtFit, WeightSummary, fit_stats
 from service.fitting.summary import (
     VECTOR,
@@ -79,8 +80,10 @@ def moments_of_sets(y: Ragged) -> Array:
 
 def complete(moments: Array, total: Array, options: Mapping[str, Any]) -> Array:
     """Append the loss's scale: Σw (n without weights) for the summed NLL, 1 for the mean."""
-    scale = np.asarray(total, dtype=np.float64) if options["reduction"] == "sum" else 1.0
-    column = np.broadcast_to(scale, moments.shape[:-1])[..., None]
+    scale = total if options["reduction"] == "sum" else 1.0
+    if moments.ndim == 1:
+        return np.append(moments, scale)
+    column = np.broadcast_to(np.asarray(scale, dtype=np.float64), moments.shape[:-1])[..., None]
     return np.concatenate([moments, column], axis=-1)
 
 
@@ -108,13 +111,17 @@ def standardize(summary: Array) -> tuple[Array, Coordinates]:
 def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Array:
     """The reference post's deliberately-off start (deterministic: no seed is used)."""
     if scaling != "none":
-        return np.tile(STANDARDIZED_START, (len(summaries), 1))
+        starts = np.empty((len(summaries), 2))
+        starts[:] = STANDARDIZED_START
+        return starts
     s = SUMMARY.columns(summaries)
     with np.errstate(over="ignore", invalid="ignore"):
         return np.stack([INIT_FACTORS[0] * s["y_mean"], INIT_FACTORS[1] * np.sqrt(s["vyy"])], 1)
 
 
-def stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
+def stats(
+    fit: AtFit, summary: Array, weights: WeightSummary, options: Mapping[str, Any]
+) -> FitStats:
     """Statistics of the normal fit where it ended (``summary`` in the caller's units)."""
     if fit.params[1] < 0.0:  # report for |s|
         fit = fit.flipped(1)
@@ -133,8 +140,8 @@ def stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
     )
 
 
-def report(params: Array) -> Array:
-    return np.array([params[0], abs(params[1])])
+def report(params: Vector) -> Vector:
+    return (params[0], abs(params[1]))
 
 
 GAUSSIAN = ModelSpec(

@@ -118,7 +118,9 @@ def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Ar
     return starts
 
 
-def stats(fit: AtFit, summary: Array, weights: WeightSummary) -> FitStats:
+def stats(
+    fit: AtFit, summary: Array, weights: WeightSummary, options: Mapping[str, Any]
+) -> FitStats:
     """Statistics of the line where the fit ended (``summary`` in the caller's units)."""
     at, coords = fit.point, fit.coords
     s = SUMMARY.columns(summary)

@@ -1,0 +1,263 @@
+"""POST /v1/fits/expression: any model written down (or named), by least squares; GET
+/v1/models: the named models."""
+
+import asyncio
+import math
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel
+
+from service.admission import expression_cost
+from service.api.deps import Admitted, AdmittedDep, CallerDep, WorkerDep, parsed_body
+from service.api.openapi import json_only_body
+from service.api.parsing import ExpressionPlan, Parsed, parse_expression
+from service.api.routes.fits import SINGLE_FIT_RESPONSES
+from service.api.schemas import (
+    EXPRESSION_EXAMPLE,
+    NAMED_MODEL_EXAMPLE,
+    ExpressionFitRequest,
+    ExpressionFitResponse,
+    ExpressionStats,
+    ModelDescription,
+    ModelList,
+)
+from service.api.streaming import EventStream, fit_events, progress_step
+from service.fitting import catalog
+from service.fitting.expression import evaluate
+from service.fitting.guesses import guess
+from service.fitting.models.expression import NUMPY
+from service.plots import expression_png
+from service.worker import FitJob, FitResult, FitWorker, Optimizer, Stopping, Training
+
+router = APIRouter(tags=["expressions"])
+
+ExpressionBody = Annotated[Parsed[ExpressionFitRequest], Depends(parsed_body(parse_expression))]
+
+
+@router.post(
+    "/v1/fits/expression",
+    response_model=ExpressionFitResponse,
+    summary="Fit any model you write down (or a named one) by least squares",
+    responses=SINGLE_FIT_RESPONSES,
+    openapi_extra=json_only_body(
+        ExpressionFitRequest,
+        {
+            "nist-misra1a": {
+                "summary": "NIST's Misra1a from its first start",
+                "value": EXPRESSION_EXAMPLE,
+            },
+            "named-model": {
+                "summary": "A named model, starting values guessed",
+                "value": NAMED_MODEL_EXAMPLE,
+            },
+        },
+    ),
+)
+async def fit_expression(
+    worker: WorkerDep, admitted: AdmittedDep, caller: CallerDep, parsed: ExpressionBody
+) -> Any:
+    """Fit y = f(x; parameters): the expression is parsed with an allow-list (never
+    evaluated by Python), compiled once into an XLA loop (cached; new data lengths reuse it),
+    and fitted by Levenberg-Marquardt with the exact Jacobian from the tape. Returns the
+    parameters, the loss history and statistics in NIST's convention (standard errors from
+    s²·(JᵀWJ)⁻¹, the residual sum of squares in extended precision)."""
+    body = parsed.request
+    plan, job = await _job(parsed, admitted, worker)
+    start = dict(zip(plan.expression.parameters, job.initial or (), strict=True))
+
+    def respond(result: FitResult) -> BaseModel:
+        return expression_response(plan, start, result)
+
+    if caller.wants_events:
+        every = progress_step(body.epochs, body.progress_every)
+        events = fit_events(caller.gone, worker, job, body.timeout_s, every, respond)
+        return EventStream(events, admitted.hand_over())
+    return respond(await caller.unless_gone(worker.fit(job, body.timeout_s)))
+
+
+async def _job(
+    parsed: Parsed[ExpressionFitRequest], admitted: Admitted, worker: FitWorker
+) -> tuple[ExpressionPlan, FitJob]:
+    """Guess a named model's missing starting values (in a thread: a periodogram can take
+    milliseconds), make the job, and admit it: a fit place, or, if it must compile first,
+    its memory only."""
+    body, plan = parsed.request, parsed.plan
+    assert isinstance(plan, ExpressionPlan)
+    expression = plan.expression
+    xs = tuple(parsed.arrays[f"x:{name}"] for name in expression.variables)
+    y = parsed.arrays["y"]
+    k = len(expression.parameters)
+    start = dict(plan.given)
+    if len(start) < k:  # a named model: guess the others
+        assert plan.named_model is not None
+        guessed = await asyncio.to_thread(guess, plan.named_model, xs[0], y)
+        start = {name: start.get(name, guessed[name]) for name in expression.parameters}
+    initial = tuple(_within(start[name], plan.bounds.get(name)) for name in expression.parameters)
+    job = FitJob(
+        model="expression",
+        data=(*xs, y),
+        training=Training(
+            learning_rate=body.learning_rate,
+            epochs=body.epochs,
+            optimizer=Optimizer(body.optimizer),
+            stopping=Stopping(
+                tolerance=body.tolerance,
+                patience=body.patience,
+                gradient_tolerance=body.gradient_tolerance,
+            ),
+            scaling="none",
+            history_every=body.history_step(),
+        ),
+        initial=initial,
+        weights=parsed.arrays.get("weights"),
+        options={"expression": expression, "bounds": plan.bounds, "exact": _exact(parsed)},
+    )
+    history = body.epochs // body.history_step() + 1
+    cost = expression_cost(y.size, len(xs), k, body.epochs, history)
+    if worker.must_compile(job):
+        # It will wait for a compile thread (bounded by its own queue, 429 past it), not for
+        # a fit slot: it holds its memory but no fit place, so cached fits are never
+        # crowded out by a flood of new expressions.
+        admitted.ticket.charge_bytes(cost.bytes)
+    else:
+        admitted.ticket.take_place(cost)
+    return plan, job
+
+
+def _exact(parsed: Parsed[ExpressionFitRequest]) -> tuple[Any, ...] | None:
+    """The variables and y in extended precision, if the parser read them so."""
+    plan = parsed.plan
+    assert isinstance(plan, ExpressionPlan)
+    names = [f"exact:x:{name}" for name in plan.expression.variables] + ["exact:y"]
+    if not all(name in parsed.arrays for name in names):
+        return None
+    return tuple(parsed.arrays[name] for name in names)
+
+
+def _within(value: float, bound: tuple[float | None, float | None] | None) -> float:
+    if bound is None:
+        return value
+    low, high = bound
+    value = value if low is None else max(low, value)
+    return value if high is None else min(high, value)
+
+
+def expression_response(
+    plan: ExpressionPlan, start: dict[str, float], result: FitResult
+) -> ExpressionFitResponse:
+    s = result.stats
+    names = list(s.names)
+    warnings = list(result.warnings)
+    for name, (low, high) in plan.bounds.items():
+        value = result.params[name]
+        if any(
+            b is not None and math.isclose(value, b, rel_tol=1e-9, abs_tol=1e-300)
+            for b in (low, high)
+        ):
+            warnings.append(
+                f"{name} ended on its bound ({value:.15g}): its standard error assumes it is "
+                "free, and the optimum may lie beyond"
+            )
+    return ExpressionFitResponse(
+        expression=plan.expression.text,
+        named_model=plan.named_model,
+        params=result.params,
+        start=start,
+        loss_history=result.loss_history.tolist(),
+        history_every=result.history_every,
+        final_loss=result.final_loss,
+        epochs_run=result.epochs_run,
+        n=result.n,
+        stop_reason=result.stop_reason,
+        converged=result.converged,
+        warnings=warnings,
+        stats=ExpressionStats(
+            parameters=names,
+            n_used=s.n_used,
+            dof=s.dof,
+            std_errors=dict(zip(names, s.std_errors, strict=True)),
+            covariance=[list(row) for row in s.covariance],
+            correlation=[list(row) for row in s.correlation],
+            rss=s.rss,
+            residual_std=s.residual_std,
+            r_squared=s.r_squared,
+            log_likelihood=s.log_likelihood,
+            aic=s.aic,
+            bic=s.bic,
+            gradient_norm=s.gradient_norm,
+            newton_step=s.newton_step,
+        ),
+    )
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    summary="The named models: expression, parameters and their meaning",
+)
+async def models() -> ModelList:
+    """Each named model a fit may ask for (`"model": name` in `POST /v1/fits/expression`),
+    with its expression and what each parameter means; their starting values are guessed
+    from the data when not given."""
+    return ModelList(
+        models=[
+            ModelDescription(
+                name=m.name,
+                expression=m.expression,
+                parameters=dict(m.meaning),
+                description=m.description,
+            )
+            for m in catalog.NAMED_MODELS
+        ]
+    )
+
+
+PNG = "image/png"
+
+
+@router.post(
+    "/v1/plots/expression",
+    response_class=Response,
+    summary="Fit an expression, then plot the data and fit, the residuals and the loss (PNG)",
+    responses={
+        **SINGLE_FIT_RESPONSES,
+        200: {
+            "description": "A 1500x400 PNG: data and fit, residuals, loss curve.",
+            "content": {PNG: {"schema": {"type": "string", "format": "binary"}}},
+        },
+    },
+    openapi_extra=json_only_body(
+        ExpressionFitRequest,
+        {"named-model": {"summary": "A named model", "value": NAMED_MODEL_EXAMPLE}},
+    ),
+)
+async def plot_expression(
+    worker: WorkerDep, admitted: AdmittedDep, caller: CallerDep, parsed: ExpressionBody
+) -> Response:
+    """The same body as `POST /v1/fits/expression`. Left: the data and the fitted curve
+    (one variable) or observed against fitted (several); middle: the residuals; right: the
+    loss per iteration."""
+    plan, job = await _job(parsed, admitted, worker)
+    result = await caller.unless_gone(worker.fit(job, parsed.request.timeout_s))
+    png = await asyncio.to_thread(_draw, plan, job, result)
+    return Response(png, media_type=PNG)
+
+
+def _draw(plan: ExpressionPlan, job: FitJob, result: FitResult) -> bytes:
+    *xs, y = job.data
+    params = [result.params[name] for name in plan.expression.parameters]
+    fitted = np.broadcast_to(evaluate(plan.expression.tree, params, xs, NUMPY), y.shape)
+    curve = None
+    if len(xs) == 1:
+        grid = np.linspace(float(xs[0].min()), float(xs[0].max()), 400)
+        curve = (
+            grid,
+            np.broadcast_to(evaluate(plan.expression.tree, params, [grid], NUMPY), grid.shape),
+        )
+    title = plan.named_model or plan.expression.text
+    title = title if len(title) <= 60 else title[:57] + "..."
+    return expression_png(
+        xs[0], y, np.asarray(fitted), curve, result.loss_history, result.history_every, title
+    )

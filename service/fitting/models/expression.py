@@ -1,0 +1,320 @@
+"""Any model written down: y = f(x; parameters) from an expression, by least squares.
+
+An expression (:mod:`service.fitting.expression`) becomes one more :class:`ModelSpec`, made
+per (canonical expression, number of variables, size bucket). The data are the summary
+itself, padded to a power of two with weight-0 copies of the first point, so a new length
+never recompiles: one compiled loop serves every n in a bucket. The loss is the weighted
+mean squared residual Σw·r²/Σw; the residuals make the loop's Levenberg-Marquardt
+available (the default for expressions), with the Jacobian from the tape.
+
+Statistics follow NIST's and scipy ``curve_fit``'s convention: Cov = s²·(JᵀWJ)⁻¹ with
+s² = RSS/(n - p), J the Jacobian at the optimum (from the tape, inverted through a QR
+factorization). The residuals and their sum of squares are computed again in numpy's
+extended precision (``longdouble``): on a fit as close as NIST's Lanczos1 (RSS 1.4e-25,
+residuals ~1e-13 against values ~1) float64's rounding of each residual would leave the
+standard errors with ~3 correct digits.
+
+:class:`ExpressionModels` keeps the specs of recent expressions (a bounded LRU cache) and
+tells the engine to drop the compiled loops of those it evicts.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from service.fitting.expression import Expression, Operations, evaluate
+from service.fitting.layout import Layout
+from service.fitting.losses import LOG_2PI
+from service.fitting.models import ModelSpec
+from service.fitting.options import Scaling
+from service.fitting.results import FitStats
+from service.fitting.scaling import IDENTITY, Coordinates
+from service.fitting.stats import AtFit, WeightSummary
+
+Array = np.ndarray[Any, np.dtype[Any]]
+
+#: The smallest padded length; lengths go up in powers of two from there.
+MIN_BUCKET = 32
+#: Compiled expressions kept (each holds its loops: a few MB).
+CACHE_SIZE = 64
+
+TENSORFLOW = Operations(
+    number=lambda text: tf.constant(float(text), tf.float64),
+    functions={
+        "exp": tf.exp,
+        "log": tf.math.log,
+        "sqrt": tf.sqrt,
+        "sin": tf.sin,
+        "cos": tf.cos,
+        "tan": tf.tan,
+        "atan": tf.atan,
+        "tanh": tf.tanh,
+        "abs": tf.abs,
+    },
+    pow=tf.pow,
+)
+#: numpy in extended precision (80-bit x87 long double here: 64-bit significand).
+LONG = Operations(
+    number=np.longdouble,
+    functions={
+        "exp": np.exp,
+        "log": np.log,
+        "sqrt": np.sqrt,
+        "sin": np.sin,
+        "cos": np.cos,
+        "tan": np.tan,
+        "atan": np.arctan,
+        "tanh": np.tanh,
+        "abs": np.abs,
+    },
+    pow=np.power,
+)
+
+
+#: numpy in float64 (drawing a fitted curve).
+NUMPY = Operations(number=float, functions=LONG.functions, pow=np.power)
+
+
+def bucket(n: int) -> int:
+    """The padded length of n points: the next power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+def expression_spec(expression: Expression, size: int) -> ModelSpec:
+    """The spec of ``expression`` for data padded to ``size`` points."""
+    v, k = len(expression.variables), len(expression.parameters)
+    layout = Layout.of(x=v * size, y=size, w=size, total=None, lower=k, upper=k)
+    tree = expression.tree
+
+    def predict(p: Any, summary: Any) -> Any:
+        x = tf.reshape(layout.read(summary, "x"), [v, size])
+        value = evaluate(tree, [p[i] for i in range(k)], [x[j] for j in range(v)], TENSORFLOW)
+        return value + tf.zeros([size], tf.float64)  # a constant model broadcasts
+
+    def residuals(p: Any, summary: Any) -> Any:
+        y, w = layout.read(summary, "y"), layout.read(summary, "w")
+        return tf.sqrt(w) * (y - predict(p, summary))
+
+    def loss(p: Any, summary: Any) -> Any:
+        r = residuals(p, summary)
+        return tf.reduce_sum(r * r) / layout.read(summary, "total")
+
+    def moments(*data: Any) -> Array:
+        *arrays, weights = data
+        n = arrays[0].size
+        padded = np.zeros(layout.size - 1 - 2 * k)
+        for j, values in enumerate(arrays[:-1]):  # the variables, padded with the first point
+            padded[j * size : j * size + n] = values
+            padded[j * size + n : (j + 1) * size] = values[0]
+        y0 = v * size
+        padded[y0 : y0 + n] = arrays[-1]
+        padded[y0 + size : y0 + size + n] = 1.0 if weights is None else weights
+        return padded
+
+    def complete(moments: Array, total: Array, options: Mapping[str, Any]) -> Array:
+        """Append Σw and the bounds (±inf where a side is open)."""
+        lower, upper = np.full(k, -np.inf), np.full(k, np.inf)
+        for name, (low, high) in (options.get("bounds") or {}).items():
+            i = expression.parameters.index(name)
+            lower[i] = -np.inf if low is None else low
+            upper[i] = np.inf if high is None else high
+        return np.concatenate([moments, [total], lower, upper])
+
+    def project(p: Any, summary: Any) -> Any:
+        lower, upper = layout.read(summary, "lower"), layout.read(summary, "upper")
+        return tf.minimum(tf.maximum(p, lower), upper)
+
+    def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Array:
+        return np.zeros((len(summaries), k))  # expressions always come with a start
+
+    jacobian = _jacobian_function(residuals, k, layout.size)
+
+    def stats(
+        fit: AtFit, summary: Array, weights: WeightSummary, options: Mapping[str, Any]
+    ) -> FitStats:
+        exact = options.get("exact")
+        return _stats(expression, layout, size, jacobian, fit, summary, weights, exact)
+
+    return ModelSpec(
+        name=f"expression[{v},{size}]:{expression.canonical}",
+        params=expression.parameters,
+        data=(*expression.variables, "y"),
+        summary=layout,
+        moments=moments,
+        moments_graph=None,
+        moments_of_sets=_no_batches,
+        complete=complete,
+        loss=loss,
+        spread="total",
+        constant="the weights sum to zero",
+        standardize=_unscaled,
+        start=start,
+        random_start=False,
+        stats=stats,
+        dummy=(0.0,) * (layout.size - 2 * k - 1) + (1.0,) + (-math.inf,) * k + (math.inf,) * k,
+        dummy_start=(0.0,) * k,
+        residuals=residuals,
+        project=project,
+        options={"bounds": None, "exact": None},
+        finite_fields=layout.size - 2 * k,
+    )
+
+
+def _unscaled(summary: Array) -> tuple[Array, Coordinates]:
+    """Expressions fit in the caller's units (Levenberg-Marquardt scales itself)."""
+    return summary, IDENTITY
+
+
+def _no_batches(*data: Any) -> Array:
+    raise ValueError("expressions are fitted one data set at a time")
+
+
+def _jacobian_function(residuals: Callable[[Any, Any], Any], k: int, size: int) -> Any:
+    """A graph function: the residuals and their Jacobian at given parameters (traced on the
+    first statistics of its spec; not XLA-compiled, as it runs once per fit)."""
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([k], tf.float64), tf.TensorSpec([size], tf.float64)]
+    )
+    def jacobian(p: Any, summary: Any) -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            r = residuals(p, summary)
+        return tape.jacobian(r, p, experimental_use_pfor=True)
+
+    return jacobian
+
+
+def _stats(
+    expression: Expression,
+    layout: Layout,
+    size: int,
+    jacobian_fn: Any,
+    fit: AtFit,
+    summary: Array,
+    weights: WeightSummary,
+    exact: Sequence[Array] | None,
+) -> FitStats:
+    """``exact``: the variables and y read from the request's decimal text in extended
+    precision (float64 data round each value by up to 1.1e-16 relatively, and on a fit as
+    close as Lanczos1's that alone moves the residual sum of squares in its third digit)."""
+    names = expression.parameters
+    k, v, n = len(names), len(expression.variables), weights.points
+    used = weights.count
+    if exact is not None:
+        x = np.array(exact[:-1], dtype=np.longdouble).reshape(v, n)
+        y = np.asarray(exact[-1], dtype=np.longdouble)
+    else:
+        x = np.asarray(layout.read(summary, "x"), dtype=np.longdouble).reshape(v, size)[:, :n]
+        y = np.asarray(layout.read(summary, "y")[:n], dtype=np.longdouble)
+    w = np.asarray(layout.read(summary, "w")[:n], dtype=np.longdouble)
+    params = [np.longdouble(p) for p in fit.params]
+    with np.errstate(all="ignore"):
+        predicted = evaluate(expression.tree, params, list(x), LONG)
+        r = np.sqrt(w) * (y - predicted)
+        rss_long = np.sum(r * r)
+        mean = np.sum(w * y) / np.sum(w)
+        tss = float(np.sum(w * (y - mean) ** 2))
+    rss = float(rss_long)
+    dof = used - k
+    p_t, s_t = tf.constant(fit.params, tf.float64), tf.constant(summary, tf.float64)
+    jac = np.asarray(jacobian_fn(p_t, s_t).numpy())[:n]
+    sigma2 = float(rss_long / dof) if dof > 0 else math.nan
+    covariance = _covariance(jac, sigma2)
+    std_errors: tuple[float | None, ...] = (None,) * k
+    correlation: tuple[tuple[float | None, ...], ...] = tuple((None,) * k for _ in range(k))
+    cov_out: tuple[tuple[float | None, ...], ...] = correlation
+    if covariance is not None:
+        se = np.sqrt(np.diag(covariance))
+        std_errors = tuple(_finite(s) for s in se)
+        cov_out = tuple(tuple(_finite(c) for c in row) for row in covariance)
+        with np.errstate(all="ignore"):
+            corr = covariance / np.outer(se, se)
+        np.fill_diagonal(corr, 1.0)
+        correlation = tuple(tuple(_finite(c) for c in row) for row in corr)
+    loglik = (
+        -0.5 * used * (LOG_2PI + math.log(rss / used) + 1.0) + 0.5 * weights.log_sum
+        if rss > 0.0 and math.isfinite(rss)
+        else None
+    )
+    at = fit.point
+    step = at.newton_vector()
+    return FitStats(
+        names=names,
+        n=n,
+        n_used=used,
+        dof=dof,
+        loss=rss / weights.total,
+        gradient_norm=_finite(at.gradient_norm),
+        newton_step=None if step is None else _finite(float(np.linalg.norm(step))),
+        std_errors=std_errors,
+        covariance=cov_out,
+        correlation=correlation,
+        log_likelihood=loglik,
+        aic=None if loglik is None else 2.0 * k - 2.0 * loglik,
+        bic=None if loglik is None else k * math.log(used) - 2.0 * loglik,
+        closed_form=None,
+        closed_form_loss=None,
+        gap=None,
+        r_squared=_finite(1.0 - rss / tss) if tss > 0.0 else None,
+        residual_std=_finite(math.sqrt(sigma2)) if dof > 0 and sigma2 >= 0.0 else None,
+        rss=_finite(rss),
+    )
+
+
+def _covariance(jac: Array, sigma2: float) -> Array | None:
+    """s²·(JᵀJ)⁻¹ through J = QR, so (JᵀJ)⁻¹ = R⁻¹R⁻ᵀ; None if J is rank-deficient."""
+    if not (math.isfinite(sigma2) and np.all(np.isfinite(jac))):
+        return None
+    _, upper = np.linalg.qr(jac)
+    diagonal = np.abs(np.diag(upper))
+    if diagonal.size == 0 or diagonal.min() <= 1e-14 * diagonal.max():
+        return None
+    inverse = np.linalg.solve(upper, np.eye(upper.shape[0]))
+    covariance: Array = sigma2 * (inverse @ inverse.T)
+    return covariance
+
+
+def _finite(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class ExpressionModels:
+    """The specs of recent expressions, at most ``size`` (least recently used go first);
+    ``on_evict(name)`` is told of each spec dropped, so its compiled loops go too."""
+
+    def __init__(self, on_evict: Callable[[str], None], size: int = CACHE_SIZE) -> None:
+        self._specs: OrderedDict[str, ModelSpec] = OrderedDict()
+        self._lock = threading.Lock()
+        self._on_evict = on_evict
+        self._size = size
+
+    def spec(self, expression: Expression, n: int) -> tuple[ModelSpec, bool]:
+        """The spec for ``n`` points, and whether it is new (its loops are not compiled)."""
+        size = bucket(n)
+        key = f"expression[{len(expression.variables)},{size}]:{expression.canonical}"
+        evicted: list[str] = []
+        with self._lock:
+            spec = self._specs.get(key)
+            new = spec is None
+            if spec is None:
+                spec = expression_spec(expression, size)
+                self._specs[key] = spec
+                while len(self._specs) > self._size:
+                    evicted.append(self._specs.popitem(last=False)[0])
+            else:
+                self._specs.move_to_end(key)
+        for name in evicted:
+            self._on_evict(name)
+        return spec, new
+
+    def __len__(self) -> int:
+        return len(self._specs)
