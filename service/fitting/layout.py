@@ -64,6 +64,10 @@ class Layout:
     def unpack(self, vector: Any) -> dict[str, Any]:
         return {name: vector[where] for name, where in self._slices.items()}
 
+    def sub(self, names: tuple[str, ...]) -> Layout:
+        """The layout of only these fields, in this layout's order."""
+        return Layout(tuple((name, size) for name, size in self.fields if name in names))
+
     def pack(self, parts: Mapping[str, Any]) -> npt.NDArray[np.float64]:
         """One float64 vector of the parts (numpy side), in layout order."""
         return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in self.order(parts)])
