@@ -1,7 +1,7 @@
 """`make chaos`: hostile and heavy load against the real server, with the deployment's limits.
 
 Each attack of issue #17 runs against one server started with deploy/k8s's settings (2 fits
-running, 8 queued, 30 s fit timeout) and its 1536 MiB memory limit, on loopback only. The
+running, 8 queued, 30 s fit timeout) and its 1792 MiB memory limit, on loopback only. The
 limit is enforced by measurement: the resident memory of the server and every process it
 started is sampled every 20 ms and must stay under it (podman's --memory would kill the pod;
 here the harness fails instead). For each attack the report gives the peak memory, the worst
@@ -36,7 +36,7 @@ from service.admission import rss_bytes
 from tests.mistakes import CLIENT_MISTAKES
 from tests.server import Server, marked_processes, serve
 
-LIMIT_BYTES = 1536 * 1024 * 1024
+LIMIT_BYTES = 1792 * 1024 * 1024
 DEPLOYMENT = {
     "TAPEFIT_MAX_CONCURRENT_FITS": "2",
     "TAPEFIT_MAX_QUEUED_FITS": "8",
