@@ -519,7 +519,7 @@ class FitEngine:
 
     def expression_spec(self, expression: Expression, n: int) -> ModelSpec:
         """The spec of ``expression`` for ``n`` points (cached), its loops ready to compile."""
-        spec, _ = self.expressions.spec(expression, n)
+        spec = self.expressions.spec(expression, n)
         self._add_loops(spec)
         return spec
 

@@ -306,3 +306,46 @@ async def test_the_typed_client_fits_plots_and_lists_models() -> None:
             await client.fit_expression(
                 [1.0, 5.0, 900.0], [1.0, 2.0, 3.0], "a*exp(exp(x))", {"a": 1.0}
             )
+
+
+async def test_points_times_parameters_over_the_limit_is_a_422_naming_it() -> None:
+    from tests.conftest import app_settings, running_app
+
+    async with running_app(app_settings(max_expression_work=100)) as small:
+        x = np.linspace(1e3, 5e3, 60)
+        body = {
+            "expression": "a*x + b",
+            "parameters": {"a": 1.0, "b": 0.0},
+            "x": x.tolist(),
+            "y": (2.0 * x + 1e7).tolist(),
+        }
+        r = await small.post(FIT, json=body)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["type"] == "too_much_expression_work"
+        r = await small.post(FIT, json=body | {"x": x[:50].tolist(), "y": body["y"][:50]})
+        assert r.status_code == 200, r.text  # 50 x 2 = the limit
+        assert r.json()["params"]["b"] == pytest.approx(1e7, rel=1e-12)
+
+
+def test_the_expression_cache_evicts_the_least_recent_and_its_loops() -> None:
+    from service.fitting import FitEngine
+    from service.fitting.expression import parse
+    from service.fitting.options import Optimizer
+
+    engine = FitEngine(expression_cache_size=1)
+    x = np.linspace(1e3, 4e3, 40)
+    y = 3e-3 * x + 1e7
+    for text in ("a*x + b", "b + a*x"):
+        fit = engine.fit(
+            "expression",
+            x,
+            y,
+            learning_rate=0.1,
+            epochs=100,
+            initial=(0.0, 1e7),
+            optimizer=Optimizer("levenberg_marquardt"),
+            options={"expression": parse(text, ("x",), ("a", "b"))},
+        )
+        assert fit.params["b"] == pytest.approx(1e7, rel=1e-12)
+    loops = [name for name in engine.trace_counts() if name.startswith("expression[")]
+    assert loops and all(name.startswith("expression[1,64]:(p1+(p0*x0))") for name in loops)

@@ -297,14 +297,13 @@ class ExpressionModels:
         self._on_evict = on_evict
         self._size = size
 
-    def spec(self, expression: Expression, n: int) -> tuple[ModelSpec, bool]:
-        """The spec for ``n`` points, and whether it is new (its loops are not compiled)."""
+    def spec(self, expression: Expression, n: int) -> ModelSpec:
+        """The spec for ``n`` points (made on first use, evicting the least recent)."""
         size = bucket(n)
         key = f"expression[{len(expression.variables)},{size}]:{expression.canonical}"
         evicted: list[str] = []
         with self._lock:
             spec = self._specs.get(key)
-            new = spec is None
             if spec is None:
                 spec = expression_spec(expression, size)
                 self._specs[key] = spec
@@ -314,7 +313,4 @@ class ExpressionModels:
                 self._specs.move_to_end(key)
         for name in evicted:
             self._on_evict(name)
-        return spec, new
-
-    def __len__(self) -> int:
-        return len(self._specs)
+        return spec
