@@ -68,6 +68,16 @@ class Layout:
         """The layout of only these fields, in this layout's order."""
         return Layout(tuple((name, size) for name, size in self.fields if name in names))
 
+    def positions(self, names: tuple[str, ...]) -> list[int]:
+        """The indices, in this layout's vector, of these fields' elements in layout order
+        (:meth:`sub`'s vector is this vector at these indices)."""
+        out: list[int] = []
+        for name in self.names:
+            if name in names:
+                where = self._slices[name]
+                out.extend([where] if isinstance(where, int) else range(where.start, where.stop))
+        return out
+
     def pack(self, parts: Mapping[str, Any]) -> npt.NDArray[np.float64]:
         """One float64 vector of the parts (numpy side), in layout order."""
         return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in self.order(parts)])

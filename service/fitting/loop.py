@@ -106,8 +106,6 @@ class LoopState(NamedTuple):
     damping: Any
     growth: Any
     scale: Any
-    #: The loss before the last epoch's update: the history records it one epoch late.
-    loss: Any
 
 
 @functools.cache
@@ -122,7 +120,6 @@ def state_layout(k: int) -> Layout:
         damping=None,
         growth=None,
         scale=k,
-        loss=None,
     )
 
 
@@ -135,7 +132,7 @@ def _carried(optimizer: ExpressionOptimizer, stopping: bool) -> tuple[str, ...]:
         "adam": ("first", "second", "step"),
         LEVENBERG_MARQUARDT: ("damping", "growth", "scale"),
     }[optimizer]
-    return ("params", *own, *(("best", "stall") if stopping else ()), "loss")
+    return ("params", *own, *(("best", "stall") if stopping else ()))
 
 
 @functools.cache
@@ -211,7 +208,6 @@ def _compile_chunk(
         steps = tf.cast(c.steps, tf.int32)
         history = tf.TensorArray(tf.float64, size=chunk, element_shape=[])
 
-        fields = LoopState(**layout.unpack(state))
         carried = layout.sub(_carried(optimizer, stopping))
 
         def epoch(i: Any, vector: Any, history: Any, status: Any) -> Any:
@@ -219,11 +215,6 @@ def _compile_chunk(
             # tensors would become more loop variables); they are restored after the loop.
             blank = layout.unpack(tf.zeros([layout.size], tf.float64))
             s = LoopState(**(blank | carried.unpack(vector)))
-            # The previous epoch's loss, from the carried state: written here, the history
-            # update reads a loop variable instead of fusing the loss's arithmetic into the
-            # write, which XLA on CPU then runs ~20x slower per epoch (measured on the
-            # line's loss: 1 µs against 0.05 µs an epoch).
-            history = history.write(tf.maximum(i - 1, 0), s.loss)
             p = s.params
             if optimizer == "newton":
                 at = curvature_layout(k).unpack(curvature(loss_fn, p, summary))
@@ -279,9 +270,8 @@ def _compile_chunk(
 
             if project_fn is not None:
                 new_p = project_fn(new_p, summary)
-            updated = LoopState(
-                new_p, first, second, step, best, stall, damping, growth, scale, loss
-            )
+            history = history.write(i, loss)
+            updated = LoopState(new_p, first, second, step, best, stall, damping, growth, scale)
             finite = tf.math.is_finite(loss) & tf.reduce_all(
                 tf.math.is_finite(tf.concat([new_p, first, second], axis=0))
             )
@@ -297,25 +287,31 @@ def _compile_chunk(
             return i + tf.where(steps_on, 1, 0), new_vector, history, status
 
         # The loop carries, as one packed vector read by name each epoch, only the fields
-        # its update rule changes. XLA on CPU is touchy here: a loop carrying the fields as
-        # separate tensors cost ~120 µs more a call, and one carrying the whole state ran
-        # the line's epochs at 0.6 µs instead of 0.04 (measured).
-        start = _pack(carried, {name: getattr(fields, name) for name in carried.names})
+        # its update rule changes, gathered from the state and written back into it after the
+        # loop by one select. XLA on CPU is touchy here (measured, per call): a loop carrying
+        # the fields as separate tensors cost ~120 µs more; one carrying the whole state ran
+        # the line's epochs at 0.6 µs instead of 0.04; and writing the carried fields back
+        # one by one (an output concatenation XLA no longer fuses) cost ~80 µs more.
+        at = layout.positions(carried.names)
+        start = tf.gather(state, at)
         done, vector, history, status = tf.while_loop(
             lambda i, s, h, status: (i < steps) & (status == RUNNING),
             epoch,
             [tf.constant(0), start, history, tf.constant(RUNNING)],
         )
-        state_out = fields._replace(**carried.unpack(vector))
-        history = history.write(tf.maximum(done - 1, 0), state_out.loss)  # the last epoch's
+        state_out = tf.where(
+            tf.constant([j in at for j in range(layout.size)]),
+            tf.gather(vector, [at.index(j) if j in at else 0 for j in range(layout.size)]),
+            state,
+        )
         # On a Newton step-tolerance stop the history holds one entry per step taken.
         return _pack(
             output_layout(k),
             {
-                "state": _pack(layout, state_out._asdict()),
+                "state": state_out,
                 "done": tf.cast(done, tf.float64),
                 "status": tf.cast(status, tf.float64),
-                "curvature": curvature(loss_fn, state_out.params, summary),
+                "curvature": curvature(loss_fn, layout.read(state_out, "params"), summary),
                 "history": history.stack(),
             },
         )
@@ -836,7 +832,7 @@ def _initial_state(params: Numbers) -> Array:
 def _empty_state(k: int) -> Array:
     zeros = np.zeros(k)
     parts = {"params": zeros, "first": zeros, "second": zeros, "step": 0.0, "best": math.inf}
-    parts |= {"scale": zeros, "loss": 0.0}
+    parts |= {"scale": zeros}
     return state_layout(k).pack(parts | {"stall": 0.0, "damping": INITIAL_DAMPING, "growth": 2.0})
 
 
