@@ -11,7 +11,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench import goodput
+from bench.load import Load, load
 from service.api.models import BUILT_IN
 from service.api.schemas import limits_context
 from tests.server import Server, serve
@@ -26,101 +27,11 @@ from tests.server import Server, serve
 SMALL_N, SMALL_EPOCHS = 100, 100
 
 
-@dataclass
-class Load:
-    name: str
-    requests: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-
-
 def _small_fit_body() -> bytes:
     rng = np.random.default_rng(0)
     x = rng.random(SMALL_N)
     y = x + 2.0 + rng.normal(0.0, 0.15, SMALL_N)
     return json.dumps({"x": x.tolist(), "y": y.tolist(), "epochs": SMALL_EPOCHS}).encode()
-
-
-_WRK_LUA = """
-wrk.method = "{method}"
-wrk.headers["Content-Type"] = "application/json"
-{body}
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %d %d %d %f %f\\n", summary.requests,
-    summary.errors.status + summary.errors.connect + summary.errors.read
-    + summary.errors.write + summary.errors.timeout,
-    summary.duration, latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
-def wrk_load(url: str, path: str, body: bytes | None, seconds: int, connections: int) -> Load:
-    """Closed-loop load with wrk (2 threads); latency percentiles from wrk's histogram."""
-    wrk = shutil.which("wrk")
-    assert wrk
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "load.lua"
-        lua_body = ""
-        if body is not None:
-            (Path(tmp) / "body.json").write_bytes(body)
-            lua_body = (
-                f'local f = io.open("{tmp}/body.json", "rb"); wrk.body = f:read("*a"); f:close()'
-            )
-        script.write_text(_WRK_LUA.format(method="POST" if body else "GET", body=lua_body))
-        out = subprocess.run(
-            [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url + path],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=seconds + 60,
-        ).stdout
-    match = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+)", out)
-    assert match, out
-    requests, errors, duration_us = (int(match.group(i)) for i in (1, 2, 3))
-    return Load(
-        path,
-        requests,
-        requests / (duration_us / 1e6),
-        float(match.group(4)) / 1e3,
-        float(match.group(5)) / 1e3,
-        errors,
-    )
-
-
-async def _httpx_load_async(
-    url: str, path: str, body: bytes | None, seconds: float, connections: int
-) -> Load:
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=connections)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-
-        async def user() -> None:
-            nonlocal errors
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                if body is None:
-                    r = await client.get(path)
-                else:
-                    headers = {"content-type": "application/json"}
-                    r = await client.post(path, content=body, headers=headers)
-                latencies.append(time.perf_counter() - t0)
-                errors += r.status_code != 200
-
-        start = time.perf_counter()
-        await asyncio.gather(*(user() for _ in range(connections)))
-        elapsed = time.perf_counter() - start
-    q = statistics.quantiles(latencies, n=100)
-    return Load(path, len(latencies), len(latencies) / elapsed, q[49] * 1e3, q[98] * 1e3, errors)
-
-
-def load(url: str, path: str, body: bytes | None, seconds: int, connections: int = 16) -> Load:
-    if shutil.which("wrk"):
-        return wrk_load(url, path, body, seconds, connections)
-    return asyncio.run(_httpx_load_async(url, path, body, seconds, connections))
 
 
 def rss_mib(server: Server) -> float:
@@ -298,13 +209,15 @@ class HttpReport:
     big: Big | None
     batch: BatchBench
     driver: str
+    good: goodput.Goodput
+    long_fit: goodput.LongFit | None
+    overload: goodput.Overload
 
 
 def run(quick: bool) -> HttpReport:
     seconds = 3 if quick else 10
     body = _small_fit_body()
-    # Enough queue for the load generator's 16 connections: measure throughput, not 429s.
-    with serve(TAPEFIT_LOG_LEVEL="warning", TAPEFIT_MAX_QUEUED_FITS="32") as server:
+    with serve(TAPEFIT_LOG_LEVEL="warning") as server:  # default settings
         server.wait_warm()
         # Warm-up: every code path once, then a short burst.
         load(server.url, "/v1/fits/linear", body, 2)
@@ -316,13 +229,28 @@ def run(quick: bool) -> HttpReport:
         while total < 10_000:
             total += load(server.url, "/v1/fits/linear", body, 3).requests
         rss_after = rss_mib(server)
+        good = goodput.goodput(server, seconds)
+        long = None if quick else goodput.long_fit(server)
         big = None if quick else big_requests(server)
         batch = batch_bench(server, 1_000 if quick else 10_000)
         server.stop()
+    overload = goodput.overload()
     cold, tf_import = cold_start(1 if quick else 3)
     driver = "wrk -t2 -c16" if shutil.which("wrk") else "httpx async, 16 connections"
     return HttpReport(
-        trivial, fits, rss_warm, rss_after, total, cold, tf_import, big, batch, driver
+        trivial,
+        fits,
+        rss_warm,
+        rss_after,
+        total,
+        cold,
+        tf_import,
+        big,
+        batch,
+        driver,
+        good,
+        long,
+        overload,
     )
 
 
@@ -377,4 +305,5 @@ def report(r: HttpReport) -> str:
         f"| numpy loop vectorized over the batch (in process, no HTTP) | {bb.numpy_loop:.2f} s "
         f"| {bb.numpy_loop / bb.batch_request:.1f}x faster |",
     ]
+    lines += ["", goodput.report(r.good, r.long_fit, r.overload)]
     return "\n".join(lines)

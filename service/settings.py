@@ -78,13 +78,22 @@ class Settings(BaseSettings):
         default_factory=available_cpus, description="Fits that run at the same time."
     )
     max_queued_fits: Annotated[int, Field(ge=0)] = Field(
-        default_factory=lambda: 2 * available_cpus(),
-        description="Fits that may wait for a slot; beyond it the service answers 429.",
+        512,
+        description="A backstop: fits that may wait for a slot, beyond which the service "
+        "answers 429. Admission is by expected time (TAPEFIT_MAX_QUEUE_WAIT_S) and memory "
+        "first; this count binds only for floods of the tiniest fits.",
+    )
+    inline_fit_max_s: Annotated[float, Field(ge=0)] = Field(
+        0.002,
+        description="Fits expected to take at most this long run on the event loop itself: "
+        "a thread handoff and a disconnect watcher would cost more than the fit. 0: every fit "
+        "runs in the fit thread pool.",
     )
     max_queue_wait_s: Annotated[float, Field(gt=0)] = Field(
         10.0,
         description="A fit is refused (429, Retry-After = the expected wait) when the work "
-        "already admitted would keep it waiting longer than this for a slot.",
+        "already admitted would keep it waiting longer than this for a slot. The wait is "
+        "estimated from a cost model of each fit, scaled by how long recent fits really took.",
     )
     memory_budget_bytes: Annotated[int, Field(ge=0)] = Field(
         0,

@@ -1,4 +1,4 @@
-"""Bounded execution of fits off the event loop: admission, deadlines, cancellation.
+"""Bounded execution of fits: admission, deadlines, cancellation.
 
 - At most ``max_concurrent_fits`` fits run at once, in a dedicated thread pool; what may
   wait is decided by :mod:`service.admission` (places, memory, expected time), which
@@ -361,10 +361,15 @@ class FitWorker:
     # -- fitting --------------------------------------------------------------------------
 
     async def fit(
-        self, job: FitJob, timeout_s: float | None = None, progress: Reporter | None = None
+        self,
+        job: FitJob,
+        timeout_s: float | None = None,
+        progress: Reporter | None = None,
+        ticket: Ticket | None = None,
     ) -> FitResult:
         """Run one fit in the pool; cancelling the caller abandons the fit. ``progress``
-        receives (epochs done, loss) in the fit's thread every ``progress.every`` epochs."""
+        receives (epochs done, loss) in the fit's thread every ``progress.every`` epochs.
+        The time it took sets admission's pace against the estimate on its ``ticket``."""
         if self.engine is None:
             raise Unavailable("the service is warming up")
         engine = self.engine
@@ -380,15 +385,28 @@ class FitWorker:
                     "retry, or reuse an expression (compiled ones fit at once)",
                 )
         cancelled, should_stop = self._stop_check(timeout_s)
+        if progress is None and pool is self._fit_pool and self.inline(ticket):
+            result, seconds = self._run(engine, job, should_stop)
+            if ticket is not None and result.stop_reason != "timeout":
+                ticket.observe(seconds)
+            return result
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(pool, self._run, engine, job, should_stop, progress)
         if pool is self._fit_pool:
-            return await self._cancellable(future, cancelled, job.model)
+            result, seconds = await self._cancellable(future, cancelled, job.model)
+            if ticket is not None and result.stop_reason != "timeout":
+                ticket.observe(seconds)
+            return result
         self._compiling += 1
-        try:
-            return await self._cancellable(future, cancelled, job.model)
+        try:  # a compiling fit's time says nothing of the pace
+            return (await self._cancellable(future, cancelled, job.model))[0]
         finally:
             self._compiling -= 1
+
+    def inline(self, ticket: Ticket | None) -> bool:
+        """Whether a fit charged on ``ticket`` is expected to take so little that it runs on
+        the event loop: no thread handoff, no disconnect watcher."""
+        return ticket is not None and 0.0 < ticket.seconds <= self.settings.inline_fit_max_s
 
     def must_compile(self, job: FitJob) -> bool:
         """Whether this fit would first trace and compile (a new expression or bucket)."""
@@ -406,7 +424,7 @@ class FitWorker:
         return engine.compiled(spec, job.training.optimizer.name, stopping)
 
     async def fit_batch(
-        self, job: BatchJob, timeout_s: float | None = None
+        self, job: BatchJob, timeout_s: float | None = None, ticket: Ticket | None = None
     ) -> list[FitResult | FitError]:
         """Run a batch in the pool: one vectorized loop; per-set errors come back in place."""
         if self._batch_ready is None:
@@ -414,7 +432,10 @@ class FitWorker:
         engine = await asyncio.shield(self._batch_ready)
         cancelled, should_stop = self._stop_check(timeout_s)
 
+        seconds = 0.0
+
         def run() -> list[FitResult | FitError]:
+            nonlocal seconds
             start = time.perf_counter()
             outcome = "error"
             self.metrics.running.inc()
@@ -427,20 +448,22 @@ class FitWorker:
                 raise
             finally:
                 self.metrics.running.dec()
-                self.metrics.duration.labels(f"{job.model}_batch").observe(
-                    time.perf_counter() - start
-                )
+                seconds = time.perf_counter() - start
+                self.metrics.duration.labels(f"{job.model}_batch").observe(seconds)
                 if outcome != "cancelled":
                     self.metrics.fits.labels(f"{job.model}_batch", outcome).inc()
 
         future = asyncio.get_running_loop().run_in_executor(self._fit_pool, run)
-        return await self._cancellable(future, cancelled, f"{job.model}_batch")
+        results = await self._cancellable(future, cancelled, f"{job.model}_batch")
+        if ticket is not None:
+            ticket.observe(seconds)
+        return results
 
     def _stop_check(
         self, timeout_s: float | None
     ) -> tuple[threading.Event, Callable[[], StopReason | None]]:
         """A cancel flag, and the check the engine runs between compiled chunks."""
-        deadline = time.monotonic() + self._budget(timeout_s)
+        deadline = time.monotonic() + self.deadline_s(timeout_s)
         cancelled = threading.Event()
 
         def should_stop() -> StopReason | None:
@@ -461,7 +484,8 @@ class FitWorker:
             self.metrics.fits.labels(label, "cancelled").inc()
             raise
 
-    def _budget(self, timeout_s: float | None) -> float:
+    def deadline_s(self, timeout_s: float | None) -> float:
+        """Seconds a fit asking for ``timeout_s`` may run (queueing included)."""
         limit = self.settings.fit_timeout_s
         return limit if timeout_s is None else min(timeout_s, limit)
 
@@ -471,7 +495,8 @@ class FitWorker:
         job: FitJob,
         should_stop: Callable[[], StopReason | None],
         progress: Reporter | None = None,
-    ) -> FitResult:
+    ) -> tuple[FitResult, float]:
+        """The fit, and the seconds it took."""
         model = job.model
         outcome = "error"
         start = time.perf_counter()
@@ -480,7 +505,7 @@ class FitWorker:
             result = self._dispatch(engine, job, should_stop, progress)
             outcome = result.stop_reason
             self.metrics.epochs.labels(model).inc(result.epochs_run)
-            return result
+            return result, time.perf_counter() - start
         except FitDiverged:
             outcome = "diverged"
             raise

@@ -133,7 +133,9 @@ def test_busy_server_is_retried_after_retry_after(server: Server) -> None:
 
         with Client(server.url, max_retries=0) as impatient, pytest.raises(Overloaded) as busy:
             impatient.fit_linear(x, y, epochs=10, seed=0)
-        assert busy.value.status == 429 and busy.value.retry_after == 1.0
+        # Retry-After is the work ahead: the running fit's expected time, capped by its
+        # 1.5 s deadline, rounded up.
+        assert busy.value.status == 429 and busy.value.retry_after == 2.0
 
         transport = CountingTransport()
         with Client(server.url, max_retries=10, transport=transport) as patient:

@@ -95,11 +95,13 @@ def test_schemathesis_finds_no_failure(seed: int, tmp_path: Path) -> None:
 
 
 async def test_burst_of_slow_fits_gets_200_429_or_503_and_health_stays_up() -> None:
+    """40 fits of ~5 s each (capped by their 1.5 s deadline) at once, with the default
+    places: admission by expected time refuses what would wait past TAPEFIT_MAX_QUEUE_WAIT_S."""
     env = {
         **SLOW,
         "TAPEFIT_FIT_TIMEOUT_S": "1.5",
         "TAPEFIT_MAX_CONCURRENT_FITS": "2",
-        "TAPEFIT_MAX_QUEUED_FITS": "2",
+        "TAPEFIT_MAX_QUEUE_WAIT_S": "3",
     }
     with serve(**env) as server:
         limits = httpx.Limits(max_connections=100)

@@ -1,8 +1,9 @@
 """FastAPI dependencies as ``Annotated`` aliases (async: sync ones would cost a thread hop).
 
-Routes never touch the raw request: they get the worker and settings, an admission ticket
-(:data:`AdmittedDep`), the parsed, validated body (:func:`parsed_body`), and the
-:class:`Caller` (is it still there; does it want server-sent events).
+Routes never touch the raw request: they get an admission ticket with the worker and the
+:class:`Caller` (is it still there; does it want server-sent events) (:data:`AdmittedDep`),
+and the parsed, validated body (:func:`parsed_body`). Each dependency FastAPI solves costs
+tens of µs on every request, so there are few, and the app's parts come from its state.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 
 from service.admission import Ticket
-from service.api.bodies import BodyParsers
 from service.api.parsing import Parsed
 from service.api.requests import (
     BinaryParser,
@@ -25,7 +25,6 @@ from service.api.requests import (
     wait_for_disconnect,
 )
 from service.api.streaming import wants_stream
-from service.settings import Settings
 from service.worker import FitWorker
 
 T = TypeVar("T")
@@ -36,44 +35,7 @@ async def get_worker(request: Request) -> FitWorker:
     return worker
 
 
-async def get_app_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-async def get_bodies(request: Request) -> BodyParsers:
-    bodies: BodyParsers = request.app.state.bodies
-    return bodies
-
-
 WorkerDep = Annotated[FitWorker, Depends(get_worker)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-BodiesDep = Annotated[BodyParsers, Depends(get_bodies)]
-
-
-@dataclass(frozen=True, slots=True)
-class Admitted:
-    """A request's admission ticket (:mod:`service.admission`), released when the route
-    returns, or, once :meth:`hand_over` gave it to a streamed answer, when that ends."""
-
-    ticket: Ticket
-    _resources: AsyncExitStack
-
-    def hand_over(self) -> AsyncExitStack:
-        return self._resources.pop_all()
-
-
-async def admitted(worker: WorkerDep) -> AsyncIterator[Admitted]:
-    """Refused at once (before the body is read) when the service is not serving or every
-    place is taken; exceptions of the route pass through the ticket (refusals are counted)."""
-    async with AsyncExitStack() as resources:
-        ticket = await resources.enter_async_context(worker.admit())
-        yield Admitted(ticket, resources)
-
-
-#: Exits when the route function returns (before the answer is sent), so a place is free as
-#: soon as its answer is made; streamed answers take the ticket along (``hand_over``).
-AdmittedDep = Annotated[Admitted, Depends(admitted, scope="function")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +58,35 @@ class Caller:
         return await unless_disconnected(self._request, work)
 
 
-async def get_caller(request: Request) -> Caller:
-    return Caller(request)
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request's admission ticket (:mod:`service.admission`), released when the route
+    returns, or, once :meth:`hand_over` gave it to a streamed answer, when that ends; with
+    the worker that runs its fit and the :class:`Caller` it answers."""
+
+    ticket: Ticket
+    _resources: AsyncExitStack
+    worker: FitWorker
+    caller: Caller
+
+    def hand_over(self) -> AsyncExitStack:
+        return self._resources.pop_all()
 
 
-CallerDep = Annotated[Caller, Depends(get_caller)]
+async def admitted(request: Request) -> AsyncIterator[Admitted]:
+    """Refused at once (before the body is read) when the service is not serving or every
+    place is taken; exceptions of the route pass through the ticket (refusals are counted).
+    (The app's parts are read from its state here, not by sub-dependencies: each dependency
+    FastAPI solves costs tens of µs on every request.)"""
+    worker: FitWorker = request.app.state.worker
+    async with AsyncExitStack() as resources:
+        ticket = await resources.enter_async_context(worker.admit())
+        yield Admitted(ticket, resources, worker, Caller(request))
+
+
+#: Exits when the route function returns (before the answer is sent), so a place is free as
+#: soon as its answer is made; streamed answers take the ticket along (``hand_over``).
+AdmittedDep = Annotated[Admitted, Depends(admitted, scope="function")]
 
 
 def parsed_body(
@@ -114,14 +100,22 @@ def parsed_body(
     ``parse_binary``, a binary body with the options in the query string. With
     ``admission`` the body is read after the request was admitted, charged to its ticket."""
 
-    async def admitted_body(
-        request: Request, admitted: AdmittedDep, settings: SettingsDep, bodies: BodiesDep
-    ) -> Parsed[Any]:
+    async def admitted_body(request: Request, admitted: AdmittedDep) -> Parsed[Any]:
+        state = request.app.state
         return await parse_request(
-            request, bodies, settings, parse_json, parse_binary, admitted.ticket, json=json
+            request,
+            state.bodies,
+            state.settings,
+            parse_json,
+            parse_binary,
+            admitted.ticket,
+            json=json,
         )
 
-    async def body(request: Request, settings: SettingsDep, bodies: BodiesDep) -> Parsed[Any]:
-        return await parse_request(request, bodies, settings, parse_json, parse_binary, json=json)
+    async def body(request: Request) -> Parsed[Any]:
+        state = request.app.state
+        return await parse_request(
+            request, state.bodies, state.settings, parse_json, parse_binary, json=json
+        )
 
     return admitted_body if admission else body

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.admission import Admission, Refused, body_cost, fit_cost
+from service.admission import PACE_BOUNDS, Admission, Cost, Refused, body_cost, fit_cost
 from tests.conftest import app_settings, running_app
 from tests.mistakes import CLIENT_MISTAKES, GAUSSIAN, HUGE_EPOCHS, JSON, LINEAR, Mistake
 
@@ -136,14 +136,77 @@ def test_admission_ledger() -> None:
     with pytest.raises(Refused) as never:
         second.charge_bytes(10 * mib + 1)
     assert never.value.never
-    first.take_place(fit_cost(points=10, arrays=1, epochs=10_000_000, history=10))
+    first.take_place(fit_cost(points=10, arrays=1, epochs=30_000_000, history=10))
     assert admission.fits == 1 and admission.expected_wait() > 2.0
     with pytest.raises(Refused) as wait:
         second.take_place(fit_cost(points=10, arrays=1, epochs=10, history=10))
     assert wait.value.reason == "queue_wait" and wait.value.retry_after >= 3
+    # Saturated by time: refused before its body is read, too.
+    with pytest.raises(Refused) as before_body:
+        admission.check_place()
+    assert before_body.value.reason == "queue_wait"
     first.close()
     second.close()
     assert (admission.fits, admission.bytes, admission.seconds) == (0, 0.0, 0.0)
+
+
+def test_admission_is_by_time_not_by_count() -> None:
+    """Many sub-millisecond fits are all admitted (a few ms of work queued), while long fits
+    fill the wait bound: the count of fits in progress is not what refuses."""
+    admission = Admission(places=10_000, slots=2, memory_budget=1 << 40, max_queue_wait_s=10.0)
+    small = fit_cost(points=100, arrays=2, epochs=1000, history=1001)
+    tickets = [admission.open() for _ in range(200)]
+    for ticket in tickets:
+        ticket.take_place(small)
+    assert admission.expected_wait() < 0.1
+    for ticket in tickets:
+        ticket.close()
+    # One epoch per compiled call: 20,000 epochs cost ~1 s each (their deadline caps them).
+    long = fit_cost(points=100, arrays=2, epochs=20_000, history=20_001, epochs_per_call=1)
+    assert 0.9 < long.seconds < 1.5
+    admitted, refused = [], 0
+    for _ in range(64):
+        ticket = admission.open()
+        try:
+            ticket.take_place(long, limit_s=60.0)
+            admitted.append(ticket)
+        except Refused as refusal:
+            refused += 1
+            assert refusal.reason == "queue_wait" and refusal.retry_after >= 10
+    assert 15 <= len(admitted) <= 25 and refused == 64 - len(admitted)
+    # A deadline caps what a fit is charged: 1 s fits asking 0.1 s are charged 0.1 s.
+    for ticket in admitted:
+        ticket.close()
+    short = admission.open()
+    short.take_place(long, limit_s=0.1)
+    assert short.seconds == pytest.approx(0.1)
+    short.close()
+    assert (admission.fits, admission.seconds) == (0, 0.0)
+
+
+def test_pace_follows_how_long_fits_really_take() -> None:
+    """The estimate is scaled by the measured pace (a running geometric mean of measured /
+    estimated seconds), within bounds, and admitted work is charged at the pace."""
+    admission = Admission(places=100, slots=1, memory_budget=1 << 40, max_queue_wait_s=10.0)
+    assert admission.pace == 1.0
+    for _ in range(400):
+        admission.observe(1e-3, 4e-3)  # fits take four times their estimate
+    assert admission.pace == pytest.approx(4.0, rel=1e-6)
+    ticket = admission.open()
+    ticket.take_place(Cost(bytes=0.0, seconds=0.5))
+    assert admission.expected_wait() == pytest.approx(2.0, rel=1e-6)
+    assert ticket.estimate == 0.5
+    ticket.observe(0.5)  # this one took its estimate: the pace moves towards 1
+    assert 1.0 < admission.pace < 4.0
+    ticket.close()
+    for _ in range(1000):
+        admission.observe(1e-3, 1e3)
+    assert admission.pace == pytest.approx(PACE_BOUNDS[1])
+    for _ in range(1000):
+        admission.observe(1.0, 1e-9)
+    assert admission.pace == pytest.approx(PACE_BOUNDS[0])
+    admission.observe(0.0, 1.0)  # no estimate: nothing learned
+    assert admission.pace == pytest.approx(PACE_BOUNDS[0])
 
 
 async def test_both_framings_are_refused_and_the_connection_closed(

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel
 
 from service.admission import expression_cost
-from service.api.deps import Admitted, AdmittedDep, CallerDep, WorkerDep, parsed_body
+from service.api.deps import Admitted, AdmittedDep, parsed_body
 from service.api.openapi import json_only_body
 from service.api.parsing import ExpressionPlan, Parsed, parse_expression
 from service.api.routes.fits import SINGLE_FIT_RESPONSES
@@ -55,15 +55,14 @@ ExpressionBody = Annotated[Parsed[ExpressionFitRequest], Depends(parsed_body(par
         },
     ),
 )
-async def fit_expression(
-    worker: WorkerDep, admitted: AdmittedDep, caller: CallerDep, parsed: ExpressionBody
-) -> Any:
+async def fit_expression(admitted: AdmittedDep, parsed: ExpressionBody) -> Any:
     """Fit y = f(x; parameters): the expression is parsed with an allow-list (never
     evaluated by Python), compiled once into an XLA loop (cached; new data lengths reuse it),
     and fitted by Levenberg-Marquardt with the exact Jacobian from the tape. Returns the
     parameters, the loss history and statistics in NIST's convention (standard errors from
     s²·(JᵀWJ)⁻¹, the residual sum of squares in extended precision)."""
     body = parsed.request
+    worker, caller = admitted.worker, admitted.caller
     plan, job = await _job(parsed, admitted, worker)
     start = dict(zip(plan.expression.parameters, job.initial or (), strict=True))
 
@@ -74,7 +73,9 @@ async def fit_expression(
         every = progress_step(body.epochs, body.progress_every)
         events = fit_events(caller.gone, worker, job, body.timeout_s, every, respond)
         return EventStream(events, admitted.hand_over())
-    return respond(await caller.unless_gone(worker.fit(job, body.timeout_s)))
+    return respond(
+        await caller.unless_gone(worker.fit(job, body.timeout_s, ticket=admitted.ticket))
+    )
 
 
 async def _job(
@@ -122,7 +123,7 @@ async def _job(
         # crowded out by a flood of new expressions.
         admitted.ticket.charge_bytes(cost.bytes)
     else:
-        admitted.ticket.take_place(cost)
+        admitted.ticket.take_place(cost, worker.deadline_s(body.timeout_s))
     return plan, job
 
 
@@ -233,14 +234,15 @@ PNG = "image/png"
         {"named-model": {"summary": "A named model", "value": NAMED_MODEL_EXAMPLE}},
     ),
 )
-async def plot_expression(
-    worker: WorkerDep, admitted: AdmittedDep, caller: CallerDep, parsed: ExpressionBody
-) -> Response:
+async def plot_expression(admitted: AdmittedDep, parsed: ExpressionBody) -> Response:
     """The same body as `POST /v1/fits/expression`. Left: the data and the fitted curve
     (one variable) or observed against fitted (several); middle: the residuals; right: the
     loss per iteration."""
+    worker, caller = admitted.worker, admitted.caller
     plan, job = await _job(parsed, admitted, worker)
-    result = await caller.unless_gone(worker.fit(job, parsed.request.timeout_s))
+    result = await caller.unless_gone(
+        worker.fit(job, parsed.request.timeout_s, ticket=admitted.ticket)
+    )
     png = await asyncio.to_thread(_draw, plan, job, result)
     return Response(png, media_type=PNG)
 

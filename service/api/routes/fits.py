@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from service.admission import Cost, fit_cost
-from service.api.deps import Admitted, AdmittedDep, Caller, CallerDep, WorkerDep, parsed_body
+from service.api.deps import Admitted, AdmittedDep, Caller, parsed_body
 from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import Parsed
@@ -137,13 +137,19 @@ SINGLE_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def single_fit_cost(model: HttpModel, parsed: Parsed[Any]) -> Cost:
+def single_fit_cost(model: HttpModel, parsed: Parsed[Any], worker: FitWorker) -> Cost:
     """What a parsed single fit will cost (:mod:`service.admission`)."""
     body = parsed.request
     points = len(parsed.arrays[model.data[0]])
     arrays = len(model.data) + (parsed.arrays.get("weights") is not None)
     history = body.epochs // body.history_step() + 1
-    return fit_cost(points, arrays, body.epochs, history + body.epochs // 8)
+    return fit_cost(
+        points,
+        arrays,
+        body.epochs,
+        history + body.epochs // 8,
+        epochs_per_call=worker.settings.epochs_per_call,
+    )
 
 
 def fit_job(model: HttpModel, parsed: Parsed[Any]) -> FitJob:
@@ -165,7 +171,9 @@ async def _single_fit(
     """The fit, after admission and parsing (the dependencies): answered as JSON, or streamed
     as server-sent events (the admission ticket is then held until the stream ends)."""
     body = parsed.request
-    admitted.ticket.take_place(single_fit_cost(model, parsed))
+    admitted.ticket.take_place(
+        single_fit_cost(model, parsed, worker), worker.deadline_s(body.timeout_s)
+    )
     job = fit_job(model, parsed)
 
     def respond(result: FitResult) -> BaseModel:
@@ -175,7 +183,9 @@ async def _single_fit(
         every = progress_step(body.epochs, body.progress_every)
         events = fit_events(caller.gone, worker, job, body.timeout_s, every, respond)
         return EventStream(events, admitted.hand_over())
-    return respond(await caller.unless_gone(worker.fit(job, body.timeout_s)))
+    fit = worker.fit(job, body.timeout_s, ticket=admitted.ticket)
+    # A fit expected to take well under a millisecond runs on the event loop: no watcher.
+    return respond(await (fit if worker.inline(admitted.ticket) else caller.unless_gone(fit)))
 
 
 BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -209,7 +219,7 @@ async def _fit_batch(
     sets, recorded = len(lengths), -(-body.epochs // body.history_every)
     points = int(lengths.sum())
     cost = fit_cost(points, len(model.data), body.epochs, sets * recorded, sets=sets)
-    admitted.ticket.take_place(cost)
+    admitted.ticket.take_place(cost, worker.deadline_s(body.timeout_s))
     job = BatchJob(
         model=model.name,
         lengths=lengths.astype(np.int64),
@@ -222,7 +232,7 @@ async def _fit_batch(
         scaling=body.scaling,
         history_every=body.history_every,
     )
-    results = await caller.unless_gone(worker.fit_batch(job, body.timeout_s))
+    results = await caller.unless_gone(worker.fit_batch(job, body.timeout_s, admitted.ticket))
     answer = _batch_answer(model, results)
     return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
@@ -279,12 +289,10 @@ def router(models: Iterable[HttpModel]) -> APIRouter:
 
 def _add_fit(fits: APIRouter, model: HttpModel) -> None:
     async def fit(
-        worker: WorkerDep,
         admitted: AdmittedDep,
-        caller: CallerDep,
         parsed: Annotated[Parsed[Any], Depends(parsed_body(model.parse_json, model.parse_binary))],
     ) -> Any:
-        return await _single_fit(model, worker, admitted, caller, parsed)
+        return await _single_fit(model, admitted.worker, admitted, admitted.caller, parsed)
 
     fits.add_api_route(
         f"/{model.name}",
@@ -303,12 +311,10 @@ def _add_fit_binary(fits: APIRouter, model: HttpModel) -> None:
     body = parsed_body(model.parse_json, model.parse_binary, json=False)
 
     async def fit_binary(
-        worker: WorkerDep,
         admitted: AdmittedDep,
-        caller: CallerDep,
         parsed: Annotated[Parsed[Any], Depends(body)],
     ) -> Any:
-        return await _single_fit(model, worker, admitted, caller, parsed)
+        return await _single_fit(model, admitted.worker, admitted, admitted.caller, parsed)
 
     fits.add_api_route(
         f"/{model.name}/binary",
@@ -327,12 +333,10 @@ def _add_fit_binary(fits: APIRouter, model: HttpModel) -> None:
 
 def _add_batch(fits: APIRouter, model: HttpModel) -> None:
     async def fit_batch(
-        worker: WorkerDep,
         admitted: AdmittedDep,
-        caller: CallerDep,
         parsed: Annotated[Parsed[Any], Depends(parsed_body(model.parse_batch))],
     ) -> Any:
-        return await _fit_batch(model, worker, admitted, caller, parsed)
+        return await _fit_batch(model, admitted.worker, admitted, admitted.caller, parsed)
 
     fits.add_api_route(
         f"/{model.name}/batch",

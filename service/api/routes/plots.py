@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
 
-from service.api.deps import AdmittedDep, Caller, CallerDep, WorkerDep, parsed_body
+from service.api.deps import AdmittedDep, Caller, parsed_body
 from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import Parsed
@@ -33,9 +33,12 @@ async def _plot(
 ) -> Response:
     """The fit as for `/v1/fits`, then the model's drawing in a thread; the admission place
     is held until the PNG is drawn."""
-    admitted.ticket.take_place(single_fit_cost(model, parsed))
+    timeout_s = worker.deadline_s(parsed.request.timeout_s)
+    admitted.ticket.take_place(single_fit_cost(model, parsed, worker), timeout_s)
     job = fit_job(model, parsed)
-    result = await caller.unless_gone(worker.fit(job, parsed.request.timeout_s))
+    result = await caller.unless_gone(
+        worker.fit(job, parsed.request.timeout_s, ticket=admitted.ticket)
+    )
     png = await asyncio.to_thread(model.draw, parsed, result)
     return Response(png, media_type=PNG)
 
@@ -55,12 +58,10 @@ def _add_plot(plots: APIRouter, model: HttpModel, binary: bool) -> None:
     body = parsed_body(model.parse_json, model.parse_binary, json=not binary)
 
     async def plot(
-        worker: WorkerDep,
         admitted: AdmittedDep,
-        caller: CallerDep,
         parsed: Annotated[Parsed[Any], Depends(body)],
     ) -> Response:
-        return await _plot(model, worker, admitted, caller, parsed)
+        return await _plot(model, admitted.worker, admitted, admitted.caller, parsed)
 
     operation = model.plot_binary if binary else model.plot
     plots.add_api_route(
