@@ -1,12 +1,12 @@
 """POST /v1/fits/{model}: fit any model of :mod:`service.api.models`, one data set (JSON,
 server-sent events, or a binary body) or many at once."""
 
-import json
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends
+import orjson
+from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel
 
 from service.admission import Cost, fit_cost
@@ -104,6 +104,15 @@ def fit_response(model: HttpModel, result: FitResult) -> BaseModel:
     return model.response(params=model.params(**result.params), **_common(result, model))
 
 
+def fit_answer(model: HttpModel, result: FitResult) -> bytes:
+    """The fit's JSON answer, serialized once straight from plain data: building the response
+    model, then FastAPI validating and serializing it again, cost more than a small fit. The
+    data are the engine's, in the response model's field order (the tests validate answers
+    against it); NaN and infinities become null, as pydantic writes them."""
+    answer = {"model": model.name, "params": result.params, **_common(result, model)}
+    return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def _training(body: Any) -> Training:
     """The training options of a parsed single-fit body (any model's)."""
     return Training(
@@ -167,7 +176,7 @@ def fit_job(model: HttpModel, parsed: Parsed[Any]) -> FitJob:
 
 async def _single_fit(
     model: HttpModel, worker: FitWorker, admitted: Admitted, caller: Caller, parsed: Parsed[Any]
-) -> BaseModel | EventStream:
+) -> Response | EventStream:
     """The fit, after admission and parsing (the dependencies): answered as JSON, or streamed
     as server-sent events (the admission ticket is then held until the stream ends)."""
     body = parsed.request
@@ -185,7 +194,8 @@ async def _single_fit(
         return EventStream(events, admitted.hand_over())
     fit = worker.fit(job, body.timeout_s, ticket=admitted.ticket)
     # A fit expected to take well under a millisecond runs on the event loop: no watcher.
-    return respond(await (fit if worker.inline(admitted.ticket) else caller.unless_gone(fit)))
+    result = await (fit if worker.inline(admitted.ticket) else caller.unless_gone(fit))
+    return Response(fit_answer(model, result), media_type="application/json")
 
 
 BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -246,12 +256,11 @@ def _batch_answer(model: HttpModel, results: list[FitResult | FitError]) -> Iter
     (the stream runs this generator in a thread): validating 10,000 nested response models
     would cost more than the fits (~75 µs each). The data come from the engine and
     :func:`_common`, the same as a single fit's (the tests validate batch answers against the
-    response model). An entry with anything non-finite makes ``json.dumps`` refuse, and then
-    the item model renders it (null, never NaN)."""
+    response model); orjson writes NaN and infinities as null, never NaN."""
     failed = sum(isinstance(r, Exception) for r in results)
     head = {"model": model.name, "succeeded": len(results) - failed, "failed": failed}
-    yield json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"results":['
-    piece: list[str] = []
+    yield orjson.dumps(head)[:-1] + b',"results":['
+    piece: list[bytes] = []
     for i, r in enumerate(results):
         entry = (
             {"index": i, "result": None, "error": str(r)}
@@ -262,15 +271,12 @@ def _batch_answer(model: HttpModel, results: list[FitResult | FitError]) -> Iter
                 "error": None,
             }
         )
-        try:
-            piece.append(json.dumps(entry, allow_nan=False, separators=(",", ":")))
-        except ValueError:
-            piece.append(model.batch_item.model_validate(entry).model_dump_json())
+        piece.append(orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY))
         if len(piece) == ENTRIES_PER_PIECE:
-            yield (b"," if i >= ENTRIES_PER_PIECE else b"") + ",".join(piece).encode()
+            yield (b"," if i >= ENTRIES_PER_PIECE else b"") + b",".join(piece)
             piece = []
     if piece:
-        yield (b"," if len(results) > len(piece) else b"") + ",".join(piece).encode()
+        yield (b"," if len(results) > len(piece) else b"") + b",".join(piece)
     yield b"]}"
 
 
