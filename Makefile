@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	--no-header --quiet
 
-.PHONY: run test lint typecheck pytest bench bench-quick deploy-check chaos mutate lock clean
+.PHONY: run test lint typecheck pytest bench bench-quick deploy-check chaos cluster-check mutate lock clean
 
 # A venv made by another Python (or a broken one) is rebuilt rather than failing forever.
 ifneq ($(shell $(PY) -c 'import sys; print(sys.version_info[:2] == (3, 11))' 2>/dev/null),True)
@@ -77,6 +77,10 @@ clean:
 # Hostile and heavy load against the real server with the deployment's limits (loopback only).
 chaos: $(VENV)/.installed-test
 	$(PY) -m tests.chaos
+
+# Three replicas behind HAProxy (Debian's haproxy): throughput, rolling restart, SIGKILL.
+cluster-check: $(VENV)/.installed-test
+	$(PY) -m tests.cluster
 
 # Mutation testing of the HTTP contract's rules (mutmut; about an hour on 2 cores, so not in
 # CI). Resumable: a second run only checks what changed. Survivors and why

@@ -1,7 +1,7 @@
 """`make chaos`: hostile and heavy load against the real server, with the deployment's limits.
 
 Each attack of issue #17 runs against one server started with deploy/k8s's settings (2 fits
-running, 8 queued, 30 s fit timeout) and its 1792 MiB memory limit, on loopback only. The
+running, admission by expected time, 30 s fit timeout) and its 1792 MiB memory limit, on loopback only. The
 limit is enforced by measurement: the resident memory of the server and every process it
 started is sampled every 20 ms and must stay under it (podman's --memory would kill the pod;
 here the harness fails instead). For each attack the report gives the peak memory, the worst
@@ -39,7 +39,6 @@ from tests.server import Server, marked_processes, serve
 LIMIT_BYTES = 1792 * 1024 * 1024
 DEPLOYMENT = {
     "TAPEFIT_MAX_CONCURRENT_FITS": "2",
-    "TAPEFIT_MAX_QUEUED_FITS": "8",
     "TAPEFIT_INTRA_OP_THREADS": "2",
     "TAPEFIT_INTER_OP_THREADS": "2",
     "TAPEFIT_FIT_TIMEOUT_S": "30",
