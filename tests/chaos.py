@@ -1,12 +1,12 @@
 """`make chaos`: hostile and heavy load against the real server, with the deployment's limits.
 
 Each attack of issue #17 runs against one server started with deploy/k8s's settings (2 fits
-running, admission by expected time, 30 s fit timeout) and its 1792 MiB memory limit, on loopback only. The
-limit is enforced by measurement: the resident memory of the server and every process it
-started is sampled every 20 ms and must stay under it (podman's --memory would kill the pod;
-here the harness fails instead). For each attack the report gives the peak memory, the worst
-and p99 /healthz latency while it ran, the status codes, and whether a normal fit succeeded
-within 5 s of it ending. Exit status 0 only if every check holds.
+running, admission by expected time, 30 s fit timeout) and its 1792 MiB memory limit, on
+loopback only. The limit is enforced by measurement: the resident memory of the server and
+every process it started is sampled every 20 ms and must stay under it (podman's --memory
+would kill the pod; here the harness fails instead). For each attack the report gives the
+peak memory, the worst and p99 /healthz latency while it ran, the status codes, and whether
+a normal fit succeeded within 5 s of it ending. Exit status 0 only if every check holds.
 
 Bounded: every attack has its own time limit, and the whole run takes a few minutes.
 """
