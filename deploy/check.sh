@@ -13,6 +13,7 @@ BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm   # the Dockerfile's FROM
 IMAGE=localhost/tapefit:ci
 CONTAINER=tapefit-deploy-check
 PORT=${DEPLOY_CHECK_PORT:-18080}
+KUBE_PORT=${DEPLOY_CHECK_KUBE_PORT:-18081}
 
 say() { printf '\n== %s\n' "$*"; }
 
@@ -39,7 +40,15 @@ done
 "$VENV/bin/kubernetes-validate" --strict -k "$K8S_VERSION" "${manifests[@]}"
 
 say "compose file against the compose-spec schema"
-"$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
+"$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml \
+    deploy/compose.cluster.yaml
+
+if command -v haproxy >/dev/null; then
+    say "haproxy -c deploy/haproxy/haproxy.cfg"
+    HAPROXY_BIND=127.0.0.1:0 HAPROXY_STATS_SOCKET=/tmp/tapefit-haproxy-check.sock \
+        TAPEFIT_REPLICA_1=127.0.0.1:1 TAPEFIT_REPLICA_2=127.0.0.1:2 TAPEFIT_REPLICA_3=127.0.0.1:3 \
+        haproxy -c -f deploy/haproxy/haproxy.cfg
+fi
 
 echo "static checks passed"
 
@@ -94,7 +103,12 @@ podman build --pull=never --format docker "${secret[@]}" -t "$IMAGE" .
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 echo "image $IMAGE: $((size / 1024 / 1024)) MiB"
 
-cleanup() { podman rm -f "$CONTAINER" >/dev/null 2>&1 || true; }
+KUBE=$(mktemp /tmp/tapefit-kube.XXXXXX.yaml)
+cleanup() {
+    podman rm -f "$CONTAINER" >/dev/null 2>&1 || true
+    podman kube down "$KUBE" >/dev/null 2>&1 || true
+    rm -f "$KUBE"
+}
 trap cleanup EXIT
 cleanup
 
@@ -157,4 +171,68 @@ if [ "$code" = 137 ] || ! grep -q "Application shutdown complete" <<<"$logs"; th
     exit 1
 fi
 echo "container exited with code $code after a graceful shutdown"
-say "deploy-check passed: static checks, image built, run, probed, fitted, plotted and stopped"
+
+# -- the Kubernetes manifest, executed ---------------------------------------------------------
+say "podman kube play deploy/k8s/deployment.yaml (1 replica, this image, on 127.0.0.1:$KUBE_PORT)"
+# Only what a local run needs changes: one replica, the image just built (never pulled), and
+# the container port published on loopback. Probes, security context, env, resources and the
+# read-only root come from the manifest as written.
+sed -e 's#^  replicas: .*#  replicas: 1#' \
+    -e "s#^\( *\)image: tapefit:.*#\1image: $IMAGE#" \
+    -e 's#imagePullPolicy: Always#imagePullPolicy: Never#' \
+    -e "s#^\( *\)containerPort: 8000#&\n\1hostPort: $KUBE_PORT\n\1hostIP: 127.0.0.1#" \
+    deploy/k8s/deployment.yaml >"$KUBE"
+podman kube play --replace "$KUBE"
+pod_container=$(podman ps --filter "label=io.kubernetes.pod.name" --format '{{.Names}}' \
+    | grep -- '-tapefit$' | head -n 1 || true)
+pod_container=${pod_container:-tapefit-pod-0-tapefit}
+podman inspect "$pod_container" --format \
+    'user={{.Config.User}} read-only={{.HostConfig.ReadonlyRootfs}} security={{.HostConfig.SecurityOpt}}' \
+    | tee /tmp/tapefit-kube-inspect.txt
+grep -q "user=10001:10001 read-only=true" /tmp/tapefit-kube-inspect.txt \
+    || { echo "the pod does not run read-only as 10001"; exit 1; }
+grep -q "no-new-privileges" /tmp/tapefit-kube-inspect.txt \
+    || { echo "the pod allows privilege escalation"; exit 1; }
+
+# The probes, as the kubelet would run them: the startup probe (GET /readyz every 2 s, up to
+# 60 failures), then readiness (/readyz) and liveness (/healthz). podman 4.3 turns httpGet
+# probes into `curl` health checks (a named port becomes port 0, the image has no curl, and
+# without systemd they never run), so its own health status says nothing: the probes'
+# requests are made here, through the published port.
+"$PYTHON" - "$KUBE_PORT" <<'PY'
+import json, sys, time, urllib.error, urllib.request
+
+base = f"http://127.0.0.1:{sys.argv[1]}"
+
+def status(path):
+    try:
+        with urllib.request.urlopen(base + path, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return None
+
+for attempt in range(60):  # startupProbe: periodSeconds 2, failureThreshold 60
+    if status("/readyz") == 200:
+        print(f"startup probe: /readyz 200 after {attempt + 1} tries")
+        break
+    time.sleep(2)
+else:
+    sys.exit("startup probe failed: /readyz never answered 200 within 120 s")
+assert status("/readyz") == 200, "readiness probe failed"
+assert status("/healthz") == 200, "liveness probe failed"
+print("readiness probe: /readyz 200; liveness probe: /healthz 200")
+payload = {"x": [0, 0.25, 0.5, 0.75, 1], "y": [2.02, 2.27, 2.46, 2.79, 2.98], "seed": 1}
+request = urllib.request.Request(
+    base + "/v1/fits/linear", data=json.dumps(payload).encode(),
+    headers={"content-type": "application/json"}, method="POST",
+)
+with urllib.request.urlopen(request, timeout=30) as r:
+    fit = json.loads(r.read())
+print("POST /v1/fits/linear through the pod ->", r.status, fit["params"])
+assert abs(fit["params"]["slope"] - 0.976) < 1e-3 and abs(fit["params"]["intercept"] - 2.016) < 1e-3
+PY
+podman kube down "$KUBE" >/dev/null 2>&1
+echo "pod played from the manifest: read-only, user 10001, probes answered, a fit through it"
+say "deploy-check passed: static checks, image built, run, probed, fitted, plotted and stopped; the Deployment played as a pod"
