@@ -45,7 +45,7 @@ say "compose file against the compose-spec schema"
 
 if command -v haproxy >/dev/null; then
     say "haproxy -c deploy/haproxy/haproxy.cfg"
-    HAPROXY_BIND=127.0.0.1:0 HAPROXY_STATS_SOCKET=/tmp/tapefit-haproxy-check.sock \
+    HAPROXY_BIND=127.0.0.1:18079 HAPROXY_STATS_SOCKET=/tmp/tapefit-haproxy-check.sock \
         TAPEFIT_REPLICA_1=127.0.0.1:1 TAPEFIT_REPLICA_2=127.0.0.1:2 TAPEFIT_REPLICA_3=127.0.0.1:3 \
         haproxy -c -f deploy/haproxy/haproxy.cfg
 fi
