@@ -116,47 +116,7 @@ say "run the container, read-only, no capabilities"
 podman run -d --name "$CONTAINER" --read-only --tmpfs /tmp --cap-drop ALL \
     --security-opt no-new-privileges -p "127.0.0.1:$PORT:8000" "$IMAGE" >/dev/null
 
-"$PYTHON" - "$PORT" <<'PY'
-import json, sys, time, urllib.error, urllib.request
-
-base = f"http://127.0.0.1:{sys.argv[1]}"
-
-def get(path):
-    with urllib.request.urlopen(base + path, timeout=5) as r:
-        return r.status, json.loads(r.read())
-
-deadline = time.monotonic() + 180
-while True:
-    try:
-        status, body = get("/readyz")
-        if status == 200:
-            break
-    except (urllib.error.URLError, ConnectionError, OSError):
-        pass
-    if time.monotonic() > deadline:
-        sys.exit("the container never became ready")
-    time.sleep(1)
-print("GET /healthz ->", *get("/healthz"))
-print("GET /readyz  ->", *get("/readyz"))
-payload = {"x": [0, 0.25, 0.5, 0.75, 1], "y": [2.02, 2.27, 2.46, 2.79, 2.98], "seed": 1}
-request = urllib.request.Request(
-    base + "/v1/fits/linear", data=json.dumps(payload).encode(),
-    headers={"content-type": "application/json"}, method="POST",
-)
-with urllib.request.urlopen(request, timeout=30) as r:
-    fit = json.loads(r.read())
-print("POST /v1/fits/linear ->", r.status, fit["params"], "final_loss", fit["final_loss"])
-assert abs(fit["params"]["slope"] - 0.976) < 1e-3 and abs(fit["params"]["intercept"] - 2.016) < 1e-3
-# matplotlib in a read-only container: its cache goes to MPLCONFIGDIR on the /tmp tmpfs.
-request = urllib.request.Request(
-    base + "/v1/plots/linear", data=json.dumps(payload).encode(),
-    headers={"content-type": "application/json"}, method="POST",
-)
-with urllib.request.urlopen(request, timeout=60) as r:
-    png = r.read()
-print("POST /v1/plots/linear ->", r.status, r.headers["content-type"], len(png), "bytes")
-assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
-PY
+"$PYTHON" deploy/ci/smoke.py "$PORT" --plot
 
 say "the image's own HEALTHCHECK (Python, no curl)"
 podman healthcheck run "$CONTAINER" && echo "healthcheck: healthy"
@@ -199,40 +159,7 @@ grep -q "no-new-privileges" /tmp/tapefit-kube-inspect.txt \
 # probes into `curl` health checks (a named port becomes port 0, the image has no curl, and
 # without systemd they never run), so its own health status says nothing: the probes'
 # requests are made here, through the published port.
-"$PYTHON" - "$KUBE_PORT" <<'PY'
-import json, sys, time, urllib.error, urllib.request
-
-base = f"http://127.0.0.1:{sys.argv[1]}"
-
-def status(path):
-    try:
-        with urllib.request.urlopen(base + path, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except (urllib.error.URLError, ConnectionError, OSError):
-        return None
-
-for attempt in range(60):  # startupProbe: periodSeconds 2, failureThreshold 60
-    if status("/readyz") == 200:
-        print(f"startup probe: /readyz 200 after {attempt + 1} tries")
-        break
-    time.sleep(2)
-else:
-    sys.exit("startup probe failed: /readyz never answered 200 within 120 s")
-assert status("/readyz") == 200, "readiness probe failed"
-assert status("/healthz") == 200, "liveness probe failed"
-print("readiness probe: /readyz 200; liveness probe: /healthz 200")
-payload = {"x": [0, 0.25, 0.5, 0.75, 1], "y": [2.02, 2.27, 2.46, 2.79, 2.98], "seed": 1}
-request = urllib.request.Request(
-    base + "/v1/fits/linear", data=json.dumps(payload).encode(),
-    headers={"content-type": "application/json"}, method="POST",
-)
-with urllib.request.urlopen(request, timeout=30) as r:
-    fit = json.loads(r.read())
-print("POST /v1/fits/linear through the pod ->", r.status, fit["params"])
-assert abs(fit["params"]["slope"] - 0.976) < 1e-3 and abs(fit["params"]["intercept"] - 2.016) < 1e-3
-PY
+"$PYTHON" deploy/ci/smoke.py "$KUBE_PORT"
 podman kube down "$KUBE" >/dev/null 2>&1
 echo "pod played from the manifest: read-only, user 10001, probes answered, a fit through it"
 say "deploy-check passed: static checks, image built, run, probed, fitted, plotted and stopped; the Deployment played as a pod"

@@ -386,18 +386,19 @@ class FitWorker:
                     "retry, or reuse an expression (compiled ones fit at once)",
                 )
         cancelled, should_stop = self._stop_check(timeout_s)
-        if progress is None and pool is self._fit_pool and self.inline(ticket):
-            result, seconds = self._run(engine, job, should_stop)
+        if pool is self._fit_pool:
+            if progress is None and self.inline(ticket):
+                result, seconds = self._run(engine, job, should_stop)
+            else:
+                future = asyncio.get_running_loop().run_in_executor(
+                    pool, self._run, engine, job, should_stop, progress
+                )
+                result, seconds = await self._cancellable(future, cancelled, job.model)
             if ticket is not None and result.stop_reason != "timeout":
                 ticket.observe(seconds)
             return result
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(pool, self._run, engine, job, should_stop, progress)
-        if pool is self._fit_pool:
-            result, seconds = await self._cancellable(future, cancelled, job.model)
-            if ticket is not None and result.stop_reason != "timeout":
-                ticket.observe(seconds)
-            return result
         self._compiling += 1
         try:  # a compiling fit's time says nothing of the pace
             return (await self._cancellable(future, cancelled, job.model))[0]

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.admission import fit_cost
 from service.api.schemas import GAUSSIAN_EXAMPLE, LINEAR_EXAMPLE
 from tests.conftest import app_settings, running_app, seed_gaussian_data, seed_linear_data
 from tests.reference import (
@@ -462,3 +463,59 @@ async def test_weights_need_two_positive_values_and_one_per_point(
         assert error["loc"] == ["body", "weights"]
         assert error["type"] == "length_mismatch"
         assert error["msg"] == "weights has 2 values but y has 3; they must pair up"
+
+
+async def test_inline_and_pooled_fits_answer_the_same_bytes_valid_against_the_schema() -> None:
+    """A fit expected under TAPEFIT_INLINE_FIT_MAX_S runs on the event loop; with the setting
+    at 0 the same fit runs in the pool. Both answers, serialized straight from the engine's
+    data, are the same bytes and valid against the response models, on data in real units
+    (x in the thousands, a mean of 1e7 with a spread of 0.1), and match the closed forms."""
+    from service.api.models import BUILT_IN
+
+    rng = np.random.default_rng(14)
+    x = 1000.0 + 100.0 * rng.random(100)
+    y = 3.0 * x - 50.0 + rng.normal(0.0, 1.0, 100)
+    g = rng.normal(1e7, 0.1, 100)
+    bodies = {
+        LINEAR: {"x": x.tolist(), "y": y.tolist(), "seed": 3},
+        GAUSSIAN: {"y": g.tolist()},
+    }
+    answers: dict[float, dict[str, bytes]] = {}
+    for inline_max in (0.002, 0.0):
+        settings = app_settings(inline_fit_max_s=inline_max)
+        async with running_app(settings) as c:
+            answers[inline_max] = {
+                path: (await c.post(path, json=b)).content for path, b in bodies.items()
+            }
+    assert answers[0.002] == answers[0.0]
+    for path, name in ((LINEAR, "linear"), (GAUSSIAN, "gaussian")):
+        validated = BUILT_IN[name].response.model_validate_json(answers[0.0][path])
+        assert json.loads(validated.model_dump_json()) == json.loads(answers[0.0][path])
+    linear = json.loads(answers[0.0][LINEAR])["params"]
+    gaussian = json.loads(answers[0.0][GAUSSIAN])["params"]
+    slope, intercept = np.polyfit(x, y, 1)
+    assert linear["slope"] == pytest.approx(slope, rel=1e-9)
+    assert linear["intercept"] == pytest.approx(intercept, rel=1e-9, abs=1e-9)
+    assert gaussian["mean"] == pytest.approx(g.mean(), rel=1e-14)
+    assert gaussian["std"] == pytest.approx(g.std(), rel=1e-6)
+
+
+def test_only_fits_expected_under_the_inline_bound_run_inline() -> None:
+    """The choice is the cost model's alone: a default 1000-epoch fit of 100 points is inline;
+    one of 100,000 epochs, one over 1e6 points, or one with no ticket is not."""
+    from service.worker import FitWorker
+
+    worker = FitWorker(app_settings())
+
+    def inline(cost: Any) -> bool:
+        ticket = worker.admission.open()
+        ticket.take_place(cost)
+        try:
+            return worker.inline(ticket)
+        finally:
+            ticket.close()
+
+    assert inline(fit_cost(points=100, arrays=2, epochs=1000, history=1125))
+    assert not inline(fit_cost(points=100, arrays=2, epochs=100_000, history=112_501))
+    assert not inline(fit_cost(points=1_000_000, arrays=2, epochs=1000, history=1125))
+    assert not worker.inline(None)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel
 
 from service.admission import Cost, fit_cost
-from service.api.deps import Admitted, AdmittedDep, Caller, parsed_body
+from service.api.deps import Admitted, AdmittedDep, parsed_body
 from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import Parsed
@@ -175,11 +175,12 @@ def fit_job(model: HttpModel, parsed: Parsed[Any]) -> FitJob:
 
 
 async def _single_fit(
-    model: HttpModel, worker: FitWorker, admitted: Admitted, caller: Caller, parsed: Parsed[Any]
+    model: HttpModel, admitted: Admitted, parsed: Parsed[Any]
 ) -> Response | EventStream:
     """The fit, after admission and parsing (the dependencies): answered as JSON, or streamed
     as server-sent events (the admission ticket is then held until the stream ends)."""
     body = parsed.request
+    worker, caller = admitted.worker, admitted.caller
     admitted.ticket.take_place(
         single_fit_cost(model, parsed, worker), worker.deadline_s(body.timeout_s)
     )
@@ -218,13 +219,12 @@ BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _fit_batch(
-    model: HttpModel, worker: FitWorker, admitted: Admitted, caller: Caller, parsed: Parsed[Any]
-) -> HoldingStream:
+async def _fit_batch(model: HttpModel, admitted: Admitted, parsed: Parsed[Any]) -> HoldingStream:
     """The batch fit, and its answer, streamed entry by entry (a 10,000-set answer with full
     histories is tens of MB of JSON: built whole, its ``json.dumps`` would hold the GIL, and
     the memory, for a second) while the admission ticket is held."""
     body = parsed.request
+    worker, caller = admitted.worker, admitted.caller
     lengths = parsed.arrays["lengths"]
     sets, recorded = len(lengths), -(-body.epochs // body.history_every)
     points = int(lengths.sum())
@@ -298,7 +298,7 @@ def _add_fit(fits: APIRouter, model: HttpModel) -> None:
         admitted: AdmittedDep,
         parsed: Annotated[Parsed[Any], Depends(parsed_body(model.parse_json, model.parse_binary))],
     ) -> Any:
-        return await _single_fit(model, admitted.worker, admitted, admitted.caller, parsed)
+        return await _single_fit(model, admitted, parsed)
 
     fits.add_api_route(
         f"/{model.name}",
@@ -320,7 +320,7 @@ def _add_fit_binary(fits: APIRouter, model: HttpModel) -> None:
         admitted: AdmittedDep,
         parsed: Annotated[Parsed[Any], Depends(body)],
     ) -> Any:
-        return await _single_fit(model, admitted.worker, admitted, admitted.caller, parsed)
+        return await _single_fit(model, admitted, parsed)
 
     fits.add_api_route(
         f"/{model.name}/binary",
@@ -342,7 +342,7 @@ def _add_batch(fits: APIRouter, model: HttpModel) -> None:
         admitted: AdmittedDep,
         parsed: Annotated[Parsed[Any], Depends(parsed_body(model.parse_batch))],
     ) -> Any:
-        return await _fit_batch(model, admitted.worker, admitted, admitted.caller, parsed)
+        return await _fit_batch(model, admitted, parsed)
 
     fits.add_api_route(
         f"/{model.name}/batch",

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
 
-from service.api.deps import AdmittedDep, Caller, parsed_body
+from service.api.deps import Admitted, AdmittedDep, parsed_body
 from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import Parsed
@@ -16,7 +16,6 @@ from service.api.routes.fits import (
     fit_job,
     single_fit_cost,
 )
-from service.worker import FitWorker
 
 PNG = "image/png"
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -28,11 +27,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _plot(
-    model: HttpModel, worker: FitWorker, admitted: Any, caller: Caller, parsed: Parsed[Any]
-) -> Response:
+async def _plot(model: HttpModel, admitted: Admitted, parsed: Parsed[Any]) -> Response:
     """The fit as for `/v1/fits`, then the model's drawing in a thread; the admission place
     is held until the PNG is drawn."""
+    worker, caller = admitted.worker, admitted.caller
     timeout_s = worker.deadline_s(parsed.request.timeout_s)
     admitted.ticket.take_place(single_fit_cost(model, parsed, worker), timeout_s)
     job = fit_job(model, parsed)
@@ -61,7 +59,7 @@ def _add_plot(plots: APIRouter, model: HttpModel, binary: bool) -> None:
         admitted: AdmittedDep,
         parsed: Annotated[Parsed[Any], Depends(body)],
     ) -> Response:
-        return await _plot(model, admitted.worker, admitted, admitted.caller, parsed)
+        return await _plot(model, admitted, parsed)
 
     operation = model.plot_binary if binary else model.plot
     plots.add_api_route(
