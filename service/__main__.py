@@ -57,7 +57,7 @@ def build_server(settings: Settings) -> DrainingServer:
         host=settings.host,
         port=settings.port,
         log_config=logging_config(settings.log_level),
-        access_log=False,  # service.logs.AccessLogMiddleware writes one JSON line per request
+        access_log=False,  # service.api.observe.ObservedRequests writes one JSON line per request
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         timeout_keep_alive=max(1, round(settings.keep_alive_s)),
         workers=1,  # scale with replicas: TensorFlow is not fork-safe

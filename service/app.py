@@ -11,10 +11,8 @@ from contextlib import asynccontextmanager
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
-from prometheus_fastapi_instrumentator import Instrumentator, metrics
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +22,7 @@ from service.api.bodies import BodyParsers
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimit
 from service.api.models import BUILT_IN, HttpModel
+from service.api.observe import HttpMetrics, ObservedRequests
 from service.api.openapi import install_openapi
 from service.api.routes import datasets, expressions, fits, health, plots
 from service.api.schemas import (
@@ -31,7 +30,7 @@ from service.api.schemas import (
     GaussianDatasetRequest,
     LinearDatasetRequest,
 )
-from service.logs import AccessLogMiddleware, valid_request_id
+from service.logs import valid_request_id
 from service.settings import Settings, get_settings
 from service.worker import FitWorker
 
@@ -98,6 +97,7 @@ def create_app(
     app.state.settings = settings
     app.state.worker = worker
     app.state.bodies = bodies
+    app.state.registry = registry
     install_error_handlers(app)
     app.include_router(fits.router(models.values()))
     app.include_router(expressions.router)
@@ -108,9 +108,8 @@ def create_app(
     # Large answers (datasets, batches, long histories) compress ~2x; in a thread above
     # 128 KiB, so compression never stalls the event loop. PNGs and event streams are left.
     app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes, compresslevel=5)
-    _instrument(app, registry)
     # Outermost last: the request id exists before the access line is written.
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(ObservedRequests, metrics=HttpMetrics(registry, lambda: _paths(app)))
     app.add_middleware(
         CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id
     )
@@ -203,26 +202,9 @@ class DocsContentSecurityPolicy:
         await self.app(scope, receive, with_policy)
 
 
-def _instrument(app: FastAPI, registry: CollectorRegistry) -> None:
-    """Prometheus request counts and latency by route and status, exposed on /metrics."""
-    instrumentator = Instrumentator(
-        should_group_status_codes=False,
-        should_ignore_untemplated=True,
-        excluded_handlers=["/metrics"],
-        registry=registry,
-    )
-    # The metric functions register in prometheus_client's global registry unless given one;
-    # /metrics serves this app's registry.
-    instrumentator.add(
-        metrics.requests(should_include_status=True, registry=registry),
-        metrics.latency(should_include_status=True, registry=registry),
-    )
-    instrumentator.instrument(app).expose(
-        app,
-        endpoint="/metrics",
-        include_in_schema=True,
-        tags=["health"],
-        summary="Prometheus metrics",
-        response_class=PlainTextResponse,
-        responses={200: {"description": "Metrics in the Prometheus text format."}},
-    )
+def _paths(app: FastAPI) -> frozenset[str]:
+    """Every path the app serves (none has parameters): the documented ones and the docs'."""
+    served = {
+        path for route in app.router.routes if isinstance(path := getattr(route, "path", None), str)
+    }
+    return frozenset(app.openapi()["paths"]) | served

@@ -5,10 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any
-
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ACCESS_LOGGER = "service.access"
 
@@ -88,39 +85,3 @@ def logging_config(level: str) -> dict[str, Any]:
 def valid_request_id(value: str) -> bool:
     """Accept a client's X-Request-ID if it is short printable ASCII without spaces."""
     return 0 < len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value
-
-
-class AccessLogMiddleware:
-    """Logs one line per HTTP request: method, path, status, duration (request id via filter)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.log = logging.getLogger(ACCESS_LOGGER)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            client = scope.get("client")
-            self.log.info(
-                "request",
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-                    "client": f"{client[0]}:{client[1]}" if client else None,
-                },
-            )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from prometheus_client import CollectorRegistry
 
 from service.admission import Ticket
 from service.api.parsing import Parsed
@@ -36,6 +37,14 @@ async def get_worker(request: Request) -> FitWorker:
 
 
 WorkerDep = Annotated[FitWorker, Depends(get_worker)]
+
+
+async def get_registry(request: Request) -> CollectorRegistry:
+    registry: CollectorRegistry = request.app.state.registry
+    return registry
+
+
+RegistryDep = Annotated[CollectorRegistry, Depends(get_registry)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -148,7 +148,7 @@ def test_routes_take_parsed_bodies_by_dependency_never_the_raw_request() -> None
     routers = [fits.router(BUILT_IN.values()), plots.router(BUILT_IN.values())]
     routers += [expressions.router, datasets.router, health.router]
     routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
-    assert len(routes) == 17  # 6 fits, 4 plots, 3 expression routes, 2 datasets, 2 health
+    assert len(routes) == 18  # 6 fits, 4 plots, 3 expression routes, 2 datasets, 2 probes, metrics
     for route in routes:
         hints = typing.get_type_hints(route.endpoint, include_extras=True)
         for name in inspect.signature(route.endpoint).parameters:

@@ -93,3 +93,26 @@ async def test_every_documented_metric_with_its_labels() -> None:
         )
         == 1.0
     )
+
+
+async def test_requests_are_counted_by_the_route_that_served_them() -> None:
+    """A body refused before routing (413) counts under its route; a HEAD counts as the GET
+    that answered it; a path the app does not serve, and /metrics itself, are not counted."""
+    async with running_app(app_settings(max_body_bytes=1024)) as c:
+        big = {"y": [1.0e7 + 0.1 * i for i in range(200)]}
+        assert (await c.post("/v1/fits/gaussian", json=big)).status_code == 413
+        assert (await c.head("/readyz")).status_code == 200
+        assert (await c.get("/no/such/path")).status_code == 404
+        assert (await c.get("/openapi.json")).status_code == 200
+        await c.get("/metrics")
+        text = (await c.get("/metrics")).text
+        table = samples(text)
+    labels = {"handler": "/v1/fits/gaussian", "method": "POST", "status": "413"}
+    assert value(table, "http_requests_total", **labels) == 1.0
+    assert value(table, "http_request_duration_seconds_count", **labels) == 1.0
+    assert value(table, "http_requests_total", handler="/readyz", method="GET", status="200") == 1
+    assert (
+        value(table, "http_requests_total", handler="/openapi.json", method="GET", status="200")
+        == 1.0
+    )
+    assert "/no/such/path" not in text and 'handler="/metrics"' not in text

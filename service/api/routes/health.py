@@ -1,11 +1,12 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and the Prometheus metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import WorkerDep
+from service.api.deps import RegistryDep, WorkerDep
 from service.api.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -29,3 +30,15 @@ async def readyz(worker: WorkerDep) -> Health | JSONResponse:
         return Health(status="ready")
     status = "stopping" if worker.draining else "starting"
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Metrics in the Prometheus text format."}},
+)
+async def metrics(registry: RegistryDep) -> Response:
+    """The service's metrics (fits, admission, memory, parsing, HTTP requests) in the
+    Prometheus text format."""
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
