@@ -51,9 +51,9 @@ def centre(v: Any) -> tuple[Any, Any]:
 
 def centre_numpy(v: Array, w: Array | None = None) -> tuple[float, Array]:
     """:func:`centre` in numpy, weighted by ``w`` (normalized to sum 1) if given."""
-    mean = float(v.mean() if w is None else np.dot(w, v))
+    mean = float(v.sum()) / v.size if w is None else float(np.dot(w, v))  # = v.mean(), faster
     dev = v - mean
-    correction = float(dev.mean() if w is None else np.dot(w, dev))
+    correction = float(dev.sum()) / v.size if w is None else float(np.dot(w, dev))
     return mean + correction, dev - correction
 
 

@@ -115,6 +115,19 @@ async def test_seed_hyperparameters_give_the_seed_loop_numbers(client: httpx.Asy
     assert body["params"]["std"] == pytest.approx(sg, rel=2e-5)
 
 
+async def test_thinned_history_in_raw_units_is_every_nth_loss(client: httpx.AsyncClient) -> None:
+    """With scaling "none" the history is the loop's own, thinned every ``history_every``
+    epochs (a strided view of it, which the answer must write as its values)."""
+    x, y = seed_linear_data(2)
+    _, _, history = reference_linear(x, y, learning_rate=0.05, epochs=30, initial=(0.02, 0.0))
+    body = {"x": x.tolist(), "y": y.tolist(), "learning_rate": 0.05, "epochs": 30}
+    body |= {"initial": {"slope": 0.02, "intercept": 0.0}, "scaling": "none", "history_every": 7}
+    r = await client.post(LINEAR, json=body)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["loss_history"], history[::7], rtol=2e-5)
+    assert len(r.json()["loss_history"]) == 5  # epochs 1, 8, 15, 22, 29
+
+
 async def test_same_seed_same_response(client: httpx.AsyncClient) -> None:
     x, y = seed_linear_data(3)
     payload = {"x": x.tolist(), "y": y.tolist(), "epochs": 20, "seed": 7}
