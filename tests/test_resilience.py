@@ -6,6 +6,7 @@ Every loop here is bounded in count and time and talks only to 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -50,11 +51,17 @@ def metric(text: str, name: str, **labels: str) -> float:
 async def wait_for_metric(
     client: httpx.AsyncClient, name: str, value: float, timeout_s: float = 20.0, **labels: str
 ) -> None:
+    """Poll until the sample reads ``value``; a sample not yet made (a labelled series starts
+    at its first event) is waited for too, and still fails if it never appears."""
+    seen: float | str = "no sample"
     for _ in range(int(timeout_s / 0.1)):
-        if metric((await client.get("/metrics")).text, name, **labels) == value:
+        text = (await client.get("/metrics")).text
+        with contextlib.suppress(AssertionError):
+            seen = metric(text, name, **labels)
+        if seen == value:
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"{name}{labels} never reached {value}")
+    raise AssertionError(f"{name}{labels} never reached {value} (last: {seen})")
 
 
 def rss_bytes(server: Server) -> int:
