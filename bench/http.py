@@ -12,6 +12,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +66,17 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-async def _big_request(url: str, body: bytes, headers: dict[str, str]) -> tuple[float, float]:
-    """Seconds for one big fit, and the slowest /healthz answered meanwhile (another client)."""
+async def _big_request(
+    url: str, body: bytes, headers: dict[str, str]
+) -> tuple[float, float, tuple[float, float]]:
+    """Seconds for one big fit, the slowest /healthz another client of this process saw
+    meanwhile, and the request's (start, end) on ``time.monotonic``."""
     async with (
         httpx.AsyncClient(base_url=url, timeout=120) as client,
         httpx.AsyncClient(base_url=url, timeout=120) as prober,
     ):
         slowest = 0.0
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.monotonic()
         task = asyncio.create_task(client.post("/v1/fits/linear", content=body, headers=headers))
         while not task.done():
             p0 = time.perf_counter()
@@ -80,7 +85,37 @@ async def _big_request(url: str, body: bytes, headers: dict[str, str]) -> tuple[
             await asyncio.sleep(0.005)
         response = await task
         assert response.status_code == 200, response.text[:300]
-        return time.perf_counter() - t0, slowest
+        return time.perf_counter() - t0, slowest, (started, time.monotonic())
+
+
+@contextmanager
+def probing(url: str) -> Iterator[list[tuple[float, float]]]:
+    """/healthz probed from a process of its own (:mod:`bench.probe`) while the block runs;
+    the list holds its (start, seconds) samples once the block is done."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.probe", url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    samples: list[tuple[float, float]] = []
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the probe process did not start")
+        yield samples
+    finally:
+        out, _ = process.communicate(timeout=60)  # closing its stdin stops it
+        if lines := out.strip().splitlines():
+            samples.extend((float(t), float(s)) for t, s in json.loads(lines[-1]))
+
+
+def _slowest(samples: list[tuple[float, float]], windows: list[tuple[float, float]]) -> float:
+    """The slowest probe that overlapped any of the windows."""
+    return max(
+        (s for t, s in samples if any(t <= end and t + s >= start for start, end in windows)),
+        default=0.0,
+    )
 
 
 @dataclass
@@ -91,6 +126,10 @@ class Big:
     npy_request: float
     npy_health_max: float
     body_mb: float
+    #: The same, probed from another process (what the server did, without the sending
+    #: process's own pauses).
+    json_health_max_apart: float
+    npy_health_max_apart: float
 
 
 def big_requests(server: Server, n: int = 1_000_000, runs: int = 3) -> Big:
@@ -102,15 +141,16 @@ def big_requests(server: Server, n: int = 1_000_000, runs: int = 3) -> Big:
     parse = statistics.median(
         _time(lambda: BUILT_IN["linear"].parse_json(body, context)) for _ in range(runs)
     )
-    json_runs = [
-        asyncio.run(_big_request(server.url, body, {"content-type": "application/json"}))
-        for _ in range(runs)
-    ]
     npy_body = _npy(np.stack([x, y]))
-    npy_runs = [
-        asyncio.run(_big_request(server.url, npy_body, {"content-type": "application/x-npy"}))
-        for _ in range(runs)
-    ]
+    with probing(server.url) as apart:
+        json_runs = [
+            asyncio.run(_big_request(server.url, body, {"content-type": "application/json"}))
+            for _ in range(runs)
+        ]
+        npy_runs = [
+            asyncio.run(_big_request(server.url, npy_body, {"content-type": "application/x-npy"}))
+            for _ in range(runs)
+        ]
     return Big(
         parse,
         statistics.median(r[0] for r in json_runs),
@@ -118,6 +158,8 @@ def big_requests(server: Server, n: int = 1_000_000, runs: int = 3) -> Big:
         statistics.median(r[0] for r in npy_runs),
         max(r[1] for r in npy_runs),
         len(body) / 1e6,
+        _slowest(apart, [r[2] for r in json_runs]),
+        _slowest(apart, [r[2] for r in npy_runs]),
     )
 
 
@@ -293,7 +335,9 @@ def report(r: HttpReport) -> str:
             f"as application/x-npy {b.npy_request * 1e3:.0f} ms "
             f"({b.npy_request / b.parse_json:.2f}x the JSON parse)",
             f"- slowest /healthz answered during those requests: JSON "
-            f"{b.json_health_max * 1e3:.1f} ms, npy {b.npy_health_max * 1e3:.1f} ms",
+            f"{b.json_health_max * 1e3:.1f} ms, npy {b.npy_health_max * 1e3:.1f} ms; probed "
+            f"from a process of its own: JSON {b.json_health_max_apart * 1e3:.1f} ms, npy "
+            f"{b.npy_health_max_apart * 1e3:.1f} ms",
         ]
     bb = r.batch
     lines += [
