@@ -386,24 +386,21 @@ class FitWorker:
                     "retry, or reuse an expression (compiled ones fit at once)",
                 )
         cancelled, should_stop = self._stop_check(timeout_s)
-        if pool is self._fit_pool:
-            if progress is None and self.inline(ticket):
-                result, seconds = self._run(engine, job, should_stop)
-            else:
-                future = asyncio.get_running_loop().run_in_executor(
-                    pool, self._run, engine, job, should_stop, progress
-                )
+        compiling = pool is self._compile_pool
+        if not compiling and progress is None and self.inline(ticket):
+            result, seconds = self._run(engine, job, should_stop)
+        else:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(pool, self._run, engine, job, should_stop, progress)
+            self._compiling += compiling
+            try:
                 result, seconds = await self._cancellable(future, cancelled, job.model)
-            if ticket is not None and result.stop_reason != "timeout":
-                ticket.observe(seconds)
-            return result
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(pool, self._run, engine, job, should_stop, progress)
-        self._compiling += 1
-        try:  # a compiling fit's time says nothing of the pace
-            return (await self._cancellable(future, cancelled, job.model))[0]
-        finally:
-            self._compiling -= 1
+            finally:
+                self._compiling -= compiling
+        # A compiling fit's time says nothing of the pace, nor does one cut by its deadline.
+        if ticket is not None and not compiling and result.stop_reason != "timeout":
+            ticket.observe(seconds)
+        return result
 
     def inline(self, ticket: Ticket | None) -> bool:
         """Whether a fit charged on ``ticket`` is expected to take so little that it runs on

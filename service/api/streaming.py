@@ -24,7 +24,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -109,10 +108,11 @@ async def fit_events(
     job: FitJob,
     timeout_s: float | None,
     every: int,
-    respond: Callable[[FitResult], BaseModel],
+    respond: Callable[[FitResult], str],
 ) -> AsyncIterator[str]:
-    """Run the fit, yielding progress events as its chunks finish, then the result; stop
-    (abandoning the fit) when ``gone_when()`` returns: the client went away."""
+    """Run the fit, yielding progress events as its chunks finish, then the result (as
+    ``respond`` writes it: the same JSON as the plain answer); stop (abandoning the fit) when
+    ``gone_when()`` returns: the client went away."""
     loop = asyncio.get_running_loop()
     progress: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
 
@@ -139,7 +139,7 @@ async def fit_events(
         except FitError as error:
             yield event("error", fit_error_body(error))
             return
-        yield event("result", respond(result).model_dump_json())
+        yield event("result", respond(result))
     finally:
         gone.cancel()
         if not fit.done():

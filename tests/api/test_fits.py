@@ -25,6 +25,7 @@ pytestmark = pytest.mark.anyio
 
 LINEAR = "/v1/fits/linear"
 GAUSSIAN = "/v1/fits/gaussian"
+EVENTS = {"accept": "text/event-stream"}
 
 
 def _no_nan(response: httpx.Response) -> None:
@@ -126,6 +127,16 @@ async def test_thinned_history_in_raw_units_is_every_nth_loss(client: httpx.Asyn
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["loss_history"], history[::7], rtol=2e-5)
     assert len(r.json()["loss_history"]) == 5  # epochs 1, 8, 15, 22, 29
+    # x in the thousands, raw units (a step small enough for them): every 7th of the full
+    # history, exactly.
+    rng = np.random.default_rng(7)
+    x = 1000.0 + 100.0 * rng.random(100)
+    raw = {"x": x.tolist(), "y": (3.0 * x - 50.0 + rng.normal(0.0, 1.0, 100)).tolist()}
+    raw |= {"learning_rate": 1e-7, "epochs": 30, "scaling": "none", "seed": 1}
+    full = await client.post(LINEAR, json=raw)
+    thinned = await client.post(LINEAR, json={**raw, "history_every": 7})
+    assert full.status_code == thinned.status_code == 200, thinned.text
+    assert thinned.json()["loss_history"] == full.json()["loss_history"][::7]
 
 
 async def test_same_seed_same_response(client: httpx.AsyncClient) -> None:
@@ -494,13 +505,19 @@ async def test_inline_and_pooled_fits_answer_the_same_bytes_valid_against_the_sc
         GAUSSIAN: {"y": g.tolist()},
     }
     answers: dict[float, dict[str, bytes]] = {}
+    streamed: dict[str, bytes] = {}
     for inline_max in (0.002, 0.0):
         settings = app_settings(inline_fit_max_s=inline_max)
         async with running_app(settings) as c:
             answers[inline_max] = {
                 path: (await c.post(path, json=b)).content for path, b in bodies.items()
             }
-    assert answers[0.002] == answers[0.0]
+            for path, b in bodies.items():  # a progress stream's result: the same bytes too
+                r = await c.post(path, json={**b, "progress_every": 500}, headers=EVENTS)
+                result = r.text.strip().split("\n\n")[-1].splitlines()
+                assert result[0] == "event: result"
+                streamed[path] = result[1].removeprefix("data: ").encode()
+    assert answers[0.002] == answers[0.0] == streamed
     for path, name in ((LINEAR, "linear"), (GAUSSIAN, "gaussian")):
         validated = BUILT_IN[name].response.model_validate_json(answers[0.0][path])
         assert json.loads(validated.model_dump_json()) == json.loads(answers[0.0][path])

@@ -71,7 +71,9 @@ async def fit_expression(admitted: AdmittedDep, parsed: ExpressionBody) -> Any:
 
     if caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
-        events = fit_events(caller.gone, worker, job, body.timeout_s, every, respond)
+        events = fit_events(
+            caller.gone, worker, job, body.timeout_s, every, lambda r: respond(r).model_dump_json()
+        )
         return EventStream(events, admitted.hand_over())
     return respond(
         await caller.unless_gone(worker.fit(job, body.timeout_s, ticket=admitted.ticket))

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel
 
 from service.admission import Cost, fit_cost
 from service.api.deps import Admitted, AdmittedDep, parsed_body
@@ -102,11 +101,6 @@ def _stats(stats: FitStats, model: HttpModel) -> dict[str, Any]:
     } | extra
 
 
-def fit_response(model: HttpModel, result: FitResult) -> BaseModel:
-    common = _common(result, model) | {"loss_history": result.loss_history.tolist()}
-    return model.response(params=model.params(**result.params), **common)
-
-
 def fit_answer(model: HttpModel, result: FitResult) -> bytes:
     """The fit's JSON answer, serialized once straight from plain data: building the response
     model, then FastAPI validating and serializing it again, cost more than a small fit. The
@@ -189,8 +183,8 @@ async def _single_fit(
     )
     job = fit_job(model, parsed)
 
-    def respond(result: FitResult) -> BaseModel:
-        return fit_response(model, result)
+    def respond(result: FitResult) -> str:
+        return fit_answer(model, result).decode()
 
     if caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
