@@ -1,15 +1,15 @@
 """FastAPI dependencies as ``Annotated`` aliases (async: sync ones would cost a thread hop).
 
-Routes never touch the raw request: they get an admission ticket with the worker and the
-:class:`Caller` (is it still there; does it want server-sent events) (:data:`AdmittedDep`),
-and the parsed, validated body (:func:`parsed_body`). Each dependency FastAPI solves costs
-tens of µs on every request, so there are few, and the app's parts come from its state.
+A fit route enters :func:`admission` and gets an admission ticket with the worker, the
+:class:`Caller` (is it still there; does it want server-sent events) and the parsed,
+validated body (:meth:`Admitted.body`). Each dependency FastAPI solves costs tens of µs on
+every request, so there are few, and the app's parts come from its state.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -69,62 +69,62 @@ class Caller:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A request's admission ticket (:mod:`service.admission`), released when the route
-    returns, or, once :meth:`hand_over` gave it to a streamed answer, when that ends; with
-    the worker that runs its fit and the :class:`Caller` it answers."""
+    """A request's admission ticket (:mod:`service.admission`), released when the route's
+    ``async with admission(request)`` block ends, or, once :meth:`hand_over` gave it to a
+    streamed answer, when that ends; with the worker that runs its fit and the
+    :class:`Caller` it answers."""
 
     ticket: Ticket
     _resources: AsyncExitStack
     worker: FitWorker
     caller: Caller
+    _request: Request
 
     def hand_over(self) -> AsyncExitStack:
         return self._resources.pop_all()
 
-
-async def admitted(request: Request) -> AsyncIterator[Admitted]:
-    """Refused at once (before the body is read) when the service is not serving or every
-    place is taken; exceptions of the route pass through the ticket (refusals are counted).
-    (The app's parts are read from its state here, not by sub-dependencies: each dependency
-    FastAPI solves costs tens of µs on every request.)"""
-    worker: FitWorker = request.app.state.worker
-    async with AsyncExitStack() as resources:
-        ticket = await resources.enter_async_context(worker.admit())
-        yield Admitted(ticket, resources, worker, Caller(request))
-
-
-#: Exits when the route function returns (before the answer is sent), so a place is free as
-#: soon as its answer is made; streamed answers take the ticket along (``hand_over``).
-AdmittedDep = Annotated[Admitted, Depends(admitted, scope="function")]
-
-
-def parsed_body(
-    parse_json: JsonParser[Any],
-    parse_binary: BinaryParser[Any] | None = None,
-    *,
-    json: bool = True,
-    admission: bool = True,
-) -> Callable[..., Awaitable[Parsed[Any]]]:
-    """A dependency giving the validated body: JSON (unless ``json`` is False) and/or, with
-    ``parse_binary``, a binary body with the options in the query string. With
-    ``admission`` the body is read after the request was admitted, charged to its ticket."""
-
-    async def admitted_body(request: Request, admitted: AdmittedDep) -> Parsed[Any]:
-        state = request.app.state
+    async def body(
+        self,
+        parse_json: JsonParser[Any],
+        parse_binary: BinaryParser[Any] | None = None,
+        *,
+        json: bool = True,
+    ) -> Parsed[Any]:
+        """The validated body: JSON (unless ``json`` is False) and/or, with
+        ``parse_binary``, a binary body with the options in the query string; read after
+        admission, charged to the ticket."""
+        state = self._request.app.state
         return await parse_request(
-            request,
+            self._request,
             state.bodies,
             state.settings,
             parse_json,
             parse_binary,
-            admitted.ticket,
+            self.ticket,
             json=json,
         )
 
+
+@asynccontextmanager
+async def admission(request: Request) -> AsyncIterator[Admitted]:
+    """Refused at once (before the body is read) when the service is not serving or every
+    place is taken; exceptions of the route pass through the ticket (refusals are counted).
+
+    A context manager the route enters itself, not a FastAPI dependency: solving a
+    generator dependency (and its body's) cost ~60 µs a request, a tenth of a small fit's
+    whole request."""
+    worker: FitWorker = request.app.state.worker
+    async with AsyncExitStack() as resources:
+        ticket = await resources.enter_async_context(worker.admit())
+        yield Admitted(ticket, resources, worker, Caller(request), request)
+
+
+def parsed_body(parse_json: JsonParser[Any]) -> Callable[..., Awaitable[Parsed[Any]]]:
+    """A dependency giving a validated JSON body, for routes that run no fit (nothing to
+    admit)."""
+
     async def body(request: Request) -> Parsed[Any]:
         state = request.app.state
-        return await parse_request(
-            request, state.bodies, state.settings, parse_json, parse_binary, json=json
-        )
+        return await parse_request(request, state.bodies, state.settings, parse_json)
 
-    return admitted_body if admission else body
+    return body

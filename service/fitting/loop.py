@@ -880,7 +880,31 @@ def _array(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
 
 
 def _vector(values: npt.ArrayLike) -> Any:
-    return tf.constant(_array(values))
+    return _eager_vector()(_array(values))
+
+
+@functools.cache
+def _eager_vector() -> Callable[[npt.NDArray[np.float64]], Any]:
+    """float64 arrays to eager tensors on this process's device. ``tf.constant`` costs
+    ~45 µs a call inside a fit (dtype inference, its weak-tensor wrapper), more than a tenth
+    of a small fit; constructing ``EagerTensor``, the class behind every eager tensor (private
+    API), costs ~6 µs. If a TensorFlow version lacks it, ``tf.constant`` is used (same
+    tensors, slower) with a warning, and ``tests/fitting/test_engine.py`` fails."""
+    from tensorflow.python.framework import ops
+
+    eager = getattr(ops, "EagerTensor", None)
+    if eager is None:
+        log.warning("EagerTensor is gone: tensors are made by tf.constant (slower)")
+        return tf.constant  # type: ignore[no-any-return]
+    device = tf.constant(0.0, tf.float64).device  # the full name: placement is then free
+    dtype = tf.float64.as_datatype_enum
+
+    def vector(values: npt.NDArray[np.float64]) -> Any:
+        # A copy of its own: the tensor may share an aligned array's memory, and callers
+        # reuse theirs (tf.constant copies).
+        return eager(values.copy(), device, dtype)
+
+    return vector
 
 
 def _check(spec: ModelSpec, summary: Array, initial: npt.ArrayLike = ()) -> None:

@@ -29,10 +29,10 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 #: The validated bodies (no admission: making a data set is cheap and bounded by its limits).
 LinearDatasetBody = Annotated[
-    Parsed[LinearDatasetRequest], Depends(parsed_body(parse_linear_dataset, admission=False))
+    Parsed[LinearDatasetRequest], Depends(parsed_body(parse_linear_dataset))
 ]
 GaussianDatasetBody = Annotated[
-    Parsed[GaussianDatasetRequest], Depends(parsed_body(parse_gaussian_dataset, admission=False))
+    Parsed[GaussianDatasetRequest], Depends(parsed_body(parse_gaussian_dataset))
 ]
 
 RESPONSES: dict[int | str, dict[str, Any]] = {

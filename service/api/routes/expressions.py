@@ -3,14 +3,14 @@
 
 import asyncio
 import math
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from service.admission import expression_cost
-from service.api.deps import Admitted, AdmittedDep, parsed_body
+from service.api.deps import Admitted, admission
 from service.api.openapi import json_only_body
 from service.api.parsing import ExpressionPlan, Parsed, parse_expression
 from service.api.routes.fits import SINGLE_FIT_RESPONSES
@@ -33,8 +33,6 @@ from service.worker import FitJob, FitResult, FitWorker, Optimizer, Stopping, Tr
 
 router = APIRouter(tags=["expressions"])
 
-ExpressionBody = Annotated[Parsed[ExpressionFitRequest], Depends(parsed_body(parse_expression))]
-
 
 @router.post(
     "/v1/fits/expression",
@@ -55,12 +53,17 @@ ExpressionBody = Annotated[Parsed[ExpressionFitRequest], Depends(parsed_body(par
         },
     ),
 )
-async def fit_expression(admitted: AdmittedDep, parsed: ExpressionBody) -> Any:
+async def fit_expression(request: Request) -> Any:
     """Fit y = f(x; parameters): the expression is parsed with an allow-list (never
     evaluated by Python), compiled once into an XLA loop (cached; new data lengths reuse it),
     and fitted by Levenberg-Marquardt with the exact Jacobian from the tape. Returns the
     parameters, the loss history and statistics in NIST's convention (standard errors from
     s²·(JᵀWJ)⁻¹, the residual sum of squares in extended precision)."""
+    async with admission(request) as admitted:
+        return await _fit(admitted, await admitted.body(parse_expression))
+
+
+async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
     body = parsed.request
     worker, caller = admitted.worker, admitted.caller
     plan, job = await _job(parsed, admitted, worker)
@@ -236,16 +239,18 @@ PNG = "image/png"
         {"named-model": {"summary": "A named model", "value": NAMED_MODEL_EXAMPLE}},
     ),
 )
-async def plot_expression(admitted: AdmittedDep, parsed: ExpressionBody) -> Response:
+async def plot_expression(request: Request) -> Response:
     """The same body as `POST /v1/fits/expression`. Left: the data and the fitted curve
     (one variable) or observed against fitted (several); middle: the residuals; right: the
     loss per iteration."""
-    worker, caller = admitted.worker, admitted.caller
-    plan, job = await _job(parsed, admitted, worker)
-    result = await caller.unless_gone(
-        worker.fit(job, parsed.request.timeout_s, ticket=admitted.ticket)
-    )
-    png = await asyncio.to_thread(_draw, plan, job, result)
+    async with admission(request) as admitted:
+        parsed = await admitted.body(parse_expression)
+        worker, caller = admitted.worker, admitted.caller
+        plan, job = await _job(parsed, admitted, worker)
+        result = await caller.unless_gone(
+            worker.fit(job, parsed.request.timeout_s, ticket=admitted.ticket)
+        )
+        png = await asyncio.to_thread(_draw, plan, job, result)  # the place held meanwhile
     return Response(png, media_type=PNG)
 
 

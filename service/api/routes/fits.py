@@ -2,14 +2,14 @@
 server-sent events, or a binary body) or many at once."""
 
 from collections.abc import Iterable, Iterator
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Request, Response
 
 from service.admission import Cost, fit_cost
-from service.api.deps import Admitted, AdmittedDep, parsed_body
+from service.api.deps import Admitted, admission
 from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import Parsed
@@ -291,11 +291,10 @@ def router(models: Iterable[HttpModel]) -> APIRouter:
 
 
 def _add_fit(fits: APIRouter, model: HttpModel) -> None:
-    async def fit(
-        admitted: AdmittedDep,
-        parsed: Annotated[Parsed[Any], Depends(parsed_body(model.parse_json, model.parse_binary))],
-    ) -> Any:
-        return await _single_fit(model, admitted, parsed)
+    async def fit(request: Request) -> Any:
+        async with admission(request) as admitted:
+            parsed = await admitted.body(model.parse_json, model.parse_binary)
+            return await _single_fit(model, admitted, parsed)
 
     fits.add_api_route(
         f"/{model.name}",
@@ -311,13 +310,10 @@ def _add_fit(fits: APIRouter, model: HttpModel) -> None:
 
 
 def _add_fit_binary(fits: APIRouter, model: HttpModel) -> None:
-    body = parsed_body(model.parse_json, model.parse_binary, json=False)
-
-    async def fit_binary(
-        admitted: AdmittedDep,
-        parsed: Annotated[Parsed[Any], Depends(body)],
-    ) -> Any:
-        return await _single_fit(model, admitted, parsed)
+    async def fit_binary(request: Request) -> Any:
+        async with admission(request) as admitted:
+            parsed = await admitted.body(model.parse_json, model.parse_binary, json=False)
+            return await _single_fit(model, admitted, parsed)
 
     fits.add_api_route(
         f"/{model.name}/binary",
@@ -335,11 +331,9 @@ def _add_fit_binary(fits: APIRouter, model: HttpModel) -> None:
 
 
 def _add_batch(fits: APIRouter, model: HttpModel) -> None:
-    async def fit_batch(
-        admitted: AdmittedDep,
-        parsed: Annotated[Parsed[Any], Depends(parsed_body(model.parse_batch))],
-    ) -> Any:
-        return await _fit_batch(model, admitted, parsed)
+    async def fit_batch(request: Request) -> Any:
+        async with admission(request) as admitted:
+            return await _fit_batch(model, admitted, await admitted.body(model.parse_batch))
 
     fits.add_api_route(
         f"/{model.name}/batch",

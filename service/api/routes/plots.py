@@ -2,11 +2,11 @@
 
 import asyncio
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Request, Response
 
-from service.api.deps import Admitted, AdmittedDep, parsed_body
+from service.api.deps import Admitted, admission
 from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import Parsed
@@ -53,13 +53,10 @@ def router(models: Iterable[HttpModel]) -> APIRouter:
 
 
 def _add_plot(plots: APIRouter, model: HttpModel, binary: bool) -> None:
-    body = parsed_body(model.parse_json, model.parse_binary, json=not binary)
-
-    async def plot(
-        admitted: AdmittedDep,
-        parsed: Annotated[Parsed[Any], Depends(body)],
-    ) -> Response:
-        return await _plot(model, admitted, parsed)
+    async def plot(request: Request) -> Response:
+        async with admission(request) as admitted:
+            parsed = await admitted.body(model.parse_json, model.parse_binary, json=not binary)
+            return await _plot(model, admitted, parsed)
 
     operation = model.plot_binary if binary else model.plot
     plots.add_api_route(
