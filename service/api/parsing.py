@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -149,11 +150,15 @@ def parse_batch(
     except ValidationError as exc:
         return _errors(exc, "body")
     datasets = getattr(request, "datasets")  # noqa: B009  (typed per model)
+    lengths = np.array([len(getattr(d, names[0])) for d in datasets], dtype=np.int64)
+    total = int(lengths.sum())
     arrays = {
-        name: np.fromiter((v for d in datasets for v in getattr(d, name)), dtype=np.float64)
+        name: np.fromiter(
+            chain.from_iterable(getattr(d, name) for d in datasets), np.float64, count=total
+        )
         for name in names
     }
-    arrays["lengths"] = np.array([len(getattr(d, names[0])) for d in datasets], dtype=np.float64)
+    arrays["lengths"] = lengths.astype(np.float64)
     initial = np.full((len(datasets), k), np.nan)
     for i, d in enumerate(datasets):
         if d.initial is not None:

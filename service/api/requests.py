@@ -48,29 +48,25 @@ async def read_body(
     if ticket is not None and declared is not None and declared.isdigit():
         charged = int(declared)
         ticket.charge_bytes(body_cost(charged, binary).bytes)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.body_timeout_s
+    deadline = asyncio.get_running_loop().time() + settings.body_timeout_s
     chunks: list[bytes] = []
     received = 0
-    stream = request.stream().__aiter__()
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline):
-                chunk = await anext(stream)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise BodyTimeout(
-                f"the request body did not arrive in time ({received} bytes after "
-                f"{settings.body_timeout_s:g} s plus 1 s per "
-                f"{settings.body_min_bytes_per_s} bytes; TAPEFIT_BODY_TIMEOUT_S)"
-            ) from None
-        chunks.append(chunk)
-        received += len(chunk)
-        deadline += len(chunk) / settings.body_min_bytes_per_s
-        if ticket is not None and received > charged:  # undeclared or longer than declared
-            charged = max(received, 2 * charged)
-            ticket.charge_bytes(body_cost(charged, binary).bytes)
+    try:
+        async with asyncio.timeout_at(deadline) as timeout:  # one timer, moved as bytes come
+            async for chunk in request.stream():
+                chunks.append(chunk)
+                received += len(chunk)
+                deadline += len(chunk) / settings.body_min_bytes_per_s
+                timeout.reschedule(deadline)
+                if ticket is not None and received > charged:  # undeclared, or over it
+                    charged = max(received, 2 * charged)
+                    ticket.charge_bytes(body_cost(charged, binary).bytes)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive in time ({received} bytes after "
+            f"{settings.body_timeout_s:g} s plus 1 s per "
+            f"{settings.body_min_bytes_per_s} bytes; TAPEFIT_BODY_TIMEOUT_S)"
+        ) from None
     return b"".join(chunks)
 
 

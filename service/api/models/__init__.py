@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 from pydantic import BaseModel
@@ -94,8 +94,14 @@ class HttpModel:
 
     def has_stat(self, name: str) -> bool:
         """Whether this model's answer reports statistic ``name`` (e.g. r_squared)."""
-        stats = self.response.model_fields["stats"].annotation
-        return isinstance(stats, type) and name in getattr(stats, "model_fields", {})
+        return name in _stat_names(self.response)
+
+
+@cache
+def _stat_names(response: type[BaseModel]) -> frozenset[str]:
+    """The statistics a response model reports (read once: a batch asks 10,000 times)."""
+    stats = response.model_fields["stats"].annotation
+    return frozenset(getattr(stats, "model_fields", {}) if isinstance(stats, type) else ())
 
 
 def _registry() -> dict[str, HttpModel]:
