@@ -174,6 +174,7 @@ class BatchBench:
     datasets: int
     batch_request: float
     single_requests: float
+    sequential_requests: float
     numpy_loop: float
 
 
@@ -231,15 +232,18 @@ def batch_bench(server: Server, count: int, n: int = 100, epochs: int = 1000) ->
 
     post_batch()  # the first batch of this size compiles its bucket
     batch = min(post_batch() for _ in range(2))
-    singles = [
-        json.dumps({"x": d["x"], "y": d["y"], "epochs": epochs, "seed": 0}).encode()
+    singles = [  # the same sets with the same options, one request each
+        json.dumps(
+            {"x": d["x"], "y": d["y"], "epochs": epochs, "seed": 0, "history_every": epochs}
+        ).encode()
         for d in datasets
     ]
     single = asyncio.run(_singles(server.url, singles))
+    sequential = asyncio.run(_singles(server.url, singles, connections=1))
     t0 = time.perf_counter()
     _numpy_batch_loop(x, y, 0.1, epochs)
     numpy_time = time.perf_counter() - t0
-    return BatchBench(count, batch, single, numpy_time)
+    return BatchBench(count, batch, single, sequential, numpy_time)
 
 
 @dataclass
@@ -349,6 +353,9 @@ def report(r: HttpReport) -> str:
         f"| one batch request (JSON, history_every=1000) | {bb.batch_request:.2f} s | |",
         f"| {bb.datasets:,} single requests (httpx, 16 connections) | {bb.single_requests:.2f} s "
         f"| {bb.single_requests / bb.batch_request:.0f}x faster |",
+        f"| {bb.datasets:,} single requests one after another (httpx, 1 connection) "
+        f"| {bb.sequential_requests:.2f} s | {bb.sequential_requests / bb.batch_request:.0f}x "
+        "faster |",
         f"| numpy loop vectorized over the batch (in process, no HTTP) | {bb.numpy_loop:.2f} s "
         f"| {bb.numpy_loop / bb.batch_request:.1f}x faster |",
     ]
