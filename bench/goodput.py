@@ -36,11 +36,12 @@ def _body() -> bytes:
 
 
 @contextmanager
-def peer() -> Iterator[str]:
-    """The peer on a free loopback port (stopped, and waited for, on the way out)."""
+def peer(module: str = "bench.peer") -> Iterator[str]:
+    """A peer (``bench.peer``, or ``bench.tf_peer``) on a free loopback port (stopped, and
+    waited for, on the way out)."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.peer", str(port)],
+        [sys.executable, "-m", module, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -64,6 +65,7 @@ def peer() -> Iterator[str]:
 @dataclass
 class Goodput:
     peer: Load
+    tf_peer: Load
     tapefit: Load
     seconds: int
 
@@ -79,15 +81,17 @@ class Goodput:
 
 
 def goodput(server: Server, seconds: int) -> Goodput:
-    """16 connections of default fits, the peer and tapefit one after the other (each warmed
-    first), tapefit at its default settings."""
+    """16 connections of default fits: the peer, the least TensorFlow service and tapefit
+    one after the other (each warmed first), tapefit at its default settings."""
     body = _body()
-    with peer() as url:
-        load(url, "/v1/fits/linear", body, 2, CONNECTIONS)
-        peer_load = load(url, "/v1/fits/linear", body, seconds, CONNECTIONS)
+    peers = []
+    for module in ("bench.peer", "bench.tf_peer"):
+        with peer(module) as url:
+            load(url, "/v1/fits/linear", body, 2, CONNECTIONS)  # warm (and compile)
+            peers.append(load(url, "/v1/fits/linear", body, seconds, CONNECTIONS))
     load(server.url, "/v1/fits/linear", body, 2, CONNECTIONS)
     ours = load(server.url, "/v1/fits/linear", body, seconds, CONNECTIONS)
-    return Goodput(peer_load, ours, seconds)
+    return Goodput(peers[0], peers[1], ours, seconds)
 
 
 @dataclass
@@ -179,6 +183,7 @@ def overload() -> Overload:
 def report(g: Goodput, long: LongFit | None, o: Overload) -> str:
     rows = [
         ("peer: FastAPI + pydantic + numpy.polyfit", g.peer),
+        ("least TensorFlow service: the peer with one compiled GradientTape loop", g.tf_peer),
         ("tapefit, default settings", g.tapefit),
     ]
     lines = [
@@ -197,6 +202,9 @@ def report(g: Goodput, long: LongFit | None, o: Overload) -> str:
         "",
         f"- tapefit's successful fits/s over the peer's requests/s: {g.ratio:.2f}x "
         f"({g.refusals} refusals)",
+        f"- the least TensorFlow service over the peer: {g.tf_peer.rps / g.peer.rps:.2f}x "
+        "(what TensorFlow costs; the rest of the gap is what tapefit's statistics, history, "
+        "admission, deadlines, metrics and middleware cost)",
     ]
     if long is not None:
         lines.append(

@@ -29,7 +29,13 @@ from service.fitting.loop import StopCheck, check_descended
 from service.fitting.models import BUILT_IN, ModelSpec
 from service.fitting.options import Scaling
 from service.fitting.results import FitDiverged, FitError, FitResult, StopReason
-from service.fitting.scaling import IDENTITY, Coordinates, fit_coordinates, quiet
+from service.fitting.scaling import (
+    IDENTITY,
+    Coordinates,
+    fit_coordinates,
+    losses_of_sets,
+    quiet,
+)
 from service.fitting.stats import (
     AtFit,
     curvature_layout,
@@ -155,18 +161,23 @@ class BatchEngine:
                 history_every,
                 should_stop,
             )
-            for row, result in zip(rows, trained, strict=True):
-                out[row] = _result(
-                    spec,
-                    sets.options,
-                    result,
-                    sets.summaries[row],
-                    sets.coords[row],
-                    sets.seeds[row],
-                    learning_rate,
-                    scaling,
-                    history_every,
-                )
+            coords = [sets.coords[row] for row in rows.tolist()]
+            histories = np.stack([result.history for result in trained], axis=1)
+            losses = losses_of_sets(coords, histories)  # all sets' histories in your units
+            with quiet():  # what overflows float64 is reported as null
+                for j, (row, result) in enumerate(zip(rows.tolist(), trained, strict=True)):
+                    out[row] = _result(
+                        spec,
+                        sets.options,
+                        result,
+                        losses[:, j],
+                        sets.summaries[row],
+                        coords[j],
+                        sets.seeds[row],
+                        learning_rate,
+                        scaling,
+                        history_every,
+                    )
         return [r for r in out if r is not None]
 
     def _train(
@@ -248,12 +259,14 @@ class _Sets:
 def _standardized(
     scaling: Scaling, summaries: Array, usable: npt.NDArray[np.bool_], spec: ModelSpec
 ) -> tuple[Array, list[Coordinates]]:
-    """Each usable set's summary in fit coordinates, and its map (identity elsewhere)."""
-    fit_summaries = summaries.copy()
+    """Each usable set's summary in fit coordinates, and its map (identity elsewhere).
+    (Rows are gathered in a list and stacked once: assigning each into the array cost three
+    times the standardizing.)"""
+    rows: list[Any] = summaries.tolist()
     coords = [IDENTITY] * len(summaries)
-    for i in np.flatnonzero(usable):
-        fit_summaries[i], coords[i] = fit_coordinates(scaling, summaries[i], spec.standardize)
-    return fit_summaries, coords
+    for i in np.flatnonzero(usable).tolist():
+        rows[i], coords[i] = fit_coordinates(scaling, summaries[i], spec.standardize)
+    return np.array(rows, dtype=np.float64).reshape(summaries.shape), coords
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +284,7 @@ def _result(
     spec: ModelSpec,
     options: Mapping[str, Any],
     row: _Row,
+    losses: Array,
     summary: Array,
     coords: Coordinates,
     seed: int | None,
@@ -287,14 +301,13 @@ def _result(
     except FitDiverged as diverged:
         return diverged
     at = AtFit.of(row.curvature, row.params, coords)
-    with quiet():  # what overflows float64 is reported as null
-        stats = spec.stats(at, summary, weight_summary(None, int(summary[0])), options)
+    stats = spec.stats(at, summary, weight_summary(None, int(summary[0])), options)
     fitted = spec.report(coords.from_fit(at.params))
     converged = is_converged(at)
     return FitResult(
         model=spec.name,
         params={name: float(v) for name, v in zip(spec.params, fitted, strict=True)},
-        loss_history=coords.losses(row.history),
+        loss_history=losses,
         final_loss=coords.loss(row.final_loss),
         epochs_run=row.epochs_run,
         n=int(summary[0]),

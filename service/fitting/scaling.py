@@ -94,6 +94,18 @@ class Coordinates:
 
 IDENTITY = Coordinates()
 
+
+def losses_of_sets(coords: Sequence[Coordinates], fit_losses: Array) -> Array:
+    """:meth:`Coordinates.losses` of many sets at once: column j of ``fit_losses`` ([T, B])
+    mapped by ``coords[j]``, by the same arithmetic element by element (so the same
+    numbers), in one pass instead of one per set."""
+    a = np.array([c.a for c in coords])
+    shift = np.array([c.shift for c in coords])
+    with quiet():
+        mapped: Array = a * fit_losses + shift
+    return mapped
+
+
 #: A model's standardization: the summary in fit coordinates, and the map back.
 Standardize = Callable[[Array], tuple[Array, Coordinates]]
 
