@@ -60,6 +60,7 @@ from service.fitting.stats import (
     curvature_layout,
     is_converged,
     not_converged,
+    residuals_and_jacobian,
     weight_summary,
 )
 
@@ -392,10 +393,7 @@ def _levenberg_marquardt(
     size, or λ past MAX_DAMPING (no step lowers the sum of squares in float64: the optimum
     to rounding).
     """
-    with tf.GradientTape() as tape:
-        tape.watch(p)
-        r = residuals_fn(p, summary)
-    jacobian = tape.jacobian(r, p, experimental_use_pfor=True)
+    r, jacobian = residuals_and_jacobian(residuals_fn, p, summary)
     k = p.shape[0]
     scale = tf.maximum(scale, tf.reduce_sum(jacobian * jacobian, axis=0))
     floored = tf.maximum(scale, 1e-30 * tf.reduce_max(scale) + 1e-300)

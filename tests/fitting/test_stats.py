@@ -143,3 +143,32 @@ def test_stats_away_from_a_minimum_are_null_not_nan(engine: FitEngine) -> None:
     assert s.std_errors == (None, None)
     assert s.correlation == ((None, None), (None, None))
     assert s.log_likelihood is not None and np.isfinite(s.log_likelihood)
+
+
+def test_residuals_and_jacobian_are_exact_in_graph_and_xla() -> None:
+    """The Levenberg-Marquardt Jacobian (forward mode, one tangent per parameter) against
+    the analytic one of y - (a·exp(-k·x) + c) on x in the thousands, eagerly, in a graph
+    and XLA-compiled (how the loop runs it)."""
+    import tensorflow as tf
+
+    from service.fitting.stats import residuals_and_jacobian
+
+    x = np.linspace(1000.0, 1100.0, 57)
+    a, k, c = 3.0e6, 0.01, -2.5
+    y = a * np.exp(-k * x) + c + np.random.default_rng(3).normal(0.0, 1e-3, x.size)
+
+    def residuals(p: tf.Tensor, data: tf.Tensor) -> tf.Tensor:
+        return data[1] - (p[0] * tf.exp(-p[1] * data[0]) + p[2])
+
+    e = np.exp(-k * x)
+    expected = np.stack([-e, a * x * e, -np.ones_like(x)], axis=1)
+    p, data = tf.constant([a, k, c], tf.float64), tf.constant(np.stack([x, y]))
+    eager = residuals_and_jacobian(residuals, p, data)
+    graph = tf.function(lambda p, d: residuals_and_jacobian(residuals, p, d))(p, data)
+    xla = tf.function(lambda p, d: residuals_and_jacobian(residuals, p, d), jit_compile=True)(
+        p, data
+    )
+    for r, jacobian in (eager, graph, xla):
+        assert jacobian.shape == (x.size, 3)
+        np.testing.assert_allclose(r.numpy(), y - (a * e + c), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(jacobian.numpy(), expected, rtol=1e-13, atol=0)

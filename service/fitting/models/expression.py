@@ -36,7 +36,7 @@ from service.fitting.models import ModelSpec
 from service.fitting.options import Scaling
 from service.fitting.results import FitStats
 from service.fitting.scaling import IDENTITY, Coordinates
-from service.fitting.stats import AtFit, WeightSummary
+from service.fitting.stats import AtFit, WeightSummary, residuals_and_jacobian
 
 Array = np.ndarray[Any, np.dtype[Any]]
 
@@ -184,10 +184,7 @@ def _jacobian_function(residuals: Callable[[Any, Any], Any], k: int, size: int) 
         input_signature=[tf.TensorSpec([k], tf.float64), tf.TensorSpec([size], tf.float64)]
     )
     def jacobian(p: Any, summary: Any) -> Any:
-        with tf.GradientTape() as tape:
-            tape.watch(p)
-            r = residuals(p, summary)
-        return tape.jacobian(r, p, experimental_use_pfor=True)
+        return residuals_and_jacobian(residuals, p, summary)[1]
 
     return jacobian
 
