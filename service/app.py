@@ -43,7 +43,7 @@ optionally, hyperparameters; get the fitted parameters and the loss history back
 - **linear**: y = slope·x + intercept, gradient descent on the mean squared error;
 - **gaussian**: N(mean, std²), gradient descent on the negative log-likelihood;
 - **expression**: any model you write down (or a named one), by Levenberg-Marquardt with the
-  exact Jacobian from the tape, certified on NIST's nonlinear reference data sets.
+  exact Jacobian by automatic differentiation, certified on NIST's nonlinear reference data sets.
 """
 
 

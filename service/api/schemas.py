@@ -886,7 +886,7 @@ NAMED_MODEL_EXAMPLE: dict[str, Any] = {
 
 class ExpressionFitRequest(_Strict):
     """Fit y = f(x; parameters) for an expression you write, or a named model, by least
-    squares (Levenberg-Marquardt by default, with the exact Jacobian from the tape)."""
+    squares (Levenberg-Marquardt by default, with the exact Jacobian by forward-mode autodiff)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [EXPRESSION_EXAMPLE]})
 

@@ -56,9 +56,9 @@ router = APIRouter(tags=["expressions"])
 async def fit_expression(request: Request) -> Any:
     """Fit y = f(x; parameters): the expression is parsed with an allow-list (never
     evaluated by Python), compiled once into an XLA loop (cached; new data lengths reuse it),
-    and fitted by Levenberg-Marquardt with the exact Jacobian from the tape. Returns the
-    parameters, the loss history and statistics in NIST's convention (standard errors from
-    s²·(JᵀWJ)⁻¹, the residual sum of squares in extended precision)."""
+    and fitted by Levenberg-Marquardt with the exact Jacobian by forward-mode autodiff.
+    Returns the parameters, the loss history and statistics in NIST's convention (standard
+    errors from s²·(JᵀWJ)⁻¹, the residual sum of squares in extended precision)."""
     async with admission(request) as admitted:
         return await _fit(admitted, await admitted.body(parse_expression))
 

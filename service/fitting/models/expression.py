@@ -5,7 +5,7 @@ per (canonical expression, number of variables, size bucket). The data are the s
 itself, padded to a power of two with weight-0 copies of the first point, so a new length
 never recompiles: one compiled loop serves every n in a bucket. The loss is the weighted
 mean squared residual Σw·r²/Σw; the residuals make the loop's Levenberg-Marquardt
-available (the default for expressions), with the Jacobian from the tape.
+available (the default for expressions), with the Jacobian by forward-mode autodiff.
 
 Statistics follow NIST's and scipy ``curve_fit``'s convention: Cov = s²·(JᵀWJ)⁻¹ with
 s² = RSS/(n - p), J the Jacobian at the optimum (from the tape, inverted through a QR
