@@ -54,6 +54,8 @@ async def read_body(
     try:
         async with asyncio.timeout_at(deadline) as timeout:  # one timer, moved as bytes come
             async for chunk in request.stream():
+                if not chunk:  # the stream's end
+                    continue
                 chunks.append(chunk)
                 received += len(chunk)
                 deadline += len(chunk) / settings.body_min_bytes_per_s
