@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,16 @@ class Goodput:
         return good / self.peer.rps
 
 
+def _check_answer(url: str, body: bytes) -> None:
+    """The server's fit is the least-squares line (a fast wrong answer measures nothing)."""
+    data = json.loads(body)
+    slope, intercept = np.polyfit(data["x"], data["y"], 1)
+    headers = {"content-type": "application/json"}
+    params = httpx.post(url + "/v1/fits/linear", content=body, headers=headers).json()["params"]
+    for got, want in ((params["slope"], slope), (params["intercept"], intercept)):
+        assert math.isclose(got, want, rel_tol=1e-6), (url, params, slope, intercept)
+
+
 def goodput(server: Server, seconds: int) -> Goodput:
     """16 connections of default fits: the peer, the least TensorFlow service and tapefit
     one after the other (each warmed first), tapefit at its default settings."""
@@ -87,8 +98,10 @@ def goodput(server: Server, seconds: int) -> Goodput:
     peers = []
     for module in ("bench.peer", "bench.tf_peer"):
         with peer(module) as url:
+            _check_answer(url, body)
             load(url, "/v1/fits/linear", body, 2, CONNECTIONS)  # warm (and compile)
             peers.append(load(url, "/v1/fits/linear", body, seconds, CONNECTIONS))
+    _check_answer(server.url, body)
     load(server.url, "/v1/fits/linear", body, 2, CONNECTIONS)
     ours = load(server.url, "/v1/fits/linear", body, seconds, CONNECTIONS)
     return Goodput(peers[0], peers[1], ours, seconds)

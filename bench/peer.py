@@ -28,18 +28,23 @@ def fit_linear(body: LinearFit) -> dict[str, dict[str, float]]:
     return {"params": {"slope": float(slope), "intercept": float(intercept)}}
 
 
-@app.get("/readyz")
-def readyz() -> dict[str, str]:
-    return {"status": "ready"}
+def serve(peer: FastAPI) -> None:
+    """Serve ``peer`` (with a ``/readyz``) on the port given as the first argument, with the
+    same uvicorn configuration as ``python -m service``."""
 
+    @peer.get("/readyz")
+    def readyz() -> dict[str, str]:
+        return {"status": "ready"}
 
-if __name__ == "__main__":
-    port = int(sys.argv[1])
     uvicorn.run(
-        app,
+        peer,
         host="127.0.0.1",
-        port=port,
+        port=int(sys.argv[1]),
         log_level="warning",
         access_log=False,
         timeout_keep_alive=75,
     )
+
+
+if __name__ == "__main__":
+    serve(app)

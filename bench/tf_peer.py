@@ -8,25 +8,17 @@ with the peer's uvicorn configuration."""
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 import tensorflow as tf
-import uvicorn
 from fastapi import FastAPI
-from pydantic import BaseModel
+
+from bench.peer import LinearFit, serve
 
 app = FastAPI()
-
-
-class LinearFit(BaseModel):
-    x: list[float]
-    y: list[float]
-    epochs: int = 1000
-    learning_rate: float = 0.01
 
 
 def _descend(controls: Any) -> Any:
@@ -61,17 +53,5 @@ async def fit_linear(body: LinearFit) -> dict[str, dict[str, float]]:
     }
 
 
-@app.get("/readyz")
-def readyz() -> dict[str, str]:
-    return {"status": "ready"}
-
-
 if __name__ == "__main__":
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=int(sys.argv[1]),
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=75,
-    )
+    serve(app)

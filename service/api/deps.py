@@ -78,7 +78,6 @@ class Admitted:
     _resources: AsyncExitStack
     worker: FitWorker
     caller: Caller
-    _request: Request
 
     def hand_over(self) -> AsyncExitStack:
         return self._resources.pop_all()
@@ -93,9 +92,10 @@ class Admitted:
         """The validated body: JSON (unless ``json`` is False) and/or, with
         ``parse_binary``, a binary body with the options in the query string; read after
         admission, charged to the ticket."""
-        state = self._request.app.state
+        request = self.caller._request  # the Caller of this module
+        state = request.app.state
         return await parse_request(
-            self._request,
+            request,
             state.bodies,
             state.settings,
             parse_json,
@@ -116,7 +116,7 @@ async def admission(request: Request) -> AsyncIterator[Admitted]:
     worker: FitWorker = request.app.state.worker
     async with AsyncExitStack() as resources:
         ticket = await resources.enter_async_context(worker.admit())
-        yield Admitted(ticket, resources, worker, Caller(request), request)
+        yield Admitted(ticket, resources, worker, Caller(request))
 
 
 def parsed_body(parse_json: JsonParser[Any]) -> Callable[..., Awaitable[Parsed[Any]]]:

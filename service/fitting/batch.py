@@ -152,7 +152,7 @@ class BatchEngine:
         for i, error in sets.errors.items():
             out[i] = error
         if rows.size:
-            trained = self._train(
+            trained, histories = self._train(
                 spec,
                 sets.fit_summaries[rows],
                 sets.starts[rows],
@@ -162,7 +162,6 @@ class BatchEngine:
                 should_stop,
             )
             coords = [sets.coords[row] for row in rows.tolist()]
-            histories = np.stack([result.history for result in trained], axis=1)
             losses = losses_of_sets(coords, histories)  # all sets' histories in your units
             with quiet():  # what overflows float64 is reported as null
                 for j, (row, result) in enumerate(zip(rows.tolist(), trained, strict=True)):
@@ -189,7 +188,9 @@ class BatchEngine:
         epochs: int,
         history_every: int,
         should_stop: StopCheck | None,
-    ) -> list[_Row]:
+    ) -> tuple[list[_Row], Array]:
+        """Each row's outcome, and every row's loss history at once ([recorded, rows], fit
+        coordinates; each ``_Row.history`` is its column)."""
         rows = len(summaries)
         size = bucket(rows)
         run, capacity = self._loop(spec, size)
@@ -226,7 +227,7 @@ class BatchEngine:
             histories.append(history[: int(written)].numpy())
             done_total += int(done)
         history_all = np.concatenate(histories) if histories else np.empty((0, size))
-        return [
+        trained = [
             _Row(
                 params[i],
                 history_all[:, i],
@@ -238,6 +239,7 @@ class BatchEngine:
             )
             for i in range(rows)
         ]
+        return trained, history_all[:, :rows]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from service.api.schemas import (
     LinearBatchResponse,
 )
 from service.fitting import FitEngine, FitResult
+from service.fitting.options import Scaling
 from tests.conftest import app_settings, running_app
 from tests.reference import gaussian_closed_form, linear_closed_form
 
@@ -231,3 +232,52 @@ async def test_batch_answers_are_exactly_their_response_model(
     r = await client.post(path, json=body)
     assert r.status_code == 200, r.text
     assert model.model_validate_json(r.content).model_dump(mode="json") == r.json()
+
+
+@pytest.mark.parametrize("scaling", ["standardize", "none"])
+async def test_batch_equals_single_fits_far_from_unit_scale(
+    client: httpx.AsyncClient, engine: FitEngine, scaling: Scaling
+) -> None:
+    """Lines with x in the thousands and normals with a mean of 1e7 and a spread of 0.1,
+    histories thinned, standardized and in raw units: each set's answer, its loss history in
+    your units included (every set's mapped in one pass), is its single fit's; a set that
+    cannot be fitted, in the middle, leaves the others in their places."""
+    rng = np.random.default_rng(11)
+    standardized = scaling == "standardize"
+    epochs, every = 60, 7
+    lines = []
+    for n in (5, 40, 300):
+        x = 1000.0 + 100.0 * rng.random(n)
+        lines.append({"x": x.tolist(), "y": (3.0 * x - 50.0 + rng.normal(0, 1, n)).tolist()})
+    lines.insert(1, {"x": [1500.0] * 4, "y": [1.0, 2.0, 3.0, 4.0]})  # constant x
+    rate = 0.1 if standardized else 1e-7
+    options = {"epochs": epochs, "history_every": every, "scaling": scaling}
+    body = {"datasets": lines, "seed": 5, "learning_rate": rate, **options}
+    r = await client.post(LINEAR, json=body)
+    assert r.status_code == 200, r.text
+    items = r.json()["results"]
+    assert items[1]["result"] is None and "all x values are equal" in items[1]["error"]
+    for i in (0, 2, 3):
+        x, y = lines[i]["x"], lines[i]["y"]
+        single = engine.fit(
+            "linear", x, y, learning_rate=rate, epochs=epochs, history_every=every,
+            scaling=scaling, seed=5 + i,
+        )  # fmt: skip
+        result = items[i]["result"]
+        assert len(result["loss_history"]) == len(single.loss_history) == 9
+        np.testing.assert_allclose(result["loss_history"], single.loss_history, rtol=1e-10)
+        assert result["final_loss"] == pytest.approx(single.final_loss, rel=1e-10)
+        assert result["params"]["slope"] == pytest.approx(single.params["slope"], rel=1e-10)
+    normals = [{"y": rng.normal(1e7, 0.1, n).tolist()} for n in (3, 50, 400)]
+    rate = 0.1 if standardized else 1e-4
+    r = await client.post(GAUSSIAN, json={"datasets": normals, "learning_rate": rate, **options})
+    assert r.status_code == 200, r.text
+    for item, data in zip(r.json()["results"], normals, strict=True):
+        single = engine.fit(
+            "gaussian", data["y"], learning_rate=rate, epochs=epochs, history_every=every,
+            scaling=scaling,
+        )  # fmt: skip
+        result = item["result"]
+        np.testing.assert_allclose(result["loss_history"], single.loss_history, rtol=1e-10)
+        assert result["final_loss"] == pytest.approx(single.final_loss, rel=1e-10)
+        assert result["params"]["mean"] == pytest.approx(single.params["mean"], rel=1e-12)

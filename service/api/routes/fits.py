@@ -1,7 +1,7 @@
 """POST /v1/fits/{model}: fit any model of :mod:`service.api.models`, one data set (JSON,
 server-sent events, or a binary body) or many at once."""
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -290,15 +290,21 @@ def router(models: Iterable[HttpModel]) -> APIRouter:
     return fits
 
 
-def _add_fit(fits: APIRouter, model: HttpModel) -> None:
+def _single_fit_endpoint(model: HttpModel, json: bool) -> Callable[[Request], Awaitable[Any]]:
+    """The route function of a single fit: JSON (also taking binary bodies), or binary only."""
+
     async def fit(request: Request) -> Any:
         async with admission(request) as admitted:
-            parsed = await admitted.body(model.parse_json, model.parse_binary)
+            parsed = await admitted.body(model.parse_json, model.parse_binary, json=json)
             return await _single_fit(model, admitted, parsed)
 
+    return fit
+
+
+def _add_fit(fits: APIRouter, model: HttpModel) -> None:
     fits.add_api_route(
         f"/{model.name}",
-        fit,
+        _single_fit_endpoint(model, json=True),
         methods=["POST"],
         name=f"fit_{model.name}",
         response_model=model.response,
@@ -310,14 +316,9 @@ def _add_fit(fits: APIRouter, model: HttpModel) -> None:
 
 
 def _add_fit_binary(fits: APIRouter, model: HttpModel) -> None:
-    async def fit_binary(request: Request) -> Any:
-        async with admission(request) as admitted:
-            parsed = await admitted.body(model.parse_json, model.parse_binary, json=False)
-            return await _single_fit(model, admitted, parsed)
-
     fits.add_api_route(
         f"/{model.name}/binary",
-        fit_binary,
+        _single_fit_endpoint(model, json=False),
         methods=["POST"],
         name=f"fit_{model.name}_binary",
         response_model=model.response,
