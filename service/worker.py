@@ -46,7 +46,7 @@ from service.fitting import (
     StopReason,
     configure_threads,
 )
-from service.fitting.batch import BatchEngine, Ragged
+from service.fitting.batch import BatchEngine, BatchResults, Ragged
 from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
@@ -72,6 +72,7 @@ Array = npt.NDArray[np.float64]
 
 __all__ = [
     "BatchJob",
+    "BatchResults",
     "DegenerateData",
     "FitDiverged",
     "FitError",
@@ -427,7 +428,7 @@ class FitWorker:
 
     async def fit_batch(
         self, job: BatchJob, timeout_s: float | None = None, ticket: Ticket | None = None
-    ) -> list[FitResult | FitError]:
+    ) -> BatchResults:
         """Run a batch in the pool: one vectorized loop; per-set errors come back in place."""
         if self._batch_ready is None:
             raise Unavailable("the service is warming up")
@@ -436,7 +437,7 @@ class FitWorker:
 
         seconds = 0.0
 
-        def run() -> list[FitResult | FitError]:
+        def run() -> BatchResults:
             nonlocal seconds
             start = time.perf_counter()
             outcome = "error"
@@ -557,7 +558,7 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
 
 def _run_batch(
     engine: BatchEngine, job: BatchJob, should_stop: Callable[[], StopReason | None]
-) -> list[FitResult | FitError]:
+) -> BatchResults:
     return engine.fit(
         job.model,
         *(Ragged(values, job.lengths) for values in job.data),

@@ -26,17 +26,26 @@ BINARY = {"type": "string", "format": "binary"}
 # These run once, at import (in route decorators): mutmut switches mutants at call time, so it
 # could never select them. tests/api/test_binary.py and test_http_manners.py check what they make.
 # pragma: no mutate start
-def binary_body(options: type[BaseModel], layout: str, json_path: str) -> dict[str, Any]:
+def binary_body(
+    options: type[BaseModel], layout: str, json_path: str, *, raw: bool = True
+) -> dict[str, Any]:
     """``openapi_extra`` for the binary twin of a JSON fit: the data as a binary body, the
-    other fields (those of ``options``) in the query string."""
+    other fields (those of ``options``) in the query string; with ``raw``, raw floats too."""
     described = {"schema": BINARY}
+    content = {"application/x-npy": described}
+    description = f"`application/x-npy`: one array of {layout}. "
+    if raw:
+        content = {"application/octet-stream": described, **content}
+        description += (
+            "`application/octet-stream`: the same values as raw little-endian floats (`dtype` "
+            "from the query). "
+        )
     return {
         "requestBody": {
             "required": True,
-            "description": f"`application/x-npy`: one array of {layout}. "
-            "`application/octet-stream`: the same values as raw little-endian floats (`dtype` "
-            f"from the query). Every other field of `{json_path}` goes in the query string.",
-            "content": {"application/octet-stream": described, "application/x-npy": described},
+            "description": description
+            + f"Every other field of `{json_path}` goes in the query string.",
+            "content": content,
         },
         "parameters": _query_parameters(options),
     }

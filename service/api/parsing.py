@@ -26,6 +26,7 @@ from service.api.schemas import (
     GaussianDatasetRequest,
     LinearDatasetRequest,
     LinearFitRequest,
+    check_batch,
     constant_error,
     context_limit,
     length_error,
@@ -219,9 +220,22 @@ def _decode(
 
 
 def _npy_view(body: bytes, rows: int) -> npt.NDArray[Any] | Invalid:
+    """The .npy payload as an array viewing ``body``, of shape (n,) for one row or
+    (rows, n)."""
+    view = _npy_array(body)
+    if isinstance(view, Invalid):
+        return view
+    expected = "(n,)" if rows == 1 else f"({rows}, n)"
+    if view.ndim != (1 if rows == 1 else 2) or (rows > 1 and view.shape[0] != rows):
+        return _invalid(
+            ["body"], "npy_shape", f"the .npy array must have shape {expected}, not {view.shape}"
+        )
+    return view
+
+
+def _npy_array(body: bytes) -> npt.NDArray[Any] | Invalid:
     """The .npy payload as an array viewing ``body``, after checking the header: a real
-    dtype, the expected shape, and exactly the bytes that shape needs (a header may claim
-    anything)."""
+    dtype, and exactly the bytes its shape needs (a header may claim anything)."""
     stream = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(stream)
@@ -234,11 +248,6 @@ def _npy_view(body: bytes, rows: int) -> npt.NDArray[Any] | Invalid:
         return _invalid(["body"], "npy_invalid", f"not a readable .npy array: {str(exc)[:200]}")
     if dtype.hasobject or dtype.kind not in "fiu":
         return _invalid(["body"], "npy_dtype", "the .npy array must hold real numbers")
-    expected = "(n,)" if rows == 1 else f"({rows}, n)"
-    if len(shape) != (1 if rows == 1 else 2) or (rows > 1 and shape[0] != rows):
-        return _invalid(
-            ["body"], "npy_shape", f"the .npy array must have shape {expected}, not {shape}"
-        )
     count = math.prod(shape)
     payload = len(body) - stream.tell()
     if payload != count * dtype.itemsize:
@@ -310,6 +319,83 @@ def parse_binary(
     return Parsed(
         options, {name: np.ascontiguousarray(row) for name, row in zip(names, decoded, strict=True)}
     )
+
+
+def parse_batch_binary(
+    options_model: type[RequestT],
+    names: tuple[str, ...],
+    k: int,
+    body: bytes,
+    media: str,
+    query: Mapping[str, str],
+    context: dict[str, Any],
+) -> Parsed[RequestT] | Invalid:
+    """A batch as one .npy array of shape (sets, len(names), n) (one name: (sets, n) too),
+    the options in the query string; the same arrays as :func:`parse_batch`, every set
+    starting like a single fit. The limits of a JSON batch apply, checked on the header's
+    shape before any conversion."""
+    if media != NPY:
+        return _invalid(
+            ["body"],
+            "npy_required",
+            "a batch's binary body is one .npy array (its shape says where each set ends): "
+            "send application/x-npy",
+        )
+    try:
+        options = options_model.model_validate(_query_values(query), context=context)
+    except ValidationError as exc:
+        return _errors(exc, "query")
+    view = _npy_array(body)
+    if isinstance(view, Invalid):
+        return view
+    if view.ndim == 2 and len(names) == 1:
+        view = view[:, None, :]
+    if view.ndim != 3 or view.shape[1] != len(names) or view.shape[0] < 1:
+        expected = f"(sets, {len(names)}, n)" + (" or (sets, n)" if len(names) == 1 else "")
+        return _invalid(
+            ["body"], "npy_shape", f"the .npy array must have shape {expected}, not {view.shape}"
+        )
+    sets, _, n = view.shape
+    if (error := _batch_limits(sets, n, options, context)) is not None:
+        return Invalid([_error(["body"], error)])
+    data = view.astype(np.float64)
+    bad = np.argwhere(~np.isfinite(data))
+    if bad.size:
+        i, a, j = (int(v) for v in bad[0])
+        return Invalid(
+            [
+                _error(
+                    ["body", "datasets", i, names[a], j],
+                    PydanticCustomError("finite_number", "Input should be a finite number"),
+                )
+            ]
+        )
+    arrays = {name: data[:, a, :].reshape(-1) for a, name in enumerate(names)}
+    arrays["lengths"] = np.full(sets, float(n))
+    arrays["initial"] = np.full((sets, k), np.nan)
+    return Parsed(options, arrays)
+
+
+def _batch_limits(
+    sets: int, n: int, options: BaseModel, context: dict[str, Any]
+) -> PydanticCustomError | None:
+    """What :func:`service.api.schemas.check_batch` says of a JSON batch of ``sets`` sets of
+    ``n`` points each."""
+    if n < 2:
+        return PydanticCustomError(
+            "too_short", "at least 2 points are needed, got {count}", {"count": n}
+        )
+    try:
+        check_batch(
+            sets,
+            sets * n,
+            getattr(options, "epochs", None),
+            getattr(options, "history_every", None),
+            context,
+        )
+    except PydanticCustomError as error:
+        return error
+    return None
 
 
 def warm() -> bool:

@@ -480,19 +480,26 @@ class BatchOptions(_TrainingOptions):
 
 
 def _check_batch(datasets: list[Any], fields: tuple[str, ...], info: ValidationInfo) -> None:
-    limit = context_limit(info.context, "max_batch")
-    if limit is not None and len(datasets) > limit:
+    points = sum(len(getattr(d, fields[0])) for d in datasets)
+    epochs, every = info.data.get("epochs"), info.data.get("history_every")
+    check_batch(len(datasets), points, epochs, every, info.context)
+
+
+def check_batch(
+    sets: int, points: int, epochs: object, every: object, context: dict[str, Any] | None
+) -> None:
+    """A batch's limits (sets, points, work, history values); raises the first broken."""
+    limit = context_limit(context, "max_batch")
+    if limit is not None and sets > limit:
         raise PydanticCustomError(
             "too_many_datasets",
             "at most {limit} data sets per batch (TAPEFIT_MAX_BATCH), got {count}",
-            {"limit": limit, "count": len(datasets)},
+            {"limit": limit, "count": sets},
         )
-    points = sum(len(getattr(d, fields[0])) for d in datasets)
-    _raise(points_error(points, info.data.get("epochs"), info.context))
-    history_limit = context_limit(info.context, "max_batch_history")
-    epochs, every = info.data.get("epochs"), info.data.get("history_every")
+    _raise(points_error(points, epochs, context))
+    history_limit = context_limit(context, "max_batch_history")
     if history_limit is not None and isinstance(epochs, int) and isinstance(every, int):
-        values = len(datasets) * -(-epochs // every)
+        values = sets * -(-epochs // every)
         if values > history_limit:
             raise PydanticCustomError(
                 "too_much_history",
@@ -521,7 +528,11 @@ class LinearBatchRequest(BatchOptions):
         return datasets
 
 
-class GaussianBatchRequest(BatchOptions):
+class GaussianBatchOptions(BatchOptions):
+    reduction: Reduction = Field("mean", description="As for a single Gaussian fit, for every set.")
+
+
+class GaussianBatchRequest(GaussianBatchOptions):
     """Fit N(mean, std²) to many data sets at once, in one vectorized loop."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [GAUSSIAN_BATCH_EXAMPLE]})
@@ -531,7 +542,6 @@ class GaussianBatchRequest(BatchOptions):
         description="The data sets (lengths may differ); at most TAPEFIT_MAX_BATCH, all points "
         "together at most TAPEFIT_MAX_POINTS.",
     )
-    reduction: Reduction = Field("mean", description="As for a single Gaussian fit, for every set.")
 
     @field_validator("datasets")
     @classmethod

@@ -95,19 +95,91 @@ class Coordinates:
 IDENTITY = Coordinates()
 
 
-def losses_of_sets(coords: Sequence[Coordinates], fit_losses: Array) -> Array:
+def stacked(
+    a: Any = 1.0,
+    shift: Any = 0.0,
+    A: Sequence[Sequence[Any]] | None = None,
+    A_inv: Sequence[Sequence[Any]] | None = None,
+    origin: Sequence[Any] | None = None,
+) -> Coordinates:
+    """The maps of many sets (a batch) as one :class:`Coordinates` whose numbers are [B]
+    arrays, entry i set i's: its methods then map every set at once, by the same arithmetic
+    element by element as one set's floats (so the same numbers). Built by the models' own
+    vectorized standardization; no arguments: the identity of every set."""
+    return Coordinates(
+        a=a,
+        shift=shift,
+        A=None if A is None else tuple(tuple(row) for row in A),
+        A_inv=None if A_inv is None else tuple(tuple(row) for row in A_inv),
+        origin=None if origin is None else tuple(origin),
+    )
+
+
+def stack(coords: Sequence[Coordinates], k: int) -> Coordinates:
+    """Per-set maps as one :func:`stacked` map (an identity among affine maps becomes the
+    affine identity)."""
+    a = np.array([c.a for c in coords], dtype=np.float64)
+    shift = np.array([c.shift for c in coords], dtype=np.float64)
+    if all(c.A is None for c in coords):
+        return stacked(a=a, shift=shift)
+    eye = tuple(tuple(1.0 if i == j else 0.0 for j in range(k)) for i in range(k))
+    zeros = (0.0,) * k
+
+    def entries(pick: Callable[[Coordinates], Matrix]) -> list[list[Array]]:
+        matrices = [pick(c) for c in coords]
+        return [[np.array([m[i][j] for m in matrices]) for j in range(k)] for i in range(k)]
+
+    return stacked(
+        a=a,
+        shift=shift,
+        A=entries(lambda c: c.A or eye),
+        A_inv=entries(lambda c: c.A_inv or eye),
+        origin=[np.array([(c.origin or zeros)[i] for c in coords]) for i in range(k)],
+    )
+
+
+def one_of(coords: Coordinates, j: int) -> Coordinates:
+    """Set ``j``'s map, in floats, out of a :func:`stacked` one."""
+
+    def pick(v: Any) -> float:
+        return float(v[j]) if isinstance(v, np.ndarray) else float(v)
+
+    return Coordinates(
+        a=pick(coords.a),
+        shift=pick(coords.shift),
+        A=None if coords.A is None else tuple(tuple(map(pick, r)) for r in coords.A),
+        A_inv=None if coords.A_inv is None else tuple(tuple(map(pick, r)) for r in coords.A_inv),
+        origin=None if coords.origin is None else tuple(map(pick, coords.origin)),
+    )
+
+
+def losses_of_sets(coords: Coordinates, fit_losses: Array) -> Array:
     """:meth:`Coordinates.losses` of many sets at once: column j of ``fit_losses`` ([T, B])
-    mapped by ``coords[j]``, by the same arithmetic element by element (so the same
-    numbers), in one pass instead of one per set."""
-    a = np.array([c.a for c in coords])
-    shift = np.array([c.shift for c in coords])
+    mapped by set j's map (``coords`` from :func:`stacked`), in one pass."""
     with quiet():
-        mapped: Array = a * fit_losses + shift
+        mapped: Array = coords.a * fit_losses + coords.shift
     return mapped
+
+
+def subset(coords: Coordinates, rows: Any) -> Coordinates:
+    """The stacked maps of the sets ``rows`` selects (an index or mask array)."""
+
+    def take(v: Any) -> Any:
+        return v[rows] if isinstance(v, np.ndarray) else v
+
+    return Coordinates(
+        a=take(coords.a),
+        shift=take(coords.shift),
+        A=None if coords.A is None else tuple(tuple(map(take, r)) for r in coords.A),
+        A_inv=None if coords.A_inv is None else tuple(tuple(map(take, r)) for r in coords.A_inv),
+        origin=None if coords.origin is None else tuple(map(take, coords.origin)),
+    )
 
 
 #: A model's standardization: the summary in fit coordinates, and the map back.
 Standardize = Callable[[Array], tuple[Array, Coordinates]]
+#: The same for every row of [B, S] at once (the map from :func:`stacked`).
+StandardizeSets = Callable[[Array], tuple[Array, Coordinates]]
 
 
 def affine(

@@ -36,10 +36,10 @@ def matvec(a: Matrix, v: Vector) -> Vector:
     if len(v) == 2:  # the built-in models: unrolled (a third of the time)
         (a00, a01), (a10, a11) = a
         return (a00 * v[0] + a01 * v[1], a10 * v[0] + a11 * v[1])
-    return tuple(_dot(row, v) for row in a)
+    return tuple(dot(row, v) for row in a)
 
 
-def _dot(u: Sequence[float], v: Sequence[float]) -> float:
+def dot(u: Sequence[float], v: Sequence[float]) -> float:
     total = 0.0
     for x, y in zip(u, v, strict=True):
         total += x * y
@@ -59,7 +59,7 @@ def matmul(a: Matrix, b: Matrix) -> Matrix:
             (a10 * b00 + a11 * b10, a10 * b01 + a11 * b11),
         )
     columns = transpose(b)
-    return tuple(tuple(_dot(row, column) for column in columns) for row in a)
+    return tuple(tuple(dot(row, column) for column in columns) for row in a)
 
 
 def add(u: Vector, v: Vector) -> Vector:
@@ -96,7 +96,7 @@ def inverse_positive_definite(h: Matrix) -> Matrix | None:
     lower = [[0.0] * k for _ in range(k)]
     for i in range(k):
         for j in range(i + 1):
-            total = h[i][j] - _dot(lower[i][:j], lower[j][:j])
+            total = h[i][j] - dot(lower[i][:j], lower[j][:j])
             if i == j:
                 if not (math.isfinite(total) and total > 0.0):
                     return None

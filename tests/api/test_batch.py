@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
+from service.api.models import BUILT_IN
+from service.api.routes.fits import _batch_answer, fit_answer
 from service.api.schemas import (
     GAUSSIAN_BATCH_EXAMPLE,
     LINEAR_BATCH_EXAMPLE,
@@ -15,6 +19,7 @@ from service.api.schemas import (
     LinearBatchResponse,
 )
 from service.fitting import FitEngine, FitResult
+from service.fitting.batch import BatchEngine, Ragged
 from service.fitting.options import Scaling
 from tests.conftest import app_settings, running_app
 from tests.reference import gaussian_closed_form, linear_closed_form
@@ -66,6 +71,7 @@ async def test_batch_equals_single_fits(client: httpx.AsyncClient, engine: FitEn
         assert result["params"]["intercept"] == pytest.approx(single.params["intercept"], rel=1e-10)
         assert result["final_loss"] == pytest.approx(single.final_loss, rel=1e-10)
         _same_stats(result, single)
+        _same_answer(result, single, "linear")
 
 
 def _same_stats(result: dict[str, Any], single: FitResult) -> None:
@@ -88,6 +94,72 @@ def _same_stats(result: dict[str, Any], single: FitResult) -> None:
     assert list(stats["closed_form"]["params"].values()) == pytest.approx(
         expected.closed_form, rel=1e-12
     )
+
+
+#: Answer fields that are differences of nearly equal numbers (the gap to the closed form) or
+#: vanish at the optimum: batch and single agree on them to within rounding of the
+#: parameters, not relatively.
+_NEAR_ZERO = {"gap", "gradient_norm", "newton_step"}
+
+
+def _same_answer(entry: dict[str, Any], single: FitResult, model: str) -> None:
+    """A batch entry is its single fit's whole answer (every field, every statistic, None
+    where it is None), to rounding: the batch computes its statistics for all sets at once."""
+    expected = orjson.loads(fit_answer(BUILT_IN[model], single))
+    assert entry.keys() == expected.keys()
+    assert len(entry["warnings"]) == len(expected["warnings"])
+    for key in entry.keys() - {"warnings"}:
+        _close(entry[key], expected[key], key, key in _NEAR_ZERO)
+
+
+def _close(ours: Any, theirs: Any, where: str, near_zero: bool) -> None:
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict) and ours.keys() == theirs.keys(), where
+        for key in theirs:
+            _close(ours[key], theirs[key], f"{where}.{key}", near_zero or key in _NEAR_ZERO)
+    elif isinstance(theirs, list):
+        assert isinstance(ours, list) and len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            _close(a, b, f"{where}[{i}]", near_zero)
+    elif isinstance(theirs, float) and not isinstance(theirs, bool):
+        assert isinstance(ours, float), where
+        tolerance = {"rel": 1e-6, "abs": 1e-7} if near_zero else {"rel": 1e-8}
+        assert ours == pytest.approx(theirs, **tolerance), where
+    else:
+        assert ours == theirs, where
+
+
+@pytest.mark.parametrize("model", ["linear", "gaussian"])
+def test_batch_answer_entries_are_the_single_answer_of_each_result(model: str) -> None:
+    """The batch answer is written column by column from the engine's arrays; each entry must
+    be exactly what the single-fit answer writes for that set's result (read one by one from
+    the same arrays): converged, not converged (warnings), perfect and unfittable sets, far
+    from unit scale."""
+    rng = np.random.default_rng(4)
+    if model == "linear":
+        xs = [1000.0 + 100.0 * rng.random(n) for n in (2, 30, 5, 200)]
+        ys = [3.0 * x - 50.0 + rng.normal(0, 1, x.size) for x in xs]
+        ys[0] = 3.0 * xs[0]  # two points: a perfect fit, no finite likelihood
+        xs.insert(2, np.full(4, 7.0))  # constant x: unfittable
+        ys.insert(2, np.arange(4.0))
+        data = [Ragged.of(xs), Ragged.of(ys)]
+    else:
+        sets = [rng.normal(1e7, 0.1, n) for n in (3, 40, 400)]
+        sets.insert(1, np.ones(5))  # constant: unfittable
+        data = [Ragged.of(sets)]
+    for epochs in (3, 400):  # not converged, then converged
+        results = BatchEngine().fit(model, *data, learning_rate=0.1, epochs=epochs, seed=1)
+        http = BUILT_IN[model]
+        answer = orjson.loads(b"".join(_batch_answer(http, results)))
+        assert answer["failed"] == 1 == len(results.errors)
+        for i, item in enumerate(answer["results"]):
+            one = results[i]
+            if isinstance(one, Exception):
+                assert item == {"index": i, "result": None, "error": str(one)}
+                continue
+            expected = orjson.loads(fit_answer(http, one))
+            assert item["result"] == expected, (epochs, i)
+            assert bool(expected["warnings"]) == (epochs == 3)
 
 
 async def test_gaussian_batch_equals_single_fits(
@@ -116,6 +188,7 @@ async def test_gaussian_batch_equals_single_fits(
         np.testing.assert_allclose(item["result"]["loss_history"], single.loss_history, rtol=1e-10)
         assert item["result"]["params"]["std"] == pytest.approx(single.params["std"], rel=1e-10)
         _same_stats(item["result"], single)
+        _same_answer(item["result"], single, "gaussian")
 
 
 async def test_one_bad_set_does_not_spoil_the_others(client: httpx.AsyncClient) -> None:
@@ -268,6 +341,7 @@ async def test_batch_equals_single_fits_far_from_unit_scale(
         np.testing.assert_allclose(result["loss_history"], single.loss_history, rtol=1e-10)
         assert result["final_loss"] == pytest.approx(single.final_loss, rel=1e-10)
         assert result["params"]["slope"] == pytest.approx(single.params["slope"], rel=1e-10)
+        _same_answer(result, single, "linear")
     normals = [{"y": rng.normal(1e7, 0.1, n).tolist()} for n in (3, 50, 400)]
     rate = 0.1 if standardized else 1e-4
     r = await client.post(GAUSSIAN, json={"datasets": normals, "learning_rate": rate, **options})
@@ -281,3 +355,88 @@ async def test_batch_equals_single_fits_far_from_unit_scale(
         np.testing.assert_allclose(result["loss_history"], single.loss_history, rtol=1e-10)
         assert result["final_loss"] == pytest.approx(single.final_loss, rel=1e-10)
         assert result["params"]["mean"] == pytest.approx(single.params["mean"], rel=1e-12)
+        _same_answer(result, single, "gaussian")
+
+
+def _npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+NPY = {"content-type": "application/x-npy"}
+
+
+async def test_binary_batch_answers_as_the_json_batch(client: httpx.AsyncClient) -> None:
+    """One .npy array of (sets, 2, n) lines, x in the thousands (a constant-x set among
+    them), and (sets, n) normals of mean 1e7: the answer is byte for byte the JSON batch's
+    for the same sets and options."""
+    rng = np.random.default_rng(8)
+    x = 1000.0 + 100.0 * rng.random((5, 30))
+    y = 3.0 * x - 50.0 + rng.normal(0.0, 1.0, x.shape)
+    x[2] = 1500.0
+    options = {"seed": 3, "epochs": 300, "history_every": 50}
+    binary = await client.post(
+        LINEAR + "/binary", content=_npy(np.stack([x, y], 1)), headers=NPY, params=options
+    )
+    datasets = [{"x": a.tolist(), "y": b.tolist()} for a, b in zip(x, y, strict=True)]
+    json_answer = await client.post(LINEAR, json={"datasets": datasets, **options})
+    assert binary.status_code == json_answer.status_code == 200, binary.text
+    assert binary.content == json_answer.content
+    assert binary.json()["failed"] == 1 and "all x values are equal" in binary.text
+
+    normals = rng.normal(1e7, 0.1, (3, 50))
+    options = {"reduction": "sum", "learning_rate": 0.01, "epochs": 200}
+    for array in (normals, normals[:, None, :]):  # (sets, n) and (sets, 1, n)
+        binary = await client.post(
+            GAUSSIAN + "/binary", content=_npy(array), headers=NPY, params=options
+        )
+        sets = [{"y": row.tolist()} for row in normals]
+        json_answer = await client.post(GAUSSIAN, json={"datasets": sets, **options})
+        assert binary.status_code == 200, binary.text
+        assert binary.content == json_answer.content
+        assert binary.json()["succeeded"] == 3
+
+
+@pytest.mark.parametrize(
+    ("array", "params", "loc", "kind"),
+    [
+        (np.ones((2, 3, 5)), {}, ["body"], "npy_shape"),  # three arrays for a line
+        (np.ones((2, 10)), {}, ["body"], "npy_shape"),
+        (np.ones((2, 2, 1)), {}, ["body"], "too_short"),
+        (np.ones((3, 2, 5)), {"history_every": 1000}, ["body"], "too_many_datasets"),
+        (np.ones((1, 2, 30)), {"history_every": 1000}, ["body"], "too_many_points"),
+        (np.ones((2, 2, 5)), {"epochs": 100}, ["body"], "too_much_history"),
+        (np.ones((2, 2, 5)), {"epochs": "many"}, ["query", "epochs"], "int_type"),
+        (np.ones((2, 2, 5)), {"datasets": "[]"}, ["query", "datasets"], "extra_forbidden"),
+    ],
+)
+async def test_binary_batch_limits_and_invalid_requests(
+    array: np.ndarray, params: dict[str, Any], loc: list[Any], kind: str
+) -> None:
+    """The JSON batch's limits hold for the binary one, checked on the .npy header."""
+    settings = app_settings(max_batch=2, max_points=20, max_batch_history=150)
+    async with running_app(settings) as c:
+        r = await c.post(LINEAR + "/binary", content=_npy(array), headers=NPY, params=params)
+        assert r.status_code == 422, r.text
+        (error,) = r.json()["detail"]
+        assert (error["loc"], error["type"]) == (loc, kind)
+
+
+async def test_binary_batch_names_the_first_bad_number(client: httpx.AsyncClient) -> None:
+    data = np.ones((4, 2, 6))
+    data[:, 0, :] = np.arange(6.0)
+    data[3, 1, 4] = np.inf
+    data[3, 0, 5] = np.nan  # set 3: its x comes before its y
+    r = await client.post(LINEAR + "/binary", content=_npy(data), headers=NPY)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "datasets", 3, "x", 5]
+    assert r.json()["detail"][0]["type"] == "finite_number"
+    r = await client.post(
+        LINEAR + "/binary",
+        content=data.tobytes(),
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "npy_required"
+    r = await client.post(LINEAR + "/binary", json=LINEAR_BATCH_EXAMPLE)
+    assert r.status_code == 415

@@ -151,7 +151,7 @@ def test_routes_never_read_the_raw_request() -> None:
     routers = [fits.router(BUILT_IN.values()), plots.router(BUILT_IN.values())]
     routers += [expressions.router, datasets.router, health.router]
     routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
-    assert len(routes) == 18  # 6 fits, 4 plots, 3 expression routes, 2 datasets, 2 probes, metrics
+    assert len(routes) == 20  # 8 fits, 4 plots, 3 expressions, 2 datasets, 2 probes, metrics
     admitted = set()
     for route in routes:
         hints = typing.get_type_hints(route.endpoint, include_extras=True)
@@ -163,7 +163,11 @@ def test_routes_never_read_the_raw_request() -> None:
                 assert len(uses) == 2, (route.path, "the request used beyond that")
                 admitted.add(route.path)
     assert admitted == {
-        *(f"/v1/fits/{name}{kind}" for name in BUILT_IN for kind in ("", "/binary", "/batch")),
+        *(
+            f"/v1/fits/{name}{kind}"
+            for name in BUILT_IN
+            for kind in ("", "/binary", "/batch", "/batch/binary")
+        ),
         *(f"/v1/plots/{name}{kind}" for name in BUILT_IN for kind in ("", "/binary")),
         "/v1/fits/expression",
         "/v1/plots/expression",

@@ -231,6 +231,12 @@ def test_a_batch_of_the_third_model_matches_its_single_fits(toy_engine: FitEngin
             list(result.params.values()), list(single.params.values()), rtol=1e-9
         )
         np.testing.assert_allclose(result.loss_history, single.loss_history, rtol=1e-9)
+        # The statistics too: a model written for single fits only is batched through its
+        # scalar ``stats``, set by set.
+        assert result.converged == single.converged
+        assert result.stats.closed_form == pytest.approx(single.stats.closed_form, rel=1e-9)
+        assert result.stats.std_errors == pytest.approx(single.stats.std_errors, rel=1e-6)
+        assert result.stats.log_likelihood is single.stats.log_likelihood is None
     assert isinstance(results[3], ValueError) and "curve is not determined" in str(results[3])
     assert batch.compiled_buckets() == [("quadratic", 8)]
 

@@ -2,7 +2,8 @@
 
 The routes (:mod:`service.api.routes.fits`, :mod:`service.api.routes.plots`) are made from
 these descriptions, for every model alike: ``POST /v1/fits/{name}`` (JSON, or server-sent
-events), ``/v1/fits/{name}/binary``, ``/v1/fits/{name}/batch``, ``/v1/plots/{name}`` and
+events), ``/v1/fits/{name}/binary``, ``/v1/fits/{name}/batch`` (and its ``/binary`` twin),
+``/v1/plots/{name}`` and
 ``/v1/plots/{name}/binary``. A model's engine side is its spec (:mod:`service.fitting.models`);
 its HTTP side is its request and response schemas (:mod:`service.api.schemas`), how it is
 drawn, and the words and examples of its operations, here.
@@ -22,6 +23,7 @@ from service.api.parsing import (
     Invalid,
     Parsed,
     parse_batch,
+    parse_batch_binary,
     parse_binary,
     parse_json,
 )
@@ -59,15 +61,19 @@ class HttpModel:
     request: type[BaseModel]
     options: type[BaseModel]
     batch_request: type[BaseModel]
+    #: The batch body without the data sets (the binary batch's query).
+    batch_options: type[BaseModel]
     params: type[BaseModel]
     response: type[BaseModel]
     batch_item: type[BaseModel]
     batch_response: type[BaseModel]
-    #: The binary body's array, in words.
+    #: The binary bodies' arrays, in words: one set, and a batch.
     binary_layout: str
+    batch_layout: str
     fit: Operation
     fit_binary: Operation
     batch: Operation
+    batch_binary: Operation
     plot: Operation
     plot_binary: Operation
     #: The PNG of a fit: (the parsed request, the result) -> bytes.
@@ -87,6 +93,12 @@ class HttpModel:
     @property
     def parse_batch(self) -> JsonParser:
         return partial(parse_batch, self.batch_request, self.data, len(self.params.model_fields))
+
+    @property
+    def parse_batch_binary(self) -> BinaryParser:
+        return partial(
+            parse_batch_binary, self.batch_options, self.data, len(self.params.model_fields)
+        )
 
     def options_of(self, body: BaseModel) -> dict[str, Any]:
         """The spec's model options from a parsed body."""

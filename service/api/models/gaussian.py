@@ -10,6 +10,7 @@ from service.api.schemas import (
     GAUSSIAN_BATCH_EXAMPLE,
     GAUSSIAN_EXAMPLE,
     GaussianBatchItem,
+    GaussianBatchOptions,
     GaussianBatchRequest,
     GaussianBatchResponse,
     GaussianFitRequest,
@@ -35,11 +36,13 @@ GAUSSIAN = HttpModel(
     request=GaussianFitRequest,
     options=GaussianOptions,
     batch_request=GaussianBatchRequest,
+    batch_options=GaussianBatchOptions,
     params=GaussianParams,
     response=GaussianFitResponse,
     batch_item=GaussianBatchItem,
     batch_response=GaussianBatchResponse,
     binary_layout="shape (n,): y",
+    batch_layout="shape (sets, n): each set's y (or (sets, 1, n))",
     fit=Operation(
         "Fit a normal distribution by maximum likelihood",
         """Fit N(mean, std²) to the samples y with the post's GradientTape loop, minimizing the
@@ -62,6 +65,13 @@ GAUSSIAN = HttpModel(
         """Fit N(mean, std²) to every data set in one vectorized GradientTape loop; the results
         come back in order, a set that cannot be fitted carrying an error instead.""",
         {"two-sets": {"summary": "Two samples", "value": GAUSSIAN_BATCH_EXAMPLE}},
+    ),
+    batch_binary=Operation(
+        "Fit a normal distribution to many data sets of one length, sent as one .npy array",
+        """`POST /v1/fits/gaussian/batch` with the data sets as one `application/x-npy` array of
+        shape (sets, n), each set's y: no per-number parsing (numpy reads it as
+        it is). The options go in the query string; each set starts like a single fit (set i
+        with seed `seed + i`). The same answer.""",
     ),
     plot=Operation(
         "Fit a normal distribution, then plot data vs. fitted samples and the loss (PNG)",

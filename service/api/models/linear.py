@@ -10,6 +10,7 @@ from service.api.schemas import (
     LINEAR_ADAM_EXAMPLE,
     LINEAR_BATCH_EXAMPLE,
     LINEAR_EXAMPLE,
+    BatchOptions,
     LinearBatchItem,
     LinearBatchRequest,
     LinearBatchResponse,
@@ -41,11 +42,13 @@ LINEAR = HttpModel(
     request=LinearFitRequest,
     options=LinearOptions,
     batch_request=LinearBatchRequest,
+    batch_options=BatchOptions,
     params=LinearParams,
     response=LinearFitResponse,
     batch_item=LinearBatchItem,
     batch_response=LinearBatchResponse,
     binary_layout="shape (2, n): x then y",
+    batch_layout="shape (sets, 2, n): each set's x then y",
     fit=Operation(
         "Fit a line by gradient descent on the MSE",
         """Fit y = slope·x + intercept to (x, y) with the post's GradientTape loop, minimizing the
@@ -77,6 +80,13 @@ LINEAR = HttpModel(
                 "value": LINEAR_BATCH_EXAMPLE,
             }
         },
+    ),
+    batch_binary=Operation(
+        "Fit a line to many data sets of one length, sent as one .npy array",
+        """`POST /v1/fits/linear/batch` with the data sets as one `application/x-npy` array of
+        shape (sets, 2, n), each set's x then y: no per-number parsing (numpy reads it as
+        it is). The options go in the query string; each set starts like a single fit (set i
+        with seed `seed + i`). The same answer.""",
     ),
     plot=Operation(
         "Fit a line, then plot the data, the line and the loss curve (PNG)",

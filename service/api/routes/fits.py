@@ -24,7 +24,7 @@ from service.api.streaming import (
 from service.api.streaming import EXAMPLE as STREAM_EXAMPLE
 from service.worker import (
     BatchJob,
-    FitError,
+    BatchResults,
     FitJob,
     FitResult,
     FitStats,
@@ -216,6 +216,12 @@ BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+BATCH_BINARY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **BATCH_RESPONSES,
+    415: {"model": ErrorDetail, "description": "Content-Type is not application/x-npy."},
+}
+
+
 async def _fit_batch(model: HttpModel, admitted: Admitted, parsed: Parsed[Any]) -> HoldingStream:
     """The batch fit, and its answer, streamed entry by entry (a 10,000-set answer with full
     histories is tens of MB of JSON: built whole, its ``json.dumps`` would hold the GIL, and
@@ -248,25 +254,23 @@ async def _fit_batch(model: HttpModel, admitted: Admitted, parsed: Parsed[Any]) 
 ENTRIES_PER_PIECE = 64
 
 
-def _batch_answer(model: HttpModel, results: list[FitResult | FitError]) -> Iterator[bytes]:
-    """The batch response, serialized straight from plain data, a few entries at a time
-    (the stream runs this generator in a thread): validating 10,000 nested response models
-    would cost more than the fits (~75 µs each). The data come from the engine and
-    :func:`_common`, the same as a single fit's (the tests validate batch answers against the
-    response model); orjson writes NaN and infinities as null, never NaN."""
-    failed = sum(isinstance(r, Exception) for r in results)
+def _batch_answer(model: HttpModel, results: BatchResults) -> Iterator[bytes]:
+    """The batch response, serialized straight from the engine's arrays, a few entries at a
+    time (the stream runs this generator in a thread). Each entry is what :func:`_common`
+    writes for a single fit (a test holds them equal entry by entry), built column by column:
+    validating 10,000 nested response models would cost more than the fits, and so would
+    reading each set's statistics one by one. orjson writes NaN and infinities as null."""
+    failed = len(results.errors)
     head = {"model": model.name, "succeeded": len(results) - failed, "failed": failed}
     yield orjson.dumps(head)[:-1] + b',"results":['
+    fitted = iter(_fitted_entries(model, results))
     piece: list[bytes] = []
-    for i, r in enumerate(results):
+    for i in range(len(results)):
+        error = results.errors.get(i)
         entry = (
-            {"index": i, "result": None, "error": str(r)}
-            if isinstance(r, Exception)
-            else {
-                "index": i,
-                "result": {"model": model.name, "params": r.params, **_common(r, model)},
-                "error": None,
-            }
+            {"index": i, "result": None, "error": str(error)}
+            if error is not None
+            else {"index": i, "result": next(fitted), "error": None}
         )
         piece.append(orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY))
         if len(piece) == ENTRIES_PER_PIECE:
@@ -275,6 +279,75 @@ def _batch_answer(model: HttpModel, results: list[FitResult | FitError]) -> Iter
     if piece:
         yield (b"," if len(results) > len(piece) else b"") + b",".join(piece)
     yield b"]}"
+
+
+def _fitted_entries(model: HttpModel, results: BatchResults) -> Iterator[dict[str, Any]]:
+    """The ``result`` of every fitted set, in order: :func:`_common` from columns."""
+    f = results.fitted
+    if f is None:
+        return
+    s = f.stats
+    names, k = list(s.names), len(s.names)
+    histories = np.ascontiguousarray(f.losses.T)
+    params, final, n = f.params.tolist(), f.final_loss.tolist(), s.n.tolist()
+    converged = s.converged.tolist()
+    gradient_norm, newton_step = s.gradient_norm.tolist(), s.newton_step.tolist()
+    std_errors, covariance, correlation = (
+        s.std_errors.tolist(),
+        s.covariance.tolist(),
+        s.correlation.tolist(),
+    )
+    loglik, aic, bic = s.log_likelihood.tolist(), s.aic.tolist(), s.bic.tolist()
+    closed_ok, closed, closed_loss = (
+        s.closed_ok.tolist(),
+        s.closed_form.tolist(),
+        s.closed_form_loss.tolist(),
+    )
+    gap_ok, gap, gap_loss = s.gap_ok.tolist(), s.gap_params.tolist(), s.gap_loss.tolist()
+    extras = {
+        name: [None] * len(n) if (values := getattr(s, name)) is None else values.tolist()
+        for name in ("r_squared", "residual_std")
+        if model.has_stat(name)
+    }
+    for j, i in enumerate(f.sets.tolist()):
+        stats = {
+            "parameters": names,
+            "n_used": n[j],
+            "dof": n[j] - k,
+            "gradient_norm": gradient_norm[j],
+            "newton_step": newton_step[j],
+            "std_errors": dict(zip(names, std_errors[j], strict=True)),
+            "covariance": covariance[j],
+            "correlation": correlation[j],
+            "log_likelihood": loglik[j],
+            "aic": aic[j],
+            "bic": bic[j],
+            "closed_form": {
+                "params": dict(zip(names, closed[j], strict=True)),
+                "loss": closed_loss[j],
+            }
+            if closed_ok[j]
+            else None,
+            "gap": {"params": dict(zip(names, gap[j], strict=True)), "loss": gap_loss[j]}
+            if gap_ok[j]
+            else None,
+        }
+        for name, values in extras.items():
+            stats[name] = values[j]
+        yield {
+            "model": model.name,
+            "params": dict(zip(names, params[j], strict=True)),
+            "loss_history": histories[j],
+            "history_every": f.history_every,
+            "final_loss": final[j],
+            "epochs_run": f.epochs_run,
+            "n": n[j],
+            "stop_reason": f.stop,
+            "converged": converged[j],
+            "warnings": [] if converged[j] else list(results[i].warnings),
+            "seed": f.seeds[j],
+            "stats": stats,
+        }
 
 
 def router(models: Iterable[HttpModel]) -> APIRouter:
@@ -287,6 +360,8 @@ def router(models: Iterable[HttpModel]) -> APIRouter:
         _add_fit_binary(fits, model)
     for model in models:
         _add_batch(fits, model)
+    for model in models:
+        _add_batch_binary(fits, model)
     return fits
 
 
@@ -346,4 +421,28 @@ def _add_batch(fits: APIRouter, model: HttpModel) -> None:
         description=model.batch.description,
         responses=BATCH_RESPONSES,
         openapi_extra=json_only_body(model.batch_request, model.batch.examples),
+    )
+
+
+def _add_batch_binary(fits: APIRouter, model: HttpModel) -> None:
+    async def fit_batch_binary(request: Request) -> Any:
+        async with admission(request) as admitted:
+            parsed = await admitted.body(model.parse_batch, model.parse_batch_binary, json=False)
+            return await _fit_batch(model, admitted, parsed)
+
+    fits.add_api_route(
+        f"/{model.name}/batch/binary",
+        fit_batch_binary,
+        methods=["POST"],
+        name=f"fit_{model.name}_batch_binary",
+        response_model=model.batch_response,
+        summary=model.batch_binary.summary,
+        description=model.batch_binary.description,
+        responses=BATCH_BINARY_RESPONSES,
+        openapi_extra=binary_body(
+            model.batch_options,
+            model.batch_layout,
+            f"POST /v1/fits/{model.name}/batch",
+            raw=False,
+        ),
     )

@@ -29,9 +29,9 @@ import numpy.typing as npt
 from service.fitting.layout import Layout
 from service.fitting.options import Scaling
 from service.fitting.results import DegenerateData, FitStats
-from service.fitting.scaling import Standardize
+from service.fitting.scaling import Standardize, StandardizeSets
 from service.fitting.small import Vector
-from service.fitting.stats import AtFit, WeightSummary
+from service.fitting.stats import AtFit, SetsAtFit, SetStats, WeightSummary
 from service.fitting.summary import Ragged
 
 Array = npt.NDArray[np.float64]
@@ -76,6 +76,11 @@ class ModelSpec:
     #: start for it.
     dummy: tuple[float, ...]
     dummy_start: tuple[float, ...]
+    #: Batches: ``standardize`` of every row of [B, S] at once (None: the model is not
+    #: offered in batches).
+    standardize_sets: StandardizeSets | None = None
+    #: Batches: ``stats`` of every (unweighted) set at once, as arrays.
+    stats_of_sets: Callable[[SetsAtFit, Array, Mapping[str, Any]], SetStats] | None = None
     #: Parameters in the caller's units -> as reported (e.g. a std's sign dropped).
     report: Callable[[Vector], Vector] = lambda p: p
     #: Options the model takes beyond the training options (e.g. the Gaussian's reduction),

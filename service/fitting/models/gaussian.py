@@ -30,9 +30,16 @@ from service.fitting.losses import LOG_2PI
 from service.fitting.models import ModelSpec, all_equal
 from service.fitting.options import Scaling
 from service.fitting.results import FitStats
-from service.fitting.scaling import Coordinates, affine
+from service.fitting.scaling import Coordinates, affine, quiet, stacked
 from service.fitting.small import Vector
-from service.fitting.stats import AtFit, WeightSummary, fit_stats
+from service.fitting.stats import (
+    AtFit,
+    SetsAtFit,
+    SetStats,
+    WeightSummary,
+    fit_stats,
+    fit_stats_of_sets,
+)
 from service.fitting.summary import (
     VECTOR,
     Ragged,
@@ -108,6 +115,21 @@ def standardize(summary: Array) -> tuple[Array, Coordinates]:
     return np.array([n, 0.0, 1.0, scale]), coords
 
 
+def standardize_sets(summaries: Array) -> tuple[Array, Coordinates]:
+    """:func:`standardize` of every row of [B, 4] at once (the same arithmetic)."""
+    n, y_mean, vyy, scale = summaries.T
+    with quiet():
+        sy = np.sqrt(vyy)
+        coords = stacked(
+            A=[[1.0 / sy, 0.0], [0.0, 1.0 / sy]],
+            A_inv=[[sy, 0.0], [0.0, sy]],
+            origin=[y_mean, 0.0],
+            shift=scale * np.log(sy),
+        )
+        zero, one = np.zeros_like(n), np.ones_like(n)
+        return np.stack([n, zero, one, scale], 1), coords
+
+
 def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Array:
     """The reference post's deliberately-off start (deterministic: no seed is used)."""
     if scaling != "none":
@@ -140,6 +162,24 @@ def stats(
     )
 
 
+def stats_of_sets(fit: SetsAtFit, summaries: Array, options: Mapping[str, Any]) -> SetStats:
+    """:func:`stats` of every unweighted set of a batch at once (NaN for its None)."""
+    fit = fit.flipped(1, fit.params[1] < 0.0)  # report for |s|
+    coords: Any = fit.coords  # stacked: numbers are arrays
+    n, y_mean, vyy, scale = summaries.T
+    with quiet():
+        mean_nll = 0.5 * (LOG_2PI + np.log(vyy) + 1.0)
+        return fit_stats_of_sets(
+            ("mean", "std"),
+            fit,
+            n,
+            covariance_factor=scale / n / coords.a,
+            loglik=-coords.loss(fit.loss) * n / scale,
+            closed=(y_mean, np.sqrt(vyy)),
+            closed_loss=mean_nll * scale,
+        )
+
+
 def report(params: Vector) -> Vector:
     return (params[0], abs(params[1]))
 
@@ -157,9 +197,11 @@ GAUSSIAN = ModelSpec(
     spread="vyy",
     constant=all_equal("y", "the standard deviation is zero"),
     standardize=standardize,
+    standardize_sets=standardize_sets,
     start=start,
     random_start=False,
     stats=stats,
+    stats_of_sets=stats_of_sets,
     dummy=(2.0, 0.0, 1.0, 1.0),
     dummy_start=(0.0, 1.0),
     report=report,

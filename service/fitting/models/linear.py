@@ -30,8 +30,16 @@ from service.fitting.losses import LOG_2PI
 from service.fitting.models import ModelSpec, all_equal
 from service.fitting.options import Scaling
 from service.fitting.results import FitStats
-from service.fitting.scaling import Coordinates, affine
-from service.fitting.stats import ROUNDING, AtFit, WeightSummary, fit_stats
+from service.fitting.scaling import Coordinates, affine, quiet, stacked
+from service.fitting.stats import (
+    ROUNDING,
+    AtFit,
+    SetsAtFit,
+    SetStats,
+    WeightSummary,
+    fit_stats,
+    fit_stats_of_sets,
+)
 from service.fitting.summary import (
     VECTOR,
     Ragged,
@@ -108,6 +116,22 @@ def standardize(summary: Array) -> tuple[Array, Coordinates]:
     return np.array([n, 0.0, 0.0, 1.0, vxy / sx / sy, vyy / (sy * sy)]), coords
 
 
+def standardize_sets(summaries: Array) -> tuple[Array, Coordinates]:
+    """:func:`standardize` of every row of [B, 6] at once (the same arithmetic)."""
+    n, x_mean, y_mean, vxx, vxy, vyy = summaries.T
+    with quiet():
+        sx = np.sqrt(vxx)
+        sy = np.where(vyy > 0.0, np.sqrt(vyy), 1.0)
+        coords = stacked(
+            A=[[sx / sy, 0.0], [x_mean / sy, 1.0 / sy]],
+            A_inv=[[sy / sx, 0.0], [-x_mean * sy / sx, sy]],
+            origin=[0.0, y_mean],
+            a=sy * sy,
+        )
+        zero, one = np.zeros_like(n), np.ones_like(n)
+        return np.stack([n, zero, zero, one, vxy / sx / sy, vyy / (sy * sy)], 1), coords
+
+
 def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Array:
     """The reference post's layer's start: m from N(0, 0.05²) drawn with the row's seed,
     b = 0 (in the loop's coordinates, standardized or raw)."""
@@ -153,6 +177,33 @@ def stats(
     )
 
 
+def stats_of_sets(fit: SetsAtFit, summaries: Array, options: Mapping[str, Any]) -> SetStats:
+    """:func:`stats` of every unweighted set of a batch at once (NaN for its None)."""
+    coords: Any = fit.coords  # stacked: numbers are arrays
+    nan = np.nan
+    n, x_mean, y_mean, vxx, vxy, vyy = summaries.T
+    with quiet():
+        slope = vxy / vxx
+        dof = n - 2
+        loss_ = coords.loss(fit.loss)
+        ssr = np.where(loss_ <= ROUNDING * vyy, 0.0, n * loss_)
+        sigma2 = np.where(dof > 0, ssr / dof, nan)
+        loglik = np.where(ssr > 0.0, -0.5 * n * (LOG_2PI + np.log(ssr / n) + 1.0), np.inf)
+        r_squared = np.where(vyy > 0.0, 1.0 - loss_ / vyy, nan)
+        residual_std = np.where((dof > 0) & np.isfinite(sigma2), np.sqrt(sigma2), nan)
+        return fit_stats_of_sets(
+            ("slope", "intercept"),
+            fit,
+            n,
+            covariance_factor=sigma2 * 2.0 / n / coords.a,
+            loglik=loglik,
+            closed=(slope, y_mean - slope * x_mean),
+            closed_loss=np.maximum(vyy - vxy * slope, 0.0),
+            r_squared=r_squared,
+            residual_std=residual_std,
+        )
+
+
 LINEAR = ModelSpec(
     name="linear",
     params=("slope", "intercept"),
@@ -166,9 +217,11 @@ LINEAR = ModelSpec(
     spread="vxx",
     constant=all_equal("x", "the slope is not determined"),
     standardize=standardize,
+    standardize_sets=standardize_sets,
     start=start,
     random_start=True,
     stats=stats,
+    stats_of_sets=stats_of_sets,
     dummy=(2.0, 0.0, 0.0, 1.0, 0.0, 1.0),
     dummy_start=(0.0, 0.0),
 )
