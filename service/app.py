@@ -56,6 +56,12 @@ TAGS = [
 ]
 
 
+#: gzip level 1: a 10,000-set batch answer (10.8 MB) compresses at 130 MB/s to a quarter
+#: (level 5: 48 MB/s, to 21%). Sent over 1 Gb/s, level 1 is done in ~105 ms against ~245 ms;
+#: even at 100 Mb/s, ~300 ms against ~410 ms. On loopback level 5 added 0.35 s to that answer.
+GZIP_LEVEL = 1
+
+
 def create_app(
     settings: Settings | None = None, models: Mapping[str, HttpModel] = BUILT_IN
 ) -> FastAPI:
@@ -105,9 +111,11 @@ def create_app(
     app.include_router(datasets.router)
     app.include_router(health.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, deadline=settings.body_deadline)
-    # Large answers (datasets, batches, long histories) compress ~2x; in a thread above
+    # Large answers (datasets, batches, long histories) compress ~4x; in a thread above
     # 128 KiB, so compression never stalls the event loop. PNGs and event streams are left.
-    app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes, compresslevel=5)
+    app.add_middleware(
+        GZipMiddleware, minimum_size=settings.gzip_min_bytes, compresslevel=GZIP_LEVEL
+    )
     # Outermost last: the request id exists before the access line is written.
     app.add_middleware(ObservedRequests, metrics=HttpMetrics(registry, lambda: _paths(app)))
     app.add_middleware(

@@ -17,13 +17,13 @@ of y ~ N(mx + b, σ²/w) at the maximum-likelihood σ².
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from service.fitting.draws import standard_normals
 from service.fitting.layers import LinearRegressionLayer
 from service.fitting.layout import Layout
 from service.fitting.losses import LOG_2PI
@@ -136,9 +136,10 @@ def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Ar
     """The reference post's layer's start: m from N(0, 0.05²) drawn with the row's seed,
     b = 0 (in the loop's coordinates, standardized or raw)."""
     starts = np.zeros((len(summaries), 2))
-    for i, seed in enumerate(seeds):
-        if seed is not None:
-            starts[i, 0] = random.Random(seed).gauss(0.0, SLOPE_INIT_STDDEV)
+    drawn = [(i, seed) for i, seed in enumerate(seeds) if seed is not None]
+    if drawn:
+        rows, chosen = zip(*drawn, strict=True)
+        starts[list(rows), 0] = SLOPE_INIT_STDDEV * standard_normals(chosen)
     return starts
 
 
