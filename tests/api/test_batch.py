@@ -123,8 +123,8 @@ def _close(ours: Any, theirs: Any, where: str, near_zero: bool) -> None:
             _close(a, b, f"{where}[{i}]", near_zero)
     elif isinstance(theirs, float) and not isinstance(theirs, bool):
         assert isinstance(ours, float), where
-        tolerance = {"rel": 1e-6, "abs": 1e-7} if near_zero else {"rel": 1e-8}
-        assert ours == pytest.approx(theirs, **tolerance), where
+        rel, absolute = (1e-6, 1e-7) if near_zero else (1e-8, None)
+        assert ours == pytest.approx(theirs, rel=rel, abs=absolute), where
     else:
         assert ours == theirs, where
 
@@ -375,7 +375,7 @@ async def test_binary_batch_answers_as_the_json_batch(client: httpx.AsyncClient)
     x = 1000.0 + 100.0 * rng.random((5, 30))
     y = 3.0 * x - 50.0 + rng.normal(0.0, 1.0, x.shape)
     x[2] = 1500.0
-    options = {"seed": 3, "epochs": 300, "history_every": 50}
+    options: dict[str, Any] = {"seed": 3, "epochs": 300, "history_every": 50}
     binary = await client.post(
         LINEAR + "/binary", content=_npy(np.stack([x, y], 1)), headers=NPY, params=options
     )

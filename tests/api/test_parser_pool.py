@@ -10,6 +10,7 @@ import numpy as np
 from service.admission import rss_bytes
 from service.api.models import BUILT_IN
 from service.api.parser_pool import PARSER_RESERVE_BYTES, ParserPool
+from service.api.parsing import Parsed
 from service.api.schemas import limits_context
 
 _KEPT: list[list[float]] = []
@@ -32,7 +33,7 @@ def test_a_process_is_kept_after_large_parses_and_replaced_when_it_keeps_memory(
         idle = rss_bytes([first.pid])
         for _ in range(2):
             parsed = pool.call(BUILT_IN["linear"].parse_batch, body, context, deadline_s=60)
-            assert parsed.arrays["x"].size == 1_000_000
+            assert isinstance(parsed, Parsed) and parsed.arrays["x"].size == 1_000_000
             assert pool._all == [first], rss_bytes([first.pid]) - idle
         assert pool.call(make_and_keep, 10_000_000, deadline_s=60) == 10_000_000
         assert first not in pool._all  # replaced (the new one starts in the background)
