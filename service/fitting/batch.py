@@ -11,13 +11,14 @@ row and for many alike (:mod:`service.fitting.models`).
 B is padded to a power of two (harmless dummy rows), so the loop compiles once per size bucket
 (at most ``log2(max_batch)`` buckets, each on first use) and never per batch.
 
-Around the loop, little runs per set (a random start drawn from each set's seed, so that it
-equals its single fit's; the message of a set that fails): standardization, the maps back to
-the caller's units, the divergence checks and the statistics are the single fit's arithmetic
-on [B] arrays (each
-spec's ``standardize_sets`` and ``stats_of_sets``, :mod:`service.fitting.stats`), and
-:class:`BatchResults` holds them as arrays, building a set's :class:`FitResult` only when it
-is read. (Per set in Python, they cost ~65 µs a set, ten times the compiled loop.)
+Around the loop, almost nothing runs per set (the message of a set that fails):
+standardization, the maps back to the caller's units, the divergence checks and the
+statistics are the single fit's arithmetic on [B] arrays (each spec's ``standardize_sets``
+and ``stats_of_sets``, :mod:`service.fitting.stats`; a spec without them is served by its
+scalar code, set by set), random starts are drawn for all seeds at once
+(:mod:`service.fitting.draws`), and :class:`BatchResults` holds the outcome as arrays,
+building a set's :class:`FitResult` only when it is read. (Per set in Python, this cost
+~65 µs a set: ten times the compiled loop.)
 """
 
 from __future__ import annotations
