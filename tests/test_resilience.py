@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -93,6 +94,11 @@ def test_schemathesis_finds_no_failure(seed: int, tmp_path: Path) -> None:
             text=True,
             timeout=300,
             cwd=tmp_path,
+            env={
+                **os.environ,
+                "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",  # how to draw .npy bodies
+                "PYTHONPATH": str(Path(__file__).parents[1]),
+            },
         )
         output = run.stdout + run.stderr
         assert run.returncode == 0, f"seed {seed}:\n{output}"
