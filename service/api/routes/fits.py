@@ -264,20 +264,18 @@ def _batch_answer(model: HttpModel, results: BatchResults) -> Iterator[bytes]:
     head = {"model": model.name, "succeeded": len(results) - failed, "failed": failed}
     yield orjson.dumps(head)[:-1] + b',"results":['
     fitted = iter(_fitted_entries(model, results))
-    piece: list[bytes] = []
-    for i in range(len(results)):
-        error = results.errors.get(i)
-        entry = (
-            {"index": i, "result": None, "error": str(error)}
-            if error is not None
-            else {"index": i, "result": next(fitted), "error": None}
-        )
-        piece.append(orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY))
-        if len(piece) == ENTRIES_PER_PIECE:
-            yield (b"," if i >= ENTRIES_PER_PIECE else b"") + b",".join(piece)
-            piece = []
-    if piece:
-        yield (b"," if len(results) > len(piece) else b"") + b",".join(piece)
+    for start in range(0, len(results), ENTRIES_PER_PIECE):
+        piece = []
+        for i in range(start, min(start + ENTRIES_PER_PIECE, len(results))):
+            error = results.errors.get(i)
+            piece.append(
+                {"index": i, "result": None, "error": str(error)}
+                if error is not None
+                else {"index": i, "result": next(fitted), "error": None}
+            )
+        # One call a piece (one an entry cost twice as much); its brackets dropped.
+        text = orjson.dumps(piece, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+        yield (b"," if start else b"") + text
     yield b"]}"
 
 
