@@ -2,9 +2,13 @@
 
 Each attack of issue #17 runs against one server started with deploy/k8s's settings (2 fits
 running, admission by expected time, 30 s fit timeout) and its 1792 MiB memory limit, on
-loopback only. The limit is enforced by measurement: the resident memory of the server and
-every process it started is sampled every 20 ms and must stay under it (podman's --memory
-would kill the pod; here the harness fails instead). For each attack the report gives the
+loopback only. The limit is enforced by measurement: the memory of the server and every
+process it started is sampled every 20 ms and must stay under it (podman's --memory would kill
+the pod; here the harness fails instead). It is their proportional set sizes (PSS) summed, as
+a cgroup counts pages: summed RSS counts shared pages once per process, and a parser process
+caught between its fork and its exec shares all of the server's (CI saw a 2,114 MiB "peak"
+that way, a server of ~1,100 MiB counted twice, in the attack that kills and restarts
+parsers). For each attack the report gives the
 peak memory, the worst and p99 /healthz latency while it ran, the status codes, and whether
 a normal fit succeeded within 5 s of it ending. Exit status 0 only if every check holds.
 
@@ -116,8 +120,28 @@ class Monitor:
 
     def _memory(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(marked_processes(self.server.mark)))
+            self.peak = max(self.peak, pss_bytes(marked_processes(self.server.mark)))
             time.sleep(0.02)
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """The proportional set sizes of these processes, summed: shared pages divided among
+    the processes sharing them (``/proc/<pid>/smaps_rollup``)."""
+    total = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        total += next(
+            (
+                int(line.split()[1]) * 1024
+                for line in rollup.splitlines()
+                if line.startswith("Pss:")
+            ),
+            0,
+        )
+    return total
 
 
 async def normal_fit_works(server: Server) -> float | None:
