@@ -140,10 +140,11 @@ def stack(coords: Sequence[Coordinates], k: int) -> Coordinates:
 
 def one_of(coords: Coordinates, j: int) -> Coordinates:
     """Set ``j``'s map, in floats, out of a :func:`stacked` one."""
+    return _each_number(coords, lambda v: float(v[j]) if isinstance(v, np.ndarray) else float(v))
 
-    def pick(v: Any) -> float:
-        return float(v[j]) if isinstance(v, np.ndarray) else float(v)
 
+def _each_number(coords: Coordinates, pick: Callable[[Any], Any]) -> Coordinates:
+    """``coords`` with ``pick`` applied to every number of the map (entries may be arrays)."""
     return Coordinates(
         a=pick(coords.a),
         shift=pick(coords.shift),
@@ -163,17 +164,7 @@ def losses_of_sets(coords: Coordinates, fit_losses: Array) -> Array:
 
 def subset(coords: Coordinates, rows: Any) -> Coordinates:
     """The stacked maps of the sets ``rows`` selects (an index or mask array)."""
-
-    def take(v: Any) -> Any:
-        return v[rows] if isinstance(v, np.ndarray) else v
-
-    return Coordinates(
-        a=take(coords.a),
-        shift=take(coords.shift),
-        A=None if coords.A is None else tuple(tuple(map(take, r)) for r in coords.A),
-        A_inv=None if coords.A_inv is None else tuple(tuple(map(take, r)) for r in coords.A_inv),
-        origin=None if coords.origin is None else tuple(map(take, coords.origin)),
-    )
+    return _each_number(coords, lambda v: v[rows] if isinstance(v, np.ndarray) else v)
 
 
 #: A model's standardization: the summary in fit coordinates, and the map back.

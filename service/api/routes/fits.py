@@ -359,7 +359,7 @@ def router(models: Iterable[HttpModel]) -> APIRouter:
     for model in models:
         _add_batch(fits, model)
     for model in models:
-        _add_batch_binary(fits, model)
+        _add_batch(fits, model, binary=True)
     return fits
 
 
@@ -404,43 +404,30 @@ def _add_fit_binary(fits: APIRouter, model: HttpModel) -> None:
     )
 
 
-def _add_batch(fits: APIRouter, model: HttpModel) -> None:
+def _add_batch(fits: APIRouter, model: HttpModel, binary: bool = False) -> None:
+    """The batch route: a JSON body, or (``binary``) one .npy array with the options in the
+    query string."""
+    parsers = (model.parse_batch, model.parse_batch_binary) if binary else (model.parse_batch,)
+
     async def fit_batch(request: Request) -> Any:
         async with admission(request) as admitted:
-            return await _fit_batch(model, admitted, await admitted.body(model.parse_batch))
-
-    fits.add_api_route(
-        f"/{model.name}/batch",
-        fit_batch,
-        methods=["POST"],
-        name=f"fit_{model.name}_batch",
-        response_model=model.batch_response,
-        summary=model.batch.summary,
-        description=model.batch.description,
-        responses=BATCH_RESPONSES,
-        openapi_extra=json_only_body(model.batch_request, model.batch.examples),
-    )
-
-
-def _add_batch_binary(fits: APIRouter, model: HttpModel) -> None:
-    async def fit_batch_binary(request: Request) -> Any:
-        async with admission(request) as admitted:
-            parsed = await admitted.body(model.parse_batch, model.parse_batch_binary, json=False)
+            parsed = await admitted.body(*parsers, json=not binary)
             return await _fit_batch(model, admitted, parsed)
 
+    path = f"/{model.name}/batch"
+    operation = model.batch_binary if binary else model.batch
     fits.add_api_route(
-        f"/{model.name}/batch/binary",
-        fit_batch_binary,
+        path + ("/binary" if binary else ""),
+        fit_batch,
         methods=["POST"],
-        name=f"fit_{model.name}_batch_binary",
+        name=f"fit_{model.name}_batch" + ("_binary" if binary else ""),
         response_model=model.batch_response,
-        summary=model.batch_binary.summary,
-        description=model.batch_binary.description,
-        responses=BATCH_BINARY_RESPONSES,
+        summary=operation.summary,
+        description=operation.description,
+        responses=BATCH_BINARY_RESPONSES if binary else BATCH_RESPONSES,
         openapi_extra=binary_body(
-            model.batch_options,
-            model.batch_layout,
-            f"POST /v1/fits/{model.name}/batch",
-            raw=False,
-        ),
+            model.batch_options, model.batch_layout, f"POST /v1/fits{path}", raw=False
+        )
+        if binary
+        else json_only_body(model.batch_request, model.batch.examples),
     )
