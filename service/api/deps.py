@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
 from service.admission import Ticket
-from service.api.parsing import Parsed
+from service.api.parsing import BINARY_MEDIA_TYPES, Parsed
 from service.api.requests import (
     BinaryParser,
     JsonParser,
@@ -88,10 +88,11 @@ class Admitted:
         parse_binary: BinaryParser[Any] | None = None,
         *,
         json: bool = True,
+        binary_types: tuple[str, ...] = BINARY_MEDIA_TYPES,
     ) -> Parsed[Any]:
         """The validated body: JSON (unless ``json`` is False) and/or, with
-        ``parse_binary``, a binary body with the options in the query string; read after
-        admission, charged to the ticket."""
+        ``parse_binary``, a binary body (one of ``binary_types``) with the options in the
+        query string; read after admission, charged to the ticket."""
         request = self.caller._request  # the Caller of this module
         state = request.app.state
         return await parse_request(
@@ -102,6 +103,7 @@ class Admitted:
             parse_binary,
             self.ticket,
             json=json,
+            binary_types=binary_types,
         )
 
 

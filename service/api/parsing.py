@@ -331,16 +331,9 @@ def parse_batch_binary(
     context: dict[str, Any],
 ) -> Parsed[RequestT] | Invalid:
     """A batch as one .npy array of shape (sets, len(names), n) (one name: (sets, n) too),
-    the options in the query string; the same arrays as :func:`parse_batch`, every set
-    starting like a single fit. The limits of a JSON batch apply, checked on the header's
-    shape before any conversion."""
-    if media != NPY:
-        return _invalid(
-            ["body"],
-            "npy_required",
-            "a batch's binary body is one .npy array (its shape says where each set ends): "
-            "send application/x-npy",
-        )
+    the options in the query string (``media`` is application/x-npy: the route takes nothing
+    else); the same arrays as :func:`parse_batch`, every set starting like a single fit. The
+    limits of a JSON batch apply, checked on the header's shape before any conversion."""
     try:
         options = options_model.model_validate(_query_values(query), context=context)
     except ValidationError as exc:

@@ -81,11 +81,13 @@ async def parse_request(
     ticket: Ticket | None = None,
     *,
     json: bool = True,
+    binary_types: tuple[str, ...] = BINARY_MEDIA_TYPES,
 ) -> Parsed[RequestT]:
     """The validated request: JSON (parsed off the loop when large; unless ``json`` is
-    False), or, with ``parse_binary``, a binary body whose options are in the query string.
-    The body is read within its deadline and, with a ``ticket``, charged to it."""
-    accepted = ((JSON,) if json else ()) + (BINARY_MEDIA_TYPES if parse_binary else ())
+    False), or, with ``parse_binary``, a binary body (one of ``binary_types``) whose options
+    are in the query string. Any other Content-Type is refused (415) before the body is
+    read. The body is read within its deadline and, with a ``ticket``, charged to it."""
+    accepted = ((JSON,) if json else ()) + (binary_types if parse_binary else ())
     media = media_type(request, accepted)
     body = await read_body(request, settings, ticket, binary=media != JSON)
     context = limits_context(

@@ -12,7 +12,7 @@ from service.admission import Cost, fit_cost
 from service.api.deps import Admitted, admission
 from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
-from service.api.parsing import Parsed
+from service.api.parsing import NPY, Parsed
 from service.api.schemas import ErrorDetail, FitFailure, ValidationErrorBody
 from service.api.streaming import (
     EVENT_STREAM,
@@ -411,7 +411,8 @@ def _add_batch(fits: APIRouter, model: HttpModel, binary: bool = False) -> None:
 
     async def fit_batch(request: Request) -> Any:
         async with admission(request) as admitted:
-            parsed = await admitted.body(*parsers, json=not binary)
+            # The sets' lengths come from the array's shape: raw values have none.
+            parsed = await admitted.body(*parsers, json=not binary, binary_types=(NPY,))
             return await _fit_batch(model, admitted, parsed)
 
     path = f"/{model.name}/batch"
