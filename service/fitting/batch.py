@@ -460,6 +460,7 @@ def _compile_batch_loop(spec: ModelSpec, size: int, capacity: int) -> Any:
 
     @tf.function(
         jit_compile=True,
+        autograph=False,
         input_signature=[
             tf.TensorSpec([size, spec.summary.size], tf.float64),
             tf.TensorSpec([size, spec.k], tf.float64),

@@ -181,7 +181,8 @@ def _jacobian_function(residuals: Callable[[Any, Any], Any], k: int, size: int) 
     first statistics of its spec; not XLA-compiled, as it runs once per fit)."""
 
     @tf.function(
-        input_signature=[tf.TensorSpec([k], tf.float64), tf.TensorSpec([size], tf.float64)]
+        input_signature=[tf.TensorSpec([k], tf.float64), tf.TensorSpec([size], tf.float64)],
+        autograph=False,
     )
     def jacobian(p: Any, summary: Any) -> Any:
         return residuals_and_jacobian(residuals, p, summary)[1]

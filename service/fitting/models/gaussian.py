@@ -69,7 +69,7 @@ def moments(y: Array, weights: Array | None = None) -> Array:
         return np.array([y.size, y_mean, mean_product(dy, dy, w)])
 
 
-@tf.function(input_signature=[VECTOR])
+@tf.function(input_signature=[VECTOR], autograph=False)
 def moments_graph(y: Any) -> Any:
     """:func:`moments` of unweighted data in one graph call (large data)."""
     n = tf.cast(tf.size(y), tf.float64)

@@ -70,7 +70,7 @@ def moments(x: Array, y: Array, weights: Array | None = None) -> Array:
     return np.array([x.size, x_mean, y_mean, *products])
 
 
-@tf.function(input_signature=[VECTOR, VECTOR])
+@tf.function(input_signature=[VECTOR, VECTOR], autograph=False)
 def moments_graph(x: Any, y: Any) -> Any:
     """:func:`moments` of unweighted data in one graph call (large data)."""
     n = tf.cast(tf.size(x), tf.float64)
