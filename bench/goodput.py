@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 
 from bench.load import Load, load
-from tests.server import Server, free_port, serve
+from tests.server import Server, free_port, serve, wait_warm
 
 #: The goodput load: n = 100 points, the default 1000 epochs, 16 connections.
 N, CONNECTIONS = 100, 16
@@ -94,15 +94,6 @@ def _check_answer(url: str, body: bytes) -> None:
         assert math.isclose(got, want, rel_tol=1e-6), (url, params, slope, intercept)
 
 
-def _wait_warm(url: str) -> None:
-    """Until a tapefit server's background warm-up is done (it would share the CPU)."""
-    deadline = time.monotonic() + 120
-    while "tapefit_warm_up_complete 1.0" not in httpx.get(url + "/metrics").text:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not finish warming up")
-        time.sleep(0.2)
-
-
 def goodput(server: Server, seconds: int, rounds: int = 2) -> Goodput:
     """16 connections of default fits against the peer, the least TensorFlow service,
     tapefit with its fits reused (everything but the fit) and tapefit at its default
@@ -112,7 +103,7 @@ def goodput(server: Server, seconds: int, rounds: int = 2) -> Goodput:
     with ExitStack() as servers:
         urls = [servers.enter_context(peer(m)) for m in ("bench.peer", "bench.tf_peer")]
         urls += [servers.enter_context(peer("bench.free_fit")), server.url]
-        _wait_warm(urls[2])
+        wait_warm(urls[2])  # its background warm-up would share the CPU
         for url in urls:
             _check_answer(url, body)
             load(url, "/v1/fits/linear", body, 2, CONNECTIONS)  # warm (and compile)
@@ -120,8 +111,10 @@ def goodput(server: Server, seconds: int, rounds: int = 2) -> Goodput:
             [load(url, "/v1/fits/linear", body, seconds, CONNECTIONS) for url in urls]
             for _ in range(rounds)
         ]
-    best = [max(each, key=lambda r: r.rps) for each in zip(*runs, strict=True)]
-    return Goodput(best[0], best[1], best[3], best[2], seconds, rounds)
+    polyfit_peer, tf_peer, without_fit, tapefit = (
+        max(each, key=lambda r: r.rps) for each in zip(*runs, strict=True)
+    )
+    return Goodput(polyfit_peer, tf_peer, tapefit, without_fit, seconds, rounds)
 
 
 @dataclass

@@ -57,6 +57,16 @@ def free_port() -> int:
         return port
 
 
+def wait_warm(url: str, timeout_s: float = 120.0) -> None:
+    """Wait until the tapefit server at ``url`` has finished the background warm-up that
+    follows readiness (its ``tapefit_warm_up_complete`` metric is 1)."""
+    deadline = time.monotonic() + timeout_s
+    while "tapefit_warm_up_complete 1.0" not in httpx.get(f"{url}/metrics").text:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {url} never finished warming up")
+        time.sleep(0.1)
+
+
 @dataclass
 class Server:
     url: str
@@ -70,11 +80,7 @@ class Server:
     def wait_warm(self, timeout_s: float = 120.0) -> None:
         """Wait for the background warm-up that follows readiness (every compiled path, the
         batch loops, the parser process), so measurements do not count it."""
-        deadline = time.monotonic() + timeout_s
-        while "tapefit_warm_up_complete 1.0" not in httpx.get(f"{self.url}/metrics").text:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server never finished warming up")
-            time.sleep(0.1)
+        wait_warm(self.url, timeout_s)
 
     def stop(self, timeout: float = 60.0) -> bool:
         """SIGTERM, then wait; True if the server shut down gracefully.

@@ -13,6 +13,7 @@ from service.fitting import (
     FitCancelled,
     FitDiverged,
     FitEngine,
+    FitResult,
     Reduction,
     StopReason,
 )
@@ -20,6 +21,7 @@ from service.fitting.batch import BatchEngine, Ragged
 from service.fitting.loop import _direct_call, _eager_vector, _fast_call
 from service.fitting.models.gaussian import moments_graph as gaussian_summary
 from service.fitting.models.linear import moments_graph as linear_summary
+from service.fitting.options import Optimizer, Stopping
 from tests.conftest import seed_gaussian_data, seed_linear_data
 from tests.reference import (
     gaussian_closed_form,
@@ -327,6 +329,39 @@ def test_the_direct_call_passes_captured_tensors() -> None:
     call = _direct_call(function.get_concrete_function())
     assert call is not None
     assert call(tf.constant([1.0, 2.0], tf.float64)).numpy().tolist() == [11.0, 22.0]
+
+
+def test_the_direct_call_answers_real_fits_as_call_flat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fits far from unit scale (x in the thousands, a Gaussian of mean 1e7 and spread 0.1),
+    standardized and raw, with the optimizers and stopping that have loops of their own:
+    an engine calling through ``execute.quick_execute`` and one through ``_call_flat`` give
+    the same bytes."""
+    rng = np.random.default_rng(11)
+    x = 1000.0 + 100.0 * rng.random(200)
+    y = 3.0 * x - 50.0 + rng.normal(0.0, 1.0, 200)
+    g = rng.normal(1e7, 0.1, 200)
+    runs: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+        ("linear", (x, y), {"seed": 3}),
+        ("linear", (x, y), {"seed": 3, "scaling": "none", "learning_rate": 1e-7}),
+        ("linear", (x, y), {"seed": 3, "optimizer": Optimizer("adam")}),
+        ("gaussian", (g,), {"stopping": Stopping(tolerance=1e-12)}),
+        ("gaussian", (g,), {"optimizer": Optimizer("momentum")}),
+    ]
+
+    def fits() -> list[FitResult]:
+        engine = FitEngine()  # its callers are made on first use, after the patch below
+        return [
+            engine.fit(model, *data, **{"learning_rate": 0.01, "epochs": 500, **options})
+            for model, data, options in runs
+        ]
+
+    direct = fits()
+    monkeypatch.setattr("service.fitting.loop._direct_call", lambda concrete: None)
+    flat = fits()
+    for a, b in zip(direct, flat, strict=True):
+        assert a.params == b.params and a.final_loss == b.final_loss
+        assert a.loss_history.tobytes() == b.loss_history.tobytes()
+        assert a.stats == b.stats
 
 
 def test_the_fast_tensor_still_has_its_private_constructor() -> None:
