@@ -91,8 +91,9 @@ class Settings(BaseSettings):
     )
     inline_fit_max_s: Annotated[float, Field(ge=0)] = Field(
         0.002,
-        description="Fits expected to take at most this long run on the event loop itself: "
-        "a thread handoff and a disconnect watcher would cost more than the fit. 0: every fit "
+        description="Fits expected to take at most this long skip the fit thread pool (a "
+        "thread handoff and a disconnect watcher would cost more than the fit): they run in "
+        "the fit process (TAPEFIT_FIT_PROCESSES), or on the event loop itself. 0: every fit "
         "runs in the fit thread pool.",
     )
     max_queue_wait_s: Annotated[float, Field(gt=0)] = Field(
@@ -167,6 +168,13 @@ class Settings(BaseSettings):
     )
     parse_processes: Annotated[int, Field(ge=0)] = Field(
         1, description="Parser processes for large JSON bodies (0 = parse in a thread)."
+    )
+    fit_processes: Annotated[int, Field(ge=0, le=1)] = Field(
+        default_factory=lambda: 1 if available_cpus() >= 2 else 0,
+        description="1: fits too small for a thread (TAPEFIT_INLINE_FIT_MAX_S) run in a "
+        "process of their own, on another CPU than the event loop: more small fits a second "
+        "(docs/performance.md), for ~520 MiB more memory. 0: on the event loop. Default: 1 on "
+        "two CPUs or more.",
     )
 
     def body_deadline(self, length: int) -> float:

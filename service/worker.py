@@ -7,6 +7,9 @@
   returns what it reached with ``stop_reason="timeout"``.
 - A caller that stops waiting (client gone) sets the fit's cancel flag; the engine abandons
   the fit at the next chunk boundary.
+- Fits too small for a thread handoff run in the fit process (:mod:`service.fit_process`),
+  beside the event loop; while it is not running (starting, or restarting after a death),
+  on the event loop itself.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -36,6 +39,7 @@ from service.admission import (
     release_memory,
     rss_bytes,
 )
+from service.fit_process import ProcessLost, WarmProcess
 from service.fitting import (
     DegenerateData,
     FitCancelled,
@@ -57,6 +61,13 @@ log = logging.getLogger(__name__)
 #: Memory each parser process may keep between parses (see service.api.parser_pool): the
 #: automatic budget leaves this for each.
 PARSER_RESERVE_BYTES = 128 * 1024 * 1024
+#: What the fit process adds to the container once warm: its own memory, 516 MiB measured
+#: (898 MiB resident, of which 381 MiB are TensorFlow's libraries, mapped by the server too
+#: and counted in its resident memory), and the small fits it runs.
+FIT_PROCESS_RESERVE_BYTES = 576 * 1024 * 1024
+#: A fit in the fit process that has not answered this long after its deadline is taken for
+#: hung: the process is killed (and restarted) and the fit runs in the server.
+HUNG_AFTER_S = 10.0
 #: What the warm-up after readiness adds to the server (batch loops, other variants):
 #: measured ~250 MiB.
 WARM_UP_BYTES = 300 * 1024 * 1024
@@ -206,6 +217,11 @@ class FitMetrics:
             ),
             registry=registry,
         )
+        self.process_restarts = Counter(
+            "tapefit_fit_process_restarts",
+            "Times the fit process died (or hung) and was started again.",
+            registry=registry,
+        )
         self.memory_budget = Gauge(
             "tapefit_memory_budget_bytes",
             "Memory admitted requests may hold (TAPEFIT_MEMORY_BUDGET_BYTES, or derived from "
@@ -262,6 +278,7 @@ class FitWorker:
             max_workers=settings.compile_threads, thread_name_prefix="compile"
         )
         self._compiling = 0
+        self._process: WarmProcess | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -290,6 +307,18 @@ class FitWorker:
         ]
         for future in self._warming:
             future.add_done_callback(_log_failure)
+        if s.fit_processes:
+            setup = partial(
+                _warm_fit_engine,
+                s.epochs_per_call,
+                s.expression_cache_size,
+                s.intra_op_threads,
+                s.inter_op_threads,
+            )
+            self._process = WarmProcess(
+                setup, _fit_here, on_restart=self.metrics.process_restarts.inc
+            )
+            self._process.start()
         warm = asyncio.gather(*self._warming, return_exceptions=True)
         warm.add_done_callback(lambda _: self._warmed())
         log.info("worker ready", extra={"trace_counts": engine.trace_counts()})
@@ -311,13 +340,20 @@ class FitWorker:
         s = self.settings
         if not s.memory_budget_bytes:
             limit = s.memory_limit_bytes or memory_limit()
-            budget = auto_memory_budget(limit, s.parse_processes)
+            budget = auto_memory_budget(limit, s.parse_processes, s.fit_processes)
             self.admission.memory_budget = budget if warm else budget - WARM_UP_BYTES
         self.metrics.memory_budget.set(self.admission.memory_budget)
 
     async def wait_warm(self) -> None:
-        """Wait for the background warm-ups that follow readiness (tests, benchmarks)."""
+        """Wait for the background warm-ups that follow readiness, and for the fit process
+        (tests, benchmarks)."""
         await asyncio.gather(*self._warming)
+        if self._process is not None:
+            await self._process.wait_ready()
+
+    @property
+    def fit_process(self) -> WarmProcess | None:
+        return self._process
 
     def begin_drain(self) -> None:
         """Stop admitting fits; those in progress go on."""
@@ -328,6 +364,8 @@ class FitWorker:
         self.ready = False
         self._fit_pool.shutdown(wait=False, cancel_futures=True)
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
+        if self._process is not None:
+            await self._process.stop()
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -389,7 +427,7 @@ class FitWorker:
         cancelled, should_stop = self._stop_check(timeout_s)
         compiling = pool is self._compile_pool
         if not compiling and progress is None and self.inline(ticket):
-            result, seconds = self._run(engine, job, should_stop)
+            result, seconds = await self._run_small(engine, job, timeout_s, should_stop)
         else:
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(pool, self._run, engine, job, should_stop, progress)
@@ -492,6 +530,31 @@ class FitWorker:
         limit = self.settings.fit_timeout_s
         return limit if timeout_s is None else min(timeout_s, limit)
 
+    async def _run_small(
+        self,
+        engine: FitEngine,
+        job: FitJob,
+        timeout_s: float | None,
+        should_stop: Callable[[], StopReason | None],
+    ) -> tuple[FitResult, float]:
+        """A fit too small for a thread: in the fit process when it is running and holds the
+        model compiled (every built-in one: expressions compile here), else on the event loop.
+        A fit the process lost (it died, or hung) runs here: nothing accepted is lost."""
+        process = self._process
+        if process is not None and process.ready and job.model in engine.models:
+            # Linux's monotonic clock is the machine's: the process reads the same deadline.
+            deadline = time.monotonic() + self.deadline_s(timeout_s)
+            try:
+                with self._counted(job.model) as tally:
+                    tally.result, tally.seconds = await process.call(
+                        job, deadline, timeout_s=deadline - time.monotonic() + HUNG_AFTER_S
+                    )
+            except ProcessLost:
+                log.warning("the fit process lost a fit: fitting it here")
+            else:
+                return tally.result, tally.seconds
+        return self._run(engine, job, should_stop)
+
     def _run(
         self,
         engine: FitEngine,
@@ -499,16 +562,27 @@ class FitWorker:
         should_stop: Callable[[], StopReason | None],
         progress: Reporter | None = None,
     ) -> tuple[FitResult, float]:
-        """The fit, and the seconds it took."""
-        model = job.model
+        """The fit here, and the seconds it took."""
+        start = time.perf_counter()
+        with self._counted(job.model) as tally:
+            tally.result = self._dispatch(engine, job, should_stop, progress)
+        return tally.result, time.perf_counter() - start
+
+    @contextmanager
+    def _counted(self, model: str) -> Iterator[_Tally]:
+        """The metrics of one fit: running while in the block, then its duration (the
+        tally's seconds, else the block's), its epochs and its outcome. A fit the fit process
+        lost is not counted (it runs again, and counts then); one abandoned in a thread
+        (FitCancelled) is counted by its caller, and one whose awaiting caller was cancelled,
+        here."""
+        tally = _Tally()
         outcome = "error"
         start = time.perf_counter()
         self.metrics.running.inc()
         try:
-            result = self._dispatch(engine, job, should_stop, progress)
-            outcome = result.stop_reason
-            self.metrics.epochs.labels(model).inc(result.epochs_run)
-            return result, time.perf_counter() - start
+            yield tally
+            outcome = tally.result.stop_reason
+            self.metrics.epochs.labels(model).inc(tally.result.epochs_run)
         except FitDiverged:
             outcome = "diverged"
             raise
@@ -516,12 +590,20 @@ class FitWorker:
             outcome = "degenerate"
             raise
         except FitCancelled:
+            outcome = "abandoned"  # the caller counts it cancelled
+            raise
+        except asyncio.CancelledError:
             outcome = "cancelled"
+            raise
+        except ProcessLost:
+            outcome = "lost"
             raise
         finally:
             self.metrics.running.dec()
-            self.metrics.duration.labels(model).observe(time.perf_counter() - start)
-            if outcome != "cancelled":  # counted by the caller
+            if outcome != "lost":
+                seconds = time.perf_counter() - start if tally.seconds is None else tally.seconds
+                self.metrics.duration.labels(model).observe(seconds)
+            if outcome not in ("abandoned", "lost"):
                 self.metrics.fits.labels(model, outcome).inc()
 
     @staticmethod
@@ -551,6 +633,37 @@ class FitWorker:
         )
 
 
+class _Tally:
+    """What a fit produced, and the seconds it took where it ran (another process's)."""
+
+    result: FitResult
+    seconds: float | None = None
+
+
+def _warm_fit_engine(
+    epochs_per_call: int, expression_cache_size: int, intra_op_threads: int, inter_op_threads: int
+) -> FitEngine:
+    """The fit process's engine: the server's threads, and every small loop warm (the
+    optimizers' and stopping rules' too)."""
+    configure_threads(intra_op_threads, inter_op_threads)
+    engine = shared_engine(epochs_per_call, expression_cache_size)
+    engine.warm_up(large=False)
+    gc.set_threshold(*GC_THRESHOLDS)
+    return engine
+
+
+def _fit_here(engine: FitEngine, job: FitJob, deadline: float) -> tuple[FitResult, float]:
+    """One fit in the fit process, stopped at ``deadline`` (``time.monotonic()``); and the
+    seconds it took."""
+
+    def should_stop() -> StopReason | None:
+        return "timeout" if time.monotonic() >= deadline else None
+
+    start = time.perf_counter()
+    result = FitWorker._dispatch(engine, job, should_stop)
+    return result, time.perf_counter() - start
+
+
 def _log_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and (error := future.exception()) is not None:
         log.error("background warm-up failed", exc_info=error)
@@ -573,10 +686,14 @@ def _run_batch(
     )
 
 
-def auto_memory_budget(limit: int, parse_processes: int) -> int:
+def auto_memory_budget(limit: int, parse_processes: int, fit_processes: int = 0) -> int:
     """What admitted requests may use: a share of the memory ``limit`` less what this process
-    holds once warm and what its parser processes will keep."""
-    held = rss_bytes([os.getpid()]) + parse_processes * PARSER_RESERVE_BYTES
+    holds once warm and what its parser processes and fit process will keep."""
+    held = (
+        rss_bytes([os.getpid()])
+        + parse_processes * PARSER_RESERVE_BYTES
+        + fit_processes * FIT_PROCESS_RESERVE_BYTES
+    )
     return max(MIN_BUDGET_BYTES, int(BUDGET_SHARE * limit) - held)
 
 

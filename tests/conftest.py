@@ -54,8 +54,8 @@ def engine() -> FitEngine:
 
 
 def app_settings(**overrides: Any) -> Settings:
-    """Settings for in-process apps: no parser process unless a test asks for one."""
-    values: dict[str, Any] = {"parse_processes": 0, **overrides}
+    """Settings for in-process apps: no parser or fit process unless a test asks for one."""
+    values: dict[str, Any] = {"parse_processes": 0, "fit_processes": 0, **overrides}
     return Settings(**values)
 
 

@@ -41,6 +41,20 @@ def marked_processes(mark: str = SESSION_MARK) -> list[int]:
     return found
 
 
+def named_processes(mark: str, name: str) -> list[int]:
+    """The processes carrying ``mark`` that call themselves ``name`` (the server's helper
+    processes: ``tapefit-parser``, ``tapefit-fit``)."""
+    found = []
+    for pid in marked_processes(mark):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == name:
+            found.append(pid)
+    return found
+
+
 def kill_marked(mark: str = SESSION_MARK) -> list[int]:
     """SIGKILL every process carrying ``mark``; returns the PIDs that were still there."""
     pids = marked_processes(mark)

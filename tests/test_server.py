@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import seed_gaussian_data, seed_linear_data
 from tests.reference import gaussian_closed_form, linear_closed_form
-from tests.server import marked_processes, serve
+from tests.server import marked_processes, named_processes, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -67,12 +67,19 @@ async def test_health_answers_while_a_long_fit_runs() -> None:
 
 
 def test_children_die_with_a_killed_server() -> None:
-    """SIGKILL (or an OOM kill) gives the server no chance to stop its parser process: it
-    must still exit, not live on under PID 1."""
-    with serve() as server:
-        server.wait_warm()  # the parser process starts after readiness
-        children = [pid for pid in marked_processes(server.mark) if pid != server.process.pid]
-        assert children  # the parser process
+    """SIGKILL (or an OOM kill) gives the server no chance to stop its parser process and
+    its fit process: they must still exit, not live on under PID 1. (After SIGTERM, serve()
+    checks the same.)"""
+    with serve(TAPEFIT_FIT_PROCESSES="1") as server:
+        server.wait_warm()  # both start after readiness
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (
+            named_processes(server.mark, "tapefit-parser")
+            and named_processes(server.mark, "tapefit-fit")
+        ):
+            time.sleep(0.1)
+        assert named_processes(server.mark, "tapefit-parser")
+        assert named_processes(server.mark, "tapefit-fit")
         server.process.kill()
         server.process.wait(timeout=30)
         deadline = time.monotonic() + 5.0

@@ -18,7 +18,9 @@ from service.settings import Settings
 from service.worker import FitWorker
 
 async def main():
-    worker = FitWorker(Settings(intra_op_threads=1, inter_op_threads=3, parse_processes=0))
+    worker = FitWorker(
+        Settings(intra_op_threads=1, inter_op_threads=3, parse_processes=0, fit_processes=0)
+    )
     await worker.start()
     await worker.wait_warm()
     await asyncio.sleep(0.1)  # the warm-up's done callback

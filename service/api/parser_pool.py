@@ -24,6 +24,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 from service.admission import release_memory, rss_bytes
+from service.processes import name_process, watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ T = TypeVar("T")
 #: Memory a parser process may keep between parses (17 MiB idle, ~105 MiB after a 38 MiB
 #: body, its garbage handed back): the memory budget leaves this for each; one over it is replaced.
 PARSER_RESERVE_BYTES = 128 * 1024 * 1024
-#: How often a parser process checks that the server that started it is still alive.
-PARENT_POLL_S = 0.25
 START_TIMEOUT_S = 120.0
 
 
@@ -43,7 +42,8 @@ class ParserFailed(Exception):
 
 def _serve(conn: Connection, parent: int) -> None:
     """A parser process: run the calls that arrive, until the pipe or the parent is gone."""
-    _watch_parent(parent)
+    name_process("tapefit-parser")
+    watch_parent(parent)
     while True:
         try:
             fn, args = conn.recv()
@@ -63,19 +63,6 @@ def _serve(conn: Connection, parent: int) -> None:
         release_memory()
         conn.send(reply)
         del reply
-
-
-def _watch_parent(parent: int) -> None:
-    """Exit as soon as the server that started this process is gone (SIGKILL, OOM kill),
-    instead of living on under PID 1. (PR_SET_PDEATHSIG would fire when the *thread* that
-    spawned the process exits, and processes are spawned from worker threads.)"""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class _Process:

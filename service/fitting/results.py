@@ -98,8 +98,13 @@ class FitDiverged(FitError):
         self.epoch = epoch
         self.learning_rate = learning_rate
         self.reason = reason
+        self.advice = advice
         advice = advice or f"lower learning_rate (it was {learning_rate:g})"
         super().__init__(f"the fit diverged at epoch {epoch}: {reason}; {advice}")
+
+    def __reduce__(self) -> tuple[type[FitDiverged], tuple[int, float, str, str | None]]:
+        """Pickled by its own arguments (it comes back from the fit process whole)."""
+        return type(self), (self.epoch, self.learning_rate, self.reason, self.advice)
 
 
 class DegenerateData(FitError):

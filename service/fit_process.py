@@ -1,0 +1,284 @@
+"""A second process with a warm engine of its own, which the event loop awaits without a thread.
+
+A fit expected to take a millisecond or two is not worth a thread handoff, so it used to run
+on the event loop itself, and the loop did nothing else meanwhile: the fit was half of the
+loop's time a request. Sent here, it runs on the other core while the loop parses and answers
+the next requests.
+
+- The process serves one call at a time, in order. Each call is a pickled frame over a socket
+  pair: the loop writes without blocking and reads the answers as they come (asyncio streams).
+- Its death (SIGKILL, an OOM kill, a crash) is an EOF on the socket: every call that was in it
+  raises :class:`ProcessLost` at once, so the caller can run it itself, and a new process is
+  started in the background, after a pause that doubles while starts keep failing.
+- It exits on EOF, and when the server that started it is gone however it went
+  (:func:`service.processes.watch_parent`): it never outlives the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from service.processes import name_process, watch_parent
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<Q")
+#: How long a new process may take to import TensorFlow and warm its engine.
+START_TIMEOUT_S = 180.0
+#: Pauses before restarting a process that died: the first, and the longest.
+RESTART_PAUSE_S = (1.0, 30.0)
+#: A process that served this long before dying is restarted after the first pause again.
+STABLE_S = 60.0
+#: How long the process may take to finish its call and exit on shutdown before it is killed.
+STOP_TIMEOUT_S = 5.0
+READY = b"ready"
+
+
+class ProcessLost(Exception):
+    """The process died (or was stopped) with this call in it, or was not running."""
+
+
+Setup = Callable[[], Any]
+Call = Callable[..., Any]
+
+
+def _serve(sock: socket.socket, parent: int, name: str, setup: Setup, call: Call) -> None:
+    """The process: ``state = setup()``, then ``call(state, *args)`` for each frame, in order,
+    answering ``(id, ok, value)``, until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; EOF ends us
+    name_process(name)
+    watch_parent(parent)
+    state = setup()
+    gc.collect()
+    gc.freeze()  # what the warm-up made lives as long as the process
+    try:
+        _send(sock, READY)
+    except OSError:
+        return  # stopped while starting
+    while True:
+        try:
+            frame = _receive(sock)
+        except (EOFError, OSError):
+            return
+        ident, args = pickle.loads(frame)
+        try:
+            reply: tuple[int, bool, Any] = (ident, True, call(state, *args))
+        except Exception as error:
+            reply = (ident, False, _portable(error))
+        try:
+            _send(sock, pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            return
+
+
+def _portable(error: Exception) -> Exception:
+    """``error``, if it comes back whole from pickling (an exception whose constructor takes
+    other arguments than it keeps would not); else a RuntimeError saying what it was."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def _send(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(HEADER.pack(len(payload)) + payload)
+
+
+def _receive(sock: socket.socket) -> bytearray:
+    (size,) = HEADER.unpack(_exactly(sock, HEADER.size))
+    return _exactly(sock, size)
+
+
+def _exactly(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise EOFError
+        got += n
+    return buffer
+
+
+class _Running:
+    """One started process and the loop's end of its socket."""
+
+    def __init__(self, process: BaseProcess, reader: asyncio.StreamReader, writer: Any) -> None:
+        self.process = process
+        self.reader = reader
+        self.writer: asyncio.StreamWriter = writer
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.started = time.monotonic()
+        self.killed = False
+
+
+class WarmProcess:
+    """A process holding what ``setup()`` returns (a warm engine), serving ``call(state,
+    *args)``. :meth:`start` in the event loop; :meth:`call` is usable once :attr:`ready`."""
+
+    def __init__(
+        self,
+        setup: Setup,
+        call: Call,
+        name: str = "tapefit-fit",
+        on_restart: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._setup = setup
+        self._call = call
+        self._name = name
+        self._on_restart = on_restart
+        self._running: _Running | None = None
+        self._next_id = 0
+        self._closed = False
+        self._pause = RESTART_PAUSE_S[0]
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._running is not None and not self._running.killed
+
+    @property
+    def pid(self) -> int | None:
+        running = self._running
+        return running.process.pid if running is not None else None
+
+    def start(self) -> None:
+        """Start the process in the background; :attr:`ready` once it has warmed up."""
+        self._task = asyncio.create_task(self._keep_running(), name=f"{self._name}-process")
+
+    async def wait_ready(self) -> None:
+        """Until the process is ready (tests and benchmarks)."""
+        while not self.ready:
+            if self._closed:
+                raise ProcessLost("the process is stopped")
+            await asyncio.sleep(0.05)
+
+    async def call(self, *args: Any, timeout_s: float) -> Any:
+        """``call(state, *args)`` in the process; raises what it raised there, or
+        :class:`ProcessLost`. Past ``timeout_s`` the process is taken for hung and killed."""
+        running = self._running
+        if running is None or running.killed:
+            raise ProcessLost("the process is not running")
+        ident = self._next_id
+        self._next_id += 1
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        running.pending[ident] = future
+        payload = pickle.dumps((ident, args), protocol=pickle.HIGHEST_PROTOCOL)
+        running.writer.write(HEADER.pack(len(payload)) + payload)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            log.error("the %s process missed a deadline by far: killing it", self._name)
+            running.killed = True
+            running.process.kill()
+            raise ProcessLost("the process hung") from None
+        finally:
+            running.pending.pop(ident, None)
+
+    async def stop(self) -> None:
+        """No more calls; the process finishes the one it is in and exits (killed if it
+        takes longer than :data:`STOP_TIMEOUT_S`)."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # -- the process's life -------------------------------------------------------------------
+
+    async def _keep_running(self) -> None:
+        """Start the process, serve it until it dies, restart it; until stopped."""
+        while not self._closed:
+            process: BaseProcess | None = None
+            try:
+                process, reader, writer = await self._spawn()
+                running = _Running(process, reader, writer)
+                self._running = running
+                await self._read(running)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the %s process failed to start", self._name)
+            finally:
+                lost, self._running = self._running, None
+                if lost is not None:
+                    for future in lost.pending.values():
+                        if not future.done():
+                            future.set_exception(ProcessLost("the process died during the call"))
+                    lost.writer.close()
+                if process is not None:
+                    await _end(process)
+            if self._closed:
+                break
+            stable = lost is not None and time.monotonic() - lost.started > STABLE_S
+            self._pause = RESTART_PAUSE_S[0] if stable else self._pause
+            log.warning("the %s process died; restarting it in %.0f s", self._name, self._pause)
+            self._on_restart()
+            await asyncio.sleep(self._pause)
+            self._pause = min(2 * self._pause, RESTART_PAUSE_S[1])
+
+    async def _spawn(self) -> tuple[BaseProcess, asyncio.StreamReader, asyncio.StreamWriter]:
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = socket.socketpair()
+        process = context.Process(
+            target=_serve,
+            args=(theirs, os.getpid(), self._name, self._setup, self._call),
+            name=self._name,
+            daemon=True,
+        )
+        try:
+            process.start()
+        finally:
+            theirs.close()  # so that the process's death is an EOF here
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            size = HEADER.unpack(await asyncio.wait_for(reader.readexactly(8), START_TIMEOUT_S))
+            if await reader.readexactly(size[0]) != READY:
+                raise RuntimeError("the process answered something else than ready")
+        except BaseException:
+            writer.close()
+            process.kill()  # it holds nothing yet
+            await _end(process)
+            raise
+        log.info("%s process ready", self._name, extra={"pid": process.pid})
+        return process, reader, writer
+
+    async def _read(self, running: _Running) -> None:
+        """Hand each answer to its call until EOF (the process died or exited)."""
+        reader = running.reader
+        while True:
+            try:
+                header = await reader.readexactly(HEADER.size)
+                frame = await reader.readexactly(HEADER.unpack(header)[0])
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            ident, ok, value = pickle.loads(frame)
+            future = running.pending.get(ident)
+            if future is None or future.done():
+                continue  # its caller stopped waiting
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
+async def _end(process: BaseProcess) -> None:
+    """Let the process exit on the EOF it has been sent; kill it if it will not; reap it."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, process.join, STOP_TIMEOUT_S)
+    if process.is_alive():
+        process.kill()
+        await loop.run_in_executor(None, process.join, STOP_TIMEOUT_S)

@@ -1,0 +1,32 @@
+"""What every helper process of the server shares: it goes when the server goes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+#: How often a helper process checks that the server that started it is still alive.
+PARENT_POLL_S = 0.25
+
+
+def watch_parent(parent: int) -> None:
+    """Exit as soon as the server that started this process is gone (SIGKILL, OOM kill),
+    instead of living on under PID 1. (PR_SET_PDEATHSIG would fire when the *thread* that
+    spawned the process exits, and processes are spawned from worker threads.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def name_process(name: str) -> None:
+    """Show this process as ``name`` in ps and top (Linux keeps 15 characters), instead of
+    the server's command line again."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name[:15])

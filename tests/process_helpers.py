@@ -1,0 +1,25 @@
+"""Functions for test processes to run: this module imports nothing, so a process that
+unpickles them starts in milliseconds (the test modules import TensorFlow)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Unpicklable(Exception):
+    """Its constructor takes other arguments than it keeps: it would not unpickle."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a} and {b}")
+
+
+def fails_in_setup() -> None:
+    raise RuntimeError("no engine today")
+
+
+def echo(state: object, *args: Any) -> Any:
+    return args
+
+
+def raises(state: object) -> None:
+    raise Unpicklable(1, 2)

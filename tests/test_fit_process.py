@@ -1,0 +1,183 @@
+"""The fit process (service.fit_process): fits too small for a thread run there, beside the
+event loop, and answer exactly what the server itself would; its death or a hang loses no fit.
+(That it never outlives the server: tests/test_server.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from service import fit_process
+from service.app import create_app
+from service.fit_process import ProcessLost, WarmProcess
+from service.worker import FitWorker
+from tests.conftest import app_settings
+from tests.process_helpers import echo, fails_in_setup, raises
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+
+LINEAR = "/v1/fits/linear"
+GAUSSIAN = "/v1/fits/gaussian"
+
+
+def _bodies() -> list[tuple[str, dict[str, Any]]]:
+    """Fits in real units, every outcome: x in the thousands (raw and standardized, SGD,
+    Adam, stopping on the loss), a mean of 1e7 with a spread of 0.1, weights, a diverged fit
+    (a 422 raised in the process) and degenerate data (a 422 before any fit)."""
+    rng = np.random.default_rng(21)
+    x = 1000.0 + 100.0 * rng.random(100)
+    y = 3.0 * x - 50.0 + rng.normal(0.0, 1.0, 100)
+    g = rng.normal(1e7, 0.1, 200)
+    xy = {"x": x.tolist(), "y": y.tolist(), "seed": 3}
+    return [
+        (LINEAR, xy),
+        (LINEAR, {**xy, "optimizer": "adam", "learning_rate": 0.05, "tolerance": 1e-9}),
+        (LINEAR, {**xy, "scaling": "none", "learning_rate": 1e-7, "epochs": 50}),
+        (LINEAR, {**xy, "weights": rng.uniform(0.5, 2.0, 100).tolist()}),
+        (GAUSSIAN, {"y": g.tolist()}),
+        (GAUSSIAN, {"y": g.tolist(), "optimizer": "momentum", "history_every": 10}),
+        (GAUSSIAN, {"y": g.tolist(), "learning_rate": 1e9}),
+        (LINEAR, {"x": [5.0] * 10, "y": list(range(10)), "seed": 1}),
+    ]
+
+
+@asynccontextmanager
+async def app_running(**settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = create_app(app_settings(**settings))
+    async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60):
+        await app.state.worker_started
+        await app.state.worker.wait_warm()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tapefit") as client:
+            yield app, client
+
+
+def _fitting_here_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on a fit run in the server itself fails the request: the answers that
+    succeed came from the fit process."""
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("fitted in the server, not in the fit process")
+
+    monkeypatch.setattr(FitWorker, "_run", fail)
+
+
+async def test_small_fits_run_in_the_process_and_answer_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every body answers byte for byte as on the event loop (statuses and errors too), the
+    fits counted in the server's metrics."""
+    bodies = _bodies()
+    async with app_running(fit_processes=0) as (_, client):
+        here = [await client.post(path, json=body) for path, body in bodies]
+    async with app_running(fit_processes=1) as (app, client):
+        process = app.state.worker.fit_process
+        assert process is not None and process.ready and process.pid != os.getpid()
+        with monkeypatch.context() as patch:
+            _fitting_here_fails(patch)
+            there = [await client.post(path, json=body) for path, body in bodies]
+        metrics = (await client.get("/metrics")).text
+    assert [r.status_code for r in here] == [200] * 6 + [422, 422]
+    for a, b in zip(here, there, strict=True):
+        assert (a.status_code, a.content) == (b.status_code, b.content)
+    slope, intercept = np.polyfit(bodies[0][1]["x"], bodies[0][1]["y"], 1)
+    params = there[0].json()["params"]
+    assert params["slope"] == pytest.approx(slope, rel=1e-9)
+    assert params["intercept"] == pytest.approx(intercept, rel=1e-9)
+    assert there[4].json()["params"]["mean"] == pytest.approx(np.mean(bodies[4][1]["y"]), rel=1e-14)
+    assert 'tapefit_fits_total{model="linear",outcome="max_epochs"} 3.0' in metrics
+    assert 'tapefit_fits_total{model="gaussian",outcome="diverged"} 1.0' in metrics
+    assert 'tapefit_fit_epochs_total{model="gaussian"}' in metrics
+    assert 'tapefit_fit_duration_seconds_count{model="linear"} 4.0' in metrics
+
+
+async def test_fits_the_process_dies_with_are_fitted_in_the_server() -> None:
+    """SIGKILL (an OOM kill) of the process with fits in it: each still answers 200, the
+    same bytes as before; the process is restarted, counted, and serves again."""
+    path, body = _bodies()[0]
+    async with app_running(fit_processes=1) as (app, client):
+        worker = app.state.worker
+        process = worker.fit_process
+        expected = (await client.post(path, json=body)).content
+        first = process.pid
+        os.kill(first, signal.SIGSTOP)  # the fits wait in it...
+        posts = [asyncio.create_task(client.post(path, json=body)) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        assert not any(post.done() for post in posts)
+        os.kill(first, signal.SIGKILL)  # ...and it dies with them
+        answers = await asyncio.gather(*posts)
+        assert [(r.status_code, r.content) for r in answers] == [(200, expected)] * 3
+        await asyncio.wait_for(process.wait_ready(), 120)
+        assert process.pid not in (None, first)
+        again = await client.post(path, json=body)
+        metrics = (await client.get("/metrics")).text
+    assert (again.status_code, again.content) == (200, expected)
+    assert "tapefit_fit_process_restarts_total 1.0" in metrics
+    assert 'tapefit_fits_total{model="linear",outcome="max_epochs"} 5.0' in metrics
+
+
+async def test_a_hung_process_is_killed_and_its_fit_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process that does not answer well past a fit's deadline is killed and replaced; the
+    fit runs in the server and answers. (Its deadline has passed, but the engine checks it
+    between compiled chunks, and a default fit is one chunk: it answers in full.)"""
+    monkeypatch.setattr("service.worker.HUNG_AFTER_S", 0.5)
+    path, body = _bodies()[0]
+    async with app_running(fit_processes=1, fit_timeout_s=0.5) as (app, client):
+        process = app.state.worker.fit_process
+        expected = (await client.post(path, json=body)).content
+        hung = process.pid
+        os.kill(hung, signal.SIGSTOP)
+        r = await client.post(path, json=body)
+        assert (r.status_code, r.content) == (200, expected)
+        await asyncio.wait_for(process.wait_ready(), 120)
+        assert process.pid != hung
+        metrics = (await client.get("/metrics")).text
+    assert "tapefit_fit_process_restarts_total 1.0" in metrics
+
+
+async def test_errors_come_back_whole_and_a_process_that_cannot_start_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception that would not survive pickling comes back as a RuntimeError naming it
+    (instead of breaking the pipe); a setup that fails is retried with growing pauses, and
+    calls meanwhile raise ProcessLost at once."""
+    monkeypatch.setattr(fit_process, "RESTART_PAUSE_S", (0.05, 0.2))
+    works = WarmProcess(object, raises, name="tapefit-test")
+    works.start()
+    try:
+        await asyncio.wait_for(works.wait_ready(), 120)
+        with pytest.raises(RuntimeError, match="Unpicklable: 1 and 2"):
+            await works.call(timeout_s=60)
+    finally:
+        await works.stop()
+    restarts = 0
+
+    def restarted() -> None:
+        nonlocal restarts
+        restarts += 1
+
+    broken = WarmProcess(fails_in_setup, echo, name="tapefit-test", on_restart=restarted)
+    broken.start()
+    try:
+        deadline = time.monotonic() + 120
+        while restarts < 2 and time.monotonic() < deadline:
+            with pytest.raises(ProcessLost):
+                await broken.call(1, timeout_s=1)
+            await asyncio.sleep(0.05)
+        assert restarts >= 2
+    finally:
+        await broken.stop()
+    assert not broken.ready
