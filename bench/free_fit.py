@@ -30,6 +30,7 @@ if __name__ == "__main__":
     os.environ["TAPEFIT_PORT"] = sys.argv[1]
     os.environ["TAPEFIT_HOST"] = "127.0.0.1"
     os.environ.setdefault("TAPEFIT_LOG_LEVEL", "warning")
+    os.environ["TAPEFIT_FIT_PROCESSES"] = "0"  # the fits are reused here, on the event loop
     _reusing_fits()
     from service.__main__ import main
 

@@ -175,19 +175,25 @@ class WarmProcess:
             raise ProcessLost("the process is not running")
         ident = self._next_id
         self._next_id += 1
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         running.pending[ident] = future
         payload = pickle.dumps((ident, args), protocol=pickle.HIGHEST_PROTOCOL)
         running.writer.write(HEADER.pack(len(payload)) + payload)
+        hung = loop.call_later(timeout_s, self._hung, running, future)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
-            log.error("the %s process missed a deadline by far: killing it", self._name)
-            running.killed = True
-            running.process.kill()
-            raise ProcessLost("the process hung") from None
+            return await future
         finally:
+            hung.cancel()
             running.pending.pop(ident, None)
+
+    def _hung(self, running: _Running, future: asyncio.Future[Any]) -> None:
+        if future.done():
+            return
+        log.error("the %s process missed a deadline by far: killing it", self._name)
+        running.killed = True
+        running.process.kill()
+        future.set_exception(ProcessLost("the process hung"))
 
     async def stop(self) -> None:
         """No more calls; the process finishes the one it is in and exits (killed if it

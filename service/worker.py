@@ -170,7 +170,9 @@ class FitMetrics:
             registry=registry,
         )
         self.running = Gauge(
-            "tapefit_fits_running", "Fits executing in the fit thread pool.", registry=registry
+            "tapefit_fits_running",
+            "Fits executing (in the fit threads, the fit process or on the event loop).",
+            registry=registry,
         )
         self.warm = Gauge(
             "tapefit_warm_up_complete",
