@@ -135,11 +135,13 @@ class WarmProcess:
         setup: Setup,
         call: Call,
         name: str = "tapefit-fit",
+        on_ready: Callable[[], None] = lambda: None,
         on_restart: Callable[[], None] = lambda: None,
     ) -> None:
         self._setup = setup
         self._call = call
         self._name = name
+        self._on_ready = on_ready
         self._on_restart = on_restart
         self._running: _Running | None = None
         self._next_id = 0
@@ -213,6 +215,7 @@ class WarmProcess:
                 process, reader, writer = await self._spawn()
                 running = _Running(process, reader, writer)
                 self._running = running
+                self._on_ready()
                 await self._read(running)
             except asyncio.CancelledError:
                 raise

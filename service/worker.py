@@ -176,7 +176,8 @@ class FitMetrics:
         )
         self.warm = Gauge(
             "tapefit_warm_up_complete",
-            "1 once every compiled path is warm (readiness needs only the default one).",
+            "1 once every compiled path is warm, the fit process's too (readiness needs only "
+            "the default one).",
             registry=registry,
         )
         self.rejections = Counter(
@@ -281,6 +282,7 @@ class FitWorker:
         )
         self._compiling = 0
         self._process: WarmProcess | None = None
+        self._warm_here = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -318,7 +320,10 @@ class FitWorker:
                 s.inter_op_threads,
             )
             self._process = WarmProcess(
-                setup, _fit_here, on_restart=self.metrics.process_restarts.inc
+                setup,
+                _fit_here,
+                on_ready=self._mark_warm,
+                on_restart=self.metrics.process_restarts.inc,
             )
             self._process.start()
         warm = asyncio.gather(*self._warming, return_exceptions=True)
@@ -334,7 +339,15 @@ class FitWorker:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self._set_budget(warm=True)
-        self.metrics.warm.set(1)
+        self._warm_here = True
+        self._mark_warm()
+
+    def _mark_warm(self) -> None:
+        """``tapefit_warm_up_complete`` is 1 once this process and the fit process are warm
+        (the latter's restarts do not reset it: they are counted)."""
+        process = self._process
+        if self._warm_here and (process is None or process.ready):
+            self.metrics.warm.set(1)
 
     def _set_budget(self, warm: bool) -> None:
         """The memory budget, unless set: from the limit less what the server holds, first at
