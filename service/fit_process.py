@@ -6,7 +6,8 @@ loop's time a request. Sent here, it runs on the other core while the loop parse
 the next requests.
 
 - The process serves one call at a time, in order. Each call is a pickled frame over a socket
-  pair: the loop writes without blocking and reads the answers as they come (asyncio streams).
+  pair: the loop writes without blocking, and an asyncio protocol hands each answer to its call
+  as its bytes arrive.
 - Its death (SIGKILL, an OOM kill, a crash) is an EOF on the socket: every call that was in it
   raises :class:`ProcessLost` at once, so the caller can run it itself, and a new process is
   started in the background, after a pause that doubles while starts keep failing.
@@ -28,7 +29,7 @@ import struct
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, cast
 
 from service.processes import name_process, watch_parent
 
@@ -114,16 +115,68 @@ def _exactly(sock: socket.socket, size: int) -> bytearray:
     return buffer
 
 
-class _Running:
-    """One started process and the loop's end of its socket."""
+class _Connection(asyncio.Protocol):
+    """The loop's end of one process's socket: frames are cut from the bytes as they arrive
+    and handed to their calls in the same callback (no reader task)."""
 
-    def __init__(self, process: BaseProcess, reader: asyncio.StreamReader, writer: Any) -> None:
+    def __init__(self, process: BaseProcess, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         self.process = process
-        self.reader = reader
-        self.writer: asyncio.StreamWriter = writer
+        self.sock = sock  # owned here: closed by close(), never by the collector
         self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.ready: asyncio.Future[bool] = loop.create_future()  # whether it said "ready"
+        self.closed: asyncio.Future[None] = loop.create_future()
         self.started = time.monotonic()
         self.killed = False
+        self.transport: asyncio.WriteTransport | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not asyncio.Transport subclasses: no isinstance here.)
+        self.transport = cast(asyncio.WriteTransport, transport)
+
+    def send(self, payload: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(HEADER.pack(len(payload)) + payload)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= HEADER.size:
+            (size,) = HEADER.unpack_from(buffer)
+            end = HEADER.size + size
+            if len(buffer) < end:
+                return
+            frame = bytes(buffer[HEADER.size : end])
+            del buffer[:end]
+            if not self.ready.done():
+                self.ready.set_result(frame == READY)
+                continue
+            self._answer(*pickle.loads(frame))
+
+    def _answer(self, ident: int, ok: bool, value: Any) -> None:
+        future = self.pending.get(ident)
+        if future is None or future.done():
+            return  # its caller stopped waiting
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """EOF: the process exited or died. Every call still in it fails at once."""
+        lost = ProcessLost("the process died during the call")
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(lost)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        else:
+            self.sock.close()
 
 
 class WarmProcess:
@@ -143,7 +196,7 @@ class WarmProcess:
         self._name = name
         self._on_ready = on_ready
         self._on_restart = on_restart
-        self._running: _Running | None = None
+        self._running: _Connection | None = None
         self._next_id = 0
         self._closed = False
         self._pause = RESTART_PAUSE_S[0]
@@ -180,8 +233,7 @@ class WarmProcess:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         running.pending[ident] = future
-        payload = pickle.dumps((ident, args), protocol=pickle.HIGHEST_PROTOCOL)
-        running.writer.write(HEADER.pack(len(payload)) + payload)
+        running.send(pickle.dumps((ident, args), protocol=pickle.HIGHEST_PROTOCOL))
         hung = loop.call_later(timeout_s, self._hung, running, future)
         try:
             return await future
@@ -189,7 +241,7 @@ class WarmProcess:
             hung.cancel()
             running.pending.pop(ident, None)
 
-    def _hung(self, running: _Running, future: asyncio.Future[Any]) -> None:
+    def _hung(self, running: _Connection, future: asyncio.Future[Any]) -> None:
         if future.done():
             return
         log.error("the %s process missed a deadline by far: killing it", self._name)
@@ -210,36 +262,33 @@ class WarmProcess:
     async def _keep_running(self) -> None:
         """Start the process, serve it until it dies, restart it; until stopped."""
         while not self._closed:
-            process: BaseProcess | None = None
+            running: _Connection | None = None
             try:
-                process, reader, writer = await self._spawn()
-                running = _Running(process, reader, writer)
+                running = await self._spawn()
                 self._running = running
                 self._on_ready()
-                await self._read(running)
+                await running.closed
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("the %s process failed to start", self._name)
             finally:
-                lost, self._running = self._running, None
-                if lost is not None:
-                    for future in lost.pending.values():
-                        if not future.done():
-                            future.set_exception(ProcessLost("the process died during the call"))
-                    lost.writer.close()
-                if process is not None:
-                    await _end(process)
+                self._running = None
+                if running is not None:
+                    running.close()  # the process finishes its call, reads EOF and exits
+                    running.connection_lost(None)  # every call still in it fails now
+                    await _end(running.process)
             if self._closed:
                 break
-            stable = lost is not None and time.monotonic() - lost.started > STABLE_S
+            stable = running is not None and time.monotonic() - running.started > STABLE_S
             self._pause = RESTART_PAUSE_S[0] if stable else self._pause
             log.warning("the %s process died; restarting it in %.0f s", self._name, self._pause)
             self._on_restart()
             await asyncio.sleep(self._pause)
             self._pause = min(2 * self._pause, RESTART_PAUSE_S[1])
 
-    async def _spawn(self) -> tuple[BaseProcess, asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _spawn(self) -> _Connection:
+        """A new process, connected, once it has said it is ready."""
         context = multiprocessing.get_context("spawn")
         ours, theirs = socket.socketpair()
         process = context.Process(
@@ -252,36 +301,24 @@ class WarmProcess:
             process.start()
         finally:
             theirs.close()  # so that the process's death is an EOF here
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        connection = _Connection(process, ours)
         try:
-            size = HEADER.unpack(await asyncio.wait_for(reader.readexactly(8), START_TIMEOUT_S))
-            if await reader.readexactly(size[0]) != READY:
-                raise RuntimeError("the process answered something else than ready")
+            await loop.create_unix_connection(lambda: connection, sock=ours)
+            await asyncio.wait(
+                (connection.ready, connection.closed),
+                timeout=START_TIMEOUT_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not (connection.ready.done() and connection.ready.result()):
+                raise RuntimeError("the process died, hung or answered wrong while starting")
         except BaseException:
-            writer.close()
+            connection.close()
             process.kill()  # it holds nothing yet
             await _end(process)
             raise
         log.info("%s process ready", self._name, extra={"pid": process.pid})
-        return process, reader, writer
-
-    async def _read(self, running: _Running) -> None:
-        """Hand each answer to its call until EOF (the process died or exited)."""
-        reader = running.reader
-        while True:
-            try:
-                header = await reader.readexactly(HEADER.size)
-                frame = await reader.readexactly(HEADER.unpack(header)[0])
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            ident, ok, value = pickle.loads(frame)
-            future = running.pending.get(ident)
-            if future is None or future.done():
-                continue  # its caller stopped waiting
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+        return connection
 
 
 async def _end(process: BaseProcess) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,8 @@ from fastapi import FastAPI
 from service import fit_process
 from service.app import create_app
 from service.fit_process import ProcessLost, WarmProcess
-from service.worker import FitWorker
+from service.fitting.options import Optimizer, Stopping
+from service.worker import FitJob, FitWorker, Training
 from tests.conftest import app_settings
 from tests.process_helpers import echo, fails_in_setup, raises
 
@@ -29,6 +31,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 LINEAR = "/v1/fits/linear"
 GAUSSIAN = "/v1/fits/gaussian"
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    """uvloop, as under uvicorn: its transports differ from asyncio's."""
+    return "asyncio", {"use_uvloop": True}
 
 
 def _bodies() -> list[tuple[str, dict[str, Any]]]:
@@ -181,3 +189,35 @@ async def test_errors_come_back_whole_and_a_process_that_cannot_start_retries(
     finally:
         await broken.stop()
     assert not broken.ready
+
+
+def test_a_job_crosses_to_the_process_whole() -> None:
+    """Jobs are pickled lean (service.worker registers their reducers): every field comes
+    back, the arrays as float64 copies of the values (a strided view, float32 too), writable."""
+    x = np.arange(20.0)[::2]
+    y = np.linspace(-1e7, 1e7, 10) + 0.1
+    training = Training(
+        learning_rate=0.05,
+        epochs=77,
+        optimizer=Optimizer(name="adam", beta_1=0.8),
+        stopping=Stopping(tolerance=1e-9, patience=3, gradient_tolerance=1e-12),
+        scaling="none",
+        history_every=7,
+    )
+    job = FitJob(
+        "linear",
+        (x, y),
+        training,
+        initial=(1.0, 2.0),
+        seed=9,
+        weights=np.full(10, 0.5),
+        options={"reduction": "mean"},
+    )
+    back = pickle.loads(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+    assert (back.model, back.initial, back.seed) == ("linear", (1.0, 2.0), 9)
+    assert back.training == training
+    assert back.options == {"reduction": "mean"}
+    for got, want in zip((*back.data, back.weights), (x, y, job.weights), strict=True):
+        assert got is not None and want is not None
+        assert got.dtype == np.float64 and got.flags.writeable
+        np.testing.assert_array_equal(got, want)
