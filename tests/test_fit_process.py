@@ -193,7 +193,7 @@ async def test_errors_come_back_whole_and_a_process_that_cannot_start_retries(
 
 def test_a_job_crosses_to_the_process_whole() -> None:
     """Jobs are pickled lean (service.worker registers their reducers): every field comes
-    back, the arrays as float64 copies of the values (a strided view, float32 too), writable."""
+    back, the arrays as float64 copies of the values (of a strided view too), writable."""
     x = np.arange(20.0)[::2]
     y = np.linspace(-1e7, 1e7, 10) + 0.1
     training = Training(
