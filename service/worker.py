@@ -53,6 +53,7 @@ from service.fitting import (
 )
 from service.fitting.batch import BatchEngine, BatchResults, Ragged
 from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
+from service.fitting.models import BUILT_IN
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
 from service.settings import Settings
@@ -553,11 +554,18 @@ class FitWorker:
         timeout_s: float | None,
         should_stop: Callable[[], StopReason | None],
     ) -> tuple[FitResult, float]:
-        """A fit too small for a thread: in the fit process when it is running and holds the
-        model compiled (every built-in one: expressions compile here), else on the event loop.
-        A fit the process lost (it died, or hung) runs here: nothing accepted is lost."""
+        """A fit too small for a thread: in the fit process when it is running and has the
+        model (its engine has the built-in ones; expressions, and models registered here
+        only, fit here), else on the event loop. A fit the process lost (it died, or hung)
+        runs here: nothing accepted is lost."""
         process = self._process
-        if process is not None and process.ready and job.model in engine.models:
+        spec = engine.models.get(job.model)
+        if (
+            process is not None
+            and process.ready
+            and spec is not None
+            and spec is BUILT_IN.get(job.model)
+        ):
             # Linux's monotonic clock is the machine's: the process reads the same deadline.
             deadline = time.monotonic() + self.deadline_s(timeout_s)
             try:

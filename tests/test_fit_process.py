@@ -5,6 +5,7 @@ event loop, and answer exactly what the server itself would; its death or a hang
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pickle
 import signal
@@ -22,6 +23,7 @@ from fastapi import FastAPI
 from service import fit_process
 from service.app import create_app
 from service.fit_process import ProcessLost, WarmProcess
+from service.fitting.models import BUILT_IN
 from service.fitting.options import Optimizer, Stopping
 from service.worker import FitJob, FitWorker, Training
 from tests.conftest import app_settings
@@ -108,6 +110,31 @@ async def test_small_fits_run_in_the_process_and_answer_the_same_bytes(
     assert 'tapefit_fits_total{model="gaussian",outcome="diverged"} 1.0' in metrics
     assert 'tapefit_fit_epochs_total{model="gaussian"}' in metrics
     assert 'tapefit_fit_duration_seconds_count{model="linear"} 4.0' in metrics
+
+
+async def test_models_the_process_lacks_are_fitted_in_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model registered in the server only (here: the linear spec replaced by an equal
+    copy) is fitted in the server, never sent to a process that would not know it."""
+    path, body = _bodies()[0]
+    async with app_running(fit_processes=1) as (app, client):
+        worker = app.state.worker
+        expected = (await client.post(path, json=body)).content
+        here = 0
+        run = FitWorker._run
+
+        def counting(self: FitWorker, *args: Any, **kwargs: Any) -> Any:
+            nonlocal here
+            here += 1
+            return run(self, *args, **kwargs)
+
+        monkeypatch.setattr(FitWorker, "_run", counting)
+        copy = dataclasses.replace(BUILT_IN["linear"])
+        monkeypatch.setitem(worker.engine.models, "linear", copy)
+        r = await client.post(path, json=body)
+    assert here == 1
+    assert (r.status_code, r.content) == (200, expected)
 
 
 async def test_fits_the_process_dies_with_are_fitted_in_the_server() -> None:
