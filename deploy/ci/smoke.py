@@ -1,6 +1,7 @@
 """deploy-check's smoke test of tapefit on 127.0.0.1:PORT (a container, or a pod played from
 the Deployment): the probes' requests as the kubelet makes them, one real fit checked against
-its closed form, and with ``--plot`` one plot (matplotlib in a read-only root).
+its closed form once every helper process is warm (the fit process too: it runs the fit), and
+with ``--plot`` one plot (matplotlib in a read-only root).
 
     python deploy/ci/smoke.py PORT [--plot]
 """
@@ -28,6 +29,15 @@ def status(base: str, path: str) -> int | None:
         return None
 
 
+def metrics(base: str) -> dict[str, float]:
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in lines if not line.startswith("#"))
+    }
+
+
 def post(base: str, path: str) -> tuple[int, str, bytes]:
     request = urllib.request.Request(
         base + path,
@@ -51,6 +61,15 @@ def main(port: int, plot: bool) -> None:
     assert status(base, "/readyz") == 200, "readiness probe failed"
     assert status(base, "/healthz") == 200, "liveness probe failed"
     print("readiness probe: /readyz 200; liveness probe: /healthz 200")
+    for _ in range(FAILURES):
+        if metrics(base).get("tapefit_warm_up_complete") == 1.0:
+            break
+        time.sleep(PERIOD_S)
+    else:
+        sys.exit("the warm-up after readiness (parser and fit processes) never completed")
+    restarts = metrics(base)["tapefit_fit_process_restarts_total"]
+    assert restarts == 0.0, f"the fit process restarted {restarts:g} times"
+    print("warm: the fit process is up (0 restarts)")
     code, _, body = post(base, "/v1/fits/linear")
     params = json.loads(body)["params"]
     print("POST /v1/fits/linear ->", code, params)
