@@ -1,16 +1,16 @@
 """`make chaos`: hostile and heavy load against the real server, with the deployment's limits.
 
 Each attack of issue #17 runs against one server started with deploy/k8s's settings (2 fits
-running, admission by expected time, 30 s fit timeout) and its 2560 MiB memory limit, on
-loopback only. The limit is enforced by measurement: the memory of the server and every
-process it started is sampled every 20 ms and must stay under it (podman's --memory would kill
-the pod; here the harness fails instead). It is their proportional set sizes (PSS) summed, as
-a cgroup counts pages: summed RSS counts shared pages once per process, and a parser process
-caught between its fork and its exec shares all of the server's. (CI once saw a 2,114 MiB
-"peak", about twice the server's ~1,100 MiB, in the attack that kills and restarts parsers;
-two full runs since gave 1,215 MiB by RSS and, by PSS, 1,139 MiB.) For each attack the
-report gives the peak memory, the worst and p99 /healthz latency while it ran, the status
-codes, and whether a normal fit succeeded within 5 s of it ending. Exit status 0 only if
+running, small fits in a fit process, admission by expected time, 30 s fit timeout) and its
+2560 MiB memory limit, on loopback only. The limit is enforced by measurement: the memory of
+the server and every process it started is sampled every 20 ms and must stay under it (podman's
+--memory would kill the pod; here the harness fails instead). It is their proportional set
+sizes (PSS) summed, as a cgroup counts pages: summed RSS counts shared pages once per process,
+and a parser process caught between its fork and its exec shares all of the server's. (CI once
+saw a 2,114 MiB "peak", about twice the server's ~1,100 MiB, in the attack that kills and
+restarts parsers; two full runs since gave 1,215 MiB by RSS and, by PSS, 1,139 MiB.) For each
+attack the report gives the peak memory, the worst and p99 /healthz latency while it ran, the
+status codes, and whether a normal fit succeeded within 5 s of it ending. Exit status 0 only if
 every check holds.
 
 Bounded: every attack has its own time limit, and the whole run takes a few minutes.
