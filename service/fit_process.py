@@ -94,8 +94,12 @@ def _portable(error: Exception) -> Exception:
     return error
 
 
+def _frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
 def _send(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(HEADER.pack(len(payload)) + payload)
+    sock.sendall(_frame(payload))
 
 
 def _receive(sock: socket.socket) -> bytearray:
@@ -137,7 +141,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, payload: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(HEADER.pack(len(payload)) + payload)
+        self.transport.write(_frame(payload))
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -165,10 +169,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """EOF: the process exited or died. Every call still in it fails at once."""
-        lost = ProcessLost("the process died during the call")
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(lost)
+                future.set_exception(ProcessLost("the process died during the call"))
         if not self.closed.done():
             self.closed.set_result(None)
 

@@ -441,10 +441,11 @@ class FitWorker:
                     "every compile thread and queue place is taken by new expressions; "
                     "retry, or reuse an expression (compiled ones fit at once)",
                 )
-        cancelled, should_stop = self._stop_check(timeout_s)
+        deadline = time.monotonic() + self.deadline_s(timeout_s)
+        cancelled, should_stop = self._stop_check(deadline)
         compiling = pool is self._compile_pool
         if not compiling and progress is None and self.inline(ticket):
-            result, seconds = await self._run_small(engine, job, timeout_s, should_stop)
+            result, seconds = await self._run_small(engine, job, deadline, should_stop)
         else:
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(pool, self._run, engine, job, should_stop, progress)
@@ -488,7 +489,7 @@ class FitWorker:
         if self._batch_ready is None:
             raise Unavailable("the service is warming up")
         engine = await asyncio.shield(self._batch_ready)
-        cancelled, should_stop = self._stop_check(timeout_s)
+        cancelled, should_stop = self._stop_check(time.monotonic() + self.deadline_s(timeout_s))
 
         seconds = 0.0
 
@@ -517,17 +518,17 @@ class FitWorker:
             ticket.observe(seconds)
         return results
 
+    @staticmethod
     def _stop_check(
-        self, timeout_s: float | None
+        deadline: float,
     ) -> tuple[threading.Event, Callable[[], StopReason | None]]:
         """A cancel flag, and the check the engine runs between compiled chunks."""
-        deadline = time.monotonic() + self.deadline_s(timeout_s)
         cancelled = threading.Event()
 
         def should_stop() -> StopReason | None:
             if cancelled.is_set():
                 raise FitCancelled
-            return "timeout" if time.monotonic() >= deadline else None
+            return _past(deadline)
 
         return cancelled, should_stop
 
@@ -551,7 +552,7 @@ class FitWorker:
         self,
         engine: FitEngine,
         job: FitJob,
-        timeout_s: float | None,
+        deadline: float,
         should_stop: Callable[[], StopReason | None],
     ) -> tuple[FitResult, float]:
         """A fit too small for a thread: in the fit process when it is running and has the
@@ -567,7 +568,6 @@ class FitWorker:
             and spec is BUILT_IN.get(job.model)
         ):
             # Linux's monotonic clock is the machine's: the process reads the same deadline.
-            deadline = time.monotonic() + self.deadline_s(timeout_s)
             try:
                 with self._counted(job.model) as tally:
                     tally.result, tally.seconds = await process.call(
@@ -729,12 +729,14 @@ def _fit_here(engine: FitEngine, job: FitJob, deadline: float) -> tuple[FitResul
     """One fit in the fit process, stopped at ``deadline`` (``time.monotonic()``); and the
     seconds it took."""
 
-    def should_stop() -> StopReason | None:
-        return "timeout" if time.monotonic() >= deadline else None
-
     start = time.perf_counter()
-    result = FitWorker._dispatch(engine, job, should_stop)
+    result = FitWorker._dispatch(engine, job, partial(_past, deadline))
     return result, time.perf_counter() - start
+
+
+def _past(deadline: float) -> StopReason | None:
+    """The stop check of a deadline (``time.monotonic()``)."""
+    return "timeout" if time.monotonic() >= deadline else None
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
