@@ -7,14 +7,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/tapefit
 WORKDIR /src
-COPY pyproject.toml README.md requirements/run.lock ./
-COPY service ./service
+# The locked dependencies first, in a layer of their own: a change to the code alone reuses it
+# (TensorFlow is most of the image) instead of downloading and storing it again.
+COPY requirements/run.lock ./
 # An optional build secret "pip_ca" (a CA bundle) serves networks whose TLS to the package
 # index is intercepted; nothing of it stays in the image.
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
-    && /opt/tapefit/bin/pip install --no-cache-dir --require-hashes --no-deps -r run.lock \
-    && /opt/tapefit/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && /opt/tapefit/bin/pip install --no-cache-dir --no-compile --require-hashes --no-deps \
+       -r run.lock
+COPY pyproject.toml README.md ./
+COPY service ./service
+RUN /opt/tapefit/bin/pip install --no-cache-dir --no-compile --no-deps --no-build-isolation . \
     && find /opt/tapefit -name '__pycache__' -type d -prune -exec rm -rf {} +
 
 FROM python:3.11-slim-bookworm

@@ -24,7 +24,7 @@ from bench import goodput
 from bench.load import Load, load
 from service.api.models import BUILT_IN
 from service.api.schemas import limits_context
-from tests.server import Server, serve
+from tests.server import Server, named_processes, serve
 
 SMALL_N, SMALL_EPOCHS = 100, 100
 
@@ -36,11 +36,21 @@ def _small_fit_body() -> bytes:
     return json.dumps({"x": x.tolist(), "y": y.tolist(), "epochs": SMALL_EPOCHS}).encode()
 
 
-def rss_mib(server: Server) -> float:
-    status = Path(f"/proc/{server.process.pid}/status").read_text()
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
     match = re.search(r"VmRSS:\s+(\d+) kB", status)
     assert match
     return int(match.group(1)) / 1024
+
+
+def rss_mib(server: Server) -> float:
+    return _rss_mib(server.process.pid)
+
+
+def fit_process_rss_mib(server: Server) -> float | None:
+    """The fit process's RSS (where the small fits run), or None when the server has none."""
+    pids = named_processes(server.mark, "tapefit-fit")
+    return _rss_mib(pids[0]) if pids else None
 
 
 def cold_start(runs: int) -> tuple[float, float]:
@@ -264,6 +274,8 @@ class HttpReport:
     fits: Load
     rss_warm: float
     rss_after: float
+    fit_rss_warm: float | None
+    fit_rss_after: float | None
     fit_requests: int
     cold: float
     tf_import: float
@@ -283,13 +295,13 @@ def run(quick: bool) -> HttpReport:
         # Warm-up: every code path once, then a short burst.
         load(server.url, "/v1/fits/linear", body, 2)
         load(server.url, "/healthz", None, 1)
-        rss_warm = rss_mib(server)
+        rss_warm, fit_rss_warm = rss_mib(server), fit_process_rss_mib(server)
         trivial = load(server.url, "/healthz", None, seconds)
         fits = load(server.url, "/v1/fits/linear", body, seconds)
         total = fits.requests
         while total < 10_000:
             total += load(server.url, "/v1/fits/linear", body, 3).requests
-        rss_after = rss_mib(server)
+        rss_after, fit_rss_after = rss_mib(server), fit_process_rss_mib(server)
         good = goodput.goodput(server, seconds)
         long = None if quick else goodput.long_fit(server)
         big = None if quick else big_requests(server)
@@ -303,6 +315,8 @@ def run(quick: bool) -> HttpReport:
         fits,
         rss_warm,
         rss_after,
+        fit_rss_warm,
+        fit_rss_after,
         total,
         cold,
         tf_import,
@@ -342,6 +356,12 @@ def report(r: HttpReport) -> str:
         f"- RSS after warm-up {r.rss_warm:.0f} MiB, after {r.fit_requests:,} fit requests "
         f"{r.rss_after:.0f} MiB ({(r.rss_after - r.rss_warm) / r.rss_warm:+.1%})",
     ]
+    if r.fit_rss_warm is not None and r.fit_rss_after is not None:
+        lines.append(
+            f"- the fit process (where those fits ran): {r.fit_rss_warm:.0f} MiB after warm-up, "
+            f"{r.fit_rss_after:.0f} MiB after "
+            f"({(r.fit_rss_after - r.fit_rss_warm) / r.fit_rss_warm:+.1%})"
+        )
     if r.big is not None:
         b = r.big
         lines += [

@@ -14,6 +14,7 @@ IMAGE=localhost/tapefit:ci
 CONTAINER=tapefit-deploy-check
 PORT=${DEPLOY_CHECK_PORT:-18080}
 KUBE_PORT=${DEPLOY_CHECK_KUBE_PORT:-18081}
+BUILD_NEEDS_MIB=${DEPLOY_CHECK_BUILD_NEEDS_MIB:-0}   # free disk the image build needs (measured)
 
 say() { printf '\n== %s\n' "$*"; }
 
@@ -94,14 +95,41 @@ if ! podman image exists "$BASE_IMAGE"; then
     rm -rf "$rootfs"
 fi
 
+# Disk: a build holds TensorFlow's venv more than once (the build stage, the image, and the blob
+# podman writes while it commits a layer). On a machine that runs this check again and again,
+# the images it built before pile up: it removes them itself, and stops early, saying so, when
+# the disk is still too full (CI once failed mid-build with "no space left on device").
+free_mib() { df -Pm "$1" | awk 'NR == 2 { print $4 }'; }
+graphroot=$(podman info --format '{{.Store.GraphRoot}}')
+build_tmp=${TMPDIR:-/var/tmp}
+if [ "$(free_mib "$graphroot")" -lt "$BUILD_NEEDS_MIB" ] \
+    || [ "$(free_mib "$build_tmp")" -lt "$BUILD_NEEDS_MIB" ]; then
+    say "under $BUILD_NEEDS_MIB MiB free: removing untagged images (earlier builds)"
+    podman image prune -f >/dev/null
+fi
+for dir in "$graphroot" "$build_tmp"; do
+    if [ "$(free_mib "$dir")" -lt "$BUILD_NEEDS_MIB" ]; then
+        echo "the image build needs about $BUILD_NEEDS_MIB MiB free; $dir has $(free_mib "$dir")"
+        df -h "$dir"
+        exit 1
+    fi
+done
+
 say "podman build (pull=never; the host's CA bundle as a build secret for pip)"
 secret=()
 if [ -s /etc/ssl/certs/ca-certificates.crt ]; then
     secret=(--secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt)
 fi
+previous=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 podman build --pull=never --format docker "${secret[@]}" -t "$IMAGE" .
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 echo "image $IMAGE: $((size / 1024 / 1024)) MiB"
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$IMAGE")" ]
+then
+    # The build before this one, untagged now: its whole venv layer goes.
+    podman rmi "$previous" >/dev/null 2>&1 || true
+fi
+echo "disk: $(free_mib "$graphroot") MiB free for podman's storage ($graphroot)"
 
 KUBE=$(mktemp /tmp/tapefit-kube.XXXXXX.yaml)
 cleanup() {

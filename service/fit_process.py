@@ -10,7 +10,8 @@ the next requests.
   as its bytes arrive.
 - Its death (SIGKILL, an OOM kill, a crash) is an EOF on the socket: every call that was in it
   raises :class:`ProcessLost` at once, so the caller can run it itself, and a new process is
-  started in the background, after a pause that doubles while starts keep failing.
+  started in the background, after a pause that doubles while starts keep failing. A process
+  that hangs past a call's deadline, or answers what the server cannot unpickle, is killed.
 - It exits on EOF, and when the server that started it is gone however it went
   (:func:`service.processes.watch_parent`): it never outlives the server.
 """
@@ -156,7 +157,20 @@ class _Connection(asyncio.Protocol):
             if not self.ready.done():
                 self.ready.set_result(frame == READY)
                 continue
-            self._answer(*pickle.loads(frame))
+            try:
+                answer = pickle.loads(frame)
+            except Exception:
+                # Not the server's own code (its files were replaced under a running server,
+                # and the process restarted from them): no answer from it can be trusted, nor
+                # matched to its call. Killed, every call in it raises ProcessLost at once.
+                log.exception("an answer from the %s process would not unpickle", self.process.name)
+                self.kill()
+                return
+            self._answer(*answer)
+
+    def kill(self) -> None:
+        self.killed = True
+        self.process.kill()
 
     def _answer(self, ident: int, ok: bool, value: Any) -> None:
         future = self.pending.get(ident)
@@ -248,8 +262,7 @@ class WarmProcess:
         if future.done():
             return
         log.error("the %s process missed a deadline by far: killing it", self._name)
-        running.killed = True
-        running.process.kill()
+        running.kill()
         future.set_exception(ProcessLost("the process hung"))
 
     async def stop(self) -> None:

@@ -23,3 +23,18 @@ def echo(state: object, *args: Any) -> Any:
 
 def raises(state: object) -> None:
     raise Unpicklable(1, 2)
+
+
+def _refuse() -> None:
+    raise AttributeError("Can't get attribute '_gone' on <module 'service.worker'>")
+
+
+class Unreadable:
+    """Pickles, but will not unpickle: as an answer from a process running other code."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _refuse, ()
+
+
+def answers_unreadably(state: object, readable: bool) -> Any:
+    return "fine" if readable else Unreadable()

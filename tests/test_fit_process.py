@@ -25,9 +25,10 @@ from service.app import create_app
 from service.fit_process import ProcessLost, WarmProcess
 from service.fitting.models import BUILT_IN
 from service.fitting.options import Optimizer, Stopping
+from service.fitting.results import FitResult, FitStats
 from service.worker import FitJob, FitWorker, Training
 from tests.conftest import app_settings
-from tests.process_helpers import echo, fails_in_setup, raises
+from tests.process_helpers import answers_unreadably, echo, fails_in_setup, raises
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -218,6 +219,32 @@ async def test_errors_come_back_whole_and_a_process_that_cannot_start_retries(
     assert not broken.ready
 
 
+async def test_an_answer_the_server_cannot_read_kills_the_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answer that will not unpickle (the process runs other code than the server: its
+    files were replaced under it) cannot be matched to its call: the process is killed, so its
+    calls raise ProcessLost now rather than at their deadline, and a new one serves the next."""
+    monkeypatch.setattr(fit_process, "RESTART_PAUSE_S", (0.05, 0.2))
+    restarts = 0
+
+    def restarted() -> None:
+        nonlocal restarts
+        restarts += 1
+
+    process = WarmProcess(object, answers_unreadably, name="tapefit-test", on_restart=restarted)
+    process.start()
+    try:
+        await asyncio.wait_for(process.wait_ready(), 120)
+        with pytest.raises(ProcessLost):
+            await asyncio.wait_for(process.call(False, timeout_s=3600), 120)
+        await asyncio.wait_for(process.wait_ready(), 120)
+        assert await process.call(True, timeout_s=60) == "fine"
+        assert restarts == 1
+    finally:
+        await process.stop()
+
+
 def test_a_job_crosses_to_the_process_whole() -> None:
     """Jobs are pickled lean (service.worker registers their reducers): every field comes
     back, the arrays as float64 copies of the values (of a strided view too), writable."""
@@ -248,3 +275,50 @@ def test_a_job_crosses_to_the_process_whole() -> None:
         assert got is not None and want is not None
         assert got.dtype == np.float64 and got.flags.writeable
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_result_crosses_back_whole() -> None:
+    """Results come back pickled lean too: every field of the result and of its statistics,
+    the loss history as a writable float64 copy."""
+    stats = FitStats(
+        names=("m", "b"),
+        n=10,
+        n_used=9,
+        dof=7,
+        loss=0.25,
+        gradient_norm=1e-9,
+        newton_step=None,
+        std_errors=(0.5, None),
+        covariance=((0.25, 0.1), (0.1, None)),
+        correlation=((1.0, 0.2), (0.2, 1.0)),
+        log_likelihood=-3.5,
+        aic=11.0,
+        bic=12.5,
+        closed_form=(3.0, 1e7),
+        closed_form_loss=0.24,
+        gap=((1e-6, -0.1), 0.01),
+        r_squared=0.99,
+        residual_std=0.2,
+        rss=2.25,
+    )
+    result = FitResult(
+        model="linear",
+        params={"m": 3.0, "b": 1e7 + 0.1},
+        loss_history=np.linspace(9.0, 0.25, 13)[::2],
+        final_loss=0.25,
+        epochs_run=13,
+        n=10,
+        stop_reason="loss_tolerance",
+        stats=stats,
+        converged=True,
+        history_every=2,
+        seed=4,
+        warnings=("one", "two"),
+    )
+    back = pickle.loads(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back.stats == stats
+    assert back.loss_history.dtype == np.float64 and back.loss_history.flags.writeable
+    np.testing.assert_array_equal(back.loss_history, result.loss_history)
+    for field in dataclasses.fields(FitResult):
+        if field.name != "loss_history":
+            assert getattr(back, field.name) == getattr(result, field.name), field.name
