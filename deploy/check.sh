@@ -14,7 +14,7 @@ IMAGE=localhost/tapefit:ci
 CONTAINER=tapefit-deploy-check
 PORT=${DEPLOY_CHECK_PORT:-18080}
 KUBE_PORT=${DEPLOY_CHECK_KUBE_PORT:-18081}
-BUILD_NEEDS_MIB=${DEPLOY_CHECK_BUILD_NEEDS_MIB:-0}   # free disk the image build needs (measured)
+BUILD_NEEDS_MIB=10240       # free disk a build from nothing may need (measured peak ~9.2 GiB)
 
 say() { printf '\n== %s\n' "$*"; }
 
@@ -95,25 +95,27 @@ if ! podman image exists "$BASE_IMAGE"; then
     rm -rf "$rootfs"
 fi
 
-# Disk: a build holds TensorFlow's venv more than once (the build stage, the image, and the blob
-# podman writes while it commits a layer). On a machine that runs this check again and again,
-# the images it built before pile up: it removes them itself, and stops early, saying so, when
-# the disk is still too full (CI once failed mid-build with "no space left on device").
+# Disk: a build from nothing peaked at ~9.2 GiB over what it started with (measured: the base
+# image, TensorFlow's venv in the build stage, the image, and the blob podman writes while it
+# commits a layer); a rebuild that reuses the dependencies' layer needs about half. On a machine
+# that runs this check again and again its own images pile up: it removes those it replaces,
+# and the untagged ones when the disk runs short (CI once failed mid-build with "no space left
+# on device"), and says so before the build rather than after.
 free_mib() { df -Pm "$1" | awk 'NR == 2 { print $4 }'; }
+short_of_room() {
+    [ "$(free_mib "$graphroot")" -lt "$BUILD_NEEDS_MIB" ] \
+        || [ "$(free_mib "$build_tmp")" -lt "$BUILD_NEEDS_MIB" ]
+}
 graphroot=$(podman info --format '{{.Store.GraphRoot}}')
 build_tmp=${TMPDIR:-/var/tmp}
-if [ "$(free_mib "$graphroot")" -lt "$BUILD_NEEDS_MIB" ] \
-    || [ "$(free_mib "$build_tmp")" -lt "$BUILD_NEEDS_MIB" ]; then
+if short_of_room; then
     say "under $BUILD_NEEDS_MIB MiB free: removing untagged images (earlier builds)"
     podman image prune -f >/dev/null
 fi
-for dir in "$graphroot" "$build_tmp"; do
-    if [ "$(free_mib "$dir")" -lt "$BUILD_NEEDS_MIB" ]; then
-        echo "the image build needs about $BUILD_NEEDS_MIB MiB free; $dir has $(free_mib "$dir")"
-        df -h "$dir"
-        exit 1
-    fi
-done
+if short_of_room; then
+    say "WARNING: the build may run out of disk (a build from nothing needs ~$BUILD_NEEDS_MIB MiB)"
+    df -h "$graphroot" "$build_tmp"
+fi
 
 say "podman build (pull=never; the host's CA bundle as a build secret for pip)"
 secret=()
