@@ -203,7 +203,7 @@ def overload() -> Overload:
     return result
 
 
-def report(g: Goodput, long: LongFit | None, o: Overload) -> str:
+def report(g: Goodput, long: LongFit | None, o: Overload, driver: str) -> str:
     rows = [
         ("peer: FastAPI + pydantic + numpy.polyfit", g.peer),
         ("least TensorFlow service: the peer with one compiled GradientTape loop", g.tf_peer),
@@ -211,7 +211,7 @@ def report(g: Goodput, long: LongFit | None, o: Overload) -> str:
         ("diagnostic: tapefit with each fit computed once and reused", g.without_fit),
     ]
     lines = [
-        f"Goodput: {CONNECTIONS} connections (wrk, {g.seconds} s each, one server after the "
+        f"Goodput ({driver}, {g.seconds} s each, one server after the "
         f"other, {g.rounds} rounds, each server's best) of n = {N} linear fits, x in the "
         "thousands, tapefit's default 1000 epochs:",
         "",

@@ -395,5 +395,5 @@ def report(r: HttpReport) -> str:
         f"| {bb.numpy_loop / bb.batch_request:.1f}x faster "
         f"| {bb.numpy_loop / bb.batch_npy:.1f}x faster |",
     ]
-    lines += ["", goodput.report(r.good, r.long_fit, r.overload)]
+    lines += ["", goodput.report(r.good, r.long_fit, r.overload, r.driver)]
     return "\n".join(lines)
