@@ -64,8 +64,9 @@ test: lint typecheck pytest
 
 # The HTTP load comes from wrk (Debian's package, installed here when we are root with apt);
 # without it bench/ falls back to an httpx driver that saturates before the servers do.
-WRK := command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
-	|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+WRK := command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } \
+	|| echo "no wrk: the httpx driver loads the servers, and saturates before they do"
 
 bench: $(VENV)/.installed-test
 	@$(WRK)
