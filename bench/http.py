@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -15,13 +14,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
 
 from bench import goodput
 from bench.load import Load, load
+from service.admission import rss_bytes
 from service.api.models import BUILT_IN
 from service.api.schemas import limits_context
 from tests.server import Server, named_processes, serve
@@ -36,21 +35,14 @@ def _small_fit_body() -> bytes:
     return json.dumps({"x": x.tolist(), "y": y.tolist(), "epochs": SMALL_EPOCHS}).encode()
 
 
-def _rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    assert match
-    return int(match.group(1)) / 1024
-
-
 def rss_mib(server: Server) -> float:
-    return _rss_mib(server.process.pid)
+    return rss_bytes([server.process.pid]) / 2**20
 
 
 def fit_process_rss_mib(server: Server) -> float | None:
     """The fit process's RSS (where the small fits run), or None when the server has none."""
     pids = named_processes(server.mark, "tapefit-fit")
-    return _rss_mib(pids[0]) if pids else None
+    return rss_bytes(pids) / 2**20 if pids else None
 
 
 def cold_start(runs: int) -> tuple[float, float]:

@@ -778,7 +778,7 @@ def _run_batch(
     )
 
 
-def auto_memory_budget(limit: int, parse_processes: int, fit_processes: int = 0) -> int:
+def auto_memory_budget(limit: int, parse_processes: int, fit_processes: int) -> int:
     """What admitted requests may use: a share of the memory ``limit`` less what this process
     holds once warm and what its parser processes and fit process will keep."""
     held = (

@@ -184,38 +184,47 @@ async def test_a_hung_process_is_killed_and_its_fit_answered(
     assert "tapefit_fit_process_restarts_total 1.0" in metrics
 
 
+class _Counted(WarmProcess):
+    """A test process (restarted after short pauses), counting its restarts."""
+
+    def __init__(self, setup: Any, call: Any) -> None:
+        super().__init__(setup, call, name="tapefit-test", on_restart=self._restarted)
+        self.restarts = 0
+
+    def _restarted(self) -> None:
+        self.restarts += 1
+
+
+@asynccontextmanager
+async def started(
+    monkeypatch: pytest.MonkeyPatch, setup: Any, call: Any
+) -> AsyncIterator[_Counted]:
+    monkeypatch.setattr(fit_process, "RESTART_PAUSE_S", (0.05, 0.2))
+    process = _Counted(setup, call)
+    process.start()
+    try:
+        yield process
+    finally:
+        await process.stop()
+
+
 async def test_errors_come_back_whole_and_a_process_that_cannot_start_retries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An exception that would not survive pickling comes back as a RuntimeError naming it
     (instead of breaking the pipe); a setup that fails is retried with growing pauses, and
     calls meanwhile raise ProcessLost at once."""
-    monkeypatch.setattr(fit_process, "RESTART_PAUSE_S", (0.05, 0.2))
-    works = WarmProcess(object, raises, name="tapefit-test")
-    works.start()
-    try:
+    async with started(monkeypatch, object, raises) as works:
         await asyncio.wait_for(works.wait_ready(), 120)
         with pytest.raises(RuntimeError, match="Unpicklable: 1 and 2"):
             await works.call(timeout_s=60)
-    finally:
-        await works.stop()
-    restarts = 0
-
-    def restarted() -> None:
-        nonlocal restarts
-        restarts += 1
-
-    broken = WarmProcess(fails_in_setup, echo, name="tapefit-test", on_restart=restarted)
-    broken.start()
-    try:
+    async with started(monkeypatch, fails_in_setup, echo) as broken:
         deadline = time.monotonic() + 120
-        while restarts < 2 and time.monotonic() < deadline:
+        while broken.restarts < 2 and time.monotonic() < deadline:
             with pytest.raises(ProcessLost):
                 await broken.call(1, timeout_s=1)
             await asyncio.sleep(0.05)
-        assert restarts >= 2
-    finally:
-        await broken.stop()
+        assert broken.restarts >= 2
     assert not broken.ready
 
 
@@ -225,24 +234,13 @@ async def test_an_answer_the_server_cannot_read_kills_the_process(
     """An answer that will not unpickle (the process runs other code than the server: its
     files were replaced under it) cannot be matched to its call: the process is killed, so its
     calls raise ProcessLost now rather than at their deadline, and a new one serves the next."""
-    monkeypatch.setattr(fit_process, "RESTART_PAUSE_S", (0.05, 0.2))
-    restarts = 0
-
-    def restarted() -> None:
-        nonlocal restarts
-        restarts += 1
-
-    process = WarmProcess(object, answers_unreadably, name="tapefit-test", on_restart=restarted)
-    process.start()
-    try:
+    async with started(monkeypatch, object, answers_unreadably) as process:
         await asyncio.wait_for(process.wait_ready(), 120)
         with pytest.raises(ProcessLost):
             await asyncio.wait_for(process.call(False, timeout_s=3600), 120)
         await asyncio.wait_for(process.wait_ready(), 120)
         assert await process.call(True, timeout_s=60) == "fine"
-        assert restarts == 1
-    finally:
-        await process.stop()
+        assert process.restarts == 1
 
 
 def test_a_job_crosses_to_the_process_whole() -> None:
