@@ -26,6 +26,7 @@ from service.api.observe import HttpMetrics, ObservedRequests
 from service.api.openapi import install_openapi
 from service.api.routes import datasets, expressions, fits, health, plots
 from service.api.schemas import (
+    MAX_EPOCH_COUNT,
     ExpressionFitRequest,
     GaussianDatasetRequest,
     LinearDatasetRequest,
@@ -123,7 +124,9 @@ def create_app(
     )
     requests = [schema for m in models.values() for schema in (m.request, m.batch_request)]
     install_openapi(
-        app, [*requests, ExpressionFitRequest, LinearDatasetRequest, GaussianDatasetRequest]
+        app,
+        [*requests, ExpressionFitRequest, LinearDatasetRequest, GaussianDatasetRequest],
+        {MAX_EPOCH_COUNT: min(settings.max_epochs, MAX_EPOCH_COUNT)},
     )
     _cache_openapi(app)
     app.add_middleware(DocsContentSecurityPolicy)

@@ -16,7 +16,7 @@ from service.app import create_app
 from service.fitting import FitEngine
 from service.settings import Settings
 from service.worker import shared_engine
-from tests.server import kill_marked
+from tests.server import Server, kill_marked, serve
 
 Array = npt.NDArray[np.float64]
 
@@ -40,6 +40,17 @@ def no_process_left_behind() -> Iterator[None]:
     yield
     left = kill_marked()
     assert not left, f"processes left behind by test servers: {left}"
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[Server]:
+    """One real server (``python -m service`` on a free loopback port, default settings,
+    warm) shared by every test that needs no settings of its own: a start costs ~20 s. It
+    must stop gracefully at the end."""
+    with serve() as running:
+        running.wait_warm()
+        yield running
+        assert running.stop(), running.log()
 
 
 @pytest.fixture

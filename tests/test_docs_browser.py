@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.server import Server, serve
+from tests.server import Server
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Locator, Page
@@ -46,10 +46,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with serve() as running:
-        yield running
-        assert running.stop(), running.log()
+def server(live_server: Server) -> Server:
+    return live_server
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 from service.app import create_app
 from tests.conftest import seed_linear_data
 from tests.reference import linear_closed_form
-from tests.server import Server, serve
+from tests.server import Server
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +57,8 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, M
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with serve() as running:
-        yield running
-        assert running.stop(), running.log()
+def server(live_server: Server) -> Server:
+    return live_server
 
 
 def _module(name: str) -> Any:

@@ -106,8 +106,12 @@ def _query_parameters(options: type[BaseModel]) -> list[dict[str, Any]]:
 # pragma: no mutate end
 
 
-def install_openapi(app: FastAPI, body_models: list[type[BaseModel]]) -> None:
-    """Generate the document once, with ``body_models`` (and what they use) as components."""
+def install_openapi(
+    app: FastAPI, body_models: list[type[BaseModel]], limits: dict[int, int] | None = None
+) -> None:
+    """Generate the document once, with ``body_models`` (and what they use) as components;
+    ``limits`` replaces schema maxima (a static bound -> the limit this server enforces, so
+    that the document states the configured TAPEFIT_MAX_EPOCHS, not the absolute cap)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -128,7 +132,19 @@ def install_openapi(app: FastAPI, body_models: list[type[BaseModel]]) -> None:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, definition in defs.get("$defs", {}).items():
             components.setdefault(name, definition)
+        _replace_maxima(schema, limits or {})
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _replace_maxima(node: Any, limits: dict[int, int]) -> None:
+    if isinstance(node, dict):
+        if node.get("maximum") in limits:
+            node["maximum"] = limits[node["maximum"]]
+        for value in node.values():
+            _replace_maxima(value, limits)
+    elif isinstance(node, list):
+        for value in node:
+            _replace_maxima(value, limits)

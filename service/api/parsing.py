@@ -63,19 +63,48 @@ class Invalid:
     errors: ErrorList
 
 
+#: Errors listed per array (the first ones; a count stands for the rest), and in all.
+ERRORS_PER_ARRAY = 20
+MAX_ERRORS = 100
+
+
 def sanitize_errors(errors: Iterable[Any]) -> ErrorList:
-    """pydantic/FastAPI error dicts without ``input``/``url`` and with JSON-safe ``ctx``."""
+    """pydantic/FastAPI error dicts without ``input``/``url`` and with JSON-safe ``ctx``; at
+    most :data:`ERRORS_PER_ARRAY` for the elements of one array and :data:`MAX_ERRORS` in
+    all, each cut followed by one ``more_errors`` entry that counts what it left out (a body
+    of 100,000 strings where numbers belong gets a short answer)."""
     cleaned: ErrorList = []
+    per_array: dict[tuple[Any, ...], int] = {}
+    left_out = 0
     for error in errors:
-        item: dict[str, Any] = {
-            "loc": [part if isinstance(part, int | str) else str(part) for part in error["loc"]],
-            "msg": str(error["msg"]),
-            "type": str(error["type"]),
-        }
+        loc = [part if isinstance(part, int | str) else str(part) for part in error["loc"]]
+        array = tuple(loc[:-1]) if loc and isinstance(loc[-1], int) else None
+        if array is not None:
+            per_array[array] = per_array.get(array, 0) + 1
+            if per_array[array] > ERRORS_PER_ARRAY:
+                continue
+        if len(cleaned) >= MAX_ERRORS:
+            left_out += 1
+            continue
+        item: dict[str, Any] = {"loc": loc, "msg": str(error["msg"]), "type": str(error["type"])}
         if error.get("ctx"):
             item["ctx"] = {str(k): _json_safe(v) for k, v in error["ctx"].items()}
         cleaned.append(item)
+    for array, count in per_array.items():
+        if count > ERRORS_PER_ARRAY:
+            cleaned.append(_more(list(array), count - ERRORS_PER_ARRAY, "in this array"))
+    if left_out:
+        cleaned.append(_more([], left_out, "beyond the first ones"))
     return cleaned
+
+
+def _more(loc: list[Any], count: int, where: str) -> dict[str, Any]:
+    return {
+        "loc": loc,
+        "msg": f"and {count} more errors {where} (not listed)",
+        "type": "more_errors",
+        "ctx": {"count": count},
+    }
 
 
 def _json_safe(value: Any) -> Any:
@@ -246,6 +275,13 @@ def _npy_array(body: bytes) -> npt.NDArray[Any] | Invalid:
         )
     except (ValueError, OSError, EOFError) as exc:
         return _invalid(["body"], "npy_invalid", f"not a readable .npy array: {str(exc)[:200]}")
+    except (TypeError, SyntaxError, MemoryError, RecursionError):
+        # literal_eval of a hostile header (deep nesting raises MemoryError)
+        return _invalid(["body"], "npy_invalid", "not a readable .npy array: bad header")
+    if not all(type(d) is int and d >= 0 for d in shape):
+        return _invalid(
+            ["body"], "npy_invalid", "not a readable .npy array: its shape must be sizes >= 0"
+        )
     if dtype.hasobject or dtype.kind not in "fiu":
         return _invalid(["body"], "npy_dtype", "the .npy array must hold real numbers")
     count = math.prod(shape)
@@ -569,7 +605,9 @@ def _expression_plan(
         expression = parse(text, variables, names)
     except ExpressionError as error:
         loc = (
-            "parameters" if error.kind in ("too_many_parameters", "reserved_name") else "expression"
+            "parameters"
+            if error.kind in ("too_many_parameters", "reserved_name", "no_parameters")
+            else "expression"
         )
         errors.append(
             _error(
@@ -587,6 +625,20 @@ def _expression_plan(
                     "too_much_expression_work",
                     "points x parameters = {work} exceeds {limit} (TAPEFIT_MAX_EXPRESSION_WORK)",
                     {"work": n * len(names), "limit": limit},
+                ),
+            )
+        )
+        return None
+    used = n if request.weights is None else sum(1 for w in request.weights if w > 0)
+    if used < len(names):
+        errors.append(
+            _error(
+                ["body", "y"],
+                PydanticCustomError(
+                    "too_few_points",
+                    "{points} points (with a positive weight) cannot determine {count} "
+                    "parameters: give at least {count}",
+                    {"points": used, "count": len(names)},
                 ),
             )
         )

@@ -138,7 +138,16 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     finally:
         watcher.cancel()
         if not task.done():
+            # Cancelling only asks: the task is not done yet, so its result is not read here
+            # (that raised InvalidStateError, a 500); whatever it ends with is collected.
             task.cancel()
-    if task.cancelled():
+            task.add_done_callback(_collect)
+    if not task.done() or task.cancelled():
         raise ClientDisconnected
     return task.result()
+
+
+def _collect(task: asyncio.Future[Any]) -> None:
+    """Read an abandoned task's outcome, so that asyncio logs no 'never retrieved'."""
+    if not task.cancelled():
+        task.exception()

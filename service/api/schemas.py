@@ -150,12 +150,17 @@ MAX_EPOCH_COUNT = 10**9
 
 # Runs at import, where mutmut cannot select a mutant; tests/api/test_defaults.py checks the limits.
 # pragma: no mutate start
-def _at_most(setting: str, kind: str, message: str) -> Callable[[int, ValidationInfo], int]:
+def _at_most(
+    setting: str, kind: str, message: str, absolute: int | None = None
+) -> Callable[[int, ValidationInfo], int]:
     """A validator refusing a count over the settings-dependent limit ``setting`` (from the
-    validation context) with ``kind`` and ``message`` ({limit}, {count})."""
+    validation context; ``absolute`` without one, and never above it) with ``kind`` and
+    ``message`` ({limit}, {count}): one message however far over the count is."""
 
     def validate(value: int, info: ValidationInfo) -> int:
         limit = context_limit(info.context, setting)
+        if absolute is not None:
+            limit = absolute if limit is None else min(limit, absolute)
         if limit is not None and value > limit:
             raise PydanticCustomError(kind, message, {"limit": limit, "count": value})
         return value
@@ -170,12 +175,14 @@ _within_epoch_limit = _at_most(
     "max_epochs",
     "too_many_epochs",
     "at most {limit} epochs are allowed (TAPEFIT_MAX_EPOCHS), got {count}",
+    MAX_EPOCH_COUNT,
 )
 
 
+#: The document's maximum is the server's TAPEFIT_MAX_EPOCHS (service.api.openapi).
 EpochCount = Annotated[
     int,
-    Field(strict=True, ge=1, le=MAX_EPOCH_COUNT),
+    Field(strict=True, ge=1, json_schema_extra={"maximum": MAX_EPOCH_COUNT}),
     AfterValidator(_within_epoch_limit),
 ]
 

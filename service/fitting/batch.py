@@ -136,7 +136,9 @@ class BatchEngine:
             starts[chosen] = np.stack(np.broadcast_arrays(*mapped), 1)
         usable &= np.all(np.isfinite(starts), axis=1)
         errors = {int(i): _why(spec, summaries[i], starts[i]) for i in np.flatnonzero(~usable)}
-        sets = _Sets(summaries, fit_summaries, coords, starts, usable, errors, seeds, model_options)
+        sets = _Sets(
+            summaries, fit_summaries, coords, starts, usable, errors, seeds, model_options, data
+        )
         return self._run(spec, sets, learning_rate, epochs, scaling, history_every, should_stop)
 
     def warm_up(self) -> None:
@@ -200,16 +202,19 @@ class BatchEngine:
             coords_at: Any = subset(coords, kept)
             at = SetsAtFit.of(run.curvature[kept], run.params[kept], coords_at)
             summaries = sets.summaries[rows[kept]]
-            stats_of_sets = spec.stats_of_sets or partial(_stats_each, spec)
-            stats = stats_of_sets(at, summaries, sets.options)
             fitted = spec.report(coords_at.from_fit(at.params))
+            params = np.stack(np.broadcast_arrays(*fitted), 1).reshape(-1, spec.k)
+            rss = sets.rss(spec, rows[kept], params)
+            options = sets.options if rss is None else {**sets.options, "rss": rss}
+            stats_of_sets = spec.stats_of_sets or partial(_stats_each, spec)
+            stats = stats_of_sets(at, summaries, options)
         return BatchResults(
             spec.name,
             len(sets.usable),
             errors,
             FittedSets(
                 sets=rows[kept],
-                params=np.stack(np.broadcast_arrays(*fitted), 1).reshape(-1, spec.k),
+                params=params,
                 losses=losses[:, kept],
                 final_loss=np.asarray(final)[kept],
                 stats=stats,
@@ -295,6 +300,22 @@ class _Sets:
     errors: dict[int, FitError]
     seeds: list[int | None]
     options: Mapping[str, Any]
+    data: tuple[Ragged, ...]
+
+    def rss(self, spec: ModelSpec, rows: npt.NDArray[Any], fitted: Array) -> Array | None:
+        """``spec.data_rss`` of the sets ``rows`` at their fitted parameters ([B, k]), NaN
+        where it is None (None: the model has no data_rss)."""
+        if spec.data_rss is None or spec.rss_cancels is None:
+            return None
+        offsets = self.data[0].offsets
+        rss = np.full(len(rows), np.nan)
+        for j in np.flatnonzero(spec.rss_cancels(self.summaries[rows])).tolist():
+            i = int(rows[j])
+            cut = slice(offsets[i], offsets[i] + self.data[0].lengths[i])
+            arrays = [d.values[cut] for d in self.data]
+            value = spec.data_rss(self.summaries[i], tuple(fitted[j]), arrays, None)
+            rss[j] = np.nan if value is None else value
+        return rss
 
 
 def _standardize_each(

@@ -42,6 +42,18 @@ _BINARY: dict[type[ast.operator], str] = {
     ast.Pow: "**",
 }
 _UNARY: dict[type[ast.unaryop], str] = {ast.USub: "-", ast.UAdd: "+"}
+#: How refused operators are named in messages (as written, not as Python calls them).
+_OPERATORS: dict[type[ast.AST], str] = {
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.MatMult: "@",
+    ast.BitAnd: "&",
+    ast.BitOr: "|",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.Invert: "~",
+    ast.Not: "not",
+}
 
 
 class ExpressionError(ValueError):
@@ -122,6 +134,11 @@ def parse(text: str, variables: Sequence[str], parameters: Iterable[str]) -> Exp
             "too_long", f"the expression has {len(text)} characters; at most {MAX_LENGTH}"
         )
     names = list(parameters)
+    if not names:
+        raise ExpressionError(
+            "no_parameters",
+            "a model needs at least one parameter: list each in parameters with a starting value",
+        )
     if len(names) > MAX_PARAMETERS:
         raise ExpressionError(
             "too_many_parameters", f"{len(names)} parameters; at most {MAX_PARAMETERS}"
@@ -195,8 +212,8 @@ class _Builder:
             raise ExpressionError("not_allowed", f"the function {name} must be called")
         raise ExpressionError(
             "unknown_name",
-            f"unknown name {name!r}: not a variable ({', '.join(self.variables)}), a "
-            "listed parameter, a function or a constant",
+            f"unknown name {name!r}: add {name} to parameters (with a starting value), or "
+            f"give it as a variable in x (the variables are {', '.join(self.variables)})",
         )
 
     def _call(self, node: ast.Call, depth: int) -> Node:
@@ -233,10 +250,12 @@ def _describe(node: ast.AST) -> str:
     for kind, words in kinds.items():
         if isinstance(node, kind):
             return words
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitXor):
+        return "^ (use ** for powers)"
     if isinstance(node, ast.BinOp):
-        return f"the operator {type(node.op).__name__}"
+        return f"the operator {_OPERATORS.get(type(node.op), type(node.op).__name__)}"
     if isinstance(node, ast.UnaryOp):
-        return f"the operator {type(node.op).__name__}"
+        return f"the operator {_OPERATORS.get(type(node.op), type(node.op).__name__)}"
     return f"a {type(node).__name__}"
 
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from service.fitting.results import FitError
+
 Array = npt.NDArray[np.float64]
 
 
@@ -119,10 +121,27 @@ GUESSES: dict[str, Callable[[Array, Array], dict[str, float]]] = {
 }
 
 
+class GuessFailed(FitError):
+    """The data defeat a named model's guess (e.g. an SVD that does not converge on x of
+    1e249): the caller must give the starting values."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"could not guess starting values of {name} from these data (their magnitudes "
+            "defeat the guess): give them in parameters"
+        )
+
+
 def guess(name: str, x: Array, y: Array) -> dict[str, float]:
     """Starting values of named model ``name`` for these data (finite, or the fit's own
-    checks refuse them)."""
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # polyfit's RankWarning on degenerate data
-        values = GUESSES[name](np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    checks refuse them); raises :class:`GuessFailed` where numpy cannot compute them."""
+    try:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # polyfit's RankWarning on degenerate data
+            x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+            values = GUESSES[name](x, y)
+    except (np.linalg.LinAlgError, ArithmeticError, ValueError) as error:
+        # LinAlgError (polyfit's SVD), OverflowError (math.exp of a huge log), ValueError
+        # (math domain errors, polyfit on non-finite values)
+        raise GuessFailed(name) from error
     return {k: v if math.isfinite(v) else 1.0 for k, v in values.items()}

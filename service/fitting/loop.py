@@ -32,7 +32,7 @@ import tensorflow as tf
 from service.fitting.expression import Expression
 from service.fitting.layout import Layout
 from service.fitting.models import BUILT_IN, Loss, ModelSpec
-from service.fitting.models.expression import CACHE_SIZE, ExpressionModels
+from service.fitting.models.expression import CACHE_SIZE, ExpressionModels, by_position, named
 from service.fitting.options import (
     CONVERGED_RTOL,
     LEVENBERG_MARQUARDT,
@@ -588,9 +588,11 @@ class FitEngine:
         as often.
         """
         _check_hyperparameters(learning_rate, epochs, history_every)
+        expression: Expression | None = None
         if model == "expression":  # options: {"expression": Expression, "bounds": ...}
             options = dict(options or {})
-            expression: Expression = options.pop("expression")
+            expression = options.pop("expression")
+            options["bounds"] = by_position(expression, options.get("bounds"))
             spec = self.expression_spec(expression, _array(data[0]).size)
         else:
             spec = self.spec(model)
@@ -624,9 +626,13 @@ class FitEngine:
         )
         run = plan.run(fit_summary, start)
         at = AtFit.of(run.curvature, run.params, coords)
+        if spec.data_rss is not None:
+            fitted = spec.report(coords.from_fit(run.params))
+            model_options["rss"] = spec.data_rss(summary, fitted, arrays, ws)
         with quiet():  # what overflows float64 is reported as null
             stats = spec.stats(at, summary, weight_summary(ws, n), model_options)
-        return _result(spec, run, at, stats, stopping, scaling, history_every, seed)
+        result = _result(spec, run, at, stats, stopping, scaling, history_every, seed)
+        return result if expression is None else named(expression, result)
 
     def warm_up(self, small: bool = True, large: bool = True, variants: bool = True) -> None:
         """Run the compiled functions of every model once so no request pays tracing or XLA

@@ -93,6 +93,14 @@ class ModelSpec:
     project: Loss | None = None
     #: How many leading summary fields must be finite (None: all; bounds may be infinite).
     finite_fields: int | None = None
+    #: Least squares whose loss is a moment form, which cancels on data a model fits almost
+    #: exactly: (summary, fitted parameters in the caller's units, the data arrays, weights
+    #: or None) -> Σw·r² from a pass over the data where the moment form has lost digits,
+    #: else None. The statistics take it as the model option ``rss``.
+    data_rss: Callable[[Array, Vector, Sequence[Array], Array | None], float | None] | None = None
+    #: With ``data_rss``: which summary rows ([B, S] -> [B] booleans) it would take from the
+    #: data (so that a batch visits only those sets).
+    rss_cancels: Callable[[Array], Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.dummy) != self.summary.size or len(self.dummy_start) != self.k:

@@ -24,6 +24,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from service.fitting.layout import Layout
 from service.fitting.losses import LOG_2PI
 from service.fitting.models import ModelSpec
 from service.fitting.options import Scaling
-from service.fitting.results import FitStats
+from service.fitting.results import FitResult, FitStats
 from service.fitting.scaling import IDENTITY, Coordinates
 from service.fitting.stats import AtFit, WeightSummary, residuals_and_jacobian
 
@@ -80,6 +81,36 @@ LONG = Operations(
 
 #: numpy in float64 (drawing a fitted curve).
 NUMPY = Operations(number=float, functions=LONG.functions, pow=np.power)
+
+
+def positional(expression: Expression) -> Expression:
+    """The same model with its parameters named p0, p1, ... and its variables x0, x1, ... (as
+    in its canonical form): what a shared, cached spec is made of, so that no caller's names
+    (or their order) reach another caller's answer."""
+    return Expression(
+        expression.canonical,
+        expression.tree,
+        tuple(f"p{i}" for i in range(len(expression.parameters))),
+        tuple(f"x{j}" for j in range(len(expression.variables))),
+    )
+
+
+def by_position(
+    expression: Expression, bounds: Mapping[str, tuple[float | None, float | None]] | None
+) -> dict[str, tuple[float | None, float | None]]:
+    """``bounds`` keyed by the caller's parameter names -> keyed by positional names."""
+    index = {name: i for i, name in enumerate(expression.parameters)}
+    return {f"p{index[name]}": bound for name, bound in (bounds or {}).items()}
+
+
+def named(expression: Expression, result: FitResult) -> FitResult:
+    """A result of the positional spec with the caller's parameter names (values in order)."""
+    names = expression.parameters
+    return replace(
+        result,
+        params=dict(zip(names, result.params.values(), strict=True)),
+        stats=replace(result.stats, names=names),
+    )
 
 
 def bucket(n: int) -> int:
@@ -296,14 +327,16 @@ class ExpressionModels:
         self._size = size
 
     def spec(self, expression: Expression, n: int) -> ModelSpec:
-        """The spec for ``n`` points (made on first use, evicting the least recent)."""
+        """The spec for ``n`` points (made on first use, evicting the least recent). Its
+        names are positional (:func:`positional`): one spec serves every caller who writes
+        the same model under other names."""
         size = bucket(n)
         key = f"expression[{len(expression.variables)},{size}]:{expression.canonical}"
         evicted: list[str] = []
         with self._lock:
             spec = self._specs.get(key)
             if spec is None:
-                spec = expression_spec(expression, size)
+                spec = expression_spec(positional(expression), size)
                 self._specs[key] = spec
                 while len(self._specs) > self._size:
                     evicted.append(self._specs.popitem(last=False)[0])
