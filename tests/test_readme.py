@@ -62,26 +62,24 @@ def _same_list(shown: list[str], whole: bool, printed: list[str]) -> bool:
 
 
 def missing(shown: str, output: str) -> list[str]:
-    """The pairs shown that the output does not print (in order, numbers to TOLERANCE)."""
+    """The pairs shown that the output does not print: each shown pair is compared with the
+    next printed pair of its name after the previous match (numbers to TOLERANCE), so a
+    value printed under the same name elsewhere in the answer does not stand in for it."""
     printed = pairs(output)
     at, absent = 0, []
     for name, scalar, elements, whole in pairs(shown):
-        for i in range(at, len(printed)):
-            other_name, other_scalar, other_elements, _ = printed[i]
-            if other_name != name:
+        i = next((i for i in range(at, len(printed)) if printed[i][0] == name), None)
+        if i is not None:
+            _, other_scalar, other_elements, _ = printed[i]
+            if scalar is not None and other_scalar is not None:
+                same = _same(scalar, other_scalar)
+            else:
+                same = scalar is None and other_scalar is None
+                same = same and _same_list(elements, whole, other_elements)
+            if same:
+                at = i + 1
                 continue
-            if scalar is not None and other_scalar is not None and _same(scalar, other_scalar):
-                break
-            if (
-                scalar is None
-                and other_scalar is None
-                and _same_list(elements, whole, other_elements)
-            ):
-                break
-        else:
-            absent.append(f'"{name}":{scalar if scalar is not None else elements}')
-            continue
-        at = i + 1
+        absent.append(f'"{name}":{scalar if scalar is not None else elements}')
     return absent
 
 
