@@ -76,7 +76,10 @@ def main() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     logging.config.dictConfig(logging_config(settings.log_level))
     capture_native_stderr()  # before TensorFlow is imported: its C++ lines become JSON too
-    build_server(settings).run()
+    try:
+        build_server(settings).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it, no traceback
 
 
 if __name__ == "__main__":

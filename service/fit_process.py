@@ -24,7 +24,6 @@ import logging
 import multiprocessing
 import os
 import pickle
-import signal
 import socket
 import struct
 import time
@@ -32,7 +31,7 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any, cast
 
-from service.processes import name_process, watch_parent
+from service.processes import become_helper
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +58,7 @@ Call = Callable[..., Any]
 def _serve(sock: socket.socket, parent: int, name: str, setup: Setup, call: Call) -> None:
     """The process: ``state = setup()``, then ``call(state, *args)`` for each frame, in order,
     answering ``(id, ok, value)``, until EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; EOF ends us
-    name_process(name)
-    watch_parent(parent)
+    become_helper(name, parent)  # Ctrl-C is for the server; EOF ends us
     state = setup()
     gc.collect()
     gc.freeze()  # what the warm-up made lives as long as the process

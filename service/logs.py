@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from typing import Any
 
@@ -26,9 +27,31 @@ def capture_native_stderr() -> None:
         with os.fdopen(read_end, "r", errors="replace") as lines:
             for line in lines:
                 if text := line.rstrip():
-                    logger.info(text)
+                    logger.log(native_level(text), text)
 
     threading.Thread(target=relay, name="native-stderr", daemon=True).start()
+
+
+#: absl's line prefix: severity (Info, Warning, Error, Fatal), then the date (I0000 00:00...).
+_ABSL = re.compile(r"[IWEF]\d{4} ")
+#: TensorFlow's start-up notes, printed without a prefix.
+_START_UP = (
+    "WARNING: All log messages before absl::InitializeLog()",
+    "oneDNN custom operations",
+    "To enable the following instructions",
+    "This TensorFlow",
+)
+
+
+def native_level(line: str) -> int:
+    """The level of a line native code wrote: TensorFlow's and absl's start-up chatter (an
+    info or warning prefix, or the oneDNN and CPU-feature notes) at DEBUG, so that a newcomer
+    does not read it as the service's own; their errors at ERROR; anything else at INFO."""
+    if _ABSL.match(line):
+        return logging.ERROR if line[0] in "EF" else logging.DEBUG
+    if line.startswith(_START_UP) or "cpu_feature_guard" in line:
+        return logging.DEBUG
+    return logging.INFO
 
 
 class PlainRecord(logging.Filter):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -30,3 +31,13 @@ def name_process(name: str) -> None:
     the server's command line again."""
     with contextlib.suppress(OSError):
         Path("/proc/self/comm").write_text(name[:15])
+
+
+def become_helper(name: str, parent: int) -> None:
+    """What every helper process does first: take its name, leave Ctrl-C to the server (a
+    terminal sends SIGINT to the whole process group), end quietly on SIGTERM (no
+    traceback: the server stops it, or it stops with the server), and watch the server."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    name_process(name)
+    watch_parent(parent)

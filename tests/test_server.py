@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import signal
 import time
 
 import httpx
 import numpy as np
 import pytest
 
+from service.logs import native_level
 from tests.conftest import seed_gaussian_data, seed_linear_data
 from tests.reference import gaussian_closed_form, linear_closed_form
 from tests.server import marked_processes, named_processes, serve
@@ -80,6 +84,52 @@ def test_children_die_with_a_killed_server() -> None:
         while marked_processes(server.mark) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert marked_processes(server.mark) == []
+
+
+def test_ctrl_c_stops_every_process_quietly() -> None:
+    """A terminal's Ctrl-C sends SIGINT to every process of its group: the server drains and
+    stops, its helper processes leave that to it (they end when it does), and nobody prints
+    a traceback. TensorFlow's start-up chatter is not logged at INFO as the service's own."""
+    with serve(TAPEFIT_FIT_PROCESSES="1") as server:
+        server.wait_warm()
+        helpers = named_processes(server.mark, "tapefit-parser")
+        helpers += named_processes(server.mark, "tapefit-fit")
+        assert len(helpers) == 2
+        for pid in helpers:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert set(helpers) <= set(marked_processes(server.mark)), "a helper took Ctrl-C"
+        os.kill(server.process.pid, signal.SIGINT)
+        server.process.wait(timeout=60)
+        log = server.log()
+    assert "Application shutdown complete" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    native = [json.loads(line) for line in log.splitlines() if '"logger": "stderr"' in line]
+    assert all(record["level"] != "INFO" for record in native), native
+
+
+@pytest.mark.parametrize(
+    ("line", "level"),
+    [
+        (
+            "WARNING: All log messages before absl::InitializeLog() is called are written to "
+            "STDERR",
+            logging.DEBUG,
+        ),
+        (
+            "I0000 00:00:1733550000.1 123 port.cc:153] oneDNN custom operations are on",
+            logging.DEBUG,
+        ),
+        (
+            "W0000 00:00:1733550000.1 123 cpu_feature_guard.cc:210] This TensorFlow binary",
+            logging.DEBUG,
+        ),
+        ("E0000 00:00:1733550000.1 123 some.cc:1] something failed", logging.ERROR),
+        ("Segmentation fault", logging.INFO),
+    ],
+)
+def test_native_lines_get_their_level(line: str, level: int) -> None:
+    assert native_level(line) == level
 
 
 async def test_http_metrics_on_a_fresh_server() -> None:

@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 from service.admission import release_memory, rss_bytes
-from service.processes import name_process, watch_parent
+from service.processes import become_helper
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ class ParserFailed(Exception):
 
 def _serve(conn: Connection, parent: int) -> None:
     """A parser process: run the calls that arrive, until the pipe or the parent is gone."""
-    name_process("tapefit-parser")
-    watch_parent(parent)
+    become_helper("tapefit-parser", parent)
     while True:
         try:
             fn, args = conn.recv()

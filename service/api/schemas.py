@@ -1010,7 +1010,47 @@ class ExpressionStats(_Answer):
     )
 
 
+#: The answer to EXPRESSION_EXAMPLE (NIST's Misra1a from its first start), as the server gives
+#: it (the loss history shortened); tests/api/test_new_user.py checks it against a real fit.
+EXPRESSION_ANSWER_EXAMPLE: dict[str, Any] = {
+    "model": "expression",
+    "expression": "b1*(1-exp(-b2*x))",
+    "named_model": None,
+    "params": {"b1": 238.94212917886165, "b2": 0.0005501564318059137},
+    "start": {"b1": 500.0, "b2": 0.0001},
+    "loss_history": [770.0135831364089, 41.88517909965083, 41.88517909965083],
+    "history_every": 1,
+    "final_loss": 0.008896527781742589,
+    "epochs_run": 24,
+    "n": 14,
+    "stop_reason": "step_tolerance",
+    "converged": True,
+    "warnings": [],
+    "stats": {
+        "parameters": ["b1", "b2"],
+        "n_used": 14,
+        "dof": 12,
+        "std_errors": {"b1": 2.7070075241394496, "b2": 7.266868843619049e-06},
+        "covariance": [
+            [7.3278897357475925, -1.9647394535206385e-05],
+            [-1.9647394535206385e-05, 5.2807382790361256e-11],
+        ],
+        "correlation": [[1.0, -0.998776191963618], [-0.998776191963618, 1.0]],
+        "rss": 0.12455138894440551,
+        "residual_std": 0.10187876330243606,
+        "r_squared": 0.9999815801100362,
+        "log_likelihood": 13.189520041884702,
+        "aic": -22.379040083769404,
+        "bic": -21.100925424538886,
+        "gradient_norm": 2.6352608983946975e-10,
+        "newton_step": 3.5729448045931136e-13,
+    },
+}
+
+
 class ExpressionFitResponse(_Answer):
+    model_config = ConfigDict(json_schema_extra={"examples": [EXPRESSION_ANSWER_EXAMPLE]})
+
     model: Literal["expression"] = "expression"
     expression: str = Field(description="The expression fitted (a named model's, if named).")
     named_model: str | None = Field(description="The named model, if one was asked for.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 
 from service.api.errors import ClientDisconnected
 from service.api.requests import unless_disconnected
+from service.api.schemas import EXPRESSION_ANSWER_EXAMPLE, EXPRESSION_EXAMPLE
 from service.fitting import catalog
 from service.settings import Settings
 from tests.conftest import app_settings, running_app
@@ -223,3 +225,47 @@ async def test_a_disconnect_mid_fit_is_a_disconnect_not_a_500() -> None:
     with pytest.raises(ClientDisconnected):
         await unless_disconnected(_Gone(), work())  # type: ignore[arg-type]
     await asyncio.wait_for(finished.wait(), 1)
+
+
+async def test_expression_fits_stream_progress_as_the_docs_say(client: httpx.AsyncClient) -> None:
+    """docs/expressions.md and /docs agree: with Accept: text/event-stream an expression fit
+    sends progress events, then its answer (the one a plain request gets) as the result."""
+    x = np.linspace(0.0, 1.0, 40)
+    body = {
+        "expression": "A*x + C + K*x**2",
+        "parameters": {"A": 0.0, "K": 0.0, "C": 0.0},
+        "x": x.tolist(),
+        "y": (2.0 * x + 1.0 + 0.5 * x**2).tolist(),
+        "optimizer": "sgd",
+        "learning_rate": 0.5,
+        "epochs": 40,
+        "progress_every": 10,
+    }
+    plain = await client.post(FIT, json=body)
+    streamed = await client.post(FIT, json=body, headers={"accept": "text/event-stream"})
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = [block.splitlines() for block in streamed.text.strip().split("\n\n")]
+    kinds = [lines[0] for lines in events]
+    assert kinds == ["event: progress"] * 4 + ["event: result"], streamed.text[-500:]
+    result = json.loads(events[-1][1].removeprefix("data: "))
+    assert result == plain.json()
+    assert sorted(result["params"]) == ["A", "C", "K"]
+
+
+async def test_the_documented_expression_answer_is_a_real_one(client: httpx.AsyncClient) -> None:
+    """/docs shows a real answer for expressions (no additionalProp1 placeholders): the one
+    the server gives its own request example, to 1e-9 (the last digits vary by CPU)."""
+    document = (await client.get("/openapi.json")).json()
+    (shown,) = document["components"]["schemas"]["ExpressionFitResponse"]["examples"]
+    # (FastAPI's document leaves out the example's null named_model)
+    assert shown == {k: v for k, v in EXPRESSION_ANSWER_EXAMPLE.items() if v is not None}
+    fit = (await client.post(FIT, json=EXPRESSION_EXAMPLE)).json()
+    assert set(fit) == set(EXPRESSION_ANSWER_EXAMPLE)
+    assert fit["loss_history"][: len(shown["loss_history"])] == pytest.approx(
+        shown["loss_history"], rel=1e-9
+    )
+    for part in ("params", "start"):
+        assert fit[part] == pytest.approx(shown[part], rel=1e-9)
+    for name in ("std_errors", "rss", "r_squared", "aic"):
+        assert fit["stats"][name] == pytest.approx(shown["stats"][name], rel=1e-9)
+    assert fit["stop_reason"] == shown["stop_reason"] and fit["converged"]

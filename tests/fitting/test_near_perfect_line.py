@@ -64,13 +64,13 @@ def test_std_errors_keep_at_least_statsmodels_digits(
     ols = sm.OLS(y, sm.add_constant(x)).fit()
     floor = min(_lre(float(ols.bse[1]), exact[0]), _lre(float(ols.bse[0]), exact[1]))
     assert floor >= 7.5  # statsmodels' own digits here (7.9-10.4)
-    digits = {}
-    for name, epochs in (("sgd", 2000), ("newton", 20)):
+    digits: dict[str, float] = {}
+    for optimizer, epochs in ((Optimizer("sgd"), 2000), (Optimizer("newton"), 20)):
         fit = engine.fit(
-            "linear", x, y, learning_rate=0.1, epochs=epochs, seed=0, optimizer=Optimizer(name)
+            "linear", x, y, learning_rate=0.1, epochs=epochs, seed=0, optimizer=optimizer
         )
         se = fit.stats.std_errors
-        digits[name] = min(_lre(se[0], exact[0]), _lre(se[1], exact[1]))
+        digits[optimizer.name] = min(_lre(se[0], exact[0]), _lre(se[1], exact[1]))
     if n <= 1000:
         sets = BatchEngine().fit(
             "linear",
