@@ -434,7 +434,7 @@ class FitWorker:
         if job.model == "expression" and not self._compiled(engine, job):
             pool = self._compile_pool
             if self._compiling >= self.settings.compile_threads + self.settings.max_queued_compiles:
-                self.metrics.rejections.labels("compiling").inc()
+                # (counted once, by admit(), as every refusal inside a request is)
                 raise Refused(
                     "compiling",
                     COMPILE_RETRY_S,
@@ -476,11 +476,15 @@ class FitWorker:
 
     @staticmethod
     def _compiled(engine: FitEngine, job: FitJob) -> bool:
-        """Whether the loop an expression fit will run is compiled (cheap: a cache lookup)."""
-        expression = job.options["expression"]
-        spec = engine.expression_spec(expression, job.data[0].size)
-        stopping = job.training.stopping.enabled
-        return engine.compiled(spec, job.training.optimizer.name, stopping)
+        """Whether the loop an expression fit will run is compiled (cheap: a cache lookup
+        that changes nothing, so that refused requests never flush the cache)."""
+        training = job.training
+        return engine.expression_compiled(
+            job.options["expression"],
+            job.data[0].size,
+            training.optimizer.name,
+            training.stopping.enabled,
+        )
 
     async def fit_batch(
         self, job: BatchJob, timeout_s: float | None = None, ticket: Ticket | None = None

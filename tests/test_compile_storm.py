@@ -30,7 +30,9 @@ def test_a_compile_storm_leaves_health_and_cached_fits_alone() -> None:
         _body(f"a*exp(-b*x) + c*x**{2 + i % 5} + {i}", {"a": 1.0, "b": 1.0, "c": 0.0})
         for i in range(40)
     ]
-    with serve(TAPEFIT_MAX_QUEUED_COMPILES="2") as server:
+    # A cache of 4: refused requests must not take places in it (they evicted the cached
+    # expression, whose fits then had to compile and were refused too).
+    with serve(TAPEFIT_MAX_QUEUED_COMPILES="2", TAPEFIT_EXPRESSION_CACHE_SIZE="4") as server:
         server.wait_warm()
         with httpx.Client(base_url=server.url, timeout=120) as client:
             assert client.post("/v1/fits/expression", json=cached).status_code == 200
@@ -69,6 +71,10 @@ def test_a_compile_storm_leaves_health_and_cached_fits_alone() -> None:
                 stop.set()
                 for w in watchers:
                     w.join(timeout=60)
+            metrics = client.get("/metrics").text
+    refused = float(
+        metrics.split('tapefit_fit_rejections_total{reason="compiling"} ')[1].split()[0]
+    )
     statuses = [status for status, _ in answers]
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(200) >= 3 and statuses.count(429) >= 1, statuses
@@ -76,3 +82,4 @@ def test_a_compile_storm_leaves_health_and_cached_fits_alone() -> None:
     assert health and all(status == 200 for status, _ in health)
     assert max(seconds for _, seconds in health) < 1.0, max(seconds for _, seconds in health)
     assert cached_statuses and set(cached_statuses) == {200}, cached_statuses
+    assert refused == statuses.count(429)  # each refusal counted once

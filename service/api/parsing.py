@@ -336,6 +336,13 @@ def parse_binary(
     context: dict[str, Any],
 ) -> Parsed[RequestT] | Invalid:
     values = _query_values(query)
+    if media == NPY and "dtype" in values:
+        return _invalid(
+            ["query", "dtype"],
+            "dtype_with_npy",
+            "dtype applies to application/octet-stream bodies only: a .npy array states its "
+            "own dtype",
+        )
     dtype_name = values.pop("dtype", "float64")
     try:
         options = options_model.model_validate(values, context=context)

@@ -525,6 +525,14 @@ class FitEngine:
         self._add_loops(spec)
         return spec
 
+    def expression_compiled(
+        self, expression: Expression, n: int, optimizer: ExpressionOptimizer, stopping: bool
+    ) -> bool:
+        """Whether a fit of ``expression`` on ``n`` points would run a compiled loop at once;
+        a lookup that changes no cache (see :meth:`ExpressionModels.peek`)."""
+        spec = self.expressions.peek(expression, n)
+        return spec is not None and self.compiled(spec, optimizer, stopping)
+
     def compiled(self, spec: ModelSpec, optimizer: ExpressionOptimizer, stopping: bool) -> bool:
         """Whether the loop a fit of ``spec`` would run is compiled already (else the fit
         pays tracing and XLA compilation first: seconds for a large expression)."""

@@ -269,3 +269,17 @@ async def test_the_documented_expression_answer_is_a_real_one(client: httpx.Asyn
     for name in ("std_errors", "rss", "r_squared", "aic"):
         assert fit["stats"][name] == pytest.approx(shown["stats"][name], rel=1e-9)
     assert fit["stop_reason"] == shown["stop_reason"] and fit["converged"]
+
+
+async def test_dtype_with_an_npy_body_is_refused_not_ignored(client: httpx.AsyncClient) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([1.0, 2.0, 4.0]), allow_pickle=False)
+    r = await client.post(
+        "/v1/fits/gaussian/binary",
+        content=buffer.getvalue(),
+        headers=NPY,
+        params={"dtype": "float32"},
+    )
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["query", "dtype"] and "octet-stream" in error["msg"]

@@ -139,3 +139,18 @@ def test_several_variables() -> None:
     expression = parse("b1 - b2*x1 * exp(-b3*x2)", ("x1", "x2"), ["b1", "b2", "b3"])
     value = evaluate(expression.tree, [1.0, 2.0, 0.5], [3.0, 4.0], NUMPY)
     assert value == pytest.approx(1.0 - 2.0 * 3.0 * math.exp(-2.0))
+
+
+def test_asking_whether_an_expression_is_compiled_changes_no_cache() -> None:
+    """Admission asks before it may refuse: a refused request must neither add a spec to
+    the cache nor evict one (75 refusals evicted a cached expression)."""
+    from service.fitting import FitEngine
+
+    engine = FitEngine(models={}, expression_cache_size=2)
+    kept = parse("a*exp(-b*x)", ("x",), ("a", "b"))
+    engine.expression_spec(kept, 10)
+    for i in range(10):
+        other = parse(f"a*x + {i}", ("x",), ("a",))
+        assert not engine.expression_compiled(other, 10, "levenberg_marquardt", False)
+        assert engine.expressions.peek(other, 10) is None
+    assert engine.expressions.peek(kept, 10) is not None

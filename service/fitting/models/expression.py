@@ -174,7 +174,7 @@ def expression_spec(expression: Expression, size: int) -> ModelSpec:
         return _stats(expression, layout, size, jacobian, fit, summary, weights, exact)
 
     return ModelSpec(
-        name=f"expression[{v},{size}]:{expression.canonical}",
+        name=_key(expression, size),
         params=expression.parameters,
         data=(*expression.variables, "y"),
         summary=layout,
@@ -326,12 +326,18 @@ class ExpressionModels:
         self._on_evict = on_evict
         self._size = size
 
+    def peek(self, expression: Expression, n: int) -> ModelSpec | None:
+        """The cached spec for ``n`` points, or None; changes nothing (an admission check
+        that may end in a refusal must neither add a spec nor evict one)."""
+        with self._lock:
+            return self._specs.get(_key(expression, bucket(n)))
+
     def spec(self, expression: Expression, n: int) -> ModelSpec:
         """The spec for ``n`` points (made on first use, evicting the least recent). Its
         names are positional (:func:`positional`): one spec serves every caller who writes
         the same model under other names."""
         size = bucket(n)
-        key = f"expression[{len(expression.variables)},{size}]:{expression.canonical}"
+        key = _key(expression, size)
         evicted: list[str] = []
         with self._lock:
             spec = self._specs.get(key)
@@ -345,3 +351,8 @@ class ExpressionModels:
         for name in evicted:
             self._on_evict(name)
         return spec
+
+
+def _key(expression: Expression, size: int) -> str:
+    """A cached spec's key, and its name (as :func:`expression_spec` names it)."""
+    return f"expression[{len(expression.variables)},{size}]:{expression.canonical}"
