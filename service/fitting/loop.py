@@ -477,7 +477,8 @@ class FitEngine:
         # Fast callers are made on first use: making one traces its function (~0.15 s each).
         self._loops: dict[tuple[str, Variant], Callable[..., Any]] = {}
         self._summaries: dict[str, Callable[..., Any]] = {}
-        self._loops_lock = threading.Lock()
+        self._loops_lock = threading.Lock()  # held briefly: never while tracing
+        self._tracing: dict[Any, threading.Lock] = {}
         for spec in models.values():
             self.register(spec)
         #: Expressions: a spec per expression and size bucket, the least recent evicted.
@@ -490,6 +491,8 @@ class FitEngine:
         self._add_loops(spec)
 
     def _add_loops(self, spec: ModelSpec) -> None:
+        if (spec.name, DEFAULT_VARIANT) in self._loop_fns:  # the common case, without the lock
+            return
         with self._loops_lock:
             if (spec.name, DEFAULT_VARIANT) in self._loop_fns:
                 return
@@ -543,13 +546,21 @@ class FitEngine:
     def _caller(
         self, callers: dict[Any, Callable[..., Any]], key: Any, fn: Any
     ) -> Callable[..., Any]:
-        """The fast caller of ``fn``, made once (making one traces it) under the lock."""
+        """The fast caller of ``fn``, made once (making one traces it: seconds for a large
+        expression) under a lock of its own key, so that no other fit, nor the event loop,
+        waits for another model's trace."""
         caller = callers.get(key)
         if caller is None:
             with self._loops_lock:
-                if key not in callers:
-                    callers[key] = _fast_call(fn)
-                caller = callers[key]
+                tracing = self._tracing.setdefault(key, threading.Lock())
+            with tracing:
+                caller = callers.get(key)
+                if caller is None:
+                    caller = _fast_call(fn)
+                    with self._loops_lock:
+                        callers[key] = caller
+            with self._loops_lock:
+                self._tracing.pop(key, None)
         return caller
 
     def _loop(self, spec: ModelSpec, variant: Variant) -> Callable[..., Any]:
