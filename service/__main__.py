@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from service.logs import capture_native_stderr, logging_config
+from service.processes import name_process
 from service.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ SWITCH_INTERVAL_S = 0.001
 
 def main() -> None:
     settings = get_settings()
+    name_process("tapefit-server")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     logging.config.dictConfig(logging_config(settings.log_level))
     capture_native_stderr()  # before TensorFlow is imported: its C++ lines become JSON too

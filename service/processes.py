@@ -9,6 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+# setproctitle must not overwrite the environment block to make room for a longer title:
+# /proc/PID/environ is how operators (and the test suite) tell whose process it is. Titles
+# then fit in the original command line's length (any of ours does).
+os.environ.setdefault("SPT_NOENV", "1")
+import setproctitle
+
 #: How often a helper process checks that the server that started it is still alive.
 PARENT_POLL_S = 0.25
 
@@ -27,8 +33,10 @@ def watch_parent(parent: int) -> None:
 
 
 def name_process(name: str) -> None:
-    """Show this process as ``name`` in ps and top (Linux keeps 15 characters), instead of
-    the server's command line again."""
+    """Show this process as ``name`` in ps and top: its command line (``ps aux``, ``ps -f``;
+    helpers spawned by multiprocessing otherwise show ``python -c from multiprocessing.spawn
+    import spawn_main...``) and its short name (``ps -e``, top; Linux keeps 15 characters)."""
+    setproctitle.setproctitle(name)
     with contextlib.suppress(OSError):
         Path("/proc/self/comm").write_text(name[:15])
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -95,6 +96,8 @@ def test_ctrl_c_stops_every_process_quietly() -> None:
         helpers = named_processes(server.mark, "tapefit-parser")
         helpers += named_processes(server.mark, "tapefit-fit")
         assert len(helpers) == 2
+        titles = [_command_line(pid) for pid in (*helpers, server.process.pid)]
+        assert titles == ["tapefit-parser", "tapefit-fit", "tapefit-server"]  # in ps aux
         for pid in helpers:
             os.kill(pid, signal.SIGINT)
         time.sleep(0.5)
@@ -106,6 +109,10 @@ def test_ctrl_c_stops_every_process_quietly() -> None:
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
     native = [json.loads(line) for line in log.splitlines() if '"logger": "stderr"' in line]
     assert all(record["level"] != "INFO" for record in native), native
+
+
+def _command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
 
 
 @pytest.mark.parametrize(
