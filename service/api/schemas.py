@@ -162,7 +162,9 @@ def _at_most(
         if absolute is not None:
             limit = absolute if limit is None else min(limit, absolute)
         if limit is not None and value > limit:
-            raise PydanticCustomError(kind, message, {"limit": limit, "count": value})
+            # (a count of hundreds of digits is not echoed back)
+            count = value if value <= 10**15 else f"a number of {len(str(value))} digits"
+            raise PydanticCustomError(kind, message, {"limit": limit, "count": count})
         return value
 
     return validate
