@@ -79,6 +79,7 @@ def rss_bytes(server: Server) -> int:
 FUZZ_RUNS = ((20261126, "examples,coverage,fuzzing"), (int(time.strftime("%Y%m%d")), "fuzzing"))
 
 
+@pytest.mark.fuzz
 @pytest.mark.parametrize(("seed", "phases"), FUZZ_RUNS, ids=["fixed", "daily"])
 def test_schemathesis_finds_no_failure(seed: int, phases: str, tmp_path: Path) -> None:
     """Property-based fuzzing of every operation from the app's own OpenAPI, all checks, from
