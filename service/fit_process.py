@@ -62,6 +62,15 @@ def _serve(sock: socket.socket, parent: int, name: str, setup: Setup, call: Call
     state = setup()
     gc.collect()
     gc.freeze()  # what the warm-up made lives as long as the process
+    _answer(sock, state, call)
+    # Then exit at once: a daemon thread (the background warm-up) may be inside TensorFlow,
+    # where the interpreter's finalization aborts the process ("terminate called after
+    # throwing...", "FATAL: exception not rethrown"). There is nothing to flush or close.
+    os._exit(0)
+
+
+def _answer(sock: socket.socket, state: Any, call: Call) -> None:
+    """Say READY, then answer each frame until EOF (or the socket fails)."""
     try:
         _send(sock, READY)
     except OSError:

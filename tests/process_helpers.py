@@ -38,3 +38,20 @@ class Unreadable:
 
 def answers_unreadably(state: object, readable: bool) -> Any:
     return "fine" if readable else Unreadable()
+
+
+def busy_in_tensorflow() -> None:
+    """A setup that leaves a daemon thread inside TensorFlow for good (as the fit process's
+    background warm-up is for seconds): the process must still exit cleanly."""
+    import threading
+
+    import tensorflow as tf
+
+    def spin() -> None:
+        i = 0
+        while True:  # trace and XLA-compile a new function, again and again
+            i += 1
+            compiled = tf.function(lambda v, i=i: tf.sin(v) * i, jit_compile=True)
+            compiled(tf.ones([i % 97 + 1]))
+
+    threading.Thread(target=spin, daemon=True).start()

@@ -28,7 +28,13 @@ from service.fitting.options import Optimizer, Stopping
 from service.fitting.results import FitResult, FitStats
 from service.worker import FitJob, FitWorker, Training
 from tests.conftest import app_settings
-from tests.process_helpers import answers_unreadably, echo, fails_in_setup, raises
+from tests.process_helpers import (
+    answers_unreadably,
+    busy_in_tensorflow,
+    echo,
+    fails_in_setup,
+    raises,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -320,3 +326,22 @@ def test_a_result_crosses_back_whole() -> None:
     for field in dataclasses.fields(FitResult):
         if field.name != "loss_history":
             assert getattr(back, field.name) == getattr(result, field.name), field.name
+
+
+async def test_a_process_stopped_with_a_thread_inside_tensorflow_exits_quietly(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The fit process warms its other loops in a thread while it serves; stopped meanwhile,
+    it must exit at once, not abort in the interpreter's finalization ("terminate called
+    after throwing...", "FATAL: exception not rethrown", seen when a test stopped a server
+    during that warm-up)."""
+    async with started(monkeypatch, busy_in_tensorflow, echo) as process:
+        await asyncio.wait_for(process.wait_ready(), 120)
+        assert await process.call(7, timeout_s=60) == (7,)
+        pid = process.pid
+    assert pid is not None
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    written = capfd.readouterr().err
+    assert "FATAL" not in written and "terminate called" not in written, written
