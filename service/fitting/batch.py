@@ -206,6 +206,10 @@ class BatchEngine:
             params = np.stack(np.broadcast_arrays(*fitted), 1).reshape(-1, spec.k)
             rss = sets.rss(spec, rows[kept], params)
             options = sets.options if rss is None else {**sets.options, "rss": rss}
+            final_kept = np.asarray(final)[kept]
+            if rss is not None:  # the loss from the residuals, where they were summed
+                lengths = sets.data[0].lengths[rows[kept]]
+                final_kept = np.where(np.isnan(rss), final_kept, rss / lengths)
             stats_of_sets = spec.stats_of_sets or partial(_stats_each, spec)
             stats = stats_of_sets(at, summaries, options)
         return BatchResults(
@@ -216,7 +220,7 @@ class BatchEngine:
                 sets=rows[kept],
                 params=params,
                 losses=losses[:, kept],
-                final_loss=np.asarray(final)[kept],
+                final_loss=final_kept,
                 stats=stats,
                 seeds=[sets.seeds[i] for i in rows[kept].tolist()],
                 epochs_run=run.epochs_run,

@@ -22,7 +22,7 @@ import math
 import random
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -651,6 +651,8 @@ class FitEngine:
         with quiet():  # what overflows float64 is reported as null
             stats = spec.stats(at, summary, weight_summary(ws, n), model_options)
         result = _result(spec, run, at, stats, stopping, scaling, history_every, seed)
+        if (rss := model_options.get("rss")) is not None:  # the loss from the residuals
+            result = replace(result, final_loss=rss / float(total))
         return result if expression is None else named(expression, result)
 
     def warm_up(self, small: bool = True, large: bool = True, variants: bool = True) -> None:
