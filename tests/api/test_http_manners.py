@@ -31,6 +31,26 @@ async def test_large_answers_are_gzipped_when_asked(client: httpx.AsyncClient) -
     assert "content-encoding" not in small.headers  # under TAPEFIT_GZIP_MIN_BYTES
 
 
+async def test_pngs_and_event_streams_are_never_compressed(client: httpx.AsyncClient) -> None:
+    """gzip on a PNG gains nothing, and a compressed event stream arrives in bursts (or not
+    at all until it ends): neither is compressed, however large (httpx would decompress
+    silently, so the header is what is checked)."""
+    gz = {"accept-encoding": "gzip"}
+    x = [float(i) for i in range(200)]
+    plot = await client.post(
+        "/v1/plots/linear", json={"x": x, "y": [2.0 * v + 1.0 for v in x]}, headers=gz
+    )
+    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
+    assert len(plot.content) > 1024 and "content-encoding" not in plot.headers
+    stream = await client.post(
+        "/v1/fits/gaussian",
+        json={"y": [1.0, 2.0, 4.0], "epochs": 2000, "progress_every": 10},
+        headers={**gz, "accept": "text/event-stream"},
+    )
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert len(stream.content) > 1024 and "content-encoding" not in stream.headers
+
+
 async def test_compressed_request_bodies_are_415(client: httpx.AsyncClient) -> None:
     content = gzip.compress(json.dumps({"y": [1.0, 2.0, 4.0]}).encode())
     r = await client.post(
