@@ -67,9 +67,14 @@ PARSER_RESERVE_BYTES = 128 * 1024 * 1024
 #: (898 MiB resident, of which 381 MiB are TensorFlow's libraries, mapped by the server too
 #: and counted in its resident memory), and the small fits it runs.
 FIT_PROCESS_RESERVE_BYTES = 576 * 1024 * 1024
-#: A fit in the fit process that has not answered this long after its deadline is taken for
-#: hung: the process is killed (and restarted) and the fit runs in the server.
-HUNG_AFTER_S = 10.0
+#: The fit process takes small fits only (milliseconds each). One it has not answered this
+#: long after it was sent, or by its deadline if that comes first (but never sooner than
+#: STUCK_FLOOR_S), means the process is stuck (stopped, deadlocked): it is killed (and
+#: restarted) and the fit runs in the server, within the fit's deadline. (It was 10 s past
+#: the deadline: with SIGSTOP on the process, fits with timeout_s 2 answered at 12 s, and
+#: those without at 40 s.)
+STUCK_AFTER_S = 2.0
+STUCK_FLOOR_S = 0.5
 #: What the warm-up after readiness adds to the server (batch loops, other variants):
 #: measured ~250 MiB.
 WARM_UP_BYTES = 300 * 1024 * 1024
@@ -574,9 +579,9 @@ class FitWorker:
             # Linux's monotonic clock is the machine's: the process reads the same deadline.
             try:
                 with self._counted(job.model) as tally:
-                    tally.result, tally.seconds = await process.call(
-                        job, deadline, timeout_s=deadline - time.monotonic() + HUNG_AFTER_S
-                    )
+                    left = deadline - time.monotonic()
+                    stuck = min(STUCK_AFTER_S, max(left, STUCK_FLOOR_S))
+                    tally.result, tally.seconds = await process.call(job, deadline, timeout_s=stuck)
             except ProcessLost:
                 log.warning("the fit process lost a fit: fitting it here")
             else:
