@@ -46,11 +46,6 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
-def server(live_server: Server) -> Server:
-    return live_server
-
-
-@pytest.fixture(scope="module")
 def browser() -> Iterator[BrowserContext]:
     with (
         tempfile.TemporaryDirectory(prefix="tapefit-chromium-") as profile,
@@ -72,12 +67,12 @@ def browser() -> Iterator[BrowserContext]:
     [("fit_linear", "slope"), ("fit_gaussian", "std")],
 )
 def test_try_it_out_executes_a_fit(
-    server: Server, browser: BrowserContext, operation: str, param: str
+    live_server: Server, browser: BrowserContext, operation: str, param: str
 ) -> None:
     page = browser.new_page()
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
-    page.goto(f"{server.url}/docs", wait_until="networkidle")
+    page.goto(f"{live_server.url}/docs", wait_until="networkidle")
 
     block = page.locator(f"#operations-fits-{operation}")
     live = _execute(page, f"#operations-fits-{operation}")
@@ -92,25 +87,25 @@ def test_try_it_out_executes_a_fit(
     live.screenshot(path=str(ARTIFACTS / f"docs-{operation}-response.png"))
     page.close()
 
-    foreign = [url for url in requested if not url.startswith((server.url, "data:", "blob:"))]
+    foreign = [url for url in requested if not url.startswith((live_server.url, "data:", "blob:"))]
     assert not foreign, f"the docs page reached outside the service: {foreign}"
     assert any("/static-offline-docs/swagger-ui-bundle.js" in url for url in requested)
 
 
-def test_redoc_renders_offline(server: Server, browser: BrowserContext) -> None:
+def test_redoc_renders_offline(live_server: Server, browser: BrowserContext) -> None:
     page = browser.new_page()
     fetched: list[str] = []
     blocked: list[tuple[str, str]] = []
     page.on("requestfinished", lambda request: fetched.append(request.url))
     page.on("requestfailed", lambda r: blocked.append((r.url, r.failure or "")))
-    page.goto(f"{server.url}/redoc", wait_until="networkidle")
+    page.goto(f"{live_server.url}/redoc", wait_until="networkidle")
     heading = page.get_by_role("heading", name="Fit a line by gradient descent on the MSE")
     heading.wait_for(timeout=30_000)
-    assert not [url for url in fetched if not url.startswith((server.url, "data:", "blob:"))]
+    assert not [url for url in fetched if not url.startswith((live_server.url, "data:", "blob:"))]
     # ReDoc's bundle asks for its logo on a CDN; the page's Content-Security-Policy stops it
     # in the browser, so nothing leaves the machine.
     for url, failure in blocked:
-        assert url.startswith(server.url) or failure.lower() in {
+        assert url.startswith(live_server.url) or failure.lower() in {
             "csp",
             "net::err_blocked_by_csp",
         }, (
@@ -132,9 +127,11 @@ def _execute(page: Page, block_id: str) -> Locator:
     return live
 
 
-def test_try_it_out_makes_data_and_draws_a_plot(server: Server, browser: BrowserContext) -> None:
+def test_try_it_out_makes_data_and_draws_a_plot(
+    live_server: Server, browser: BrowserContext
+) -> None:
     page = browser.new_page()
-    page.goto(f"{server.url}/docs", wait_until="networkidle")
+    page.goto(f"{live_server.url}/docs", wait_until="networkidle")
 
     live = _execute(page, "#operations-datasets-linear_dataset")
     data = json.loads(live.locator("tr.response .highlight-code pre").first.inner_text())

@@ -56,11 +56,6 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, M
             del sys.modules[name]
 
 
-@pytest.fixture(scope="module")
-def server(live_server: Server) -> Server:
-    return live_server
-
-
 def _module(name: str) -> Any:
     return importlib.import_module(f"{PACKAGE}.{name}")
 
@@ -80,7 +75,7 @@ def _signature(function: Any) -> dict[str, Any]:
 
 
 def test_the_generated_client_fits_plots_and_reads_a_422(
-    generated: tuple[str, ModuleType], server: Server
+    generated: tuple[str, ModuleType], live_server: Server
 ) -> None:
     _, package = generated
     models = _module("models")
@@ -88,7 +83,7 @@ def test_the_generated_client_fits_plots_and_reads_a_422(
     x, y = seed_linear_data(2)
     x, y = 3000.0 + 1000.0 * x, 1e7 + 0.1 * y  # units real callers send, not unit scale
     slope, intercept = linear_closed_form(x, y)
-    with package.Client(base_url=server.url, raise_on_unexpected_status=True) as client:
+    with package.Client(base_url=live_server.url, raise_on_unexpected_status=True) as client:
         body = models.LinearFitRequest.from_dict({"x": x.tolist(), "y": y.tolist(), "seed": 1})
         fit = _module("api.fits.fit_linear").sync(client=client, body=body)
         assert isinstance(fit, models.LinearFitResponse)

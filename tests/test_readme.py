@@ -116,11 +116,6 @@ def _unescaped_quotes(text: str) -> int:
     return len(re.findall(r'(?<!\\)"', text))
 
 
-@pytest.fixture(scope="module")
-def server(live_server: Server) -> Server:
-    return live_server
-
-
 EXAMPLES = examples()
 
 
@@ -178,9 +173,11 @@ def test_the_comparison_ignores_the_last_digits_and_sees_the_tenth() -> None:
 
 
 @pytest.mark.parametrize(("command", "shown"), EXAMPLES, ids=[c[:60] for c, _ in EXAMPLES])
-def test_a_readme_example_prints_what_it_shows(server: Server, command: str, shown: str) -> None:
+def test_a_readme_example_prints_what_it_shows(
+    live_server: Server, command: str, shown: str
+) -> None:
     run = subprocess.run(
-        ["bash", "-c", command.replace("localhost:8000", server.url.removeprefix("http://"))],
+        ["bash", "-c", command.replace("localhost:8000", live_server.url.removeprefix("http://"))],
         cwd=ROOT,
         capture_output=True,
         text=True,

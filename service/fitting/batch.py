@@ -307,18 +307,20 @@ class _Sets:
     data: tuple[Ragged, ...]
 
     def rss(self, spec: ModelSpec, rows: npt.NDArray[Any], fitted: Array) -> Array | None:
-        """``spec.data_rss`` of the sets ``rows`` at their fitted parameters ([B, k]), NaN
-        where it is None (None: the model has no data_rss)."""
-        if spec.data_rss is None or spec.rss_cancels is None:
+        """``spec.residual_sum`` of the sets ``rows`` at their fitted parameters ([B, k]),
+        where their moment form cancels; NaN elsewhere (None: the model has none)."""
+        residual = spec.residual_sum
+        if residual is None:
             return None
         offsets = self.data[0].offsets
         rss = np.full(len(rows), np.nan)
-        for j in np.flatnonzero(spec.rss_cancels(self.summaries[rows])).tolist():
+        for j in np.flatnonzero(residual.cancels(self.summaries[rows])).tolist():
             i = int(rows[j])
             cut = slice(offsets[i], offsets[i] + self.data[0].lengths[i])
-            arrays = [d.values[cut] for d in self.data]
-            value = spec.data_rss(self.summaries[i], tuple(fitted[j]), arrays, None)
-            rss[j] = np.nan if value is None else value
+            value = residual.rss(
+                self.summaries[i], tuple(fitted[j]), [d.values[cut] for d in self.data], None
+            )
+            rss[j] = value if math.isfinite(value) else np.nan
         return rss
 
 

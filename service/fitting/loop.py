@@ -645,14 +645,16 @@ class FitEngine:
         )
         run = plan.run(fit_summary, start)
         at = AtFit.of(run.curvature, run.params, coords)
-        if spec.data_rss is not None:
+        residual = spec.residual_sum
+        if residual is not None and residual.cancels(summary):
             fitted = spec.report(coords.from_fit(run.params))
-            model_options["rss"] = spec.data_rss(summary, fitted, arrays, ws)
+            if math.isfinite(rss := residual.rss(summary, fitted, arrays, ws)):
+                model_options["rss"] = rss
         with quiet():  # what overflows float64 is reported as null
             stats = spec.stats(at, summary, weight_summary(ws, n), model_options)
         result = _result(spec, run, at, stats, stopping, scaling, history_every, seed)
-        if (rss := model_options.get("rss")) is not None:  # the loss from the residuals
-            result = replace(result, final_loss=rss / float(total))
+        if "rss" in model_options:  # the loss from the residuals
+            result = replace(result, final_loss=model_options["rss"] / float(total))
         return result if expression is None else named(expression, result)
 
     def warm_up(self, small: bool = True, large: bool = True, variants: bool = True) -> None:

@@ -40,6 +40,18 @@ Loss = Callable[[Any, Any], Any]
 
 
 @dataclass(frozen=True, slots=True)
+class ResidualSum:
+    """For least squares whose loss is a moment form, which cancels on data the model fits
+    almost exactly: ``cancels`` says which summaries ([..., S] -> booleans) have lost digits
+    that way, and ``rss`` takes Σw·r² for one of them from a pass over its data (summary,
+    fitted parameters in the caller's units, the data arrays, weights or None). The
+    statistics take it as the model option ``rss``, and it is the final loss."""
+
+    cancels: Callable[[Array], Any]
+    rss: Callable[[Array, Vector, Sequence[Array], Array | None], float]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """One model, as the engine fits it (see the module's docstring)."""
 
@@ -93,14 +105,9 @@ class ModelSpec:
     project: Loss | None = None
     #: How many leading summary fields must be finite (None: all; bounds may be infinite).
     finite_fields: int | None = None
-    #: Least squares whose loss is a moment form, which cancels on data a model fits almost
-    #: exactly: (summary, fitted parameters in the caller's units, the data arrays, weights
-    #: or None) -> Σw·r² from a pass over the data where the moment form has lost digits,
-    #: else None. The statistics take it as the model option ``rss``.
-    data_rss: Callable[[Array, Vector, Sequence[Array], Array | None], float | None] | None = None
-    #: With ``data_rss``: which summary rows ([B, S] -> [B] booleans) it would take from the
-    #: data (so that a batch visits only those sets).
-    rss_cancels: Callable[[Array], Any] | None = None
+    #: Least squares whose loss is a moment form: where it cancels, the residual sum of
+    #: squares from the data instead (:class:`ResidualSum`).
+    residual_sum: ResidualSum | None = None
 
     def __post_init__(self) -> None:
         if len(self.dummy) != self.summary.size or len(self.dummy_start) != self.k:
@@ -153,4 +160,4 @@ def _registry() -> dict[str, ModelSpec]:
 #: The built-in models by name.
 BUILT_IN: Mapping[str, ModelSpec] = _registry()
 
-__all__ = ["BUILT_IN", "Loss", "ModelSpec", "Ragged", "all_equal"]
+__all__ = ["BUILT_IN", "Loss", "ModelSpec", "Ragged", "ResidualSum", "all_equal"]

@@ -27,7 +27,7 @@ from service.fitting.draws import standard_normals
 from service.fitting.layers import LinearRegressionLayer
 from service.fitting.layout import Layout
 from service.fitting.losses import LOG_2PI
-from service.fitting.models import ModelSpec, all_equal
+from service.fitting.models import ModelSpec, ResidualSum, all_equal
 from service.fitting.options import Scaling
 from service.fitting.results import FitStats
 from service.fitting.scaling import Coordinates, affine, quiet, stacked
@@ -156,23 +156,20 @@ def cancels(summaries: Array) -> Any:
         return (vxx > 0.0) & (vyy > 0.0) & (1.0 - vxy / vxx * (vxy / vyy) <= CANCELLING)
 
 
-def data_rss(
+def rss_from_data(
     summary: Array, fitted: Sequence[float], data: Sequence[Array], weights: Array | None
-) -> float | None:
-    """Σw·r² from the residuals, where the moment form cancels (else None). Each residual is
-    taken from centred values, (y - ȳ) - m·(x - x̄) - (m·x̄ + b - ȳ): the centring
-    subtractions are exact in float64 where y and ȳ agree in their leading digits, so a
-    residual keeps its digits however large y is (x in the thousands, y ~ 1e14, residuals
-    ~300: ~9 digits of the sum, where the moment form keeps ~1)."""
-    if not cancels(summary):
-        return None
+) -> float:
+    """Σw·r² from the residuals (where the moment form cancels). Each residual is taken from
+    centred values, (y - ȳ) - m·(x - x̄) - (m·x̄ + b - ȳ): the centring subtractions are
+    exact in float64 where y and ȳ agree in their leading digits, so a residual keeps its
+    digits however large y is (x in the thousands, y ~ 1e14, residuals ~300: ~9 digits of the
+    sum, where the moment form keeps ~1)."""
     x_mean, y_mean = float(summary[1]), float(summary[2])
     x, y = data
     slope, intercept = fitted
     with np.errstate(all="ignore"):
         r = (y - y_mean) - slope * (x - x_mean) - (slope * x_mean + intercept - y_mean)
-        rss = float(np.dot(r, r) if weights is None else np.dot(weights * r, r))
-    return rss if math.isfinite(rss) else None
+        return float(np.dot(r, r) if weights is None else np.dot(weights * r, r))
 
 
 def stats(
@@ -185,7 +182,7 @@ def stats(
     slope = vxy / vxx
     dof = weights.count - 2
     loss_ = coords.loss(at.loss)
-    # Σw·r²: from the residuals where the moment form cancels (data_rss). The moment form
+    # Σw·r²: from the residuals where the moment form cancels (RESIDUAL_SUM). The moment form
     # is exact only to rounding of Vyy: a residual below that (a perfect fit, e.g. two
     # points) is zero, not a log-likelihood of rounding noise.
     rss = options.get("rss")
@@ -264,8 +261,7 @@ LINEAR = ModelSpec(
     random_start=True,
     stats=stats,
     stats_of_sets=stats_of_sets,
-    data_rss=data_rss,
-    rss_cancels=cancels,
+    residual_sum=ResidualSum(cancels, rss_from_data),
     dummy=(2.0, 0.0, 0.0, 1.0, 0.0, 1.0),
     dummy_start=(0.0, 0.0),
 )
