@@ -161,7 +161,11 @@ class Admission:
             self._log_pace = min(max(log_pace, low), high)
 
     def expected_wait(self) -> float:
-        """Seconds a request admitted now would wait for a slot, by the work ahead of it."""
+        """Seconds a request admitted now would wait for a slot, by the work ahead of it:
+        none while a slot is idle (fewer fits admitted than slots: one long fit's expected
+        time, however large, holds one slot, not all of them)."""
+        if self.fits < self.slots:
+            return 0.0
         return self.seconds / self.slots
 
     def check_place(self) -> None:

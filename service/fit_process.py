@@ -224,10 +224,17 @@ class WarmProcess:
         self._closed = False
         self._pause = RESTART_PAUSE_S[0]
         self._task: asyncio.Task[None] | None = None
+        self._served = False
 
     @property
     def ready(self) -> bool:
         return self._running is not None and not self._running.killed
+
+    @property
+    def replacing(self) -> bool:
+        """The process was serving, and is now lost (dead, or killed as hung) until a new
+        one is ready."""
+        return self._served and not self.ready and not self._closed
 
     @property
     def pid(self) -> int | None:
@@ -288,6 +295,7 @@ class WarmProcess:
             try:
                 running = await self._spawn()
                 self._running = running
+                self._served = True
                 self._on_ready()
                 await running.closed
             except asyncio.CancelledError:

@@ -73,8 +73,22 @@ class Settings(BaseSettings):
         description="Compiling fits that may wait for a compile thread; more answer 429 with "
         "Retry-After.",
     )
+    max_expression_complexity: Annotated[int, Field(ge=1)] = Field(
+        640,
+        description="Most parameters x nodes in one expression (422 above): compiling its fit "
+        "takes time and memory in proportion (measured ~9 ms and ~0.5-1.1 MiB a unit; "
+        "docs/expressions.md). The default admits NIST's largest certified model (ENSO, 603) "
+        "and keeps a compile within ~8 s and ~512 MiB, charged to the memory budget.",
+    )
     expression_cache_size: Annotated[int, Field(ge=1)] = Field(
         64, description="Compiled expressions kept (least recently used evicted first)."
+    )
+    expression_cache_bytes: Annotated[int, Field(ge=0)] = Field(
+        128 * 1024 * 1024,
+        description="Memory compiled expressions may keep (estimated; the least recently used "
+        "are evicted first), counted in the memory budget. XLA never gives back what it "
+        "compiled, so expressions are XLA-compiled while that stays within half of this, and "
+        "run as plain graphs after (given back when evicted).",
     )
     max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
         64 * 1024 * 1024, description="Largest request body accepted (413 above)."

@@ -18,6 +18,7 @@ import asyncio
 import copyreg
 import gc
 import logging
+import math
 import os
 import threading
 import time
@@ -54,6 +55,7 @@ from service.fitting import (
 from service.fitting.batch import BatchEngine, BatchResults, Ragged
 from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
 from service.fitting.models import BUILT_IN
+from service.fitting.models.expression import CACHE_BYTES, CACHE_SIZE, CompileCost
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
 from service.settings import Settings
@@ -102,6 +104,7 @@ __all__ = [
     "Optimizer",
     "Refused",
     "Reporter",
+    "StillCompiling",
     "Stopping",
     "Ticket",
     "Training",
@@ -165,7 +168,18 @@ class Reporter:
 
 
 class Unavailable(Exception):
-    """The worker is not taking fits (still warming up, or shutting down)."""
+    """Not now: 503 with Retry-After. The worker is not taking fits (still warming up, or
+    shutting down), or (:class:`StillCompiling`) not this one yet."""
+
+    retry_after = 1
+
+
+class StillCompiling(Unavailable):
+    """The fit's deadline came while its model was still compiling."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class FitMetrics:
@@ -247,10 +261,18 @@ class FitMetrics:
 
 
 @lru_cache(maxsize=4)
-def shared_engine(epochs_per_call: int, expression_cache_size: int = 64) -> FitEngine:
+def shared_engine(
+    epochs_per_call: int,
+    expression_cache_size: int = CACHE_SIZE,
+    expression_cache_bytes: int = CACHE_BYTES,
+) -> FitEngine:
     """One engine per process and chunk size: it is stateless and thread-safe. Returned warm
     for small data (enough for readiness); see :meth:`FitWorker.start` for the rest."""
-    engine = FitEngine(epochs_per_call=epochs_per_call, expression_cache_size=expression_cache_size)
+    engine = FitEngine(
+        epochs_per_call=epochs_per_call,
+        expression_cache_size=expression_cache_size,
+        expression_cache_bytes=expression_cache_bytes,
+    )
     engine.warm_up(large=False, variants=False)
     return engine
 
@@ -291,6 +313,7 @@ class FitWorker:
         self._compiling = 0
         self._process: WarmProcess | None = None
         self._warm_here = False
+        self._base_budget = self.admission.memory_budget
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -301,7 +324,11 @@ class FitWorker:
         loop = asyncio.get_running_loop()
         configure_threads(s.intra_op_threads, s.inter_op_threads)
         self.engine = await loop.run_in_executor(
-            self._fit_pool, shared_engine, s.epochs_per_call, s.expression_cache_size
+            self._fit_pool,
+            shared_engine,
+            s.epochs_per_call,
+            s.expression_cache_size,
+            s.expression_cache_bytes,
         )
         self._set_budget(warm=False)
         self.ready = True
@@ -359,12 +386,21 @@ class FitWorker:
 
     def _set_budget(self, warm: bool) -> None:
         """The memory budget, unless set: from the limit less what the server holds, first at
-        readiness (allowing for the warm-up still to come), then once warm."""
+        readiness (allowing for the warm-up still to come), then once warm; less, always,
+        what compiled expressions keep (:class:`ExpressionModels`, at most
+        ``TAPEFIT_EXPRESSION_CACHE_BYTES``)."""
         s = self.settings
         if not s.memory_budget_bytes:
             limit = s.memory_limit_bytes or memory_limit()
             budget = auto_memory_budget(limit, s.parse_processes, s.fit_processes)
-            self.admission.memory_budget = budget if warm else budget - WARM_UP_BYTES
+            self._base_budget = budget if warm else budget - WARM_UP_BYTES
+        self._count_compiled()
+
+    def _count_compiled(self) -> None:
+        """The budget less what compiled expressions keep now (after each compile)."""
+        if not self.settings.memory_budget_bytes and self.engine is not None:
+            kept = int(self.engine.expressions.bytes)
+            self.admission.memory_budget = max(MIN_BUDGET_BYTES, self._base_budget - kept)
         self.metrics.memory_budget.set(self.admission.memory_budget)
 
     async def wait_warm(self) -> None:
@@ -436,34 +472,100 @@ class FitWorker:
         if self.engine is None:
             raise Unavailable("the service is warming up")
         engine = self.engine
-        pool = self._fit_pool
-        if job.model == "expression" and not self._compiled(engine, job):
-            pool = self._compile_pool
-            if self._compiling >= self.settings.compile_threads + self.settings.max_queued_compiles:
-                # (counted once, by admit(), as every refusal inside a request is)
-                raise Refused(
-                    "compiling",
-                    COMPILE_RETRY_S,
-                    "every compile thread and queue place is taken by new expressions; "
-                    "retry, or reuse an expression (compiled ones fit at once)",
-                )
         deadline = time.monotonic() + self.deadline_s(timeout_s)
         cancelled, should_stop = self._stop_check(deadline)
-        compiling = pool is self._compile_pool
-        if not compiling and progress is None and self.inline(ticket):
+        if job.model == "expression" and not self._compiled(engine, job):
+            # A compiling fit's time says nothing of the pace.
+            return await self._compile(engine, job, deadline, cancelled, should_stop, progress)
+        if progress is None and self.inline(ticket):
             result, seconds = await self._run_small(engine, job, deadline, should_stop)
         else:
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(pool, self._run, engine, job, should_stop, progress)
-            self._compiling += compiling
-            try:
-                result, seconds = await self._cancellable(future, cancelled, job.model)
-            finally:
-                self._compiling -= compiling
-        # A compiling fit's time says nothing of the pace, nor does one cut by its deadline.
-        if ticket is not None and not compiling and result.stop_reason != "timeout":
+            future = loop.run_in_executor(
+                self._fit_pool, self._run, engine, job, should_stop, progress
+            )
+            result, seconds = await self._cancellable(future, cancelled, job.model)
+        # One cut by its deadline says nothing of the pace either.
+        if ticket is not None and result.stop_reason != "timeout":
             ticket.observe(seconds)
         return result
+
+    async def _compile(
+        self,
+        engine: FitEngine,
+        job: FitJob,
+        deadline: float,
+        cancelled: threading.Event,
+        should_stop: Callable[[], StopReason | None],
+        progress: Reporter | None,
+    ) -> FitResult:
+        """A fit that must first compile its loops (a new expression or size bucket), on the
+        compile threads, apart from the fit slots: a flood of new expressions queues (then
+        is refused) on its own.
+
+        The compile's memory (:class:`CompileCost`) is charged to the budget from before it
+        starts until it ends, and its place on the compile threads is held as long: past the
+        request's deadline the request answers :class:`StillCompiling` (503, Retry-After),
+        a compile not yet started never starts, and one under way finishes (bounded by
+        ``TAPEFIT_MAX_EXPRESSION_COMPLEXITY``) and stays cached for the retry."""
+        if self._compiling >= self.settings.compile_threads + self.settings.max_queued_compiles:
+            # (counted once, by admit(), as every refusal inside a request is)
+            raise Refused(
+                "compiling",
+                COMPILE_RETRY_S,
+                "every compile thread and queue place is taken by new expressions; "
+                "retry, or reuse an expression (compiled ones fit at once)",
+            )
+        expression = job.options["expression"]
+        charge = self.admission.open()
+        charge.charge_bytes(CompileCost.peak_bytes(expression))
+        loop = asyncio.get_running_loop()
+        running = self._compile_pool.submit(self._run_compiling, engine, job, should_stop, progress)
+        self._compiling += 1
+
+        def compiled() -> None:
+            self._compiling -= 1
+            charge.close()
+            self._count_compiled()
+
+        running.add_done_callback(lambda _: loop.call_soon_threadsafe(compiled))
+        answer = asyncio.wrap_future(running)
+        answer.add_done_callback(_retrieved)
+        try:
+            result, _ = await asyncio.wait_for(
+                asyncio.shield(answer), max(0.0, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            cancelled.set()  # a compile under way finishes, then its fit stops at once
+            running.cancel()  # one still queued never starts
+            self.metrics.fits.labels(job.model, "timeout").inc()
+            retry = max(1, math.ceil(CompileCost.seconds(expression)))
+            raise StillCompiling(
+                f"the expression was still compiling at the fit's deadline (a new expression "
+                f"or size bucket compiles first: about {retry} s for this one); retry after "
+                f"{retry} s: its compiled fit is kept",
+                retry_after=retry,
+            ) from None
+        except asyncio.CancelledError:
+            cancelled.set()
+            running.cancel()
+            self.metrics.fits.labels(job.model, "cancelled").inc()
+            raise
+        return result
+
+    def _run_compiling(
+        self,
+        engine: FitEngine,
+        job: FitJob,
+        should_stop: Callable[[], StopReason | None],
+        progress: Reporter | None,
+    ) -> tuple[FitResult, float]:
+        """:meth:`_run` on a compile thread; then the memory a compile freed (graphs of
+        evicted expressions, the compiler's scratch) goes back to the system."""
+        try:
+            return self._run(engine, job, should_stop, progress)
+        finally:
+            release_memory()
 
     def inline(self, ticket: Ticket | None) -> bool:
         """Whether a fit charged on ``ticket`` is expected to take so little that it runs on
@@ -769,6 +871,13 @@ def _fit_here(engine: FitEngine, job: FitJob, deadline: float) -> tuple[FitResul
 def _past(deadline: float) -> StopReason | None:
     """The stop check of a deadline (``time.monotonic()``)."""
     return "timeout" if time.monotonic() >= deadline else None
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Read a future's outcome that nobody may await any more (a fit abandoned at its
+    deadline), so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:

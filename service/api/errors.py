@@ -80,8 +80,11 @@ async def _body_timeout(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Unavailable)
     await _drain(request)
-    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse(
+        {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)}
+    )
 
 
 async def _media_type(request: Request, exc: Exception) -> JSONResponse:

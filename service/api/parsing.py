@@ -34,6 +34,7 @@ from service.api.schemas import (
 )
 from service.fitting import catalog
 from service.fitting.expression import CONSTANTS, FUNCTIONS, Expression, ExpressionError, parse
+from service.fitting.models.expression import CompileCost
 
 #: Binary bodies: raw little-endian floats (x then y for a line), or one NumPy .npy array.
 OCTET_STREAM = "application/octet-stream"
@@ -620,6 +621,29 @@ def _expression_plan(
             _error(
                 ["body", loc],
                 PydanticCustomError(f"expression_{error.kind}", "{reason}", {"reason": str(error)}),
+            )
+        )
+        return None
+    limit = context_limit(context, "max_expression_complexity")
+    if limit is not None and expression.complexity > limit:
+        errors.append(
+            _error(
+                ["body", "expression"],
+                PydanticCustomError(
+                    "expression_too_complex",
+                    "parameters x nodes = {k} x {nodes} = {complexity} exceeds {limit} "
+                    "(TAPEFIT_MAX_EXPRESSION_COMPLEXITY): compiling its fit would take about "
+                    "{seconds:.0f} s and {mib:.0f} MiB; write it with fewer parameters or "
+                    "fewer operations",
+                    {
+                        "k": len(names),
+                        "nodes": expression.complexity // len(names),
+                        "complexity": expression.complexity,
+                        "limit": limit,
+                        "seconds": CompileCost.seconds(expression),
+                        "mib": CompileCost.peak_bytes(expression) / 2**20,
+                    },
+                ),
             )
         )
         return None

@@ -98,6 +98,7 @@ async def parse_request(
         settings.max_batch_history,
         settings.max_dataset_points,
         settings.max_expression_work,
+        settings.max_expression_complexity,
     )
     if media == JSON:
         if request.query_params:  # never silently ignored

@@ -62,10 +62,12 @@ def limits_context(
     max_batch_history: int | None = None,
     max_dataset_points: int | None = None,
     max_expression_work: int | None = None,
+    max_expression_complexity: int | None = None,
 ) -> dict[str, Any]:
     """Validation context carrying the settings-dependent limits."""
     return {
         "max_expression_work": max_expression_work,
+        "max_expression_complexity": max_expression_complexity,
         "max_points": max_points,
         "max_epochs": max_epochs,
         "max_work": max_work,
@@ -815,7 +817,7 @@ class Dataset(_Answer):
 
 
 class Health(_Answer):
-    status: Literal["ok", "ready", "starting", "stopping"]
+    status: Literal["ok", "ready", "starting", "stopping", "degraded"]
 
 
 # Error bodies are written by the handlers, not through a response model: their optional

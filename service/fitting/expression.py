@@ -120,6 +120,14 @@ class Expression:
     variables: tuple[str, ...]
 
     @property
+    def complexity(self) -> int:
+        """Parameters x nodes: what compiling this model's fit costs grows with it. The
+        compiled loop holds one derivative of the tree per parameter (the Jacobian's columns,
+        the Hessian's rows), so its graph has about this many operations times a constant;
+        compile time and memory follow (docs/expressions.md has the measurements)."""
+        return len(self.parameters) * _count(self.tree)
+
+    @property
     def canonical(self) -> str:
         """The tree with parameters as p0, p1, ... and variables as x0, x1, ... in order,
         fully parenthesized: equal for expressions that compute the same thing the same way."""
@@ -257,6 +265,17 @@ def _describe(node: ast.AST) -> str:
     if isinstance(node, ast.UnaryOp):
         return f"the operator {_OPERATORS.get(type(node.op), type(node.op).__name__)}"
     return f"a {type(node).__name__}"
+
+
+def _count(node: Node) -> int:
+    """The nodes of a tree."""
+    if isinstance(node, Unary):
+        return 1 + _count(node.operand)
+    if isinstance(node, Binary):
+        return 1 + _count(node.left) + _count(node.right)
+    if isinstance(node, Call):
+        return 1 + _count(node.argument)
+    return 1
 
 
 def _show(node: Node) -> str:

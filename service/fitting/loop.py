@@ -32,7 +32,13 @@ import tensorflow as tf
 from service.fitting.expression import Expression
 from service.fitting.layout import Layout
 from service.fitting.models import BUILT_IN, Loss, ModelSpec
-from service.fitting.models.expression import CACHE_SIZE, ExpressionModels, by_position, named
+from service.fitting.models.expression import (
+    CACHE_BYTES,
+    CACHE_SIZE,
+    ExpressionModels,
+    by_position,
+    named,
+)
 from service.fitting.options import (
     CONVERGED_RTOL,
     LEVENBERG_MARQUARDT,
@@ -184,10 +190,11 @@ def _compile_chunk(
     stopping: bool = False,
     residuals_fn: Loss | None = None,
     project_fn: Loss | None = None,
+    xla: bool = True,
 ) -> Any:
-    """An XLA-compiled loop of up to ``chunk`` epochs of the reference post's GradientTape step on
-    ``loss_fn`` (``k`` parameters) with one update rule, and with or without the stopping
-    rules.
+    """An XLA-compiled loop (without ``xla``, a plain graph: see ``ModelSpec.xla``) of up to
+    ``chunk`` epochs of the reference post's GradientTape step on ``loss_fn`` (``k``
+    parameters) with one update rule, and with or without the stopping rules.
 
     Each variant holds only its own ops (an epoch of plain gradient descent stays a handful of
     fused ops); the numbers they use come in the :class:`Controls`, so one compilation per
@@ -206,7 +213,7 @@ def _compile_chunk(
     layout = state_layout(k)
 
     @tf.function(
-        jit_compile=True,
+        jit_compile=xla,
         autograph=False,
         input_signature=[tf.TensorSpec([input_layout(summary_size, k).size], tf.float64)],
     )
@@ -466,6 +473,7 @@ class FitEngine:
         graph_min_points: int = 32_768,
         models: Mapping[str, ModelSpec] = BUILT_IN,
         expression_cache_size: int = CACHE_SIZE,
+        expression_cache_bytes: float = CACHE_BYTES,
     ) -> None:
         if epochs_per_call < 1:
             raise ValueError("epochs_per_call must be >= 1")
@@ -482,7 +490,9 @@ class FitEngine:
         for spec in models.values():
             self.register(spec)
         #: Expressions: a spec per expression and size bucket, the least recent evicted.
-        self.expressions = ExpressionModels(self._forget, expression_cache_size)
+        self.expressions = ExpressionModels(
+            self._forget, expression_cache_size, expression_cache_bytes
+        )
 
     def register(self, spec: ModelSpec) -> None:
         """Fit ``spec`` too (its loops compile on first use, or in :meth:`warm_up`)."""
@@ -505,6 +515,7 @@ class FitEngine:
                     *variant,
                     residuals_fn=spec.residuals,
                     project_fn=spec.project,
+                    xla=spec.xla,
                 )
 
     def _forget(self, name: str) -> None:

@@ -22,13 +22,23 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Health,
     summary="Readiness",
-    responses={503: {"model": Health, "description": "Warming up or shutting down."}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "Warming up (`starting`), shutting down (`stopping`), or replacing "
+            "a fit process that died or hung (`degraded`).",
+        }
+    },
 )
 async def readyz(worker: WorkerDep) -> Health | JSONResponse:
-    """200 once the compiled training loops are warmed up; 503 before that and while draining."""
-    if worker.ready and not worker.draining:
+    """200 once the compiled training loops are warmed up; 503 before that, while draining,
+    and while a lost fit process is being replaced (small fits then run in the server,
+    slower: other replicas should take the traffic)."""
+    process = worker.fit_process
+    degraded = process is not None and process.replacing
+    if worker.ready and not worker.draining and not degraded:
         return Health(status="ready")
-    status = "stopping" if worker.draining else "starting"
+    status = "stopping" if worker.draining else "degraded" if worker.ready else "starting"
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
 

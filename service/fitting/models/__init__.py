@@ -108,6 +108,10 @@ class ModelSpec:
     #: Least squares whose loss is a moment form: where it cancels, the residual sum of
     #: squares from the data instead (:class:`ResidualSum`).
     residual_sum: ResidualSum | None = None
+    #: Whether the loops are XLA-compiled (fastest per call; XLA keeps what it compiled for
+    #: the life of the process) or run as plain graphs (compile faster, in less memory, and
+    #: give it back when dropped): see :class:`~service.fitting.models.expression.CompileCost`.
+    xla: bool = True
 
     def __post_init__(self) -> None:
         if len(self.dummy) != self.summary.size or len(self.dummy_start) != self.k:

@@ -43,8 +43,51 @@ Array = np.ndarray[Any, np.dtype[Any]]
 
 #: The smallest padded length; lengths go up in powers of two from there.
 MIN_BUCKET = 32
-#: Compiled expressions kept (each holds its loops: a few MB).
+#: Compiled expressions kept, at most (and within their memory: :class:`ExpressionModels`).
 CACHE_SIZE = 64
+MIB = 1024 * 1024
+#: What compiled expressions may keep, at most (estimated by :class:`CompileCost`).
+CACHE_BYTES = 256 * MIB
+
+
+class CompileCost:
+    """What compiling an expression's loops costs, from its :attr:`Expression.complexity`
+    (parameters x nodes). Measured here (AMD EPYC, 2 cores; docs/expressions.md, "Compile
+    cost") on 12 models from 18 to 2,280 units, the first fit of each (Levenberg-Marquardt
+    with the stopping rules) in a fresh process:
+
+    - time ~0.5 s + 9.3 ms a unit (ENSO, 603 units: ~6 s; 2,280 units: 26 s);
+    - peak memory above the warm process ~34 MiB + 0.53 MiB a unit, at most 1.12 MiB a
+      unit (Gauss1's 280 units: 313 MiB);
+    - kept once compiled: ~0.41 MiB a unit with XLA, which never gives it back (dropping
+      the loops returned 8% of it, with malloc_trim), and ~0.21 MiB a unit as a plain graph,
+      all given back when dropped.
+
+    The estimates below are the upper side of those measurements.
+    """
+
+    BASE_BYTES = 64 * MIB
+    BYTES_PER_UNIT = 0.7 * MIB
+    XLA_KEPT_PER_UNIT = 0.45 * MIB
+    GRAPH_KEPT_PER_UNIT = 0.25 * MIB
+    BASE_SECONDS = 1.0
+    SECONDS_PER_UNIT = 0.012
+
+    @classmethod
+    def peak_bytes(cls, expression: Expression) -> float:
+        """Memory the compile needs while it runs."""
+        return cls.BASE_BYTES + cls.BYTES_PER_UNIT * expression.complexity
+
+    @classmethod
+    def seconds(cls, expression: Expression) -> float:
+        return cls.BASE_SECONDS + cls.SECONDS_PER_UNIT * expression.complexity
+
+    @classmethod
+    def kept_bytes(cls, expression: Expression, xla: bool) -> float:
+        """Memory the compiled loops keep."""
+        per_unit = cls.XLA_KEPT_PER_UNIT if xla else cls.GRAPH_KEPT_PER_UNIT
+        return per_unit * expression.complexity
+
 
 TENSORFLOW = Operations(
     number=lambda text: tf.constant(float(text), tf.float64),
@@ -118,8 +161,9 @@ def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
 
 
-def expression_spec(expression: Expression, size: int) -> ModelSpec:
-    """The spec of ``expression`` for data padded to ``size`` points."""
+def expression_spec(expression: Expression, size: int, xla: bool = True) -> ModelSpec:
+    """The spec of ``expression`` for data padded to ``size`` points (its loops XLA-compiled,
+    or plain graphs)."""
     v, k = len(expression.variables), len(expression.parameters)
     layout = Layout.of(x=v * size, y=size, w=size, total=None, lower=k, upper=k)
     tree = expression.tree
@@ -195,6 +239,7 @@ def expression_spec(expression: Expression, size: int) -> ModelSpec:
         project=project,
         options={"bounds": None, "exact": None},
         finite_fields=layout.size - 2 * k,
+        xla=xla,
     )
 
 
@@ -317,14 +362,34 @@ def _finite(value: Any) -> float | None:
 
 
 class ExpressionModels:
-    """The specs of recent expressions, at most ``size`` (least recently used go first);
-    ``on_evict(name)`` is told of each spec dropped, so its compiled loops go too."""
+    """The specs of recent expressions: at most ``size``, and within ``max_bytes`` of
+    compiled memory (estimated by :class:`CompileCost`), the least recently used going
+    first; ``on_evict(name)`` is told of each spec dropped, so its compiled loops go too.
 
-    def __init__(self, on_evict: Callable[[str], None], size: int = CACHE_SIZE) -> None:
+    XLA keeps what it compiles for the life of the process, so an XLA-compiled spec's memory
+    stays counted after it is dropped (:attr:`xla_bytes`); new specs are XLA-compiled while
+    that stays within half of ``max_bytes``, and are plain graphs after (slower per
+    iteration, and given back when dropped). :attr:`bytes` is what compiled expressions
+    hold: at most ``max_bytes``, but for the newest spec alone if that is larger."""
+
+    def __init__(
+        self,
+        on_evict: Callable[[str], None],
+        size: int = CACHE_SIZE,
+        max_bytes: float = CACHE_BYTES,
+    ) -> None:
         self._specs: OrderedDict[str, ModelSpec] = OrderedDict()
+        self._kept: dict[str, float] = {}  # plain-graph specs' memory, while cached
         self._lock = threading.Lock()
         self._on_evict = on_evict
         self._size = size
+        self.max_bytes = max_bytes
+        #: Estimated memory kept by every XLA-compiled spec made so far.
+        self.xla_bytes = 0.0
+
+    @property
+    def bytes(self) -> float:
+        return self.xla_bytes + sum(self._kept.values())
 
     def peek(self, expression: Expression, n: int) -> ModelSpec | None:
         """The cached spec for ``n`` points, or None; changes nothing (an admission check
@@ -342,10 +407,20 @@ class ExpressionModels:
         with self._lock:
             spec = self._specs.get(key)
             if spec is None:
-                spec = expression_spec(positional(expression), size)
+                xla_kept = CompileCost.kept_bytes(expression, xla=True)
+                xla = self.xla_bytes + xla_kept <= self.max_bytes / 2
+                spec = expression_spec(positional(expression), size, xla=xla)
+                if xla:
+                    self.xla_bytes += xla_kept
+                else:
+                    self._kept[key] = CompileCost.kept_bytes(expression, xla=False)
                 self._specs[key] = spec
-                while len(self._specs) > self._size:
-                    evicted.append(self._specs.popitem(last=False)[0])
+                while len(self._specs) > 1 and (
+                    len(self._specs) > self._size or self.bytes > self.max_bytes
+                ):
+                    name = self._specs.popitem(last=False)[0]
+                    self._kept.pop(name, None)
+                    evicted.append(name)
             else:
                 self._specs.move_to_end(key)
         for name in evicted:
