@@ -277,6 +277,12 @@ def shared_engine(
     return engine
 
 
+def settings_engine(settings: Settings) -> FitEngine:
+    """The process's :func:`shared_engine` for these settings."""
+    s = settings
+    return shared_engine(s.epochs_per_call, s.expression_cache_size, s.expression_cache_bytes)
+
+
 @lru_cache(maxsize=1)
 def shared_batch_engine() -> BatchEngine:
     """One batch engine per process; its smallest bucket is compiled ahead of traffic."""
@@ -323,13 +329,7 @@ class FitWorker:
         s = self.settings
         loop = asyncio.get_running_loop()
         configure_threads(s.intra_op_threads, s.inter_op_threads)
-        self.engine = await loop.run_in_executor(
-            self._fit_pool,
-            shared_engine,
-            s.epochs_per_call,
-            s.expression_cache_size,
-            s.expression_cache_bytes,
-        )
+        self.engine = await loop.run_in_executor(self._fit_pool, settings_engine, s)
         self._set_budget(warm=False)
         self.ready = True
         # The large-data entry points and the batch loops warm after readiness, so start-up

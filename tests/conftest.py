@@ -15,7 +15,7 @@ from asgi_lifespan import LifespanManager
 from service.app import create_app
 from service.fitting import FitEngine
 from service.settings import Settings
-from service.worker import shared_engine
+from service.worker import settings_engine
 from tests.server import Server, kill_marked, serve
 
 Array = npt.NDArray[np.float64]
@@ -61,7 +61,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def engine() -> FitEngine:
     settings = Settings()
-    return shared_engine(settings.epochs_per_call, settings.expression_cache_size)
+    return settings_engine(settings)
 
 
 def app_settings(**overrides: Any) -> Settings:

@@ -181,11 +181,17 @@ async def test_a_hung_process_is_killed_and_its_fit_answered(fit_timeout_s: floa
         process = app.state.worker.fit_process
         expected = (await client.post(path, json=body)).content
         hung = process.pid
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
         os.kill(hung, signal.SIGSTOP)
         r = await asyncio.wait_for(client.post(path, json=body), 60)
         assert (r.status_code, r.content) == (200, expected)
+        # Killed as hung: /readyz says so until the new process is ready (it takes seconds
+        # to start: TensorFlow's import alone).
+        degraded = await client.get("/readyz")
+        assert (degraded.status_code, degraded.json()) == (503, {"status": "degraded"})
         await asyncio.wait_for(process.wait_ready(), 120)
         assert process.pid != hung
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
         metrics = (await client.get("/metrics")).text
     assert "tapefit_fit_process_restarts_total 1.0" in metrics
 

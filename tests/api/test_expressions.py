@@ -250,10 +250,10 @@ async def test_the_named_models_are_listed(client: httpx.AsyncClient) -> None:
 
 async def test_new_lengths_in_a_bucket_reuse_the_compiled_fit(client: httpx.AsyncClient) -> None:
     from service.settings import Settings
-    from service.worker import shared_engine
+    from service.worker import settings_engine
 
     settings = Settings()
-    engine = shared_engine(settings.epochs_per_call, settings.expression_cache_size)
+    engine = settings_engine(settings)
     for n in (33, 40, 64):  # one size bucket: 64
         x = np.linspace(0.1, 3.0, n)
         body = {
