@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	--no-header --quiet
 
-.PHONY: run test lint typecheck pytest fuzz bench bench-quick deploy-check chaos cluster-check mutate lock clean
+.PHONY: run test lint typecheck pytest fuzz bench bench-quick deploy-check chaos chaos-expressions cluster-check mutate lock clean
 
 # A venv made by another Python (or a broken one) is rebuilt rather than failing forever.
 ifneq ($(shell $(PY) -c 'import sys; print(sys.version_info[:2] == (3, 11))' 2>/dev/null),True)
@@ -91,6 +91,10 @@ clean:
 # Hostile and heavy load against the real server with the deployment's limits (loopback only).
 chaos: $(VENV)/.installed-test
 	$(PY) -m tests.chaos
+
+# Compiles, floods of new expressions and a stopped fit process, same limits (issue #33).
+chaos-expressions: $(VENV)/.installed-test
+	$(PY) -m tests.chaos_expressions
 
 # Three replicas behind HAProxy (Debian's haproxy): throughput, rolling restart, SIGKILL.
 cluster-check: $(VENV)/.installed-test

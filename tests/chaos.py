@@ -67,6 +67,8 @@ class Outcome:
     health_p99_s: float = 0.0
     recovered_s: float | None = None
     failures: list[str] = field(default_factory=list)
+    #: Figures worth reading beside the verdict (answer times, memory before and after).
+    notes: list[str] = field(default_factory=list)
 
     def check(self, condition: bool, what: str) -> None:
         if not condition:
@@ -389,6 +391,8 @@ def report(outcomes: list[Outcome], shutdown_s: float | None, left: list[int]) -
             f"| {o.name} | {o.peak_bytes >> 20} | {1000 * o.health_worst_s:.0f} / "
             f"{1000 * o.health_p99_s:.0f} | {statuses} | {after} | {result} |"
         )
+    for o in outcomes:
+        lines.extend(f"- {o.name}: {note}" for note in o.notes)
     lines.append("")
     lines.append(f"SIGTERM to exit: {'no exit' if shutdown_s is None else f'{shutdown_s:.1f} s'}")
     lines.append(f"processes left behind: {left or 'none'}")
