@@ -34,6 +34,23 @@ def _sum_of_exponentials(terms: int) -> tuple[str, dict[str, float]]:
     return text, start
 
 
+def test_tensorflow_runs_without_onednn_unless_the_operator_says() -> None:
+    """oneDNN's primitive cache kept ~800 MiB after one 1e6-point fit (float64 work gains
+    nothing from it): importing the engine turns it off, an operator's setting wins, and
+    the server's helper processes inherit it."""
+    import os
+    import subprocess
+    import sys
+
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"  # this process imported the engine
+    code = "import os, service.fitting; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    run = [sys.executable, "-c", code]
+    assert subprocess.run(run, env=env, capture_output=True, text=True).stdout == "0\n"
+    env["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    assert subprocess.run(run, env=env, capture_output=True, text=True).stdout == "1\n"
+
+
 def test_complexity_is_parameters_times_nodes() -> None:
     assert parse("a*x + b", ("x",), ("a", "b")).complexity == 2 * 5
     assert parse("a*exp(-b*x)", ("x",), ("a", "b")).complexity == 2 * 7
@@ -64,8 +81,8 @@ def test_compiled_expressions_keep_bounded_memory_and_xla_only_within_half() -> 
     them); past half the bound new specs are plain graphs, evicted least recent first."""
     evicted: list[str] = []
     expressions = [parse(f"a*exp(-b*x) + {i}", ("x",), ("a", "b")) for i in range(6)]
-    xla_each = CompileCost.kept_bytes(expressions[0], xla=True)
-    graph_each = CompileCost.kept_bytes(expressions[0], xla=False)
+    xla_each = CompileCost.kept_bytes(expressions[0], 64, xla=True)
+    graph_each = CompileCost.kept_bytes(expressions[0], 64, xla=False)
     cache = ExpressionModels(evicted.append, size=64, max_bytes=2 * xla_each + 2 * graph_each)
     specs = [cache.spec(e, 50) for e in expressions]
     assert [s.xla for s in specs] == [True, False, False, False, False, False]

@@ -61,7 +61,10 @@ class CompileCost:
       unit (Gauss1's 280 units: 313 MiB);
     - kept once compiled: ~0.41 MiB a unit with XLA, which never gives it back (dropping
       the loops returned 8% of it, with malloc_trim), and ~0.21 MiB a unit as a plain graph,
-      all given back when dropped.
+      all given back when dropped;
+    - and kept after running on a large bucket: a 4-parameter model on 1e6 points (bucket
+      2^20) kept 153 MiB with XLA (65 MiB once dropped) and 285 MiB as a plain graph (34 MiB
+      once dropped): ~150 and ~280 bytes a padded point.
 
     The estimates below are the upper side of those measurements.
     """
@@ -70,6 +73,8 @@ class CompileCost:
     BYTES_PER_UNIT = 0.7 * MIB
     XLA_KEPT_PER_UNIT = 0.45 * MIB
     GRAPH_KEPT_PER_UNIT = 0.25 * MIB
+    XLA_KEPT_PER_POINT = 160.0
+    GRAPH_KEPT_PER_POINT = 300.0
     BASE_SECONDS = 1.0
     SECONDS_PER_UNIT = 0.012
 
@@ -83,10 +88,11 @@ class CompileCost:
         return cls.BASE_SECONDS + cls.SECONDS_PER_UNIT * expression.complexity
 
     @classmethod
-    def kept_bytes(cls, expression: Expression, xla: bool) -> float:
-        """Memory the compiled loops keep."""
-        per_unit = cls.XLA_KEPT_PER_UNIT if xla else cls.GRAPH_KEPT_PER_UNIT
-        return per_unit * expression.complexity
+    def kept_bytes(cls, expression: Expression, size: int, xla: bool) -> float:
+        """Memory the compiled loops for a bucket of ``size`` points keep."""
+        if xla:
+            return cls.XLA_KEPT_PER_UNIT * expression.complexity + cls.XLA_KEPT_PER_POINT * size
+        return cls.GRAPH_KEPT_PER_UNIT * expression.complexity + cls.GRAPH_KEPT_PER_POINT * size
 
 
 TENSORFLOW = Operations(
@@ -407,13 +413,13 @@ class ExpressionModels:
         with self._lock:
             spec = self._specs.get(key)
             if spec is None:
-                xla_kept = CompileCost.kept_bytes(expression, xla=True)
+                xla_kept = CompileCost.kept_bytes(expression, size, xla=True)
                 xla = self.xla_bytes + xla_kept <= self.max_bytes / 2
                 spec = expression_spec(positional(expression), size, xla=xla)
                 if xla:
                     self.xla_bytes += xla_kept
                 else:
-                    self._kept[key] = CompileCost.kept_bytes(expression, xla=False)
+                    self._kept[key] = CompileCost.kept_bytes(expression, size, xla=False)
                 self._specs[key] = spec
                 while len(self._specs) > 1 and (
                     len(self._specs) > self._size or self.bytes > self.max_bytes
