@@ -55,7 +55,7 @@ from service.fitting import (
 from service.fitting.batch import BatchEngine, BatchResults, Ragged
 from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
 from service.fitting.models import BUILT_IN
-from service.fitting.models.expression import CACHE_BYTES, CACHE_SIZE, CompileCost
+from service.fitting.models.expression import CACHE_BYTES, CACHE_SIZE, CompileCost, compile_key
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
 from service.settings import Settings
@@ -317,6 +317,8 @@ class FitWorker:
             max_workers=settings.compile_threads, thread_name_prefix="compile"
         )
         self._compiling = 0
+        #: Compiles in progress, by what they make; done when the compile thread is.
+        self._pending: dict[tuple[str, str, bool], asyncio.Future[None]] = {}
         self._process: WarmProcess | None = None
         self._warm_here = False
         self._base_budget = self.admission.memory_budget
@@ -475,8 +477,20 @@ class FitWorker:
         deadline = time.monotonic() + self.deadline_s(timeout_s)
         cancelled, should_stop = self._stop_check(deadline)
         if job.model == "expression" and not self._compiled(engine, job):
-            # A compiling fit's time says nothing of the pace.
-            return await self._compile(engine, job, deadline, cancelled, should_stop, progress)
+            key = self._compile_key(job)
+            if (compiling := self._pending.get(key)) is not None:
+                # The same loop is compiling for another request: wait for it, not compile
+                # it twice (eight new requests of one model are one compile).
+                remaining = max(0.0, deadline - time.monotonic())
+                await asyncio.wait({compiling}, timeout=remaining)
+                if not compiling.done():
+                    self.metrics.fits.labels(job.model, "timeout").inc()
+                    raise _still_compiling(job)
+            if not self._compiled(engine, job):
+                # A compiling fit's time says nothing of the pace.
+                return await self._compile(
+                    engine, job, key, deadline, cancelled, should_stop, progress
+                )
         if progress is None and self.inline(ticket):
             result, seconds = await self._run_small(engine, job, deadline, should_stop)
         else:
@@ -494,6 +508,7 @@ class FitWorker:
         self,
         engine: FitEngine,
         job: FitJob,
+        key: tuple[str, str, bool],
         deadline: float,
         cancelled: threading.Event,
         should_stop: Callable[[], StopReason | None],
@@ -522,11 +537,14 @@ class FitWorker:
         loop = asyncio.get_running_loop()
         running = self._compile_pool.submit(self._run_compiling, engine, job, should_stop, progress)
         self._compiling += 1
+        self._pending[key] = done = loop.create_future()
 
         def compiled() -> None:
             self._compiling -= 1
             charge.close()
             self._count_compiled()
+            self._pending.pop(key, None)
+            done.set_result(None)
 
         running.add_done_callback(lambda _: loop.call_soon_threadsafe(compiled))
         answer = asyncio.wrap_future(running)
@@ -539,19 +557,20 @@ class FitWorker:
             cancelled.set()  # a compile under way finishes, then its fit stops at once
             running.cancel()  # one still queued never starts
             self.metrics.fits.labels(job.model, "timeout").inc()
-            retry = max(1, math.ceil(CompileCost.seconds(expression)))
-            raise StillCompiling(
-                f"the expression was still compiling at the fit's deadline (a new expression "
-                f"or size bucket compiles first: about {retry} s for this one); retry after "
-                f"{retry} s: its compiled fit is kept",
-                retry_after=retry,
-            ) from None
+            raise _still_compiling(job) from None
         except asyncio.CancelledError:
             cancelled.set()
             running.cancel()
             self.metrics.fits.labels(job.model, "cancelled").inc()
             raise
         return result
+
+    @staticmethod
+    def _compile_key(job: FitJob) -> tuple[str, str, bool]:
+        """What one compile makes: the loop of an expression's spec for a size bucket."""
+        t = job.training
+        spec = compile_key(job.options["expression"], job.data[0].size)
+        return spec, t.optimizer.name, t.stopping.enabled
 
     def _run_compiling(
         self,
@@ -871,6 +890,16 @@ def _fit_here(engine: FitEngine, job: FitJob, deadline: float) -> tuple[FitResul
 def _past(deadline: float) -> StopReason | None:
     """The stop check of a deadline (``time.monotonic()``)."""
     return "timeout" if time.monotonic() >= deadline else None
+
+
+def _still_compiling(job: FitJob) -> StillCompiling:
+    retry = max(1, math.ceil(CompileCost.seconds(job.options["expression"])))
+    return StillCompiling(
+        f"the expression was still compiling at the fit's deadline (a new expression or size "
+        f"bucket compiles first: about {retry} s for this one); retry after {retry} s: its "
+        "compiled fit is kept",
+        retry_after=retry,
+    )
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

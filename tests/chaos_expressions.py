@@ -58,6 +58,11 @@ async def timed(client: httpx.AsyncClient, path: str, body: Any) -> tuple[httpx.
     return r, time.perf_counter() - start
 
 
+def idle(server: Server) -> str:
+    """The server's summed PSS now, for a note."""
+    return f"; PSS then {pss_bytes(marked_processes(server.mark)) / MIB:.0f} MiB"
+
+
 def metric(text: str, name: str, labels: str = "") -> float:
     pattern = re.escape(name + (("{" + labels + "}") if labels else "")) + r" ([0-9.e+-]+)"
     found = re.search(pattern, text)
@@ -144,16 +149,18 @@ async def memory_at_the_limits(server: Server, outcome: Outcome) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
         r, seconds = await timed(client, FIT, big)
         record(outcome, r)
-        outcome.notes.append(f"1e6-point fit: {r.status_code} in {seconds:.1f} s")
+        outcome.notes.append(f"1e6-point fit: {r.status_code} in {seconds:.1f} s{idle(server)}")
         outcome.check(r.status_code in (200, 429), f"the 1e6-point fit got {r.status_code}")
         r, seconds = await timed(client, "/v1/plots/expression", big)
         record(outcome, r)
-        outcome.notes.append(f"1e6-point plot: {r.status_code} in {seconds:.1f} s")
+        outcome.notes.append(f"1e6-point plot: {r.status_code} in {seconds:.1f} s{idle(server)}")
         outcome.check(r.status_code in (200, 429), f"the 1e6-point plot got {r.status_code}")
         # Near the complexity limit (the default, 640): 6 decays and a constant, 12 x 49.
         r, seconds = await timed(client, FIT, exponentials(6, salt=0.75))
         record(outcome, r)
-        outcome.notes.append(f"12 parameters, complexity 588: {r.status_code} in {seconds:.1f} s")
+        outcome.notes.append(
+            f"12 parameters, complexity 588: {r.status_code} in {seconds:.1f} s{idle(server)}"
+        )
         outcome.check(r.status_code == 200, f"the 12-parameter fit got {r.status_code}")
         rng = np.random.default_rng(4)
         xs = rng.random(300_000)

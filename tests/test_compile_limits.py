@@ -207,3 +207,32 @@ async def _charges(worker: Any, seen: list[float]) -> httpx.Response | None:
         seen.append(worker.admission.bytes)
         await asyncio.sleep(0.01)
     return None
+
+
+async def test_requests_for_a_model_being_compiled_wait_for_that_compile() -> None:
+    """Eight concurrent requests of one new model are one compile (one trace), all 200,
+    each with its own data's answer; they take one compile place, not eight."""
+    x = np.linspace(1e3, 5e3, 48)
+    bodies = [
+        {
+            "expression": "u*exp(-v*x/1000) + w",
+            "parameters": {"u": 3.0, "v": 1.0, "w": 0.0},
+            "x": x.tolist(),
+            "y": (2.0 * np.exp(-(0.5 + 0.05 * i) * x / 1000) + 0.25).tolist(),
+        }
+        for i in range(8)
+    ]
+    async with running_app(app_settings(compile_threads=1, max_queued_compiles=0)) as client:
+        engine = client._transport.app.state.worker.engine  # type: ignore[attr-defined]
+        answers = await asyncio.gather(*(client.post(FIT, json=body) for body in bodies))
+        for i, r in enumerate(answers):
+            assert r.status_code == 200, r.text
+            assert r.json()["params"]["v"] == pytest.approx(0.5 + 0.05 * i, rel=1e-9)
+        traced = {
+            name: count
+            for name, count in engine.trace_counts().items()
+            if name.startswith("expression[1,64]:((p0*exp((((-p1)*x0)/1000)))+p2)") and count
+        }
+        assert traced == {
+            "expression[1,64]:((p0*exp((((-p1)*x0)/1000)))+p2)_loop_levenberg_marquardt": 1
+        }

@@ -434,6 +434,11 @@ class ExpressionModels:
         return spec
 
 
+def compile_key(expression: Expression, n: int) -> str:
+    """The spec ``n`` points of ``expression`` are fitted with: one compile per key."""
+    return _key(expression, bucket(n))
+
+
 def _key(expression: Expression, size: int) -> str:
     """A cached spec's key, and its name (as :func:`expression_spec` names it)."""
     return f"expression[{len(expression.variables)},{size}]:{expression.canonical}"
