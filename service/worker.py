@@ -253,6 +253,12 @@ class FitMetrics:
             "the memory limit).",
             registry=registry,
         )
+        self.compiled_bytes = Gauge(
+            "tapefit_compiled_expression_bytes",
+            "Memory compiled expressions keep (estimated; at most "
+            "TAPEFIT_EXPRESSION_CACHE_BYTES, taken from the memory budget).",
+            registry=registry,
+        )
         self.memory_charged = Gauge(
             "tapefit_memory_charged_bytes",
             "Memory charged to the requests in progress (estimated peaks).",
@@ -400,8 +406,9 @@ class FitWorker:
 
     def _count_compiled(self) -> None:
         """The budget less what compiled expressions keep now (after each compile)."""
-        if not self.settings.memory_budget_bytes and self.engine is not None:
-            kept = int(self.engine.expressions.bytes)
+        kept = int(self.engine.expressions.bytes) if self.engine is not None else 0
+        self.metrics.compiled_bytes.set(kept)
+        if not self.settings.memory_budget_bytes:
             self.admission.memory_budget = max(MIN_BUDGET_BYTES, self._base_budget - kept)
         self.metrics.memory_budget.set(self.admission.memory_budget)
 
