@@ -142,6 +142,7 @@ class Admission:
         self.slots = slots
         self.memory_budget = memory_budget
         self.max_queue_wait_s = max_queue_wait_s
+        self.tickets = 0  # requests in progress (reading, parsing or holding a place)
         self.fits = 0  # requests holding a place
         self.bytes = 0.0  # charged memory
         self.seconds = 0.0  # expected compute of the admitted fits (estimates x pace)
@@ -162,9 +163,9 @@ class Admission:
 
     def expected_wait(self) -> float:
         """Seconds a request admitted now would wait for a slot, by the work ahead of it:
-        none while a slot is idle (fewer fits admitted than slots: one long fit's expected
-        time, however large, holds one slot, not all of them)."""
-        if self.fits < self.slots:
+        none while every request in progress, this one included, has a slot of its own (one
+        long fit's expected time, however large, holds one slot, not all of them)."""
+        if self.tickets <= self.slots:
             return 0.0
         return self.seconds / self.slots
 
@@ -191,6 +192,7 @@ class Admission:
             )
 
     def open(self) -> Ticket:
+        self.tickets += 1
         return Ticket(self)
 
     def _charge_bytes(self, delta: float, total: float) -> None:
@@ -226,6 +228,7 @@ class Ticket:
         #: The fit's estimated seconds before the pace (what :meth:`Admission.observe` takes).
         self.estimate = 0.0
         self.place = False
+        self.closed = False
 
     def charge_bytes(self, total: float) -> None:
         """Hold ``total`` bytes in all (more or less than before)."""
@@ -252,6 +255,9 @@ class Ticket:
 
     def close(self) -> None:
         a = self.admission
+        if not self.closed:
+            a.tickets -= 1
+            self.closed = True
         a.bytes -= self.bytes
         a.seconds -= self.seconds
         if self.place:

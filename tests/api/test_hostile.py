@@ -194,7 +194,9 @@ def test_pace_follows_how_long_fits_really_take() -> None:
     assert admission.pace == pytest.approx(4.0, rel=1e-6)
     ticket = admission.open()
     ticket.take_place(Cost(bytes=0.0, seconds=0.5))
+    behind = admission.open()  # a request that would wait behind it
     assert admission.expected_wait() == pytest.approx(2.0, rel=1e-6)
+    behind.close()
     assert ticket.estimate == 0.5
     ticket.observe(0.5)  # this one took its estimate: the pace moves towards 1
     assert 1.0 < admission.pace < 4.0
