@@ -55,8 +55,9 @@ from service.fitting import (
 )
 from service.fitting.batch import BatchEngine, BatchResults, Ragged
 from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
+from service.fitting.expression import CompileCost
 from service.fitting.models import BUILT_IN
-from service.fitting.models.expression import CACHE_BYTES, CACHE_SIZE, CompileCost, compile_key
+from service.fitting.models.expression import CACHE_BYTES, CACHE_SIZE, compile_key
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
 from service.settings import Settings

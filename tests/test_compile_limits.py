@@ -17,8 +17,8 @@ import pytest
 
 from service.admission import Admission, fit_cost
 from service.fitting import FitEngine
-from service.fitting.expression import parse
-from service.fitting.models.expression import CompileCost, ExpressionModels
+from service.fitting.expression import CompileCost, parse
+from service.fitting.models.expression import ExpressionModels
 from service.fitting.options import Optimizer, Stopping
 from tests.conftest import app_settings, running_app
 

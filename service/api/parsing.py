@@ -33,8 +33,14 @@ from service.api.schemas import (
     points_error,
 )
 from service.fitting import catalog
-from service.fitting.expression import CONSTANTS, FUNCTIONS, Expression, ExpressionError, parse
-from service.fitting.models.expression import CompileCost
+from service.fitting.expression import (
+    CONSTANTS,
+    FUNCTIONS,
+    CompileCost,
+    Expression,
+    ExpressionError,
+    parse,
+)
 
 #: Binary bodies: raw little-endian floats (x then y for a line), or one NumPy .npy array.
 OCTET_STREAM = "application/octet-stream"

@@ -56,6 +56,9 @@ _OPERATORS: dict[type[ast.AST], str] = {
 }
 
 
+MIB = 1024 * 1024
+
+
 class ExpressionError(ValueError):
     """An expression that is not allowed: ``kind`` is a short code, the message says why."""
 
@@ -332,4 +335,49 @@ def evaluate(node: Node, params: Sequence[Any], variables: Sequence[Any], ops: O
     return ops.functions[node.function](evaluate(node.argument, params, variables, ops))
 
 
-__all__ = ["Expression", "ExpressionError", "Operations", "evaluate", "parse"]
+class CompileCost:
+    """What compiling an expression's loops costs, from its :attr:`Expression.complexity`
+    (parameters x nodes). Measured here (AMD EPYC, 2 cores; docs/expressions.md, "Compile
+    cost") on 12 models from 18 to 2,280 units, the first fit of each (Levenberg-Marquardt
+    with the stopping rules) in a fresh process:
+
+    - time ~0.5 s + 9.3 ms a unit (ENSO, 603 units: ~6 s; 2,280 units: 26 s);
+    - peak memory above the warm process ~34 MiB + 0.53 MiB a unit, at most 1.12 MiB a
+      unit (Gauss1's 280 units: 313 MiB);
+    - kept once compiled: ~0.41 MiB a unit with XLA, which never gives it back (dropping
+      the loops returned 8% of it, with malloc_trim), and ~0.21 MiB a unit as a plain graph,
+      all given back when dropped;
+    - and kept after running on a large bucket: a 4-parameter model on 1e6 points (bucket
+      2^20) kept 153 MiB with XLA (65 MiB once dropped) and 285 MiB as a plain graph (34 MiB
+      once dropped): ~150 and ~280 bytes a padded point.
+
+    The estimates below are the upper side of those measurements.
+    """
+
+    BASE_BYTES = 64 * MIB
+    BYTES_PER_UNIT = 0.7 * MIB
+    XLA_KEPT_PER_UNIT = 0.45 * MIB
+    GRAPH_KEPT_PER_UNIT = 0.25 * MIB
+    XLA_KEPT_PER_POINT = 160.0
+    GRAPH_KEPT_PER_POINT = 300.0
+    BASE_SECONDS = 1.0
+    SECONDS_PER_UNIT = 0.012
+
+    @classmethod
+    def peak_bytes(cls, expression: Expression) -> float:
+        """Memory the compile needs while it runs."""
+        return cls.BASE_BYTES + cls.BYTES_PER_UNIT * expression.complexity
+
+    @classmethod
+    def seconds(cls, expression: Expression) -> float:
+        return cls.BASE_SECONDS + cls.SECONDS_PER_UNIT * expression.complexity
+
+    @classmethod
+    def kept_bytes(cls, expression: Expression, size: int, xla: bool) -> float:
+        """Memory the compiled loops for a bucket of ``size`` points keep."""
+        if xla:
+            return cls.XLA_KEPT_PER_UNIT * expression.complexity + cls.XLA_KEPT_PER_POINT * size
+        return cls.GRAPH_KEPT_PER_UNIT * expression.complexity + cls.GRAPH_KEPT_PER_POINT * size
+
+
+__all__ = ["CompileCost", "Expression", "ExpressionError", "Operations", "evaluate", "parse"]
