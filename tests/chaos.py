@@ -37,7 +37,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from service.admission import rss_bytes
 from tests.mistakes import CLIENT_MISTAKES
 from tests.server import Server, marked_processes, named_processes, serve
 
@@ -54,6 +53,8 @@ DEPLOYMENT = {
     "TAPEFIT_BODY_TIMEOUT_S": "5",
 }
 HEALTH_P99_S = 0.1
+#: What a finished progress stream may leave behind (issue #36 measured +47 to +174 MiB).
+STREAM_KEPT_BYTES = 24 * 1024 * 1024
 RECOVERY_S = 5.0
 SMALL_FIT = {"x": [0.0, 1.0, 2.0, 3.0], "y": [1.0, 3.1, 4.9, 7.2]}
 
@@ -142,6 +143,20 @@ def pss_bytes(pids: list[int]) -> int:
     return total
 
 
+async def settled_pss(server: Server, timeout_s: float = 30.0) -> int:
+    """The summed PSS once it has stopped moving (within 2 MiB over 2 s): the fit process
+    goes on compiling its other loops in the background for a while after it is ready, and
+    the server trims freed memory once requests pause."""
+    last = pss_bytes(marked_processes(server.mark))
+    for _ in range(int(timeout_s / 2)):
+        await asyncio.sleep(2.0)
+        now = pss_bytes(marked_processes(server.mark))
+        if abs(now - last) < 2 * 1024 * 1024:
+            return now
+        last = now
+    return last
+
+
 async def normal_fit_works(server: Server) -> float | None:
     """Seconds until a small fit succeeds (None if not within RECOVERY_S)."""
     start = time.perf_counter()
@@ -199,7 +214,7 @@ async def stream_every_epoch(server: Server, outcome: Outcome) -> None:
             json={**body, "epochs": 500},
             headers={"accept": "text/event-stream"},
         )
-    before = rss_bytes(marked_processes(server.mark))
+    before = await settled_pss(server)
     async with (
         httpx.AsyncClient(base_url=server.url, timeout=120) as client,
         client.stream(
@@ -211,8 +226,9 @@ async def stream_every_epoch(server: Server, outcome: Outcome) -> None:
             events += line.startswith("event: progress")
         outcome.statuses[str(r.status_code)] += 1
     outcome.check(events == 20_000, f"{events} progress events, not 20000")
-    grown = rss_bytes(marked_processes(server.mark)) - before
-    outcome.check(grown < 100 * 1024 * 1024, f"RSS grew by {grown >> 20} MiB and stayed")
+    grown = await settled_pss(server) - before
+    outcome.notes.append(f"after 20,000 events the service kept {grown / 2**20:+.0f} MiB (PSS)")
+    outcome.check(grown < STREAM_KEPT_BYTES, f"PSS grew by {grown >> 20} MiB and stayed")
 
 
 async def stalled_uploads(server: Server, outcome: Outcome) -> None:
@@ -330,6 +346,25 @@ async def batch_answers(server: Server, outcome: Outcome) -> None:
     outcome.check(outcome.statuses["200"] > 0, "no batch succeeded")
 
 
+async def one_big_batch_answer(server: Server, outcome: Outcome) -> None:
+    """8. One batch whose answer is ~50 MB (10,000 sets x 30 points, 199 epochs, the whole
+    history): /healthz must stay under 100 ms at p100 while it is fitted and sent (issue
+    #36 measured 512 ms)."""
+    rng = np.random.default_rng(8)
+    x = list(range(30))
+    sets = [{"x": x, "y": list(rng.normal(0, 1, 30))} for _ in range(10_000)]
+    body = json.dumps({"datasets": sets, "epochs": 199, "history_every": 1}).encode()
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        start = time.perf_counter()
+        r = await client.post(
+            "/v1/fits/linear/batch", content=body, headers={"content-type": "application/json"}
+        )
+        seconds = time.perf_counter() - start
+    record(outcome, r)
+    outcome.check(r.status_code == 200, f"the batch got {r.status_code}")
+    outcome.notes.append(f"a {len(r.content) / 1e6:.0f} MB answer in {seconds:.1f} s")
+
+
 async def client_mistakes(server: Server, outcome: Outcome) -> None:
     """6 and 7. Client mistakes are 4xx, never echoed at length; ambiguous framing is refused
     and its connection closed; a client gone mid-body costs nothing."""
@@ -373,7 +408,11 @@ ATTACKS: list[tuple[str, Callable[[Server, Outcome], Awaitable[None]]]] = [
     ("4 memory pressure", memory_pressure),
     ("5 batch answers", batch_answers),
     ("6-7 client mistakes", client_mistakes),
+    ("8 one big batch answer", one_big_batch_answer),
 ]
+#: Attacks held to /healthz under 100 ms at p100, not only p99.
+HEALTH_WORST_S = 0.1
+EVERY_PROBE = ("8 one big batch answer",)
 
 
 def report(outcomes: list[Outcome], shutdown_s: float | None, left: list[int]) -> str:
@@ -408,6 +447,11 @@ async def main(only: str | None) -> int:
             if only and only not in name:
                 continue
             outcome = await run_attack(server, name, attack)
+            if name in EVERY_PROBE:
+                outcome.check(
+                    outcome.health_worst_s < HEALTH_WORST_S,
+                    f"/healthz took {1000 * outcome.health_worst_s:.0f} ms",
+                )
             outcomes.append(outcome)
             verdict = "pass" if outcome.passed else f"FAIL {outcome.failures}"
             print(f"{name}: {verdict}", file=sys.stderr, flush=True)
