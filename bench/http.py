@@ -295,7 +295,7 @@ def run(quick: bool) -> HttpReport:
             total += load(server.url, "/v1/fits/linear", body, 3).requests
         rss_after, fit_rss_after = rss_mib(server), fit_process_rss_mib(server)
         good = goodput.goodput(server, seconds)
-        long = None if quick else goodput.long_fit(server)
+        long = goodput.long_fit(server)
         big = None if quick else big_requests(server)
         batch = batch_bench(server, 1_000 if quick else 10_000)
         server.stop()
