@@ -174,3 +174,103 @@ async def test_plots_of_extreme_magnitudes_still_draw(client: httpx.AsyncClient)
     # Distinct but tiny x: their variance underflows, so no slope can be fitted (nor drawn).
     assert r.status_code == 422
     assert "underflows float64" in r.json()["detail"]
+
+
+class _Figures:
+    """The figures the plot routes draw, kept as they are rendered (``plots._png``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from service import plots
+
+        self.figures: list[Any] = []
+        render = plots._png
+
+        def keep(figure: Any) -> bytes:
+            self.figures.append(figure)
+            return render(figure)
+
+        monkeypatch.setattr(plots, "_png", keep)
+
+    def last_axes(self) -> list[Any]:
+        return list(self.figures[-1].axes)
+
+
+def _line(axes: Any, style: str) -> tuple[Any, Any]:
+    """The data of the one line drawn in ``style`` ("b." points, "r" line, "b-" curve)."""
+    color, marker, linestyle = {
+        "b.": ("b", ".", "None"),
+        "r": ("r", "None", "-"),
+        "b-": ("b", "None", "-"),
+    }[style]
+    from matplotlib.colors import to_rgba
+
+    found = [
+        line
+        for line in axes.get_lines()
+        if to_rgba(line.get_color()) == to_rgba(color)
+        and line.get_marker() == marker
+        and line.get_linestyle() == linestyle
+    ]
+    assert len(found) == 1, [(line.get_color(), line.get_marker()) for line in axes.get_lines()]
+    x, y = found[0].get_data()
+    return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+
+
+async def test_plots_draw_the_data_the_fit_and_its_residuals(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the panels show, read from the figure before it is rendered: the data points
+    are the request's, the red line is the fit the fit route answers for the same request,
+    the residual panel shows y - fit at the data, and the loss curve is the answer's
+    history (x in the thousands, y around 1e7)."""
+    figures = _Figures(monkeypatch)
+    x = np.linspace(1_000.0, 9_000.0, 40)
+    y = 1e7 + 0.5 * np.exp(-x / 3_000.0) + np.random.default_rng(11).normal(0, 1e-3, x.size)
+    body = {
+        "expression": "c + a*exp(-x/k)",
+        "parameters": {"c": 9.9e6, "a": 1.0, "k": 2_000.0},
+        "x": x.tolist(),
+        "y": y.tolist(),
+    }
+    fit = (await client.post("/v1/fits/expression", json=body)).json()
+    c, a, k = (fit["params"][name] for name in ("c", "a", "k"))
+    _png(await client.post("/v1/plots/expression", json=body))
+    data, residuals, loss = figures.last_axes()
+    points = _line(data, "b.")
+    np.testing.assert_array_equal(points[0], x)
+    np.testing.assert_array_equal(points[1], y)
+    grid, curve = _line(data, "r")
+    assert grid.min() <= x.min() and grid.max() >= x.max()
+    np.testing.assert_allclose(curve, c + a * np.exp(-grid / k), rtol=1e-12)
+    at, shown = _line(residuals, "b.")
+    np.testing.assert_array_equal(at, x)
+    np.testing.assert_allclose(shown, y - (c + a * np.exp(-x / k)), rtol=1e-6, atol=1e-9)
+    epochs, history = _line(loss, "b-")
+    np.testing.assert_allclose(history, fit["loss_history"], rtol=1e-12)
+    assert epochs[0] == 0 and len(epochs) == len(fit["loss_history"])
+
+    linear = {"x": (x / 1000).tolist(), "y": (3.0 * x / 1000 + 1e4).tolist(), "seed": 5}
+    linear |= {"epochs": 200, "learning_rate": 0.1}
+    fit = (await client.post("/v1/fits/linear", json=linear)).json()
+    _png(await client.post("/v1/plots/linear", json=linear))
+    data, loss = figures.last_axes()
+    np.testing.assert_array_equal(_line(data, "b.")[1], linear["y"])
+    grid, line = _line(data, "r")
+    slope, intercept = fit["params"]["slope"], fit["params"]["intercept"]
+    np.testing.assert_allclose(line, slope * grid + intercept, rtol=1e-12)
+    np.testing.assert_allclose(_line(loss, "b-")[1], fit["loss_history"], rtol=1e-12)
+
+    samples = np.random.default_rng(12).normal(1e7, 0.1, 300)
+    gaussian = {"y": samples.tolist(), "epochs": 300, "seed": 3}
+    _png(await client.post("/v1/plots/gaussian", json=gaussian))
+    hist, _ = figures.last_axes()
+    patches = hist.patches
+    # Two histograms of 30 bins over shared edges (bars at rwidth 0.9): the samples of the
+    # fitted normal, then the data, whose bars are the data's own counts.
+    assert len(patches) == 60
+    widths = np.array([patch.get_width() for patch in patches[30:]]) / 0.9
+    lefts = np.array([patch.get_x() for patch in patches[30:]]) - 0.05 * widths
+    edges = np.append(lefts, lefts[-1] + widths[-1])
+    counts, _ = np.histogram(samples, bins=edges)
+    np.testing.assert_array_equal([patch.get_height() for patch in patches[30:]], counts)
+    assert sum(patch.get_height() for patch in patches[:30]) == samples.size
