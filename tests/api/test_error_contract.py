@@ -4,6 +4,7 @@ content type, X-Request-ID, and Retry-After where the README promises one."""
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import httpx
@@ -30,8 +31,11 @@ ADMITTED = [r for r in ROUTES if "/datasets/" not in r[0]]  # the routes that ru
 IDS = [r[0].removeprefix("/v1/") for r in ROUTES]
 
 
-def assert_error(r: httpx.Response, status: int, request_id: str | None = None) -> Any:
-    """The shared error contract: JSON {"detail": ...} and the request id."""
+def assert_error(
+    r: httpx.Response, status: int, request_id: str | None = None, retry_after: int = 1
+) -> Any:
+    """The shared error contract: JSON {"detail": ...}, the request id, and for 429 and 503
+    the Retry-After the policy computed."""
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json"
     if request_id is None:  # a fresh one
@@ -41,7 +45,7 @@ def assert_error(r: httpx.Response, status: int, request_id: str | None = None) 
     body = r.json()
     assert set(body) >= {"detail"} and body["detail"]
     if status in (429, 503):
-        assert int(r.headers["retry-after"]) >= 1
+        assert int(r.headers["retry-after"]) == retry_after
     return body["detail"]
 
 
@@ -82,12 +86,15 @@ async def test_429_on_every_admitted_route_while_the_places_are_taken() -> None:
             c.post("/v1/fits/gaussian", json={"y": [1.0, 2.0, 4.0], "epochs": 100_000})
         )
         await asyncio.sleep(0.5)
+        admission = c._transport.app.state.worker.admission  # type: ignore[attr-defined]
+        # The policy: the admitted work's expected seconds over the slots, rounded up.
+        expected = max(1, math.ceil(admission.seconds / admission.slots))
         for url, body in ADMITTED:
-            detail = assert_error(await c.post(url, json=body), 429)
-            assert "retry after" in detail
+            detail = assert_error(await c.post(url, json=body), 429, retry_after=expected)
+            assert f"retry after {expected} s" in detail
             r = await c.post(url, json=body, headers={"accept": "text/event-stream"})
             if "/fits/" in url and "/batch" not in url:
-                assert_error(r, 429)  # the stream is refused as plainly
+                assert_error(r, 429, retry_after=expected)  # the stream is refused as plainly
         for url, body in ROUTES:
             if url not in dict(ADMITTED):
                 r = await c.post(url, json=body)
@@ -114,7 +121,7 @@ async def test_503_while_warming_up_and_while_draining() -> None:
             worker.begin_drain()
             r = await c.get("/readyz")
             assert r.status_code == 503 and r.json() == {"status": "stopping"}
-            assert int(r.headers["retry-after"]) >= 1
+            assert r.headers["retry-after"] == "1"
             for url, body in ADMITTED:
                 detail = assert_error(await c.post(url, json=body), 503)
                 assert "shutting down" in detail
