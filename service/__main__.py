@@ -50,7 +50,10 @@ class DrainingServer(uvicorn.Server):
 
 def build_server(settings: Settings) -> DrainingServer:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own INFO lines
+    from service import tracing
     from service.app import create_app  # imports TensorFlow: after logging is set up
+
+    tracing.configure("tapefit-server")  # only if OTEL_EXPORTER_OTLP_*ENDPOINT asks for it
 
     app = create_app(settings)
     config = uvicorn.Config(

@@ -17,12 +17,12 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import __version__
+from service import __version__, tracing
 from service.api.bodies import BodyParsers
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimit
 from service.api.models import BUILT_IN, HttpModel
-from service.api.observe import HttpMetrics, ObservedRequests
+from service.api.observe import HttpMetrics, ObservedRequests, TracedRequests
 from service.api.openapi import install_openapi
 from service.api.routes import datasets, expressions, fits, health, plots
 from service.api.schemas import (
@@ -119,6 +119,8 @@ def create_app(
     )
     # Outermost last: the request id exists before the access line is written.
     app.add_middleware(ObservedRequests, metrics=HttpMetrics(registry, lambda: _paths(app)))
+    if tracing.enabled():  # inside the request id's middleware: spans carry the id
+        app.add_middleware(TracedRequests)
     app.add_middleware(
         CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id
     )

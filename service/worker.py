@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service import tracing
 from service.admission import (
     Admission,
     Refused,
@@ -504,6 +505,7 @@ class FitWorker:
         engine = self.engine
         deadline = time.monotonic() + self.deadline_s(timeout_s)
         cancelled, should_stop = self._stop_check(deadline)
+        trace = Trace.here()
         if job.model == "expression" and not self._compiled(engine, job):
             key = self._compile_key(job)
             if (compiling := self._pending.get(key)) is not None:
@@ -517,14 +519,14 @@ class FitWorker:
             if not self._compiled(engine, job):
                 # A compiling fit's time says nothing of the pace.
                 return await self._compile(
-                    engine, job, key, deadline, cancelled, should_stop, progress
+                    engine, job, key, deadline, cancelled, should_stop, progress, trace
                 )
         if progress is None and self.inline(ticket):
-            result, seconds = await self._run_small(engine, job, deadline, should_stop)
+            result, seconds = await self._run_small(engine, job, deadline, should_stop, trace)
         else:
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(
-                self._fit_pool, self._run, engine, job, should_stop, progress
+                self._fit_pool, self._run, engine, job, should_stop, progress, trace
             )
             result, seconds = await self._cancellable(future, cancelled, job.model)
         # One cut by its deadline says nothing of the pace either.
@@ -541,6 +543,7 @@ class FitWorker:
         cancelled: threading.Event,
         should_stop: Callable[[], StopReason | None],
         progress: Reporter | None,
+        trace: Trace | None,
     ) -> FitResult:
         """A fit that must first compile its loops (a new expression or size bucket), on the
         compile threads, apart from the fit slots: a flood of new expressions queues (then
@@ -563,7 +566,9 @@ class FitWorker:
         charge = self.admission.open()
         charge.charge_bytes(CompileCost.peak_bytes(expression))
         loop = asyncio.get_running_loop()
-        running = self._compile_pool.submit(self._run_compiling, engine, job, should_stop, progress)
+        running = self._compile_pool.submit(
+            self._run_compiling, engine, job, should_stop, progress, trace
+        )
         self._compiling += 1
         self._pending[key] = done = loop.create_future()
 
@@ -606,11 +611,12 @@ class FitWorker:
         job: FitJob,
         should_stop: Callable[[], StopReason | None],
         progress: Reporter | None,
+        trace: Trace | None,
     ) -> tuple[FitResult, float]:
         """:meth:`_run` on a compile thread; then the memory a compile freed (graphs of
         evicted expressions, the compiler's scratch) goes back to the system."""
         try:
-            return self._run(engine, job, should_stop, progress)
+            return self._run(engine, job, should_stop, progress, trace)
         finally:
             release_memory()
 
@@ -713,6 +719,7 @@ class FitWorker:
         job: FitJob,
         deadline: float,
         should_stop: Callable[[], StopReason | None],
+        trace: Trace | None = None,
     ) -> tuple[FitResult, float]:
         """A fit too small for a thread: in the fit process when it is running and has the
         model (its engine has the built-in ones; expressions, and models registered here
@@ -731,12 +738,14 @@ class FitWorker:
                 with self._counted(job.model) as tally:
                     left = deadline - time.monotonic()
                     stuck = min(STUCK_AFTER_S, max(left, STUCK_FLOOR_S))
-                    tally.result, tally.seconds = await process.call(job, deadline, timeout_s=stuck)
+                    tally.result, tally.seconds = await process.call(
+                        job, deadline, None if trace is None else trace.crossing(), timeout_s=stuck
+                    )
             except ProcessLost:
                 log.warning("the fit process lost a fit: fitting it here")
             else:
                 return tally.result, tally.seconds
-        return self._run(engine, job, should_stop)
+        return self._run(engine, job, should_stop, None, trace)
 
     def _run(
         self,
@@ -744,11 +753,13 @@ class FitWorker:
         job: FitJob,
         should_stop: Callable[[], StopReason | None],
         progress: Reporter | None = None,
+        trace: Trace | None = None,
     ) -> tuple[FitResult, float]:
         """The fit here, and the seconds it took."""
         start = time.perf_counter()
-        with self._counted(job.model) as tally:
+        with self._counted(job.model) as tally, traced(trace, job) as done:
             tally.result = self._dispatch(engine, job, should_stop, progress)
+            done(tally.result)
         return tally.result, time.perf_counter() - start
 
     @contextmanager
@@ -882,6 +893,57 @@ for _slotted in (Training, Optimizer, Stopping, FitStats):
     copyreg.pickle(_slotted, _by_fields)
 
 
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """A fit's place in its request's trace: the context its spans are children of, and
+    when it was handed over (the ``admission`` span is the wait from then until it runs)."""
+
+    context: Any
+    submitted_ns: int
+
+    @classmethod
+    def here(cls) -> Trace | None:
+        """The current request's, or None while tracing is off."""
+        context = tracing.current()
+        return None if context is None else cls(context, time.time_ns())
+
+    def crossing(self) -> tuple[dict[str, str], int]:
+        """What crosses to the fit process: the context as W3C headers, and the time."""
+        return tracing.carrier(self.context), self.submitted_ns
+
+
+@contextmanager
+def traced(trace: Trace | None, job: FitJob) -> Iterator[Callable[[FitResult], None]]:
+    """The ``admission`` span (the wait) and, around the block, the ``fit`` span with the
+    fit's model, n, epochs, optimizer, request id and, once known, its stop reason."""
+    if trace is None or not tracing.enabled():
+        yield _ignore
+        return
+    with tracing.span("admission", context=trace.context, start_time=trace.submitted_ns):
+        pass
+    t = job.training
+    attributes = {
+        "tapefit.model": job.model,
+        "tapefit.n": int(job.data[0].size),
+        "tapefit.epochs": t.epochs,
+        "tapefit.optimizer": t.optimizer.name,
+    }
+    if (request_id := tracing.request_id(trace.context)) is not None:
+        attributes[tracing.REQUEST_ID] = request_id
+    with tracing.span("fit", context=trace.context, attributes=attributes) as span:
+        assert span is not None
+
+        def done(result: FitResult) -> None:
+            span.set_attribute("tapefit.stop_reason", result.stop_reason)
+            span.set_attribute("tapefit.epochs_run", result.epochs_run)
+
+        yield done
+
+
+def _ignore(result: FitResult) -> None:
+    pass
+
+
 class _Tally:
     """What a fit produced, and the seconds it took where it ran (another process's)."""
 
@@ -898,6 +960,7 @@ def _warm_fit_engine(
     stopping rules' loops warm in a thread of the process while it already serves (a fit
     that needs one first compiles it, as before warm-up)."""
     configure_threads(intra_op_threads, inter_op_threads)
+    tracing.configure("tapefit-fit")  # only if OTEL_EXPORTER_OTLP_*ENDPOINT asks for it
     engine = shared_engine(epochs_per_call, expression_cache_size)
     threading.Thread(
         target=partial(engine.warm_up, small=True, large=False), name="warm-up", daemon=True
@@ -906,12 +969,19 @@ def _warm_fit_engine(
     return engine
 
 
-def _fit_here(engine: FitEngine, job: FitJob, deadline: float) -> tuple[FitResult, float]:
+def _fit_here(
+    engine: FitEngine,
+    job: FitJob,
+    deadline: float,
+    crossing: tuple[dict[str, str], int] | None = None,
+) -> tuple[FitResult, float]:
     """One fit in the fit process, stopped at ``deadline`` (``time.monotonic()``); and the
-    seconds it took."""
-
+    seconds it took. Its spans (``crossing``: the request's trace) are this process's."""
+    trace = None if crossing is None else Trace(tracing.extract(crossing[0]), crossing[1])
     start = time.perf_counter()
-    result = FitWorker._dispatch(engine, job, partial(_past, deadline))
+    with traced(trace, job) as done:
+        result = FitWorker._dispatch(engine, job, partial(_past, deadline))
+        done(result)
     return result, time.perf_counter() - start
 
 

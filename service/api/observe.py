@@ -18,9 +18,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from asgi_correlation_id import correlation_id
+from opentelemetry import context
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracing
 from service.logs import ACCESS_LOGGER
 
 LABELS = ("handler", "method", "status")
@@ -110,3 +113,52 @@ class ObservedRequests:
                         "client": f"{client[0]}:{client[1]}" if client else None,
                     },
                 )
+
+
+class TracedRequests:
+    """The server span of each HTTP request (installed only while tracing is on): a child of
+    the client's ``traceparent`` if it sent one, named by the route FastAPI matched, with
+    the request id (also carried to every span of the request as baggage) and the status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {
+            key.decode("latin-1"): value.decode("latin-1")
+            for key, value in scope["headers"]
+            if key in (b"traceparent", b"tracestate", b"baggage")
+        }
+        parent = tracing.extract(headers)
+        request_id = correlation_id.get()
+        if request_id is not None:
+            parent = tracing.with_request_id(request_id, parent)
+        method = scope["method"]
+        attributes = {"http.request.method": method, "url.path": scope["path"]}
+        if request_id is not None:
+            attributes[tracing.REQUEST_ID] = request_id
+        token = context.attach(parent)  # the client's span and the baggage, for those below
+        try:
+            with tracing.span(method, kind=tracing.SpanKind.SERVER, attributes=attributes) as span:
+                assert span is not None
+                status = 500
+
+                async def send_and_note(message: Message) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                    await send(message)
+
+                try:
+                    await self.app(scope, receive, send_and_note)
+                finally:
+                    route = getattr(scope.get("route"), "path", None)
+                    if isinstance(route, str):
+                        span.update_name(f"{method} {route}")
+                        span.set_attribute("http.route", route)
+                    span.set_attribute("http.response.status_code", status)
+        finally:
+            context.detach(token)

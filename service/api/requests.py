@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
+from service import tracing
 from service.admission import Ticket, body_cost
 from service.api.bodies import BodyParsers
 from service.api.errors import BodyTimeout, ClientDisconnected, UnsupportedMediaType
@@ -89,7 +90,21 @@ async def parse_request(
     read. The body is read within its deadline and, with a ``ticket``, charged to it."""
     accepted = ((JSON,) if json else ()) + (binary_types if parse_binary else ())
     media = media_type(request, accepted)
-    body = await read_body(request, settings, ticket, binary=media != JSON)
+    with tracing.span("read body"):
+        body = await read_body(request, settings, ticket, binary=media != JSON)
+    with tracing.span("parse", attributes={"tapefit.body_bytes": len(body)}):
+        return await _parse(request, bodies, settings, body, media, parse_json, parse_binary)
+
+
+async def _parse(
+    request: Request,
+    bodies: BodyParsers,
+    settings: Settings,
+    body: bytes,
+    media: str,
+    parse_json: JsonParser[RequestT],
+    parse_binary: BinaryParser[RequestT] | None,
+) -> Parsed[RequestT]:
     context = limits_context(
         settings.max_points,
         settings.max_epochs,

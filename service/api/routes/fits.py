@@ -8,6 +8,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from service import tracing
 from service.admission import Cost, fit_cost
 from service.api.deps import Admitted, admission
 from service.api.models import HttpModel
@@ -106,8 +107,9 @@ def fit_answer(model: HttpModel, result: FitResult) -> bytes:
     model, then FastAPI validating and serializing it again, cost more than a small fit. The
     data are the engine's, in the response model's field order (the tests validate answers
     against it); NaN and infinities become null, as pydantic writes them."""
-    answer = {"model": model.name, "params": result.params, **_common(result, model)}
-    return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    with tracing.span("serialize"):
+        answer = {"model": model.name, "params": result.params, **_common(result, model)}
+        return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _training(body: Any) -> Training:
