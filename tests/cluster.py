@@ -37,6 +37,7 @@ import httpx
 import numpy as np
 
 from bench.load import load
+from tests.otlp import Receiver, receiving
 from tests.server import MARK_VARIABLE, free_port, kill_marked, marked_processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +63,11 @@ MAX_RETRIES = 20
 class Replica:
     """One `python -m service` on a fixed port (restarted on the same port)."""
 
-    def __init__(self, name: str, port: int, log_dir: Path) -> None:
+    def __init__(
+        self, name: str, port: int, log_dir: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
+        #: More environment (the OTLP endpoint of this run's receiver).
+        self.extra_env = extra_env or {}
         self.name, self.port = name, port
         self.log = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -73,6 +78,7 @@ class Replica:
 
     def start(self) -> None:
         env = {**os.environ, **REPLICA_ENV, "TAPEFIT_PORT": str(self.port), MARK_VARIABLE: MARK}
+        env |= self.extra_env
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "service"], env=env, stdout=sink, stderr=sink, cwd=ROOT
@@ -282,6 +288,42 @@ class MixedLoad:
         self._thread.join(timeout=120)
 
 
+def traces_through_haproxy(proxy: HAProxy, receiver: Receiver) -> tuple[list[str], list[str]]:
+    """Three fits through HAProxy, each with a sampled traceparent and no request id: each
+    arrives at the OTLP receiver as one trace, the replica's server span a child of the
+    client's span and carrying the request id HAProxy gave it (echoed to the client), and
+    the fit span in the same trace. Returns what was seen and what failed."""
+    seen, failed = [], []
+    body = json.dumps({"x": [1.0, 2.0, 3.0, 4.0], "y": [2.1, 3.9, 6.2, 7.8]}).encode()
+    for i in range(3):
+        trace_id, parent = f"{0xA1B2C3D4 + i:032x}", f"{0x1234 + i:016x}"
+        r = httpx.post(
+            f"{proxy.url}/v1/fits/linear",
+            content=body,
+            headers={
+                "content-type": "application/json",
+                "traceparent": f"00-{trace_id}-{parent}-01",
+            },
+            timeout=30,
+        )
+        request_id = r.headers.get("x-request-id", "")
+        spans = receiver.wait_for(trace_id, {"POST /v1/fits/linear", "fit"}, timeout_s=20)
+        names = {s.name: s for s in spans}
+        server = names.get("POST /v1/fits/linear")
+        ok = (
+            r.status_code == 200
+            and server is not None
+            and server.parent_id == parent
+            and server.attributes.get("tapefit.request_id") == request_id
+            and "fit" in names
+            and names["fit"].attributes.get("tapefit.request_id") == request_id
+        )
+        seen.append(f"{len(spans)} spans ({', '.join(sorted(names))}), request id {request_id}")
+        if not ok:
+            failed.append(f"trace {trace_id}: {r.status_code}, spans {sorted(names)}")
+    return seen, failed
+
+
 def throughput(proxy: HAProxy, names: list[str], seconds: int) -> dict[int, float]:
     """Small fits/s through HAProxy with 1, 2 and 3 replicas in the pool."""
     body = _bodies()["/v1/fits/linear"]
@@ -341,9 +383,17 @@ def main() -> int:
         return 1
     failures: list[str] = []
     lines: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="tapefit-cluster-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tapefit-cluster-") as tmp, receiving() as receiver:
         log_dir = Path(tmp)
-        replicas = [Replica(f"replica-{i}", free_port(), log_dir) for i in (1, 2, 3)]
+        # Traced as in deploy/compose.cluster.yaml, into this run's receiver; only requests
+        # whose client sends a sampled traceparent, so the load below is not traced.
+        traced = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+        replicas = [Replica(f"replica-{i}", free_port(), log_dir, traced) for i in (1, 2, 3)]
         proxy: HAProxy | None = None
         try:
             for replica in replicas:
@@ -354,6 +404,12 @@ def main() -> int:
             proxy = HAProxy(replicas, log_dir)
             names = [r.name for r in replicas]
             proxy.wait_up(set(names))
+
+            seen, failed = traces_through_haproxy(proxy, receiver)
+            lines.append(
+                "traces through HAProxy (OTLP/HTTP to a receiver here): " + "; ".join(seen)
+            )
+            failures.extend(failed)
 
             rates = throughput(proxy, names, seconds=5)
             lines.append(
