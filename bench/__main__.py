@@ -9,7 +9,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import engine, expressions, http
+from bench import engine, expressions, http, tracing
 
 
 def main() -> None:
@@ -28,6 +28,8 @@ def main() -> None:
     print()
     if not args.no_http:
         print(http.report(http.run(args.quick)))
+        print()
+        print(tracing.report(tracing.run(3 if args.quick else 10)))
     print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
 
 

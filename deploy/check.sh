@@ -44,6 +44,9 @@ say "compose file against the compose-spec schema"
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml \
     deploy/compose.cluster.yaml
 
+say "OpenTelemetry Collector configuration (deploy/otel-collector.yaml) and its compose service"
+"$VENV/bin/python" deploy/ci/check_collector.py
+
 if command -v haproxy >/dev/null; then
     say "haproxy -c deploy/haproxy/haproxy.cfg"
     HAPROXY_BIND=127.0.0.1:18079 HAPROXY_STATS_SOCKET=/tmp/tapefit-haproxy-check.sock \

@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import baggage, propagate
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
@@ -112,8 +112,11 @@ def span(
 
 
 def current() -> Context | None:
-    """The current context, to carry to another thread (None while tracing is off)."""
-    return otel_context.get_current() if _tracer is not None else None
+    """The current context, to carry to another thread; None while tracing is off or the
+    current span is not recorded (not sampled): its children would not be either."""
+    if _tracer is None or not trace.get_current_span().is_recording():
+        return None
+    return otel_context.get_current()
 
 
 def carrier(context: Context | None = None) -> dict[str, str]:

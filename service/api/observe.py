@@ -133,32 +133,34 @@ class TracedRequests:
             if key in (b"traceparent", b"tracestate", b"baggage")
         }
         parent = tracing.extract(headers)
-        request_id = correlation_id.get()
-        if request_id is not None:
-            parent = tracing.with_request_id(request_id, parent)
         method = scope["method"]
-        attributes = {"http.request.method": method, "url.path": scope["path"]}
-        if request_id is not None:
-            attributes[tracing.REQUEST_ID] = request_id
-        token = context.attach(parent)  # the client's span and the baggage, for those below
-        try:
-            with tracing.span(method, kind=tracing.SpanKind.SERVER, attributes=attributes) as span:
-                assert span is not None
-                status = 500
+        with tracing.span(method, context=parent, kind=tracing.SpanKind.SERVER) as span:
+            assert span is not None
+            if not span.is_recording():  # not sampled: nothing below is recorded either
+                await self.app(scope, receive, send)
+                return
+            span.set_attribute("http.request.method", method)
+            span.set_attribute("url.path", scope["path"])
+            request_id = correlation_id.get()
+            token = None
+            if request_id is not None:
+                span.set_attribute(tracing.REQUEST_ID, request_id)
+                token = context.attach(tracing.with_request_id(request_id))  # for the spans below
+            status = 500
 
-                async def send_and_note(message: Message) -> None:
-                    nonlocal status
-                    if message["type"] == "http.response.start":
-                        status = message["status"]
-                    await send(message)
+            async def send_and_note(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
 
-                try:
-                    await self.app(scope, receive, send_and_note)
-                finally:
-                    route = getattr(scope.get("route"), "path", None)
-                    if isinstance(route, str):
-                        span.update_name(f"{method} {route}")
-                        span.set_attribute("http.route", route)
-                    span.set_attribute("http.response.status_code", status)
-        finally:
-            context.detach(token)
+            try:
+                await self.app(scope, receive, send_and_note)
+            finally:
+                if token is not None:
+                    context.detach(token)
+                route = getattr(scope.get("route"), "path", None)
+                if isinstance(route, str):
+                    span.update_name(f"{method} {route}")
+                    span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
