@@ -53,7 +53,12 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Every fit slot and queue place is taken; retry after the "
         "Retry-After header's seconds.",
     },
-    503: {"model": ErrorDetail, "description": "Warming up or shutting down; retry."},
+    503: {
+        "model": ErrorDetail,
+        "description": "Warming up or shutting down, or (expression fits) the deadline came "
+        "while the model was still compiling (the compile goes on and is kept); retry after "
+        "the Retry-After header's seconds.",
+    },
 }
 
 
