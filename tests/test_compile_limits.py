@@ -157,6 +157,16 @@ def test_an_idle_slot_admits_a_small_fit_whatever_the_work_on_the_other() -> Non
     assert (admission.tickets, admission.fits, admission.bytes) == (0, 0, 0.0)
 
 
+def _fresh(engine: FitEngine, text: str, names: str, n: int) -> str:
+    """``text`` plus a constant that makes it a model the process has not compiled (tests
+    share one engine, and the same model under other names is the same compile)."""
+    for salt in range(1, 1000):
+        fresh = f"{text} + {salt}.125"
+        if engine.expressions.peek(parse(fresh, ("x",), tuple(names)), n) is None:
+            return fresh
+    raise AssertionError("no fresh expression")
+
+
 async def _eventually(condition: Any, seconds: float = 120.0) -> None:
     for _ in range(int(seconds / 0.05)):
         if condition():
@@ -171,17 +181,18 @@ async def test_past_its_deadline_a_compiling_fit_answers_503_and_its_compile_is_
     with no new trace); one queued behind it never starts. The compile's memory is charged
     while it runs and given back after, and its compile place too."""
     x = np.linspace(1e3, 5e3, 40)
-    first = {
-        "expression": "p*exp(-q*x/1000) + r",
-        "parameters": {"p": 3.0, "q": 1.0, "r": 0.0},
-        "x": x.tolist(),
-        "y": (2.0 * np.exp(-0.7 * x / 1000) + 0.25).tolist(),
-        "timeout_s": 0.05,
-    }
-    queued = first | {"expression": "p*exp(-q*x/1000) + r + 1"}
     async with running_app(app_settings(compile_threads=1)) as client:
         worker = client._transport.app.state.worker  # type: ignore[attr-defined]
         engine = worker.engine
+        text = _fresh(engine, "p*exp(-q*x/1000) + r", "pqr", x.size)
+        first = {
+            "expression": text,
+            "parameters": {"p": 3.0, "q": 1.0, "r": 0.0},
+            "x": x.tolist(),
+            "y": (2.0 * np.exp(-0.7 * x / 1000) + 0.25 + float(text.rsplit("+", 1)[1])).tolist(),
+            "timeout_s": 0.05,
+        }
+        queued = first | {"expression": _fresh(engine, text, "pqr", x.size)}
         charged: list[float] = []
         answers = await asyncio.gather(
             client.post(FIT, json=first), client.post(FIT, json=queued), _charges(worker, charged)
@@ -221,26 +232,27 @@ async def test_requests_for_a_model_being_compiled_wait_for_that_compile() -> No
     """Eight concurrent requests of one new model are one compile (one trace), all 200,
     each with its own data's answer; they take one compile place, not eight."""
     x = np.linspace(1e3, 5e3, 48)
-    bodies = [
-        {
-            "expression": "u*exp(-v*x/1000) + w",
-            "parameters": {"u": 3.0, "v": 1.0, "w": 0.0},
-            "x": x.tolist(),
-            "y": (2.0 * np.exp(-(0.5 + 0.05 * i) * x / 1000) + 0.25).tolist(),
-        }
-        for i in range(8)
-    ]
     async with running_app(app_settings(compile_threads=1, max_queued_compiles=0)) as client:
         engine = client._transport.app.state.worker.engine  # type: ignore[attr-defined]
+        text = _fresh(engine, "u*exp(-v*x/1000) + w", "uvw", x.size)
+        bodies = [
+            {
+                "expression": text,
+                "parameters": {"u": 3.0, "v": 1.0, "w": 0.0},
+                "x": x.tolist(),
+                "y": (2.0 * np.exp(-(0.5 + 0.05 * i) * x / 1000) + 0.25).tolist(),
+            }
+            for i in range(8)
+        ]
         answers = await asyncio.gather(*(client.post(FIT, json=body) for body in bodies))
         for i, r in enumerate(answers):
             assert r.status_code == 200, r.text
             assert r.json()["params"]["v"] == pytest.approx(0.5 + 0.05 * i, rel=1e-9)
+        spec = engine.expressions.peek(parse(text, ("x",), ("u", "v", "w")), x.size)
+        assert spec is not None
         traced = {
             name: count
             for name, count in engine.trace_counts().items()
-            if name.startswith("expression[1,64]:((p0*exp((((-p1)*x0)/1000)))+p2)") and count
+            if name.startswith(f"{spec.name}_loop") and count
         }
-        assert traced == {
-            "expression[1,64]:((p0*exp((((-p1)*x0)/1000)))+p2)_loop_levenberg_marquardt": 1
-        }
+        assert traced == {f"{spec.name}_loop_levenberg_marquardt": 1}
