@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.fitting.expression import CACHE_BYTES
+
 
 def available_cpus() -> int:
     """CPUs this process may run on (cgroup/affinity aware where the OS tells)."""
@@ -87,7 +89,7 @@ class Settings(BaseSettings):
         64, description="Compiled expressions kept (least recently used evicted first)."
     )
     expression_cache_bytes: Annotated[int, Field(ge=0)] = Field(
-        128 * 1024 * 1024,
+        CACHE_BYTES,
         description="Memory compiled expressions may keep (estimated; the least recently used "
         "are evicted first), counted in the memory budget. XLA never gives back what it "
         "compiled, so expressions are XLA-compiled while that stays within half of this, and "

@@ -56,9 +56,9 @@ from service.fitting import (
 )
 from service.fitting.batch import BatchEngine, BatchResults, Ragged
 from service.fitting.datasets import gaussian_data, gaussian_samples, linear_data
-from service.fitting.expression import CompileCost
+from service.fitting.expression import CACHE_BYTES, CompileCost
 from service.fitting.models import BUILT_IN
-from service.fitting.models.expression import CACHE_BYTES, CACHE_SIZE, compile_key
+from service.fitting.models.expression import CACHE_SIZE, compile_key
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
 from service.settings import Settings
@@ -325,14 +325,14 @@ class FitWorker:
         self._compile_pool = ThreadPoolExecutor(
             max_workers=settings.compile_threads, thread_name_prefix="compile"
         )
-        self._compiling = 0
-        #: Compiles in progress, by what they make; done when the compile thread is.
+        #: Compiles in progress (running or queued), by what they make; each done when its
+        #: compile thread is.
         self._pending: dict[tuple[str, str, bool], asyncio.Future[None]] = {}
         self._process: WarmProcess | None = None
         self._warm_here = False
         self._base_budget = self.admission.memory_budget
         self._trim: asyncio.TimerHandle | None = None
-        self._trimmed = 0.0
+        self._trimmed = self._ended = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -474,17 +474,22 @@ class FitWorker:
         pause for TRIM_QUIET_S, or at least every TRIM_EVERY_S under steady load. Trimming
         as each request's handler returned missed what its answer freed after (8 concurrent
         300k-point expression fits left the server 232 MiB that one later trim gave back),
-        and requests whose charge was small (a 20,000-event progress stream) never trimmed."""
+        and requests whose charge was small (a 20,000-event progress stream) never trimmed.
+        A request's end only notes the time; one timer at most is pending."""
         loop = asyncio.get_running_loop()
-        if self._trim is not None:
-            self._trim.cancel()
-        overdue = loop.time() - self._trimmed >= TRIM_EVERY_S
-        self._trim = loop.call_later(0.0 if overdue else TRIM_QUIET_S, self._start_trim)
+        self._ended = loop.time()
+        if self._trim is None:
+            self._trim = loop.call_later(TRIM_QUIET_S, self._trim_if_quiet)
 
-    def _start_trim(self) -> None:
+    def _trim_if_quiet(self) -> None:
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        quiet_at = self._ended + TRIM_QUIET_S
+        if now < quiet_at and now - self._trimmed < TRIM_EVERY_S:
+            self._trim = loop.call_later(quiet_at - now, self._trim_if_quiet)
+            return
         self._trim = None
-        self._trimmed = loop.time()
+        self._trimmed = now
         with contextlib.suppress(RuntimeError):  # the executor is shut down: exiting
             loop.run_in_executor(None, release_memory).add_done_callback(_log_failure)
 
@@ -508,14 +513,13 @@ class FitWorker:
         trace = Trace.here()
         if job.model == "expression" and not self._compiled(engine, job):
             key = self._compile_key(job)
-            if (compiling := self._pending.get(key)) is not None:
-                # The same loop is compiling for another request: wait for it, not compile
-                # it twice (eight new requests of one model are one compile).
+            while (compiling := self._pending.get(key)) is not None:
+                # The same loop is compiling for another request (perhaps under other
+                # names): wait for it, not compile it twice.
                 remaining = max(0.0, deadline - time.monotonic())
                 await asyncio.wait({compiling}, timeout=remaining)
                 if not compiling.done():
-                    self.metrics.fits.labels(job.model, "timeout").inc()
-                    raise _still_compiling(job)
+                    raise self._still_compiling(job)
             if not self._compiled(engine, job):
                 # A compiling fit's time says nothing of the pace.
                 return await self._compile(
@@ -554,7 +558,7 @@ class FitWorker:
         request's deadline the request answers :class:`StillCompiling` (503, Retry-After),
         a compile not yet started never starts, and one under way finishes (bounded by
         ``TAPEFIT_MAX_EXPRESSION_COMPLEXITY``) and stays cached for the retry."""
-        if self._compiling >= self.settings.compile_threads + self.settings.max_queued_compiles:
+        if len(self._pending) >= self.settings.compile_threads + self.settings.max_queued_compiles:
             # (counted once, by admit(), as every refusal inside a request is)
             raise Refused(
                 "compiling",
@@ -569,11 +573,9 @@ class FitWorker:
         running = self._compile_pool.submit(
             self._run_compiling, engine, job, should_stop, progress, trace
         )
-        self._compiling += 1
         self._pending[key] = done = loop.create_future()
 
         def compiled() -> None:
-            self._compiling -= 1
             charge.close()
             self._count_compiled()
             self._pending.pop(key, None)
@@ -581,7 +583,7 @@ class FitWorker:
 
         running.add_done_callback(lambda _: loop.call_soon_threadsafe(compiled))
         answer = asyncio.wrap_future(running)
-        answer.add_done_callback(_retrieved)
+        answer.add_done_callback(read_outcome)
         try:
             result, _ = await asyncio.wait_for(
                 asyncio.shield(answer), max(0.0, deadline - time.monotonic())
@@ -589,14 +591,24 @@ class FitWorker:
         except TimeoutError:
             cancelled.set()  # a compile under way finishes, then its fit stops at once
             running.cancel()  # one still queued never starts
-            self.metrics.fits.labels(job.model, "timeout").inc()
-            raise _still_compiling(job) from None
+            raise self._still_compiling(job) from None
         except asyncio.CancelledError:
             cancelled.set()
             running.cancel()
             self.metrics.fits.labels(job.model, "cancelled").inc()
             raise
         return result
+
+    def _still_compiling(self, job: FitJob) -> StillCompiling:
+        """A fit whose deadline came while its model compiled: counted, and its answer."""
+        self.metrics.fits.labels(job.model, "timeout").inc()
+        retry = max(1, math.ceil(CompileCost.seconds(job.options["expression"])))
+        return StillCompiling(
+            f"the expression was still compiling at the fit's deadline (a new expression or "
+            f"size bucket compiles first: about {retry} s for this one); retry after {retry} s: "
+            "its compiled fit is kept",
+            retry_after=retry,
+        )
 
     @staticmethod
     def _compile_key(job: FitJob) -> tuple[str, str, bool]:
@@ -912,13 +924,19 @@ class Trace:
         return tracing.carrier(self.context), self.submitted_ns
 
 
-@contextmanager
-def traced(trace: Trace | None, job: FitJob) -> Iterator[Callable[[FitResult], None]]:
+def traced(
+    trace: Trace | None, job: FitJob
+) -> contextlib.AbstractContextManager[Callable[[FitResult], None]]:
     """The ``admission`` span (the wait) and, around the block, the ``fit`` span with the
-    fit's model, n, epochs, optimizer, request id and, once known, its stop reason."""
+    fit's model, n, epochs, optimizer, request id and, once known, its stop reason; a null
+    context (nothing made on a fit's path) while the fit is not traced."""
     if trace is None or not tracing.enabled():
-        yield _ignore
-        return
+        return contextlib.nullcontext(_ignore)
+    return _spans(trace, job)
+
+
+@contextmanager
+def _spans(trace: Trace, job: FitJob) -> Iterator[Callable[[FitResult], None]]:
     with tracing.span("admission", context=trace.context, start_time=trace.submitted_ns):
         pass
     t = job.training
@@ -990,26 +1008,16 @@ def _past(deadline: float) -> StopReason | None:
     return "timeout" if time.monotonic() >= deadline else None
 
 
-def _still_compiling(job: FitJob) -> StillCompiling:
-    retry = max(1, math.ceil(CompileCost.seconds(job.options["expression"])))
-    return StillCompiling(
-        f"the expression was still compiling at the fit's deadline (a new expression or size "
-        f"bucket compiles first: about {retry} s for this one); retry after {retry} s: its "
-        "compiled fit is kept",
-        retry_after=retry,
-    )
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """Read a future's outcome that nobody may await any more (a fit abandoned at its
-    deadline), so that asyncio does not log it as never retrieved."""
+def read_outcome(future: asyncio.Future[Any]) -> None:
+    """Read the outcome of a future nobody awaits any more (a fit abandoned at its deadline,
+    or by a client gone), so that asyncio does not log it as never retrieved."""
     if not future.cancelled():
         future.exception()
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and (error := future.exception()) is not None:
-        log.error("background warm-up failed", exc_info=error)
+        log.error("background work failed (warm-up or memory trim)", exc_info=error)
 
 
 def _run_batch(

@@ -415,9 +415,9 @@ HEALTH_WORST_S = 0.1
 EVERY_PROBE = ("8 one big batch answer",)
 
 
-def report(outcomes: list[Outcome], shutdown_s: float | None, left: list[int]) -> str:
+def report(title: str, outcomes: list[Outcome], shutdown_s: float | None, left: list[int]) -> str:
     lines = [
-        f"# make chaos: deployment settings, {LIMIT_BYTES >> 20} MiB limit",
+        f"# make {title}: deployment settings, {LIMIT_BYTES >> 20} MiB limit",
         "",
         "| attack | peak MiB | /healthz worst / p99 ms | statuses | normal fit after | result |",
         "|---|---|---|---|---|---|",
@@ -438,16 +438,24 @@ def report(outcomes: list[Outcome], shutdown_s: float | None, left: list[int]) -
     return "\n".join(lines)
 
 
-async def main(only: str | None) -> int:
+async def run_all(
+    title: str,
+    attacks: list[tuple[str, Callable[[Server, Outcome], Awaitable[None]]]],
+    only: str | None,
+    every_probe: Callable[[str], bool],
+) -> int:
+    """Run ``attacks`` (those whose name contains ``only``) against one server with the
+    deployment's settings, each held to /healthz under 100 ms at p100 where ``every_probe``
+    says so; then SIGTERM, and no process may be left. Prints the report; the exit status."""
     outcomes = []
     shutdown_s: float | None = None
     with serve(**DEPLOYMENT) as server:
         server.wait_warm()
-        for name, attack in ATTACKS:
+        for name, attack in attacks:
             if only and only not in name:
                 continue
             outcome = await run_attack(server, name, attack)
-            if name in EVERY_PROBE:
+            if every_probe(name):
                 outcome.check(
                     outcome.health_worst_s < HEALTH_WORST_S,
                     f"/healthz took {1000 * outcome.health_worst_s:.0f} ms",
@@ -464,13 +472,24 @@ async def main(only: str | None) -> int:
             shutdown_s = None
         mark = server.mark
     left = marked_processes(mark)
-    print(report(outcomes, shutdown_s, left))
+    print(report(title, outcomes, shutdown_s, left))
     ok = all(o.passed for o in outcomes) and shutdown_s is not None and not left
-    print("\nchaos:", "PASSED" if ok else "FAILED")
+    print(f"\n{title}:", "PASSED" if ok else "FAILED")
     return 0 if ok else 1
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
+def cli(
+    title: str,
+    attacks: list[tuple[str, Callable[[Server, Outcome], Awaitable[None]]]],
+    every_probe: Callable[[str], bool],
+    description: str | None,
+) -> None:
+    """``python -m tests.<module> [--only NAME]``."""
+    parser = argparse.ArgumentParser(prog=f"make {title}", description=description)
     parser.add_argument("--only", help="run the attacks whose name contains this")
-    sys.exit(asyncio.run(main(parser.parse_args().only)))
+    only = parser.parse_args().only
+    sys.exit(asyncio.run(run_all(title, attacks, only, every_probe)))
+
+
+if __name__ == "__main__":
+    cli("chaos", ATTACKS, lambda name: name in EVERY_PROBE, __doc__)

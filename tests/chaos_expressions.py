@@ -11,14 +11,12 @@ Bounded: each attack has its own time limit; the run takes a few minutes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,15 +24,13 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tests.chaos import DEPLOYMENT, Outcome, pss_bytes, record, report, run_attack
-from tests.server import Server, marked_processes, named_processes, serve
+from tests.chaos import SMALL_FIT, Outcome, cli, pss_bytes, record
+from tests.server import Server, marked_processes, named_processes
 
 FIT = "/v1/fits/expression"
 #: What an answer may take beyond its deadline: the deadline is checked between compiled
 #: chunks and the answer serialized after it.
 MARGIN_S = 0.75
-HEALTH_WORST_S = 0.1
-SMALL_FIT = {"x": [0.0, 1.0, 2.0, 3.0], "y": [1.0, 3.1, 4.9, 7.2]}
 MIB = 1 << 20
 #: What the allocator may keep beyond what the budget counts (fragmentation).
 SLACK_BYTES = 96 * MIB
@@ -352,31 +348,5 @@ ATTACKS: list[tuple[str, Callable[[Server, Outcome], Awaitable[None]]]] = [
 ]
 
 
-async def main(only: str | None) -> int:
-    outcomes = []
-    with serve(**DEPLOYMENT) as server:
-        server.wait_warm()
-        for name, attack in ATTACKS:
-            if only and only not in name:
-                continue
-            outcome = await run_attack(server, name, attack)
-            outcome.check(
-                outcome.health_worst_s < HEALTH_WORST_S,
-                f"/healthz took {1000 * outcome.health_worst_s:.0f} ms",
-            )
-            outcomes.append(outcome)
-            verdict = "pass" if outcome.passed else f"FAIL {outcome.failures}"
-            print(f"{name}: {verdict}", file=sys.stderr, flush=True)
-        mark = server.mark
-    left = marked_processes(mark)
-    text = report(outcomes, 0.0, left).replace("# make chaos:", "# make chaos-expressions:")
-    print(text.split("\nSIGTERM")[0] + f"\nprocesses left behind: {left or 'none'}")
-    ok = all(o.passed for o in outcomes) and not left
-    print("\nchaos-expressions:", "PASSED" if ok else "FAILED")
-    return 0 if ok else 1
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m tests.chaos_expressions", description=__doc__)
-    parser.add_argument("--only", help="run the attacks whose name contains this")
-    sys.exit(asyncio.run(main(parser.parse_args().only)))
+    cli("chaos-expressions", ATTACKS, lambda name: True, __doc__)

@@ -34,6 +34,15 @@ def exported() -> Iterator[InMemorySpanExporter]:
 
 
 def test_no_exporter_asked_for_means_no_tracing() -> None:
+    """Off costs nothing: no middleware, and every span a null context."""
+    from service.api.observe import ObservedRequests, TracedRequests
+    from service.app import create_app
+
+    middleware = {
+        getattr(m.cls, "__name__", None) for m in create_app(app_settings()).user_middleware
+    }
+    assert ObservedRequests.__name__ in middleware  # (the list is read right)
+    assert TracedRequests.__name__ not in middleware
     assert not tracing.wanted({})
     assert tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
     assert tracing.wanted({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})

@@ -74,6 +74,19 @@ class HttpMetrics:
         series[1].observe(seconds)
 
 
+class StatusNoted:
+    """``send``, noting the response's status as it passes (500 until one is sent)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 500
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class ObservedRequests:
     """Times each HTTP request once: one JSON access line (``service.access``, with the
     request id) and the request metrics."""
@@ -88,17 +101,11 @@ class ObservedRequests:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        noted = StatusNoted(send)
         try:
-            await self.app(scope, receive, send_and_record)
+            await self.app(scope, receive, noted)
         finally:
+            status = noted.status
             seconds = time.perf_counter() - start
             self.metrics.record(scope, status, seconds)
             if self.log.isEnabledFor(logging.INFO):
@@ -146,16 +153,9 @@ class TracedRequests:
             if request_id is not None:
                 span.set_attribute(tracing.REQUEST_ID, request_id)
                 token = context.attach(tracing.with_request_id(request_id))  # for the spans below
-            status = 500
-
-            async def send_and_note(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
-
+            noted = StatusNoted(send)
             try:
-                await self.app(scope, receive, send_and_note)
+                await self.app(scope, receive, noted)
             finally:
                 if token is not None:
                     context.detach(token)
@@ -163,4 +163,4 @@ class TracedRequests:
                 if isinstance(route, str):
                     span.update_name(f"{method} {route}")
                     span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
+                span.set_attribute("http.response.status_code", noted.status)

@@ -36,6 +36,7 @@ from service.fitting import catalog
 from service.fitting.expression import (
     CONSTANTS,
     FUNCTIONS,
+    MIB,
     CompileCost,
     Expression,
     ExpressionError,
@@ -639,15 +640,15 @@ def _expression_plan(
                     "expression_too_complex",
                     "parameters x nodes = {k} x {nodes} = {complexity} exceeds {limit} "
                     "(TAPEFIT_MAX_EXPRESSION_COMPLEXITY): compiling its fit would take about "
-                    "{seconds:.0f} s and {mib:.0f} MiB; write it with fewer parameters or "
-                    "fewer operations",
+                    "{seconds} s and {mib} MiB; write it with fewer parameters or fewer "
+                    "operations",
                     {
                         "k": len(names),
                         "nodes": expression.complexity // len(names),
                         "complexity": expression.complexity,
                         "limit": limit,
-                        "seconds": CompileCost.seconds(expression),
-                        "mib": CompileCost.peak_bytes(expression) / 2**20,
+                        "seconds": round(CompileCost.seconds(expression)),
+                        "mib": round(CompileCost.peak_bytes(expression) / MIB),
                     },
                 ),
             )

@@ -18,6 +18,7 @@ from service.api.errors import BodyTimeout, ClientDisconnected, UnsupportedMedia
 from service.api.parsing import BINARY_MEDIA_TYPES, Invalid, Parsed
 from service.api.schemas import limits_context
 from service.settings import Settings
+from service.worker import read_outcome
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
@@ -157,13 +158,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             # Cancelling only asks: the task is not done yet, so its result is not read here
             # (that raised InvalidStateError, a 500); whatever it ends with is collected.
             task.cancel()
-            task.add_done_callback(_collect)
+            task.add_done_callback(read_outcome)
     if not task.done() or task.cancelled():
         raise ClientDisconnected
     return task.result()
-
-
-def _collect(task: asyncio.Future[Any]) -> None:
-    """Read an abandoned task's outcome, so that asyncio logs no 'never retrieved'."""
-    if not task.cancelled():
-        task.exception()

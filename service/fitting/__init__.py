@@ -15,8 +15,9 @@ from service.fitting.options import ModelName, Reduction, StopReason
 #: TensorFlow's oneDNN kernels, off before TensorFlow loads (read once, at its first op). They
 #: serve float32 work; every fit here is float64, and their primitive cache kept ~800 MiB
 #: after one 1e6-point expression fit, never given back (measured: RSS +945 MiB with them,
-#: +153 MiB without, after the fit and malloc_trim), with no change in any fit's time
-#: (docs/performance.md). An operator's own setting wins.
+#: +153 MiB without, after the fit and malloc_trim). Fit times side by side: unchanged for
+#: the small fits, the expressions and Newton; 10-20% slower for a 1e5-point line, whose
+#: moments are one graph call (docs/performance.md). An operator's own setting wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 if TYPE_CHECKING:

@@ -335,6 +335,11 @@ def evaluate(node: Node, params: Sequence[Any], variables: Sequence[Any], ops: O
     return ops.functions[node.function](evaluate(node.argument, params, variables, ops))
 
 
+#: What compiled expressions may keep, at most (estimated by :class:`CompileCost`; the
+#: default of ``TAPEFIT_EXPRESSION_CACHE_BYTES``).
+CACHE_BYTES = 128 * MIB
+
+
 class CompileCost:
     """What compiling an expression's loops costs, from its :attr:`Expression.complexity`
     (parameters x nodes). Measured here (AMD EPYC, 2 cores; docs/expressions.md, "Compile
@@ -380,4 +385,12 @@ class CompileCost:
         return cls.GRAPH_KEPT_PER_UNIT * expression.complexity + cls.GRAPH_KEPT_PER_POINT * size
 
 
-__all__ = ["CompileCost", "Expression", "ExpressionError", "Operations", "evaluate", "parse"]
+__all__ = [
+    "CACHE_BYTES",
+    "CompileCost",
+    "Expression",
+    "ExpressionError",
+    "Operations",
+    "evaluate",
+    "parse",
+]

@@ -29,11 +29,10 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
-from service.fitting.expression import Expression
+from service.fitting.expression import CACHE_BYTES, Expression
 from service.fitting.layout import Layout
 from service.fitting.models import BUILT_IN, Loss, ModelSpec
 from service.fitting.models.expression import (
-    CACHE_BYTES,
     CACHE_SIZE,
     ExpressionModels,
     by_position,

@@ -110,7 +110,7 @@ class ModelSpec:
     residual_sum: ResidualSum | None = None
     #: Whether the loops are XLA-compiled (fastest per call; XLA keeps what it compiled for
     #: the life of the process) or run as plain graphs (compile faster, in less memory, and
-    #: give it back when dropped): see :class:`~service.fitting.models.expression.CompileCost`.
+    #: give it back when dropped): see :class:`~service.fitting.expression.CompileCost`.
     xla: bool = True
 
     def __post_init__(self) -> None:

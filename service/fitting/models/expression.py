@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from service.fitting.expression import MIB, CompileCost, Expression, Operations, evaluate
+from service.fitting.expression import (
+    CACHE_BYTES,
+    CompileCost,
+    Expression,
+    Operations,
+    evaluate,
+)
 from service.fitting.layout import Layout
 from service.fitting.losses import LOG_2PI
 from service.fitting.models import ModelSpec
@@ -45,8 +51,6 @@ Array = np.ndarray[Any, np.dtype[Any]]
 MIN_BUCKET = 32
 #: Compiled expressions kept, at most (and within their memory: :class:`ExpressionModels`).
 CACHE_SIZE = 64
-#: What compiled expressions may keep, at most (estimated by :class:`CompileCost`).
-CACHE_BYTES = 256 * MIB
 
 
 TENSORFLOW = Operations(
