@@ -568,7 +568,10 @@ class FitWorker:
             )
         expression = job.options["expression"]
         charge = self.admission.open()
-        charge.charge_bytes(CompileCost.peak_bytes(expression))
+        # Less the plain graphs the new spec evicts before it compiles: one held beyond
+        # TAPEFIT_EXPRESSION_CACHE_BYTES (the newest alone may be) must not refuse the next.
+        freed = engine.expressions.freed_by(expression, job.data[0].size)
+        charge.charge_bytes(max(0.0, CompileCost.peak_bytes(expression) - freed))
         loop = asyncio.get_running_loop()
         running = self._compile_pool.submit(
             self._run_compiling, engine, job, should_stop, progress, trace

@@ -19,7 +19,7 @@ import pytest
 from service.admission import Admission, fit_cost
 from service.fitting import FitEngine
 from service.fitting.expression import CompileCost, parse
-from service.fitting.models.expression import ExpressionModels
+from service.fitting.models.expression import ExpressionModels, compile_key
 from service.fitting.options import Optimizer, Stopping
 from tests.conftest import app_settings, running_app
 
@@ -96,6 +96,31 @@ def test_compiled_expressions_keep_bounded_memory_and_xla_only_within_half() -> 
     assert evicted[0] == specs[0].name and len(evicted) == 6 - 3
     assert cache.bytes == pytest.approx(xla_each + 3 * graph_each)
     assert cache.peek(expressions[-1], 50) is specs[-1]
+
+
+def test_a_compile_is_charged_less_the_plain_graphs_it_evicts() -> None:
+    """The newest spec stays even when it alone is over the bound; the next new spec evicts
+    it before compiling, so :meth:`ExpressionModels.freed_by` (what a compile's charge is
+    reduced by) is its bytes. Counted as kept for good, a 12-parameter model held alone got
+    the next compile refused 413 (make chaos-expressions, E2)."""
+    small = parse("a*exp(-b*x)", ("x",), ("a", "b"))
+    names = tuple(f"p{i}" for i in range(12))
+    text = " + ".join(f"p{2 * i}*exp(-p{2 * i + 1}*x)" for i in range(6))
+    large = parse(text, ("x",), names)
+    evicted: list[str] = []
+    bound = 2 * CompileCost.kept_bytes(small, 64, xla=True)
+    cache = ExpressionModels(evicted.append, size=64, max_bytes=bound)
+    assert cache.spec(small, 50).xla
+    big = cache.spec(large, 50)
+    held = CompileCost.kept_bytes(large, 64, xla=False)
+    assert not big.xla and cache.bytes == pytest.approx(bound / 2 + held)
+    assert cache.bytes > bound
+    assert cache.freed_by(large, 50) == 0.0  # made already: nothing to compile or evict
+    assert cache.freed_by(small, 1000) == pytest.approx(held)
+    assert evicted == [compile_key(small, 50)]  # freed_by changed nothing
+    cache.spec(small, 1000)
+    assert evicted[-1] == big.name
+    assert cache.bytes == pytest.approx(bound / 2 + CompileCost.kept_bytes(small, 1024, xla=False))
 
 
 @pytest.mark.parametrize("scale", ["unit", "thousands"])

@@ -367,29 +367,50 @@ class ExpressionModels:
         the same model under other names."""
         size = bucket(n)
         key = _key(expression, size)
-        evicted: list[str] = []
         with self._lock:
             spec = self._specs.get(key)
-            if spec is None:
-                xla_kept = CompileCost.kept_bytes(expression, size, xla=True)
-                xla = self.xla_bytes + xla_kept <= self.max_bytes / 2
-                spec = expression_spec(positional(expression), size, xla=xla)
-                if xla:
-                    self.xla_bytes += xla_kept
-                else:
-                    self._kept[key] = CompileCost.kept_bytes(expression, size, xla=False)
-                self._specs[key] = spec
-                while len(self._specs) > 1 and (
-                    len(self._specs) > self._size or self.bytes > self.max_bytes
-                ):
-                    name = self._specs.popitem(last=False)[0]
-                    self._kept.pop(name, None)
-                    evicted.append(name)
-            else:
+            if spec is not None:
                 self._specs.move_to_end(key)
+                return spec
+            xla, kept, evicted = self._plan(expression, size)
+            spec = expression_spec(positional(expression), size, xla=xla)
+            if xla:
+                self.xla_bytes += kept
+            else:
+                self._kept[key] = kept
+            self._specs[key] = spec
+            for name in evicted:
+                del self._specs[name]
+                self._kept.pop(name, None)
         for name in evicted:
             self._on_evict(name)
         return spec
+
+    def freed_by(self, expression: Expression, n: int) -> float:
+        """Memory that adding the spec for ``n`` points would give back: the plain graphs
+        it would evict (a compile's charge is its peak less this; changes nothing)."""
+        with self._lock:
+            if _key(expression, bucket(n)) in self._specs:
+                return 0.0
+            evicted = self._plan(expression, bucket(n))[2]
+            return sum(self._kept.get(name, 0.0) for name in evicted)
+
+    def _plan(self, expression: Expression, size: int) -> tuple[bool, float, list[str]]:
+        """For a new spec (under the lock): whether it is XLA-compiled, what it keeps, and
+        the specs it evicts (the least recent first) to stay within the size and bytes."""
+        xla_kept = CompileCost.kept_bytes(expression, size, xla=True)
+        xla = self.xla_bytes + xla_kept <= self.max_bytes / 2
+        kept = xla_kept if xla else CompileCost.kept_bytes(expression, size, xla=False)
+        count = len(self._specs) + 1
+        total = self.bytes + (0.0 if xla else kept)
+        evicted: list[str] = []
+        for name in self._specs:  # the least recent first; the new spec always stays
+            if count <= self._size and total <= self.max_bytes:
+                break
+            evicted.append(name)
+            count -= 1
+            total -= self._kept.get(name, 0.0)
+        return xla, kept, evicted
 
 
 def compile_key(expression: Expression, n: int) -> str:
