@@ -170,7 +170,7 @@ def _pack(layout: Layout, parts: Mapping[str, Any]) -> Any:
 
 #: How a chunk ended: still running, non-finite, or the stopping rule that fired.
 RUNNING, NON_FINITE, LOSS_TOLERANCE, GRADIENT_TOLERANCE, STEP_TOLERANCE = 0, 1, 2, 3, 4
-_STOPS: dict[int, StopReason] = {
+STOPS: dict[int, StopReason] = {
     LOSS_TOLERANCE: "loss_tolerance",
     GRADIENT_TOLERANCE: "gradient_tolerance",
     STEP_TOLERANCE: "step_tolerance",
@@ -272,7 +272,7 @@ def _compile_chunk(
                 new_p = p - alpha * first / (tf.sqrt(second) + c.epsilon)
             elif optimizer == LEVENBERG_MARQUARDT:
                 assert residuals_fn is not None
-                new_p, damping, growth, scale, final = _levenberg_marquardt(
+                new_p, damping, growth, scale, final = levenberg_marquardt(
                     residuals_fn, summary, p, damping, growth, scale, project_fn
                 )
                 stop = tf.where((stop == RUNNING) & final, STEP_TOLERANCE, stop)
@@ -382,7 +382,7 @@ MAX_DAMPING = 1e16
 LM_XTOL = 1e-15
 
 
-def _levenberg_marquardt(
+def levenberg_marquardt(
     residuals_fn: Loss,
     summary: Any,
     p: Any,
@@ -390,6 +390,7 @@ def _levenberg_marquardt(
     growth: Any,
     scale: Any,
     project_fn: Loss | None = None,
+    normal: bool = False,
 ) -> tuple[Any, Any, Any, Any, Any]:
     """One Levenberg-Marquardt iteration from ``p``: the new parameters (``p`` if the trial
     step did not lower the sum of squares), the new damping and growth factor, and whether
@@ -406,34 +407,54 @@ def _levenberg_marquardt(
     otherwise λ ← λ·nu and nu ← 2·nu. Done: a taken step within LM_XTOL of the parameters'
     size, or λ past MAX_DAMPING (no step lowers the sum of squares in float64: the optimum
     to rounding).
+
+    Written for one set (``p`` [k], scalar damping) and for every set of a batch at once
+    (``p`` [B, k], damping [B]) alike: each row takes its own step.
     """
     r, jacobian = residuals_and_jacobian(residuals_fn, p, summary)
-    k = p.shape[0]
-    scale = tf.maximum(scale, tf.reduce_sum(jacobian * jacobian, axis=0))
-    floored = tf.maximum(scale, 1e-30 * tf.reduce_max(scale) + 1e-300)
-    augmented = tf.concat([jacobian, tf.linalg.diag(tf.sqrt(damping * floored))], axis=0)
-    rhs = tf.concat([-r, tf.zeros([k], tf.float64)], axis=0)
-    q, upper = tf.linalg.qr(augmented)
-    qt_rhs = tf.matmul(q, rhs[:, None], transpose_a=True)
-    d = tf.linalg.triangular_solve(upper, qt_rhs, lower=False)[:, 0]
+    scale = tf.maximum(scale, tf.reduce_sum(jacobian * jacobian, axis=-2))
+    floored = tf.maximum(scale, 1e-30 * tf.reduce_max(scale, axis=-1, keepdims=True) + 1e-300)
+    if normal:
+        # (ĴᵀĴ + λ·I)·e = -Ĵᵀr with Ĵ = J·D⁻¹ and d = D⁻¹·e, by Cholesky: the columns
+        # scaled to unit size first, so the square of J's condition number is only that of
+        # its shape, not of its parameters' units.
+        inverse = tf.math.rsqrt(floored)
+        scaled = jacobian * inverse[..., None, :]
+        k = p.shape[-1]
+        lhs = tf.linalg.matmul(scaled, scaled, transpose_a=True)
+        lhs += tf.linalg.diag(damping[..., None] * tf.ones_like(p)) + 1e-300 * tf.eye(
+            k, dtype=p.dtype
+        )
+        rhs_n = -tf.linalg.matvec(scaled, r, transpose_a=True)
+        e = tf.linalg.cholesky_solve(tf.linalg.cholesky(lhs), rhs_n[..., None])[..., 0]
+        d = e * inverse
+    else:
+        diagonal = tf.linalg.diag(tf.sqrt(damping[..., None] * floored))
+        augmented = tf.concat([jacobian, diagonal], axis=-2)
+        rhs = tf.concat([-r, tf.zeros_like(p)], axis=-1)
+        q, upper = tf.linalg.qr(augmented)
+        qt_rhs = tf.linalg.matvec(q, rhs, transpose_a=True)
+        d = tf.linalg.triangular_solve(upper, qt_rhs[..., None], lower=False)[..., 0]
     trial = p + d if project_fn is None else project_fn(p + d, summary)
     d = trial - p
-    rss = tf.reduce_sum(r * r)
+    rss = tf.reduce_sum(r * r, axis=-1)
     predicted = r + tf.linalg.matvec(jacobian, d)
-    predicted_decrease = rss - tf.reduce_sum(predicted * predicted)
+    predicted_decrease = rss - tf.reduce_sum(predicted * predicted, axis=-1)
     r_trial = residuals_fn(trial, summary)
-    rss_trial = tf.reduce_sum(r_trial * r_trial)
+    rss_trial = tf.reduce_sum(r_trial * r_trial, axis=-1)
     ratio = (rss - rss_trial) / tf.maximum(predicted_decrease, 1e-300)
     better = (
-        tf.math.is_finite(rss_trial) & (rss_trial < rss) & tf.reduce_all(tf.math.is_finite(trial))
+        tf.math.is_finite(rss_trial)
+        & (rss_trial < rss)
+        & tf.reduce_all(tf.math.is_finite(trial), axis=-1)
     )
     one = tf.constant(1.0, tf.float64)
     shrink = tf.maximum(one / 3.0, one - (2.0 * ratio - 1.0) ** 3)
     new_damping = tf.where(better, tf.maximum(damping * shrink, MIN_DAMPING), damping * growth)
     new_growth = tf.where(better, 2.0 * one, 2.0 * growth)
-    small = tf.norm(d) <= LM_XTOL * (tf.norm(p) + LM_XTOL)
+    small = tf.norm(d, axis=-1) <= LM_XTOL * (tf.norm(p, axis=-1) + LM_XTOL)
     done = (better & small) | (new_damping > MAX_DAMPING)
-    return tf.where(better, trial, p), new_damping, new_growth, scale, done
+    return tf.where(better[..., None], trial, p), new_damping, new_growth, scale, done
 
 
 #: One compiled loop per (update rule, stopping rules on?).
@@ -486,6 +507,8 @@ class FitEngine:
         self._summaries: dict[str, Callable[..., Any]] = {}
         self._loops_lock = threading.Lock()  # held briefly: never while tracing
         self._tracing: dict[Any, threading.Lock] = {}
+        #: Loops over many data sets (:mod:`service.fitting.sets`), by (model, rows, ...).
+        self.set_loops: dict[tuple[Any, ...], Any] = {}
         for spec in models.values():
             self.register(spec)
         #: Expressions: a spec per expression and size bucket, the least recent evicted.
@@ -523,6 +546,8 @@ class FitEngine:
             for key in [key for key in self._loop_fns if key[0] == name]:
                 del self._loop_fns[key]
                 self._loops.pop(key, None)
+            for key in [key for key in self.set_loops if key[0] == name]:
+                del self.set_loops[key]
 
     def spec(self, model: str | ModelSpec) -> ModelSpec:
         if isinstance(model, ModelSpec):
@@ -626,45 +651,23 @@ class FitEngine:
         else:
             spec = self.spec(model)
         model_options = spec.model_options(options)
-        arrays = _arrays(spec, data)
-        n = arrays[0].size
-        ws = _weights(weights, n)
-        moments = self._moments(spec, ws, arrays)
-        total = np.asarray(n if ws is None else ws.sum(), dtype=np.float64)
-        summary = spec.complete(moments, total, model_options)
-        _check(spec, summary)
-        fit_summary, coords = fit_coordinates(scaling, summary, spec.standardize)
-        if initial is not None:
-            given = _initial(spec, initial)
-            seed, start = None, coords.to_fit(given)  # nothing random: no seed to report
-        else:
-            seed = (_fresh_seed() if seed is None else seed) if spec.random_start else None
-            start = spec.start(summary[None, :], scaling, [seed])[0]
-        _check(spec, fit_summary, start)
+        data_set, start, seed = prepare(
+            spec, data, weights, model_options, initial, scaling, seed, self._moments
+        )
         per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
         plan = _Plan(
             loop=self._loop(spec, (optimizer.name, stopping.enabled)),
-            controls=_controls(learning_rate, min(per_call, epochs), optimizer, stopping),
+            controls=loop_controls(learning_rate, min(per_call, epochs), optimizer, stopping),
             epochs=epochs,
             k=spec.k,
-            coords=coords,
+            coords=data_set.coords,
             should_stop=should_stop,
             on_progress=on_progress,
             progress_every=progress_every,
             advice=FitDiverged.SELF_STEPPING if optimizer.name == LEVENBERG_MARQUARDT else None,
         )
-        run = plan.run(fit_summary, start)
-        at = AtFit.of(run.curvature, run.params, coords)
-        residual = spec.residual_sum
-        if residual is not None and residual.cancels(summary):
-            fitted = spec.report(coords.from_fit(run.params))
-            if math.isfinite(rss := residual.rss(summary, fitted, arrays, ws)):
-                model_options["rss"] = rss
-        with quiet():  # what overflows float64 is reported as null
-            stats = spec.stats(at, summary, weight_summary(ws, n), model_options)
-        result = _result(spec, run, at, stats, stopping, scaling, history_every, seed)
-        if "rss" in model_options:  # the loss from the residuals
-            result = replace(result, final_loss=model_options["rss"] / float(total))
+        run = plan.run(data_set.fit_summary, start)
+        result = finish(spec, run, data_set, model_options, stopping, scaling, history_every, seed)
         return result if expression is None else named(expression, result)
 
     def warm_up(self, small: bool = True, large: bool = True, variants: bool = True) -> None:
@@ -721,7 +724,7 @@ class _Plan:
     #: What a divergence message advises (None: lower the learning rate).
     advice: str | None = None
 
-    def run(self, summary: Array, start: Numbers) -> _Run:
+    def run(self, summary: Array, start: Numbers) -> Run:
         """Run chunks from ``start`` (fit coordinates) until ``epochs`` or a stop, checking
         each chunk's outcome."""
         controls, epochs = self.controls, self.epochs
@@ -730,7 +733,7 @@ class _Plan:
         every = self.progress_every or epochs
         should_stop = self.should_stop
         k = self.k
-        inputs = np.concatenate([summary, _initial_state(start), controls])
+        inputs = np.concatenate([summary, initial_state(start), controls])
         state_at = slice(summary.size, summary.size + state_layout(k).size)
         steps_at = summary.size + state_layout(k).size + Controls._fields.index("steps")
         chunk = _Chunk(self.loop(_vector(inputs)), k)
@@ -744,7 +747,7 @@ class _Plan:
                 )
             pieces.append(chunk.history)
             done_total += chunk.done
-            rule = _STOPS.get(chunk.status)
+            rule = STOPS.get(chunk.status)
             if rule is not None:
                 stop = rule
             ending = rule is not None or done_total >= epochs
@@ -763,11 +766,82 @@ class _Plan:
         history = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         if history.size:
             check_descended(history, final_loss, learning_rate, self.coords)
-        return _Run(chunk.params, history, final_loss, done_total, stop, chunk.curvature)
+        return Run(chunk.params, history, final_loss, done_total, stop, chunk.curvature)
 
 
 @dataclass(frozen=True, slots=True)
-class _Run:
+class DataSet:
+    """One data set as a fit takes it: its arrays, weights (or None), summary (caller's
+    units), fit coordinates and the summary in them."""
+
+    arrays: list[Array]
+    weights: Array | None
+    summary: Array
+    coords: Coordinates
+    fit_summary: Array
+
+
+def prepare(
+    spec: ModelSpec,
+    data: tuple[npt.ArrayLike, ...],
+    weights: npt.ArrayLike | None,
+    model_options: Mapping[str, Any],
+    initial: npt.ArrayLike | None,
+    scaling: Scaling,
+    seed: int | None = None,
+    moments: Callable[[ModelSpec, Array | None, list[Array]], Array] | None = None,
+) -> tuple[DataSet, Numbers, int | None]:
+    """One data set made ready to fit (checked: :class:`DegenerateData` if it cannot be),
+    its start in fit coordinates and the seed of a random start (None: nothing random).
+    ``moments`` computes the data's moments (default: the spec's numpy function)."""
+    arrays = _arrays(spec, data)
+    n = arrays[0].size
+    ws = _weights(weights, n)
+    m = spec.moments(*arrays, ws) if moments is None else moments(spec, ws, arrays)
+    total = np.asarray(n if ws is None else ws.sum(), dtype=np.float64)
+    summary = spec.complete(m, total, model_options)
+    _check(spec, summary)
+    fit_summary, coords = fit_coordinates(scaling, summary, spec.standardize)
+    if initial is not None:
+        given = _initial(spec, initial)
+        seed, start = None, coords.to_fit(given)  # nothing random: no seed to report
+    else:
+        seed = (_fresh_seed() if seed is None else seed) if spec.random_start else None
+        start = tuple(spec.start(summary[None, :], scaling, [seed])[0].tolist())
+    _check(spec, fit_summary, start)
+    return DataSet(arrays, ws, summary, coords, fit_summary), start, seed
+
+
+def finish(
+    spec: ModelSpec,
+    run: Run,
+    data: DataSet,
+    model_options: dict[str, Any],
+    stopping: Stopping,
+    scaling: Scaling,
+    history_every: int,
+    seed: int | None,
+) -> FitResult:
+    """The result of a run on one data set: its statistics where it ended, in the caller's
+    units (a single fit's and each set's of a batch alike)."""
+    coords, summary, n = data.coords, data.summary, data.arrays[0].size
+    at = AtFit.of(run.curvature, run.params, coords)
+    residual = spec.residual_sum
+    if residual is not None and residual.cancels(summary):
+        fitted = spec.report(coords.from_fit(run.params))
+        if math.isfinite(rss := residual.rss(summary, fitted, data.arrays, data.weights)):
+            model_options = model_options | {"rss": rss}
+    with quiet():  # what overflows float64 is reported as null
+        stats = spec.stats(at, summary, weight_summary(data.weights, n), model_options)
+    result = fit_result(spec, run, at, stats, stopping, scaling, history_every, seed)
+    if "rss" in model_options:  # the loss from the residuals
+        total = n if data.weights is None else float(data.weights.sum())
+        result = replace(result, final_loss=model_options["rss"] / float(total))
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
     """What the driver reached, in fit coordinates: parameters, full loss history, final
     loss, updates, why it stopped, and the loss, gradient and Hessian at the parameters."""
 
@@ -779,9 +853,9 @@ class _Run:
     curvature: Array
 
 
-def _result(
+def fit_result(
     spec: ModelSpec,
-    run: _Run,
+    run: Run,
     at: AtFit,
     stats: FitStats,
     stopping: Stopping,
@@ -880,7 +954,7 @@ class _Chunk:
         self.history = parts["history"][: self.done].copy()
 
 
-def _controls(
+def loop_controls(
     learning_rate: float, steps: int, optimizer: Optimizer, stopping: Stopping
 ) -> Controls:
     def disabled_if_none(value: float | None) -> float:
@@ -898,7 +972,7 @@ def _controls(
     )
 
 
-def _initial_state(params: Numbers) -> Array:
+def initial_state(params: Numbers) -> Array:
     """Parameters, empty optimizer slots, step 0, best loss +inf, no stall, the initial
     damping."""
     k = len(params)

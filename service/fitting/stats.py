@@ -72,19 +72,21 @@ def curvature(loss_fn: Callable[[Any, Any], Any], params: Any, summary: Any) -> 
 def residuals_and_jacobian(
     residuals_fn: Callable[[Any, Any], Any], p: Any, summary: Any
 ) -> tuple[Any, Any]:
-    """The residuals at ``p`` ([n]) and their exact Jacobian ([n, k]) by forward mode: one
+    """The residuals at ``p`` ([n]; [B, n] for a batch [B, k]) and their exact Jacobian
+    ([n, k]; [B, n, k]) by forward mode: one
     Jacobian-vector product per parameter (``tf.autodiff.ForwardAccumulator``), O(n·k). The
     reverse-mode Jacobian (``GradientTape.jacobian``) vectorizes one backward pass per
     residual, O(n²): 133 ms against ~10 ms for a cached ENSO fit (n = 168, k = 9), ~1 ms an
     iteration at n = 1,000. (Vectorizing the k products with ``tf.vectorized_map`` ran slower
     here, compiled slower, and held the GIL for a quarter second more while tracing.)"""
-    k = p.shape[0]
+    k = p.shape[-1]
     columns = []
-    for j in range(k):
-        with tf.autodiff.ForwardAccumulator(p, tf.one_hot(j, k, dtype=p.dtype)) as accumulator:
+    for j in range(k):  # of one set ([k]) or of every set at once ([B, k] -> [B, n, k])
+        tangent = tf.zeros_like(p) + tf.one_hot(j, k, dtype=p.dtype)
+        with tf.autodiff.ForwardAccumulator(p, tangent) as accumulator:
             r = residuals_fn(p, summary)
         columns.append(accumulator.jvp(r, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-    return r, tf.stack(columns, axis=1)
+    return r, tf.stack(columns, axis=-1)
 
 
 def curvature_rows(losses_fn: Callable[[Any, Any], Any], params: Any, summary: Any) -> Any:

@@ -93,6 +93,15 @@ class ModelSpec:
     standardize_sets: StandardizeSets | None = None
     #: Batches: ``stats`` of every (unweighted) set at once, as arrays.
     stats_of_sets: Callable[[SetsAtFit, Array, Mapping[str, Any]], SetStats] | None = None
+    #: ``stats`` of many fits at once (where each ended, the summaries [B, S], their
+    #: weight summaries and model options), each as ``stats`` gives it (None: one by one).
+    stats_of_rows: (
+        Callable[
+            [Sequence[AtFit], Array, Sequence[WeightSummary], Sequence[Mapping[str, Any]]],
+            list[FitStats],
+        ]
+        | None
+    ) = None
     #: Parameters in the caller's units -> as reported (e.g. a std's sign dropped).
     report: Callable[[Vector], Vector] = lambda p: p
     #: Options the model takes beyond the training options (e.g. the Gaussian's reduction),

@@ -132,18 +132,20 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
     layout = Layout.of(x=v * size, y=size, w=size, total=None, lower=k, upper=k)
     tree = expression.tree
 
+    # Written for one set (parameters [k], summary [S]) and for a batch ([B, k], [B, S]).
     def predict(p: Any, summary: Any) -> Any:
-        x = tf.reshape(layout.read(summary, "x"), [v, size])
-        value = evaluate(tree, [p[i] for i in range(k)], [x[j] for j in range(v)], TENSORFLOW)
-        return value + tf.zeros([size], tf.float64)  # a constant model broadcasts
+        x = layout.columns(summary)["x"]
+        xs = [x[..., j * size : (j + 1) * size] for j in range(v)]
+        value = evaluate(tree, [p[..., i : i + 1] for i in range(k)], xs, TENSORFLOW)
+        return value + tf.zeros_like(xs[0])  # a constant model broadcasts
 
     def residuals(p: Any, summary: Any) -> Any:
-        y, w = layout.read(summary, "y"), layout.read(summary, "w")
-        return tf.sqrt(w) * (y - predict(p, summary))
+        columns = layout.columns(summary)
+        return tf.sqrt(columns["w"]) * (columns["y"] - predict(p, summary))
 
     def loss(p: Any, summary: Any) -> Any:
         r = residuals(p, summary)
-        return tf.reduce_sum(r * r) / layout.read(summary, "total")
+        return tf.reduce_sum(r * r, axis=-1) / layout.columns(summary)["total"]
 
     def moments(*data: Any) -> Array:
         *arrays, weights = data
@@ -167,19 +169,29 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
         return np.concatenate([moments, [total], lower, upper])
 
     def project(p: Any, summary: Any) -> Any:
-        lower, upper = layout.read(summary, "lower"), layout.read(summary, "upper")
-        return tf.minimum(tf.maximum(p, lower), upper)
+        columns = layout.columns(summary)
+        return tf.minimum(tf.maximum(p, columns["lower"]), columns["upper"])
 
     def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Array:
         return np.zeros((len(summaries), k))  # expressions always come with a start
 
     jacobian = _jacobian_function(residuals, k, layout.size)
 
+    def stats_rows(
+        fits: Sequence[AtFit],
+        summaries: Array,
+        weights: Sequence[WeightSummary],
+        options: Sequence[Mapping[str, Any]],
+    ) -> list[FitStats]:
+        params = tf.constant(np.array([fit.params for fit in fits]), tf.float64)
+        jacobians = np.asarray(jacobian(params, tf.constant(summaries, tf.float64)).numpy())
+        exact = [given.get("exact") for given in options]
+        return stats_of_rows(expression, layout, size, fits, summaries, weights, exact, jacobians)
+
     def stats(
         fit: AtFit, summary: Array, weights: WeightSummary, options: Mapping[str, Any]
     ) -> FitStats:
-        exact = options.get("exact")
-        return _stats(expression, layout, size, jacobian, fit, summary, weights, exact)
+        return stats_rows([fit], summary[None], [weights], [options])[0]
 
     return ModelSpec(
         name=_key(expression, size),
@@ -197,6 +209,7 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
         start=start,
         random_start=False,
         stats=stats,
+        stats_of_rows=stats_rows,
         dummy=(0.0,) * (layout.size - 2 * k - 1) + (1.0,) + (-math.inf,) * k + (math.inf,) * k,
         dummy_start=(0.0,) * k,
         residuals=residuals,
@@ -217,107 +230,134 @@ def _no_batches(*data: Any) -> Array:
 
 
 def _jacobian_function(residuals: Callable[[Any, Any], Any], k: int, size: int) -> Any:
-    """A graph function: the residuals and their Jacobian at given parameters (traced on the
-    first statistics of its spec; not XLA-compiled, as it runs once per fit)."""
+    """A graph function: the Jacobians of the residuals at given parameters, [B, size, k]
+    (traced on the first statistics of its spec; not XLA-compiled, as it runs once per
+    fit or batch)."""
 
     @tf.function(
-        input_signature=[tf.TensorSpec([k], tf.float64), tf.TensorSpec([size], tf.float64)],
+        input_signature=[
+            tf.TensorSpec([None, k], tf.float64),
+            tf.TensorSpec([None, size], tf.float64),
+        ],
         autograph=False,
     )
-    def jacobian(p: Any, summary: Any) -> Any:
+    def jacobian(p: Any, summary: Any) -> Any:  # of every row at once
         return residuals_and_jacobian(residuals, p, summary)[1]
 
     return jacobian
 
 
-def _stats(
+def stats_of_rows(
     expression: Expression,
     layout: Layout,
     size: int,
-    jacobian_fn: Any,
-    fit: AtFit,
-    summary: Array,
-    weights: WeightSummary,
-    exact: Sequence[Array] | None,
-) -> FitStats:
-    """``exact``: the variables and y read from the request's decimal text in extended
-    precision (float64 data round each value by up to 1.1e-16 relatively, and on a fit as
-    close as Lanczos1's that alone moves the residual sum of squares in its third digit)."""
+    fits: Sequence[AtFit],
+    summaries: Array,
+    weights: Sequence[WeightSummary],
+    exact: Sequence[Sequence[Array] | None],
+    jacobians: Array,
+) -> list[FitStats]:
+    """The statistics of B fits of one spec at once ([B, S] summaries, [B, size, k]
+    Jacobians at the fits), each as its single fit reports them, in NIST's convention.
+    ``exact``: per fit, the variables and y read from the request's decimal text in
+    extended precision, or None (float64 data round each value by up to 1.1e-16
+    relatively, and on a fit as close as Lanczos1's that alone moves the residual sum of
+    squares in its third digit)."""
     names = expression.parameters
-    k, v, n = len(names), len(expression.variables), weights.points
-    used = weights.count
-    if exact is not None:
-        x = np.array(exact[:-1], dtype=np.longdouble).reshape(v, n)
-        y = np.asarray(exact[-1], dtype=np.longdouble)
-    else:
-        x = np.asarray(layout.read(summary, "x"), dtype=np.longdouble).reshape(v, size)[:, :n]
-        y = np.asarray(layout.read(summary, "y")[:n], dtype=np.longdouble)
-    w = np.asarray(layout.read(summary, "w")[:n], dtype=np.longdouble)
-    params = [np.longdouble(p) for p in fit.params]
-    with np.errstate(all="ignore"):
-        predicted = evaluate(expression.tree, params, list(x), LONG)
-        r = np.sqrt(w) * (y - predicted)
-        rss_long = np.sum(r * r)
-        mean = np.sum(w * y) / np.sum(w)
-        tss = float(np.sum(w * (y - mean) ** 2))
-    rss = float(rss_long)
+    k, v, rows = len(names), len(expression.variables), len(fits)
+    columns = layout.columns(summaries)
+    x = np.asarray(columns["x"], dtype=np.longdouble).reshape(rows, v, size)
+    y = np.asarray(columns["y"], dtype=np.longdouble)
+    w = np.asarray(columns["w"], dtype=np.longdouble)
+    for i, given in enumerate(exact):
+        if given is not None:
+            n = weights[i].points
+            x[i, :, :n] = np.array(given[:-1], dtype=np.longdouble).reshape(v, n)
+            y[i, :n] = np.asarray(given[-1], dtype=np.longdouble)
+    params = np.array([fit.params for fit in fits], dtype=np.longdouble)
+    used = np.array([ws.count for ws in weights])
     dof = used - k
-    p_t, s_t = tf.constant(fit.params, tf.float64), tf.constant(summary, tf.float64)
-    jac = np.asarray(jacobian_fn(p_t, s_t).numpy())[:n]
-    sigma2 = float(rss_long / dof) if dof > 0 else math.nan
-    covariance = _covariance(jac, sigma2)
-    std_errors: tuple[float | None, ...] = (None,) * k
-    correlation: tuple[tuple[float | None, ...], ...] = tuple((None,) * k for _ in range(k))
-    cov_out: tuple[tuple[float | None, ...], ...] = correlation
-    if covariance is not None:
-        se = np.sqrt(np.diag(covariance))
-        std_errors = tuple(_finite(s) for s in se)
-        cov_out = tuple(tuple(_finite(c) for c in row) for row in covariance)
-        with np.errstate(all="ignore"):
-            corr = covariance / np.outer(se, se)
-        np.fill_diagonal(corr, 1.0)
-        correlation = tuple(tuple(_finite(c) for c in row) for row in corr)
-    loglik = (
-        -0.5 * used * (LOG_2PI + math.log(rss / used) + 1.0) + 0.5 * weights.log_sum
-        if rss > 0.0 and math.isfinite(rss)
-        else None
-    )
-    at = fit.point
-    step = at.newton_vector()
-    return FitStats(
-        names=names,
-        n=n,
-        n_used=used,
-        dof=dof,
-        loss=rss / weights.total,
-        gradient_norm=_finite(at.gradient_norm),
-        newton_step=None if step is None else _finite(float(np.linalg.norm(step))),
-        std_errors=std_errors,
-        covariance=cov_out,
-        correlation=correlation,
-        log_likelihood=loglik,
-        aic=None if loglik is None else 2.0 * k - 2.0 * loglik,
-        bic=None if loglik is None else k * math.log(used) - 2.0 * loglik,
-        closed_form=None,
-        closed_form_loss=None,
-        gap=None,
-        r_squared=_finite(1.0 - rss / tss) if tss > 0.0 else None,
-        residual_std=_finite(math.sqrt(sigma2)) if dof > 0 and sigma2 >= 0.0 else None,
-        rss=_finite(rss),
-    )
+    with np.errstate(all="ignore"):
+        predicted = evaluate(
+            expression.tree,
+            [params[:, j : j + 1] for j in range(k)],
+            [x[:, j] for j in range(v)],
+            LONG,
+        )
+        r = np.sqrt(w) * (y - predicted)  # 0 at the weight-0 padding
+        rss_long = np.sum(r * r, axis=-1)
+        mean = np.sum(w * y, axis=-1) / np.sum(w, axis=-1)
+        tss = np.sum(w * (y - mean[:, None]) ** 2, axis=-1).astype(np.float64)
+        sigma2 = np.where(dof > 0, (rss_long / np.maximum(dof, 1)).astype(np.float64), np.nan)
+    rss = rss_long.astype(np.float64)
+    covariances = _covariances(jacobians, sigma2)
+    out = []
+    for i, fit in enumerate(fits):
+        ws, covariance = weights[i], covariances[i]
+        std_errors: tuple[float | None, ...] = (None,) * k
+        correlation: tuple[tuple[float | None, ...], ...] = tuple((None,) * k for _ in range(k))
+        cov_out: tuple[tuple[float | None, ...], ...] = correlation
+        if covariance is not None:
+            se = np.sqrt(np.diag(covariance))
+            std_errors = tuple(_finite(s) for s in se)
+            cov_out = tuple(tuple(_finite(c) for c in row) for row in covariance)
+            with np.errstate(all="ignore"):
+                corr = covariance / np.outer(se, se)
+            np.fill_diagonal(corr, 1.0)
+            correlation = tuple(tuple(_finite(c) for c in row) for row in corr)
+        rss_i, count = float(rss[i]), int(used[i])
+        loglik = (
+            -0.5 * count * (LOG_2PI + math.log(rss_i / count) + 1.0) + 0.5 * ws.log_sum
+            if rss_i > 0.0 and math.isfinite(rss_i)
+            else None
+        )
+        step = fit.point.newton_vector()
+        out.append(
+            FitStats(
+                names=names,
+                n=ws.points,
+                n_used=count,
+                dof=int(dof[i]),
+                loss=rss_i / ws.total,
+                gradient_norm=_finite(fit.point.gradient_norm),
+                newton_step=None if step is None else _finite(float(np.linalg.norm(step))),
+                std_errors=std_errors,
+                covariance=cov_out,
+                correlation=correlation,
+                log_likelihood=loglik,
+                aic=None if loglik is None else 2.0 * k - 2.0 * loglik,
+                bic=None if loglik is None else k * math.log(count) - 2.0 * loglik,
+                closed_form=None,
+                closed_form_loss=None,
+                gap=None,
+                r_squared=_finite(1.0 - rss_i / tss[i]) if tss[i] > 0.0 else None,
+                residual_std=(
+                    _finite(math.sqrt(sigma2[i])) if dof[i] > 0 and sigma2[i] >= 0.0 else None
+                ),
+                rss=_finite(rss_i),
+            )
+        )
+    return out
 
 
-def _covariance(jac: Array, sigma2: float) -> Array | None:
-    """s²·(JᵀJ)⁻¹ through J = QR, so (JᵀJ)⁻¹ = R⁻¹R⁻ᵀ; None if J is rank-deficient."""
-    if not (math.isfinite(sigma2) and np.all(np.isfinite(jac))):
-        return None
-    _, upper = np.linalg.qr(jac)
-    diagonal = np.abs(np.diag(upper))
-    if diagonal.size == 0 or diagonal.min() <= 1e-14 * diagonal.max():
-        return None
-    inverse = np.linalg.solve(upper, np.eye(upper.shape[0]))
-    covariance: Array = sigma2 * (inverse @ inverse.T)
-    return covariance
+def _covariances(jacobians: Array, sigma2: Array) -> list[Array | None]:
+    """s²·(JᵀJ)⁻¹ of each row through J = QR, so (JᵀJ)⁻¹ = R⁻¹R⁻ᵀ (the weight-0 padding's
+    zero rows change nothing); None where J is rank-deficient or s² is undefined."""
+    rows, k = jacobians.shape[0], jacobians.shape[-1]
+    usable = np.isfinite(sigma2) & np.all(np.isfinite(jacobians), axis=(1, 2))
+    out: list[Array | None] = [None] * rows
+    if k == 0 or not usable.any():
+        return out
+    _, upper = np.linalg.qr(np.where(usable[:, None, None], jacobians, 0.0))
+    diagonal = np.abs(np.diagonal(upper, axis1=1, axis2=2))
+    usable &= diagonal.min(axis=1) > 1e-14 * diagonal.max(axis=1)
+    eye = np.broadcast_to(np.eye(k), upper.shape)
+    safe = np.where(usable[:, None, None], upper, eye)
+    inverse = np.linalg.solve(safe, eye)
+    covariance = sigma2[:, None, None] * (inverse @ np.swapaxes(inverse, 1, 2))
+    for i in np.flatnonzero(usable):
+        out[i] = covariance[i]
+    return out
 
 
 def _finite(value: Any) -> float | None:

@@ -1,0 +1,416 @@
+"""Fits of one model to many data sets in one compiled call: the data sets are a leading
+dimension B of every tensor in the loop.
+
+A batch of B sets of one spec is a [B, S] matrix of summaries (an expression's summary is its
+padded data, so sets of different lengths share the spec of the longest: the others are
+padded with weight-0 points) and a [B, k] matrix of parameters. Each epoch is the single
+fit's step on every row at once: the loss of each row ([B]), one ``GradientTape`` over their
+sum (each row's gradient: rows share no parameters), and the update rule, written once for
+one set and for a batch (:func:`~service.fitting.loop._levenberg_marquardt` takes each row's
+own step, damping and scaling). Every row carries its own status: a row that meets a
+stopping rule, or turns non-finite, stops there while the others go on; the loop ends when
+no row runs. Nothing one row does reaches another: a divergent or degenerate set fails
+alone.
+
+B is padded to a power of two with copies of a real set (held stopped), so a compiled loop
+serves every batch size up to its bucket. Each set's answer is then what its single fit
+answers: the same statistics code (:func:`~service.fitting.loop.finish`) on the row it
+ended on.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tensorflow as tf
+
+from service.fitting.expression import Expression
+from service.fitting.loop import (
+    GRADIENT_TOLERANCE,
+    LOSS_TOLERANCE,
+    NON_FINITE,
+    RUNNING,
+    STEP_TOLERANCE,
+    STOPS,
+    Controls,
+    DataSet,
+    FitEngine,
+    Run,
+    StopCheck,
+    check_descended,
+    finish,
+    fit_result,
+    initial_state,
+    levenberg_marquardt,
+    loop_controls,
+    prepare,
+    state_layout,
+)
+from service.fitting.models import ModelSpec
+from service.fitting.models.expression import by_position, named
+from service.fitting.options import (
+    LEVENBERG_MARQUARDT,
+    NO_STOPPING,
+    ExpressionOptimizer,
+    Optimizer,
+    Stopping,
+)
+from service.fitting.results import FitDiverged, FitError, FitResult, StopReason
+from service.fitting.scaling import quiet
+from service.fitting.small import Numbers
+from service.fitting.stats import AtFit, curvature_rows, weight_summary
+
+Array = npt.NDArray[np.float64]
+
+#: Most loss-history values one compiled call records (rows x epochs), ~32 MB of float64.
+HISTORY_BUDGET = 1 << 22
+MIN_ROWS = 4
+#: The update rules a batch offers (Newton's line search is per set: not yet in batches).
+SET_OPTIMIZERS: tuple[ExpressionOptimizer, ...] = (LEVENBERG_MARQUARDT, "sgd", "momentum", "adam")
+
+
+LM = Optimizer(LEVENBERG_MARQUARDT)
+
+
+def rows_bucket(sets: int) -> int:
+    """The padded number of rows: the next power of two, at least ``MIN_ROWS``."""
+    return max(MIN_ROWS, 1 << max(0, sets - 1).bit_length())
+
+
+@dataclass(frozen=True, slots=True)
+class SetData:
+    """One data set of a batch: the model's arrays (e.g. x, y), its weights (or None), its
+    start (caller's units, the spec's parameter order) and its own model options (e.g. an
+    expression's ``exact`` data), merged over the batch's."""
+
+    data: tuple[Array, ...]
+    initial: Sequence[float]
+    weights: Array | None = None
+    options: Mapping[str, Any] | None = None
+
+
+def fit_sets(
+    engine: FitEngine,
+    model: str,
+    sets: Sequence[SetData],
+    *,
+    learning_rate: float,
+    epochs: int,
+    options: Mapping[str, Any] | None = None,
+    optimizer: Optimizer = LM,
+    stopping: Stopping = NO_STOPPING,
+    history_every: int = 1,
+    should_stop: StopCheck | None = None,
+) -> list[FitResult | FitError]:
+    """Fit ``model`` (a built-in name, or ``"expression"`` with ``options["expression"]``)
+    to every set in one compiled loop; each set's answer, or its own error, in order. Sets
+    are fitted in the caller's units (no standardization), from their given starts."""
+    if optimizer.name not in SET_OPTIMIZERS:
+        raise ValueError(f"the {optimizer.name} update rule is not offered in batches")
+    if not sets:
+        return []
+    options = dict(options or {})
+    expression: Expression | None = None
+    if model == "expression":
+        expression = options.pop("expression")
+        options["bounds"] = by_position(expression, options.get("bounds"))
+        spec = engine.expression_spec(expression, max(s.data[0].size for s in sets))
+    else:
+        spec = engine.spec(model)
+    if optimizer.name == LEVENBERG_MARQUARDT and spec.residuals is None:
+        raise ValueError(f"model {spec.name!r} is not least squares: no Levenberg-Marquardt")
+    shared = spec.model_options(options)
+    outcomes: list[FitResult | FitError | None] = [None] * len(sets)
+    prepared: dict[int, tuple[DataSet, dict[str, Any], Numbers]] = {}
+    for i, one in enumerate(sets):
+        own = shared | dict(one.options or {})
+        try:
+            data_set, start, _ = prepare(spec, one.data, one.weights, own, one.initial, "none")
+        except FitError as error:
+            outcomes[i] = error
+            continue
+        except ValueError as error:  # this set's arrays or start: its own error
+            outcomes[i] = FitError(str(error))
+            continue
+        prepared[i] = (data_set, own, start)
+    if prepared:
+        runs = _SetLoop(engine, spec, optimizer, stopping, learning_rate, epochs).run(
+            [prepared[i][0].summary for i in prepared],
+            np.array([prepared[i][2] for i in prepared]),
+            should_stop,
+        )
+        ran = dict(zip(prepared, runs, strict=True))
+        for i, run in ran.items():
+            if isinstance(run, FitError):
+                outcomes[i] = run
+        done = {i: run for i, run in ran.items() if not isinstance(run, FitError)}
+        finished = _finish(spec, done, prepared, stopping, history_every)
+        for i, result in finished.items():
+            outcomes[i] = (
+                result
+                if expression is None or isinstance(result, FitError)
+                else named(expression, result)
+            )
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _finish(
+    spec: ModelSpec,
+    runs: dict[int, Run],
+    prepared: dict[int, tuple[DataSet, dict[str, Any], Numbers]],
+    stopping: Stopping,
+    history_every: int,
+) -> dict[int, FitResult | FitError]:
+    """Each run's result, as its single fit's (:func:`finish`): the statistics of all rows
+    at once where the spec has them so."""
+    if spec.stats_of_rows is None or spec.residual_sum is not None:
+        out: dict[int, FitResult | FitError] = {}
+        for i, run in runs.items():
+            data_set, own, _ = prepared[i]
+            try:
+                out[i] = finish(spec, run, data_set, own, stopping, "none", history_every, None)
+            except FitError as error:
+                out[i] = error
+        return out
+    at = {i: AtFit.of(run.curvature, run.params) for i, run in runs.items()}
+    indices = list(runs)
+    if not indices:
+        return {}
+    with quiet():
+        stats = spec.stats_of_rows(
+            [at[i] for i in indices],
+            np.stack([prepared[i][0].summary for i in indices]),
+            [
+                weight_summary(prepared[i][0].weights, prepared[i][0].arrays[0].size)
+                for i in indices
+            ],
+            [prepared[i][1] for i in indices],
+        )
+    return {
+        i: fit_result(spec, runs[i], at[i], stats[j], stopping, "none", history_every, None)
+        for j, i in enumerate(indices)
+    }
+
+
+class _SetLoop:
+    """The compiled loop of one spec, update rule and stopping rules for a bucket of rows,
+    and its driver."""
+
+    def __init__(
+        self,
+        engine: FitEngine,
+        spec: ModelSpec,
+        optimizer: Optimizer,
+        stopping: Stopping,
+        learning_rate: float,
+        epochs: int,
+    ) -> None:
+        self.engine, self.spec, self.optimizer, self.stopping = engine, spec, optimizer, stopping
+        self.learning_rate, self.epochs = learning_rate, epochs
+
+    def run(
+        self, summaries: list[Array], starts: Array, should_stop: StopCheck | None
+    ) -> list[Run | FitError]:
+        spec, k = self.spec, self.spec.k
+        sets = len(summaries)
+        rows = rows_bucket(sets)
+        chunk = max(1, min(self.engine.epochs_per_call, HISTORY_BUDGET // rows))
+        loop = set_loop(self.engine, spec, rows, chunk, self.optimizer.name, self.stopping.enabled)
+        # Padding rows repeat the first set, held stopped from the start.
+        pad = rows - sets
+        summary = np.concatenate([np.stack(summaries), np.repeat(summaries[0][None], pad, 0)])
+        state = np.stack([initial_state(start) for start in starts])
+        state = np.concatenate([state, np.repeat(state[:1], pad, 0)])
+        status = np.concatenate([np.full(sets, float(RUNNING)), np.full(pad, -1.0)])
+        done = np.zeros(rows)
+        pieces: list[tuple[Array, Array]] = []  # (history [chunk, rows], epochs done [rows])
+        summary_t = tf.constant(summary)
+        stop_all: StopReason | None = None
+        total = 0
+        while True:
+            steps = min(chunk, self.epochs - total)
+            c = np.array(loop_controls(self.learning_rate, steps, self.optimizer, self.stopping))
+            out = loop(summary_t, tf.constant(state), tf.constant(status), tf.constant(c))
+            state, new_status, history, curvature, ran = (np.asarray(t.numpy()) for t in out)
+            pieces.append((history, ran))
+            done += ran
+            status = new_status
+            total += steps
+            if not np.any(status == RUNNING) or total >= self.epochs:
+                break
+            if should_stop is not None and (stop_all := should_stop()) is not None:
+                break
+        runs: list[Run | FitError] = []
+        params = state[:, :k]
+        for i in range(sets):
+            code = int(status[i])
+            if code == NON_FINITE:
+                runs.append(
+                    FitDiverged(
+                        epoch=int(done[i]),
+                        learning_rate=self.learning_rate,
+                        advice=FitDiverged.SELF_STEPPING
+                        if self.optimizer.name == LEVENBERG_MARQUARDT
+                        else None,
+                    )
+                )
+                continue
+            history = np.concatenate([h[: int(r[i]), i] for h, r in pieces])
+            final = float(curvature[i, 0])
+            if not math.isfinite(final):
+                runs.append(FitDiverged(epoch=int(done[i]), learning_rate=self.learning_rate))
+                continue
+            stop: StopReason = STOPS.get(code) or stop_all or "max_epochs"
+            try:
+                if history.size:
+                    check_descended(history, final, self.learning_rate)
+            except FitError as error:
+                runs.append(error)
+                continue
+            runs.append(Run(params[i].copy(), history, final, int(done[i]), stop, curvature[i]))
+        return runs
+
+
+_compile_lock = threading.Lock()
+
+
+def code(value: int) -> Any:
+    """A status code as the loop's float64 status tensors hold it."""
+    return tf.constant(float(value), tf.float64)
+
+
+def set_loop(
+    engine: FitEngine,
+    spec: ModelSpec,
+    rows: int,
+    chunk: int,
+    optimizer: ExpressionOptimizer,
+    stopping: bool,
+) -> Any:
+    """The compiled loop for ``rows`` rows of ``spec`` (made once; dropped with the spec's
+    other loops when an expression is evicted)."""
+    key = (spec.name, rows, chunk, optimizer, stopping)
+    with _compile_lock:
+        loop = engine.set_loops.get(key)
+        if loop is None:
+            loop = engine.set_loops[key] = _compile(spec, rows, chunk, optimizer, stopping)
+    return loop
+
+
+def _compile(
+    spec: ModelSpec, rows: int, chunk: int, optimizer: ExpressionOptimizer, stopping: bool
+) -> Any:
+    """Up to ``chunk`` epochs of every running row: in are the summaries [rows, S], the
+    state [rows, L] (:func:`state_layout`), the status of each row (RUNNING, a stop code,
+    or -1: a padding row) and the :class:`Controls`; out are the state, the status, the
+    loss history [chunk, rows], each row's loss, gradient and Hessian where it is, and the
+    epochs each row ran."""
+    layout = state_layout(spec.k)
+    loss_fn, residuals_fn, project_fn = spec.loss, spec.residuals, spec.project
+    signature = [
+        tf.TensorSpec([rows, spec.summary.size], tf.float64),
+        tf.TensorSpec([rows, layout.size], tf.float64),
+        tf.TensorSpec([rows], tf.float64),
+        tf.TensorSpec([len(Controls._fields)], tf.float64),
+    ]
+
+    @tf.function(jit_compile=spec.xla, autograph=False, input_signature=signature)
+    def run(summary: Any, state: Any, status: Any, controls: Any) -> Any:
+        c = Controls(*tf.unstack(controls))
+        steps = tf.cast(c.steps, tf.int32)
+        fields = layout.columns(state)
+        start = [fields[name] for name in layout.names]
+        history = tf.TensorArray(tf.float64, size=chunk, element_shape=[rows])
+
+        def epoch(i: Any, status: Any, ran: Any, history: Any, *values: Any) -> Any:
+            s = dict(zip(layout.names, values, strict=True))
+            p = s["params"]
+            running = tf.equal(status, code(RUNNING))
+            with tf.GradientTape() as tape:
+                tape.watch(p)
+                loss = loss_fn(p, summary)
+                total = tf.reduce_sum(loss)  # each row's gradient: rows share no parameters
+            g = tape.gradient(total, p)
+            first, second, step = s["first"], s["second"], s["step"]
+            best, stall = s["best"], s["stall"]
+            damping, growth, scale = s["damping"], s["growth"], s["scale"]
+            stop = tf.fill([rows], code(RUNNING))
+            if stopping:
+                magnitude = tf.maximum(tf.abs(loss), 1.0)
+                stall = tf.where((best - loss) > c.tolerance * magnitude, 0.0 * stall, stall + 1.0)
+                best = tf.minimum(best, loss)
+                loss_stop = (c.tolerance >= 0.0) & (stall >= c.patience)
+                norm = tf.norm(g, axis=-1)
+                gradient_stop = (c.gradient_tolerance >= 0.0) & (norm <= c.gradient_tolerance)
+                rule = tf.where(
+                    gradient_stop,
+                    code(GRADIENT_TOLERANCE),
+                    tf.where(loss_stop, code(LOSS_TOLERANCE), code(RUNNING)),
+                )
+                stop = tf.where(tf.math.is_finite(loss), rule, stop)
+            if optimizer == "sgd":
+                new_p = p - c.learning_rate * g
+            elif optimizer == "momentum":
+                first = c.first_rate * first - c.learning_rate * g
+                new_p = p + first
+            elif optimizer == "adam":
+                step = step + 1.0
+                first = first + (g - first) * (1.0 - c.first_rate)
+                second = second + (g * g - second) * (1.0 - c.beta_2)
+                alpha = c.learning_rate * tf.sqrt(1.0 - c.beta_2**step) / (1.0 - c.first_rate**step)
+                new_p = p - alpha[:, None] * first / (tf.sqrt(second) + c.epsilon)
+            else:
+                assert residuals_fn is not None
+                new_p, damping, growth, scale, final = levenberg_marquardt(
+                    residuals_fn, summary, p, damping, growth, scale, project_fn, normal=True
+                )
+                stop = tf.where(tf.equal(stop, code(RUNNING)) & final, code(STEP_TOLERANCE), stop)
+            if project_fn is not None:
+                new_p = project_fn(new_p, summary)
+            history = history.write(i, loss)
+            finite = tf.math.is_finite(loss) & tf.reduce_all(
+                tf.math.is_finite(tf.concat([new_p, first, second], axis=-1)), axis=-1
+            )
+            steps_on = tf.equal(stop, code(RUNNING)) | tf.equal(stop, code(STEP_TOLERANCE))
+            new_status = tf.where(steps_on & ~finite, code(NON_FINITE), stop)
+            keep = running & steps_on & finite
+            updated = {
+                "params": new_p,
+                "first": first,
+                "second": second,
+                "step": step,
+                "best": best,
+                "stall": stall,
+                "damping": damping,
+                "growth": growth,
+                "scale": scale,
+            }
+            moved = [
+                tf.where(keep[:, None] if value.shape.rank == 2 else keep, updated[name], value)
+                for name, value in zip(layout.names, values, strict=True)
+            ]
+            ran = ran + tf.cast(running & steps_on, tf.float64)
+            return (i + 1, tf.where(running, new_status, status), ran, history, *moved)
+
+        def going(i: Any, status: Any, *_: Any) -> Any:  # while any row runs
+            return (i < steps) & tf.reduce_any(tf.equal(status, code(RUNNING)))
+
+        out = tf.while_loop(
+            going, epoch, [tf.constant(0), status, tf.zeros([rows], tf.float64), history, *start]
+        )
+        _, status_out, ran, history, *values = out
+        state_out = tf.concat([tf.reshape(v, [rows, -1]) for v in values], axis=1)  # layout order
+        params = values[layout.names.index("params")]
+        curvature = curvature_rows(loss_fn, params, summary)
+        return state_out, status_out, history.stack(), curvature, ran
+
+    return run
+
+
+__all__ = ["SET_OPTIMIZERS", "SetData", "fit_sets", "rows_bucket"]
