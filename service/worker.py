@@ -61,6 +61,7 @@ from service.fitting.models import BUILT_IN
 from service.fitting.models.expression import CACHE_SIZE, compile_key
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
+from service.fitting.sets import SetData, fit_sets
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ __all__ = [
     "Optimizer",
     "Refused",
     "Reporter",
+    "SetData",
+    "SetsJob",
     "StillCompiling",
     "Stopping",
     "Ticket",
@@ -159,6 +162,17 @@ class BatchJob:
     seed: int | None = None
     scaling: Scaling = "standardize"
     history_every: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SetsJob:
+    """One model fitted to many data sets in one compiled loop (:mod:`service.fitting.sets`):
+    ``options`` the model's (an expression's ``expression`` and ``bounds``)."""
+
+    model: str
+    sets: tuple[SetData, ...]
+    training: Training
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,6 +708,55 @@ class FitWorker:
 
         future = asyncio.get_running_loop().run_in_executor(self._fit_pool, run)
         results = await self._cancellable(future, cancelled, f"{job.model}_batch")
+        if ticket is not None:
+            ticket.observe(seconds)
+        return results
+
+    async def fit_sets(
+        self, job: SetsJob, timeout_s: float | None = None, ticket: Ticket | None = None
+    ) -> list[FitResult | FitError]:
+        """Fit every set of ``job`` in one compiled loop on a fit thread (its first call of
+        a new expression or bucket of rows compiles there); each set's result or error."""
+        if self.engine is None:
+            raise Unavailable("the service is warming up")
+        engine = self.engine
+        cancelled, should_stop = self._stop_check(time.monotonic() + self.deadline_s(timeout_s))
+        label = f"{job.model}_batch"
+        seconds = 0.0
+
+        def run() -> list[FitResult | FitError]:
+            nonlocal seconds
+            start = time.perf_counter()
+            outcome = "error"
+            self.metrics.running.inc()
+            t = job.training
+            try:
+                results = fit_sets(
+                    engine,
+                    job.model,
+                    job.sets,
+                    learning_rate=t.learning_rate,
+                    epochs=t.epochs,
+                    options=job.options,
+                    optimizer=t.optimizer,
+                    stopping=t.stopping,
+                    history_every=t.history_every,
+                    should_stop=should_stop,
+                )
+                outcome = "batch"
+                return results
+            except FitCancelled:
+                outcome = "cancelled"  # counted by the caller
+                raise
+            finally:
+                self.metrics.running.dec()
+                seconds = time.perf_counter() - start
+                self.metrics.duration.labels(label).observe(seconds)
+                if outcome != "cancelled":
+                    self.metrics.fits.labels(label, outcome).inc()
+
+        future = asyncio.get_running_loop().run_in_executor(self._fit_pool, run)
+        results = await self._cancellable(future, cancelled, label)
         if ticket is not None:
             ticket.observe(seconds)
         return results

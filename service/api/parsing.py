@@ -22,6 +22,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from service.api.schemas import (
+    ExpressionBatchRequest,
+    ExpressionData,
     ExpressionFitRequest,
     GaussianDatasetRequest,
     LinearDatasetRequest,
@@ -482,10 +484,12 @@ def parse_expression(
         return _errors(exc, "body")
     variables = request.variables()
     columns = [request.x] if isinstance(request.x, list) else list(request.x.values())
-    errors = _expression_data_errors(request, variables, columns, context)
+    errors = _expression_data_errors(request, variables, columns, context, request.epochs)
     plan = None
     if not errors:
-        plan = _expression_plan(request, variables, len(request.y), context, errors)
+        n = len(request.y)
+        used = n if request.weights is None else sum(1 for w in request.weights if w > 0)
+        plan = _expression_plan(request, variables, n, used, context, errors)
     if plan is None:
         return Invalid(errors)
     arrays = {
@@ -501,6 +505,103 @@ def parse_expression(
     return Parsed(slim, arrays, plan)
 
 
+def parse_expression_batch(
+    body: bytes, context: dict[str, Any]
+) -> Parsed[ExpressionBatchRequest] | Invalid:
+    """An expression batch: the rules of a single expression fit, each data set's located at
+    ``["body", "datasets", i, ...]``, and the batch's limits. A set with fewer points than
+    parameters is not a request error: its entry answers why. The arrays: each variable's
+    and y's values laid end to end, "lengths", "weights" (1 where a set has none) and
+    "initial" ([B, k], NaN where neither the shared nor the set's parameters give one)."""
+    if refused := _too_many_numbers(body, MAX_VARIABLES + 3, context):
+        return refused
+    try:
+        request = ExpressionBatchRequest.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        return _errors(exc, "body")
+    datasets = request.datasets
+    variables = datasets[0].variables()
+    lengths = [len(d.y) for d in datasets]
+    try:
+        check_batch(len(datasets), sum(lengths), request.epochs, request.history_step(), context)
+    except PydanticCustomError as error:
+        return Invalid([_error(["body", "datasets"], error)])
+    errors: ErrorList = []
+    for i, d in enumerate(datasets):
+        at: list[str | int] = ["body", "datasets", i]
+        if d.variables() != variables:
+            errors.append(
+                _error(
+                    [*at, "x"],
+                    PydanticCustomError(
+                        "variables",
+                        "every data set needs the variables of the first: {names}",
+                        {"names": ", ".join(variables)},
+                    ),
+                )
+            )
+            continue
+        columns = [d.x] if isinstance(d.x, list) else list(d.x.values())
+        errors += _expression_data_errors(d, variables, columns, context, None, at)
+    plan = None
+    if not errors:
+        plan = _expression_plan(request, variables, max(lengths), None, context, errors)
+    if plan is None:
+        return Invalid(errors)
+    names = plan.expression.parameters
+    initial = np.full((len(datasets), len(names)), np.nan)
+    for i, d in enumerate(datasets):
+        own = d.parameters or {}
+        if unknown := sorted(set(own) - set(names)):
+            errors.append(
+                _error(
+                    ["body", "datasets", i, "parameters"],
+                    PydanticCustomError(
+                        "unknown_parameter",
+                        "no parameter {names}; the parameters are {known}",
+                        {"names": ", ".join(unknown), "known": ", ".join(names)},
+                    ),
+                )
+            )
+            continue
+        start = plan.given | own
+        initial[i] = [start.get(name, math.nan) for name in names]
+    if errors:
+        return Invalid(errors)
+    arrays = {
+        f"x:{name}": np.fromiter(
+            chain.from_iterable(d.x if isinstance(d.x, list) else d.x[name] for d in datasets),
+            np.float64,
+        )
+        for name in variables
+    }
+    arrays["y"] = np.fromiter(chain.from_iterable(d.y for d in datasets), np.float64)
+    arrays["weights"] = np.fromiter(
+        chain.from_iterable(d.weights or [1.0] * len(d.y) for d in datasets), np.float64
+    )
+    arrays["weighted"] = np.array([d.weights is not None for d in datasets], np.float64)
+    arrays["lengths"] = np.array(lengths, np.float64)
+    arrays["initial"] = initial
+    if sum(lengths) <= EXACT_MAX_POINTS:
+        arrays |= _exact_batch_columns(body, variables)
+    return Parsed(request.model_copy(update={"datasets": []}), arrays, plan)
+
+
+def _exact_batch_columns(body: bytes, variables: tuple[str, ...]) -> dict[str, npt.NDArray[Any]]:
+    """Every set's x and y laid end to end, as :func:`_exact_columns` reads them."""
+    document = json.loads(body, parse_float=np.longdouble, parse_int=np.longdouble)
+    sets = document["datasets"]
+    columns = [{"x": d["x"]} if isinstance(d["x"], list) else d["x"] for d in sets]
+    exact = {
+        f"exact:x:{name}": np.array(
+            list(chain.from_iterable(c[name] for c in columns)), dtype=np.longdouble
+        )
+        for name in variables
+    }
+    exact["exact:y"] = np.array(list(chain.from_iterable(d["y"] for d in sets)), np.longdouble)
+    return exact
+
+
 def _exact_columns(body: bytes, variables: tuple[str, ...]) -> dict[str, npt.NDArray[Any]]:
     """x and y as numpy ``longdouble`` straight from their decimal text (float64 would round
     each value first). The body is valid JSON: the schema accepted it."""
@@ -513,26 +614,29 @@ def _exact_columns(body: bytes, variables: tuple[str, ...]) -> dict[str, npt.NDA
 
 
 def _expression_data_errors(
-    request: ExpressionFitRequest,
+    request: ExpressionData,
     variables: tuple[str, ...],
     columns: list[list[float]],
     context: dict[str, Any],
+    epochs: int | None,
+    at: list[str | int] | None = None,
 ) -> ErrorList:
+    """One data set's errors, located under ``at`` (the body, or a batch's set); with
+    ``epochs``, its points against the work limit too."""
     errors: ErrorList = []
+    at = ["body"] if at is None else at
     n = len(request.y)
     if not variables or len(variables) > MAX_VARIABLES:
         errors.append(
             _error(
-                ["body", "x"],
+                [*at, "x"],
                 PydanticCustomError(
                     "variables", "x needs 1 to {limit} variables", {"limit": MAX_VARIABLES}
                 ),
             )
         )
     for name, column in zip(variables, columns, strict=True):
-        where: list[str | int] = (
-            ["body", "x"] if isinstance(request.x, list) else ["body", "x", name]
-        )
+        where: list[str | int] = [*at, "x"] if isinstance(request.x, list) else [*at, "x", name]
         if not name.isidentifier() or name in FUNCTIONS or name in CONSTANTS:
             errors.append(
                 _error(
@@ -546,32 +650,35 @@ def _expression_data_errors(
                 )
             )
         elif (error := length_error(len(column), n, first="x", second="y")) is not None:
-            errors.append(_error(["body", "y"], error))
+            errors.append(_error([*at, "y"], error))
     if request.weights is not None:
         if error := length_error(n, len(request.weights), first="y", second="weights"):
-            errors.append(_error(["body", "weights"], error))
+            errors.append(_error([*at, "weights"], error))
         elif sum(1 for w in request.weights if w > 0) < 2:
             errors.append(
                 _error(
-                    ["body", "weights"],
+                    [*at, "weights"],
                     PydanticCustomError(
                         "too_few_weights", "at least 2 points need a positive weight"
                     ),
                 )
             )
-    if (error := points_error(n, request.epochs, context)) is not None:
-        errors.append(_error(["body", "y"], error))
+    if epochs is not None and (error := points_error(n, epochs, context)) is not None:
+        errors.append(_error([*at, "y"], error))
     return errors
 
 
 def _expression_plan(
-    request: ExpressionFitRequest,
+    request: ExpressionFitRequest | ExpressionBatchRequest,
     variables: tuple[str, ...],
     n: int,
+    used: int | None,
     context: dict[str, Any],
     errors: ErrorList,
 ) -> ExpressionPlan | None:
-    """The parsed expression and its start, or None with ``errors`` filled in."""
+    """The parsed expression and its start, or None with ``errors`` filled in. ``n``: the
+    points of the (largest) data set, against the work limit; ``used``: its points with a
+    positive weight, against the parameters (None: a batch checks each set's)."""
     given = dict(request.parameters or {})
     if (request.expression is None) == (request.model is None):
         errors.append(
@@ -667,8 +774,7 @@ def _expression_plan(
             )
         )
         return None
-    used = n if request.weights is None else sum(1 for w in request.weights if w > 0)
-    if used < len(names):
+    if used is not None and used < len(names):
         errors.append(
             _error(
                 ["body", "y"],

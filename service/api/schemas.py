@@ -905,11 +905,9 @@ NAMED_MODEL_EXAMPLE: dict[str, Any] = {
 }
 
 
-class ExpressionFitRequest(_Strict):
-    """Fit y = f(x; parameters) for an expression you write, or a named model, by least
-    squares (Levenberg-Marquardt by default, with the exact Jacobian by forward-mode autodiff)."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [EXPRESSION_EXAMPLE]})
+class _ExpressionModel(_Strict):
+    """The model of an expression fit, single or batch: an expression or a named model,
+    and the shared starting values."""
 
     expression: str | None = Field(
         None,
@@ -934,12 +932,28 @@ class ExpressionFitRequest(_Strict):
         "any of its parameters (the others are guessed).",
         examples=[{"b1": 500.0, "b2": 0.0001}],
     )
-    x: Points | dict[str, Points] = Field(
-        description="The independent variable: a list (named x), or an object of named "
-        'equal-length lists for several predictors, e.g. {"x1": [...], "x2": [...]}.'
-    )
+
+
+X_DESCRIPTION = (
+    "The independent variable: a list (named x), or an object of named equal-length lists "
+    'for several predictors, e.g. {"x1": [...], "x2": [...]}.'
+)
+
+
+class ExpressionData(_Strict):
+    """One data set of an expression fit."""
+
+    x: Points | dict[str, Points] = Field(description=X_DESCRIPTION)
     y: Points = Field(description="The observations, one per point.")
     weights: list[Weight] | None = Field(None, description=WEIGHTS_DESCRIPTION)
+
+    def variables(self) -> tuple[str, ...]:
+        return ("x",) if isinstance(self.x, list) else tuple(self.x)
+
+
+class _ExpressionOptions(_Strict):
+    """How an expression fit trains, single or batch."""
+
     bounds: dict[str, Bound] | None = Field(
         None,
         description="Bounds by parameter name, [low, high] with null for an open side. "
@@ -973,17 +987,64 @@ class ExpressionFitRequest(_Strict):
     history_every: EpochCount | None = Field(
         None, description="Return the loss every this many epochs, as for the other fits."
     )
-    progress_every: EpochCount | None = Field(
-        None, description="With `Accept: text/event-stream`: epochs between progress events."
-    )
 
     def history_step(self) -> int:
         if self.history_every is not None:
             return self.history_every
         return max(1, -(-self.epochs // DEFAULT_MAX_HISTORY))
 
-    def variables(self) -> tuple[str, ...]:
-        return ("x",) if isinstance(self.x, list) else tuple(self.x)
+
+class ExpressionFitRequest(_ExpressionModel, ExpressionData, _ExpressionOptions):
+    """Fit y = f(x; parameters) for an expression you write, or a named model, by least
+    squares (Levenberg-Marquardt by default, with the exact Jacobian by forward-mode autodiff)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXPRESSION_EXAMPLE]})
+
+    progress_every: EpochCount | None = Field(
+        None, description="With `Accept: text/event-stream`: epochs between progress events."
+    )
+
+
+class ExpressionDataset(ExpressionData):
+    """One data set of an expression batch: its own x, y, weights and (optionally) starting
+    values."""
+
+    parameters: dict[str, FiniteFloat] | None = Field(
+        None,
+        description="This set's own starting values by name, over the shared `parameters` "
+        "(with a named model, the ones given by neither are guessed from this set's data).",
+    )
+
+
+EXPRESSION_BATCH_EXAMPLE: dict[str, Any] = {
+    "expression": "a*exp(-k*t) + c",
+    "parameters": {"a": 1000.0, "k": 0.001, "c": 0.0},
+    "datasets": [
+        {
+            "x": {"t": [0.0, 600.0, 1200.0, 1800.0, 2400.0, 3000.0]},
+            "y": [1203.1, 662.4, 368.9, 204.2, 113.0, 63.5],
+        },
+        {
+            "x": {"t": [0.0, 500.0, 1000.0, 2000.0, 4000.0]},
+            "y": [2500.4, 1841.1, 1356.0, 736.9, 217.3],
+            "parameters": {"a": 2500.0},
+        },
+    ],
+}
+
+
+class ExpressionBatchRequest(_ExpressionModel, _ExpressionOptions):
+    """Fit one expression (or named model) to many data sets at once: the data sets are a
+    leading dimension of one compiled loop, each set with its own status and stopping, and
+    each answered as its single fit would be."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXPRESSION_BATCH_EXAMPLE]})
+
+    datasets: list[ExpressionDataset] = Field(
+        min_length=1,
+        description="The data sets, each with the same variables (lengths may differ); at most "
+        "TAPEFIT_MAX_BATCH, all points together at most TAPEFIT_MAX_POINTS.",
+    )
 
 
 class ExpressionStats(_Answer):
@@ -1073,6 +1134,16 @@ class ExpressionFitResponse(_Answer):
     converged: bool = Field(description="At the optimum (as for the other fits).")
     warnings: list[str] = Field(description="Empty when converged and no bound is active.")
     stats: ExpressionStats
+
+
+class ExpressionBatchItem(_BatchItem[ExpressionFitResponse]):
+    pass
+
+
+class ExpressionBatchResponse(_BatchResponse[ExpressionBatchItem]):
+    model: Literal["expression"] = "expression"
+    expression: str = Field(description="The expression fitted (a named model's, if named).")
+    named_model: str | None = Field(description="The named model, if one was asked for.")
 
 
 class ModelDescription(_Answer):

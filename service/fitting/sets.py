@@ -61,7 +61,7 @@ from service.fitting.options import (
     Optimizer,
     Stopping,
 )
-from service.fitting.results import FitDiverged, FitError, FitResult, StopReason
+from service.fitting.results import DegenerateData, FitDiverged, FitError, FitResult, StopReason
 from service.fitting.scaling import quiet
 from service.fitting.small import Numbers
 from service.fitting.stats import AtFit, curvature_rows, weight_summary
@@ -130,6 +130,12 @@ def fit_sets(
     prepared: dict[int, tuple[DataSet, dict[str, Any], Numbers]] = {}
     for i, one in enumerate(sets):
         own = shared | dict(one.options or {})
+        used = one.data[0].size if one.weights is None else int(np.count_nonzero(one.weights > 0))
+        if used < spec.k:
+            outcomes[i] = DegenerateData(
+                f"{used} points (with a positive weight) cannot determine {spec.k} parameters"
+            )
+            continue
         try:
             data_set, start, _ = prepare(spec, one.data, one.weights, own, one.initial, "none")
         except FitError as error:

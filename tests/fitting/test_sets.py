@@ -14,7 +14,7 @@ from scipy.optimize import curve_fit
 from service.fitting import FitEngine
 from service.fitting.expression import parse
 from service.fitting.options import Optimizer, OptimizerName, Stopping
-from service.fitting.results import FitDiverged, FitError, FitResult
+from service.fitting.results import DegenerateData, FitDiverged, FitError, FitResult
 from service.fitting.sets import LM, SetData, fit_sets, rows_bucket
 from tests import nist
 
@@ -145,9 +145,8 @@ def test_a_failing_set_fails_alone() -> None:
     constant_fit = results[3]  # fitted: a decay of height ~0 on the constant
     assert isinstance(constant_fit, FitResult)
     assert constant_fit.stats.rss is not None and constant_fit.stats.rss <= 1e-12 * 1e14
-    few_fit = results[4]
-    assert isinstance(few_fit, FitResult)
-    assert few_fit.stats.dof == -1 and few_fit.stats.std_errors == (None, None, None)
+    assert isinstance(results[4], DegenerateData)
+    assert "2 points (with a positive weight) cannot determine 3 parameters" in str(results[4])
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
@@ -179,10 +178,11 @@ def test_newton_is_not_offered_in_batches() -> None:
         _fit(_decay_sets(2, seed=6), optimizer=Optimizer("newton"))
 
 
-@pytest.mark.parametrize("name", nist.names())
+@pytest.mark.parametrize("name", ["BoxBOD", "Lanczos1", "MGH10", "Thurber"])
 def test_nist_both_starts_as_one_batch(name: str) -> None:
     """Both of NIST's starts of a problem fitted together: each meets what the single fit
-    must (6 certified digits in the parameters, 4 in the standard errors)."""
+    must (6 certified digits in the parameters, 4 in the standard errors). Four of the
+    hardest here; all 19 through HTTP in tests/api/test_expression_batch.py."""
     problem = nist.load(name)
     names = tuple(problem.certified)
     expression = parse(problem.expression, problem.variables, names)

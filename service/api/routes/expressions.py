@@ -3,33 +3,53 @@
 
 import asyncio
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from service.admission import expression_cost
+from service.admission import Cost, expression_cost
 from service.api.deps import Admitted, admission
 from service.api.openapi import json_only_body
-from service.api.parsing import ExpressionPlan, Parsed, parse_expression
-from service.api.routes.fits import SINGLE_FIT_RESPONSES
+from service.api.parsing import (
+    ExpressionPlan,
+    Parsed,
+    parse_expression,
+    parse_expression_batch,
+)
+from service.api.routes.fits import BATCH_RESPONSES, SINGLE_FIT_RESPONSES
 from service.api.schemas import (
+    EXPRESSION_BATCH_EXAMPLE,
     EXPRESSION_EXAMPLE,
     NAMED_MODEL_EXAMPLE,
+    ExpressionBatchRequest,
+    ExpressionBatchResponse,
     ExpressionFitRequest,
     ExpressionFitResponse,
     ExpressionStats,
     ModelDescription,
     ModelList,
 )
-from service.api.streaming import EventStream, fit_events, progress_step
+from service.api.streaming import EventStream, HoldingStream, fit_events, progress_step
 from service.fitting import catalog
-from service.fitting.expression import evaluate
+from service.fitting.expression import CompileCost, evaluate
 from service.fitting.guesses import guess
 from service.fitting.models.expression import NUMPY
 from service.plots import expression_png
-from service.worker import FitJob, FitResult, FitWorker, Optimizer, Stopping, Training
+from service.worker import (
+    FitError,
+    FitJob,
+    FitResult,
+    FitWorker,
+    Optimizer,
+    SetData,
+    SetsJob,
+    Stopping,
+    Training,
+)
 
 router = APIRouter(tags=["expressions"])
 
@@ -104,18 +124,7 @@ async def _job(
     job = FitJob(
         model="expression",
         data=(*xs, y),
-        training=Training(
-            learning_rate=body.learning_rate,
-            epochs=body.epochs,
-            optimizer=Optimizer(body.optimizer),
-            stopping=Stopping(
-                tolerance=body.tolerance,
-                patience=body.patience,
-                gradient_tolerance=body.gradient_tolerance,
-            ),
-            scaling="none",
-            history_every=body.history_step(),
-        ),
+        training=_training(body),
         initial=initial,
         weights=parsed.arrays.get("weights"),
         options={"expression": expression, "bounds": plan.bounds, "exact": _exact(parsed)},
@@ -196,6 +205,148 @@ def expression_response(
             newton_step=s.newton_step,
         ),
     )
+
+
+@router.post(
+    "/v1/fits/expression/batch",
+    response_model=ExpressionBatchResponse,
+    summary="Fit one expression (or named model) to many data sets in one compiled loop",
+    responses=BATCH_RESPONSES,
+    openapi_extra=json_only_body(
+        ExpressionBatchRequest,
+        {
+            "decays": {
+                "summary": "Two decays, one with its own start",
+                "value": EXPRESSION_BATCH_EXAMPLE,
+            }
+        },
+    ),
+)
+async def fit_expression_batch(request: Request) -> Any:
+    """Every data set is a row of one compiled Levenberg-Marquardt loop (or SGD, momentum,
+    Adam): each with its own status, stopping rules and damping, so a set that diverges or
+    cannot be determined fails alone, in its entry. Each `result` is what `POST
+    /v1/fits/expression` answers for that set alone. Streamed entry by entry."""
+    async with admission(request) as admitted:
+        parsed = await admitted.body(parse_expression_batch)
+        body, plan = parsed.request, parsed.plan
+        assert isinstance(plan, ExpressionPlan)
+        expression, worker = plan.expression, admitted.worker
+        sets, starts = await _sets(parsed, plan)
+        points, k = int(parsed.arrays["lengths"].sum()), len(expression.parameters)
+        history = len(sets) * (body.epochs // body.history_step() + 1)
+        cost = expression_cost(points, len(expression.variables), k, body.epochs, history)
+        compile_bytes = CompileCost.peak_bytes(expression)  # if its loop is new
+        cost = Cost(bytes=cost.bytes + compile_bytes, seconds=cost.seconds)
+        admitted.ticket.take_place(cost, worker.deadline_s(body.timeout_s))
+        job = SetsJob(
+            model="expression",
+            sets=sets,
+            training=_training(body),
+            options={"expression": expression, "bounds": plan.bounds},
+        )
+        results = await admitted.caller.unless_gone(
+            worker.fit_sets(job, body.timeout_s, admitted.ticket)
+        )
+        answer = _sets_answer(plan, starts, results)
+        return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
+
+
+async def _sets(
+    parsed: Parsed[ExpressionBatchRequest], plan: ExpressionPlan
+) -> tuple[tuple[SetData, ...], list[dict[str, float]]]:
+    """Each set's arrays, weights and start (a named model's missing values guessed from
+    the set's data, in a thread), clipped into the bounds."""
+    arrays, expression = parsed.arrays, plan.expression
+    cuts = np.cumsum(parsed.arrays["lengths"].astype(np.int64))[:-1]
+
+    def split(name: str) -> list[Any]:
+        return np.split(arrays[name], cuts)
+
+    xs = list(zip(*(split(f"x:{name}") for name in expression.variables), strict=True))
+    ys, weights = split("y"), split("weights")
+    exact = None
+    if f"exact:x:{expression.variables[0]}" in arrays:
+        exact = list(
+            zip(
+                *(split(f"exact:x:{name}") for name in expression.variables),
+                split("exact:y"),
+                strict=True,
+            )
+        )
+    names = expression.parameters
+
+    def starts() -> list[dict[str, float]]:
+        out = []
+        for i, row in enumerate(arrays["initial"]):
+            start = {name: float(v) for name, v in zip(names, row, strict=True) if math.isfinite(v)}
+            if len(start) < len(names):  # a named model: guess the others
+                assert plan.named_model is not None
+                guessed = guess(plan.named_model, xs[i][0], ys[i])
+                start = {name: start.get(name, guessed[name]) for name in names}
+            out.append({name: _within(start[name], plan.bounds.get(name)) for name in names})
+        return out
+
+    given = await asyncio.to_thread(starts)
+    sets = tuple(
+        SetData(
+            (*xs[i], ys[i]),
+            tuple(given[i].values()),
+            weights=weights[i] if arrays["weighted"][i] else None,
+            options=None if exact is None else {"exact": exact[i]},
+        )
+        for i in range(len(ys))
+    )
+    return sets, given
+
+
+def _training(body: ExpressionFitRequest | ExpressionBatchRequest) -> Training:
+    return Training(
+        learning_rate=body.learning_rate,
+        epochs=body.epochs,
+        optimizer=Optimizer(body.optimizer),
+        stopping=Stopping(
+            tolerance=body.tolerance,
+            patience=body.patience,
+            gradient_tolerance=body.gradient_tolerance,
+        ),
+        scaling="none",
+        history_every=body.history_step(),
+    )
+
+
+#: Batch entries per streamed piece of the answer.
+ENTRIES_PER_PIECE = 64
+
+
+def _sets_answer(
+    plan: ExpressionPlan, starts: list[dict[str, float]], results: list[FitResult | FitError]
+) -> Iterator[bytes]:
+    """The batch answer, a few entries at a time (the stream runs this in a thread); each
+    result is what a single fit of its set answers."""
+    failed = sum(isinstance(r, FitError) for r in results)
+    head = {
+        "model": "expression",
+        "expression": plan.expression.text,
+        "named_model": plan.named_model,
+        "succeeded": len(results) - failed,
+        "failed": failed,
+    }
+    yield orjson.dumps(head)[:-1] + b',"results":['
+    for start in range(0, len(results), ENTRIES_PER_PIECE):
+        piece = []
+        for i in range(start, min(start + ENTRIES_PER_PIECE, len(results))):
+            result = results[i]
+            entry: dict[str, Any]
+            if isinstance(result, FitError):
+                entry = {"index": i, "result": None, "error": str(result)}
+            else:
+                answer = expression_response(plan, starts[i], result)
+                entry = {"index": i, "result": answer.model_dump(mode="json"), "error": None}
+            piece.append(entry)
+        text = orjson.dumps(piece)[1:-1]
+        yield (b"," if start else b"") + text
+    yield b"]}"
 
 
 @router.get(

@@ -1,0 +1,225 @@
+"""POST /v1/fits/expression/batch: one expression (or named model) over many data sets, the
+whole path (route, parser, worker, engine). Each entry is checked against the single-fit
+route's answer for its set, NIST's certified values and scipy's ``curve_fit``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from scipy.optimize import curve_fit
+
+from tests import nist
+from tests.conftest import app_settings, running_app
+
+pytestmark = pytest.mark.anyio
+
+BATCH = "/v1/fits/expression/batch"
+FIT = "/v1/fits/expression"
+DECAY = "a*exp(-k*t) + c"
+
+
+def _decays(count: int, seed: int) -> list[dict[str, Any]]:
+    """Decays with t in seconds (up to 5e3) on a background of 1e7 counts, noise 0.1 to 10,
+    lengths 15 to 90: the units callers have."""
+    rng = np.random.default_rng(seed)
+    sets = []
+    for _ in range(count):
+        n = int(rng.integers(15, 91))
+        t = np.sort(rng.uniform(0.0, 5e3, n))
+        a, k = rng.uniform(1e3, 1e5), rng.uniform(2e-4, 2e-3)
+        y = a * np.exp(-k * t) + 1e7 + rng.normal(0.0, rng.choice([0.1, 1.0, 10.0]), n)
+        sets.append({"x": {"t": t.tolist()}, "y": y.tolist(), "parameters": {"a": 0.5 * a}})
+    return sets
+
+
+def _same_optimum(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Equal to 1e-9 relatively, or within 1e-6 of the standard error (the sum of squares
+    is flat to float64's resolution over ~1e-7 standard errors at the optimum)."""
+    for name, value in want["params"].items():
+        se = want["stats"]["std_errors"][name]
+        gap = abs(got["params"][name] - value)
+        assert gap <= 1e-9 * abs(value) or (se is not None and gap <= 1e-6 * se), name
+
+
+async def test_each_entry_is_the_single_fit_of_its_set(client: httpx.AsyncClient) -> None:
+    shared = {"a": 1e4, "k": 1e-3, "c": 1e7 + 20.0}
+    sets = _decays(9, seed=11)
+    r = await client.post(BATCH, json={"expression": DECAY, "parameters": shared, "datasets": sets})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert (answer["model"], answer["expression"], answer["named_model"]) == (
+        "expression",
+        DECAY,
+        None,
+    )
+    assert (answer["succeeded"], answer["failed"]) == (9, 0)
+    for i, (one, entry) in enumerate(zip(sets, answer["results"], strict=True)):
+        assert entry["index"] == i and entry["error"] is None
+        body = {"expression": DECAY, "parameters": shared | one["parameters"]}
+        single = await client.post(FIT, json=body | {"x": one["x"], "y": one["y"]})
+        assert single.status_code == 200
+        want, got = single.json(), entry["result"]
+        _same_optimum(got, want)
+        assert got["start"] == want["start"] == shared | one["parameters"]
+        for key in ("n", "stop_reason", "converged", "warnings", "history_every"):
+            assert got[key] == want[key], key
+        for key in ("dof", "n_used"):
+            assert got["stats"][key] == want["stats"][key]
+        for name, se in want["stats"]["std_errors"].items():
+            assert got["stats"]["std_errors"][name] == pytest.approx(se, rel=1e-6)
+        assert got["stats"]["rss"] == pytest.approx(want["stats"]["rss"], rel=1e-7)
+        # and the independent reference
+        t, y = np.array(one["x"]["t"]), np.array(one["y"])
+        popt, pcov = curve_fit(
+            lambda t, a, k, c: a * np.exp(-k * t) + c,
+            t,
+            y,
+            p0=list(got["start"].values()),
+            ftol=1e-15,
+            xtol=1e-15,
+            gtol=1e-15,
+            maxfev=100_000,
+        )
+        gaps = np.abs(np.array(list(got["params"].values())) - popt)
+        assert np.all(gaps <= 1e-3 * np.sqrt(np.diag(pcov)))
+
+
+async def test_a_set_that_cannot_be_fitted_fails_alone(client: httpx.AsyncClient) -> None:
+    """A divergent set, a constant one, one with fewer points than parameters, one whose
+    weights leave two points, and sets of other lengths: each its own entry."""
+    good = _decays(3, seed=12)
+    t = np.linspace(0.0, 5e3, 40).tolist()
+    sets = [
+        good[0],
+        {"x": {"t": t}, "y": [1e7] * 40, "parameters": {"k": -1.0}},  # exp(5e3) overflows
+        good[1],
+        {"x": {"t": t}, "y": [1e7] * 40},
+        {"x": {"t": [0.0, 1.0]}, "y": [1e7 + 1.0, 1e7]},
+        {
+            "x": {"t": t[:5]},
+            "y": [1e7 + 9, 1e7 + 5, 1e7 + 3, 1e7 + 2, 1e7],
+            "weights": [1, 1, 0, 0, 0],
+        },
+        good[2],
+    ]
+    body = {"expression": DECAY, "parameters": {"a": 1e4, "k": 1e-3, "c": 1e7}, "datasets": sets}
+    r = await client.post(BATCH, json=body)
+    assert r.status_code == 200, r.text
+    entries = r.json()["results"]
+    assert r.json()["failed"] == 3
+    assert "overflow" in entries[1]["error"] and entries[1]["result"] is None
+    assert entries[3]["error"] is None and entries[3]["result"]["stats"]["rss"] <= 1e-2
+    assert "2 points (with a positive weight) cannot determine 3 parameters" in entries[4]["error"]
+    assert "2 points (with a positive weight)" in entries[5]["error"]
+    for i in (0, 2, 6):
+        assert entries[i]["error"] is None and entries[i]["result"]["converged"]
+        assert entries[i]["result"]["n"] == len(sets[i]["y"])
+
+
+async def test_a_named_model_guesses_each_sets_start(client: httpx.AsyncClient) -> None:
+    rng = np.random.default_rng(13)
+    sets = []
+    for vmax, km in ((2e-6, 3e3), (5e-6, 800.0)):
+        x = np.linspace(100.0, 2e4, 30)
+        y = vmax * x / (km + x) * (1 + rng.normal(0, 1e-3, x.size))
+        sets.append({"x": x.tolist(), "y": y.tolist()})
+    r = await client.post(BATCH, json={"model": "michaelis_menten", "datasets": sets})
+    assert r.status_code == 200, r.text
+    for one, entry in zip(sets, r.json()["results"], strict=True):
+        single = (await client.post(FIT, json={"model": "michaelis_menten", **one})).json()
+        assert entry["result"]["start"] == single["start"]  # guessed from its own data
+        _same_optimum(entry["result"], single)
+
+
+@pytest.mark.parametrize(
+    ("change", "loc", "kind"),
+    [
+        (
+            lambda b: b["datasets"][1].update(x={"u": [1.0, 2.0, 3.0, 4.0]}),
+            ["datasets", 1, "x"],
+            "variables",
+        ),
+        (lambda b: b["datasets"][0].update(y=[1.0, 2.0]), ["datasets", 0, "y"], "length_mismatch"),
+        (
+            lambda b: b["datasets"][1].update(parameters={"q": 1.0}),
+            ["datasets", 1, "parameters"],
+            "unknown_parameter",
+        ),
+        (lambda b: b.update(expression="a*exp(-k*t) + "), ["expression"], "expression_syntax"),
+        (lambda b: b.update(datasets=[]), ["datasets"], "too_short"),
+        (
+            lambda b: b["datasets"][0].update(y=[1.0, float("nan"), 2.0, 3.0]),
+            ["datasets", 0, "y", 1],
+            "finite_number",
+        ),
+    ],
+)
+async def test_refusals_name_the_field(
+    client: httpx.AsyncClient, change: Any, loc: list[Any], kind: str
+) -> None:
+    body: dict[str, Any] = {
+        "expression": DECAY,
+        "parameters": {"a": 1.0, "k": 0.1, "c": 0.0},
+        "datasets": [
+            {"x": {"t": [0.0, 1.0, 2.0, 3.0]}, "y": [3.0, 2.0, 1.5, 1.2]},
+            {"x": {"t": [0.0, 1.0, 2.0, 3.0]}, "y": [4.0, 2.5, 1.7, 1.3]},
+        ],
+    }
+    change(body)
+    content = json.dumps(body).encode()  # NaN written as JSON's extension, as clients do
+    r = await client.post(BATCH, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any(e["loc"][1:] == loc and e["type"] == kind for e in errors), errors
+
+
+async def test_over_the_batch_limit_is_a_422_naming_it() -> None:
+    async with running_app(app_settings(max_batch=2)) as client:
+        body = {
+            "expression": "a*x",
+            "parameters": {"a": 1.0},
+            "datasets": [{"x": [1.0, 2.0], "y": [2.0, 4.0]}] * 3,
+        }
+        r = await client.post(BATCH, json=body)
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["type"] == "too_many_datasets"
+        assert "TAPEFIT_MAX_BATCH" in r.json()["detail"][0]["msg"]
+
+
+def _nist_batch(problem: nist.Problem) -> dict[str, Any]:
+    x: Any = (
+        problem.x["x"].tolist()
+        if problem.variables == ("x",)
+        else {name: values.tolist() for name, values in problem.x.items()}
+    )
+    return {
+        "expression": problem.expression,
+        "parameters": problem.starts[0],
+        "datasets": [
+            {"x": x, "y": problem.y.tolist()},
+            {"x": x, "y": problem.y.tolist(), "parameters": problem.starts[1]},
+        ],
+    }
+
+
+@pytest.mark.parametrize("name", nist.names())
+async def test_nist_both_starts_in_one_batch_request(client: httpx.AsyncClient, name: str) -> None:
+    """NIST's problem with both of its starts as the two sets of one request: each meets
+    the single fit's bar (6 certified digits, 4 in the standard errors, 5.5 in the RSS)."""
+    problem = nist.load(name)
+    r = await client.post(BATCH, json=_nist_batch(problem))
+    assert r.status_code == 200, r.text
+    for entry in r.json()["results"]:
+        fit = entry["result"]
+        assert fit is not None, entry["error"]
+        assert fit["converged"] and fit["warnings"] == [], fit["warnings"]
+        digits = {b: nist.lre(fit["params"][b], problem.certified[b]) for b in problem.certified}
+        se = fit["stats"]["std_errors"]
+        se_digits = {b: nist.lre(se[b], problem.certified_se[b]) for b in problem.certified}
+        assert min(digits.values()) >= 6, digits
+        assert min(se_digits.values()) >= 4, se_digits
+        assert nist.lre(fit["stats"]["rss"], problem.rss) >= 5.5
