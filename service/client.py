@@ -41,6 +41,7 @@ except ImportError:  # numpy is optional: it is only needed to send numpy arrays
 
 from service.api.schemas import (
     Dataset,
+    ExpressionBatchResponse,
     ExpressionFitResponse,
     GaussianBatchResponse,
     GaussianFitResponse,
@@ -267,15 +268,48 @@ def _expression_call(
     options: dict[str, Any],
 ) -> _Call:
     """An expression fit (``x``: one array, or named arrays for several variables)."""
-    xs = {name: _plain(v) for name, v in x.items()} if isinstance(x, Mapping) else _plain(x)
-    body: dict[str, Any] = {"x": xs, "y": _plain(y), **{k: _plain(v) for k, v in options.items()}}
+    body: dict[str, Any] = {"x": _xs(x), "y": _plain(y)}
+    body |= {k: _plain(v) for k, v in options.items()}
+    return _Call("POST", path, json=body | _expression_model(expression, model, parameters))
+
+
+def _expression_batch_call(
+    datasets: Sequence[Mapping[str, Any]],
+    expression: str | None,
+    model: str | None,
+    parameters: Mapping[str, float] | None,
+    options: dict[str, Any],
+) -> _Call:
+    """An expression batch: each data set's x (one array or named arrays), y, and optional
+    weights and parameters (its own starting values)."""
+    sets = []
+    for dataset in datasets:
+        one: dict[str, Any] = {"x": _xs(dataset["x"]), "y": _plain(dataset["y"])}
+        if dataset.get("weights") is not None:
+            one["weights"] = _plain(dataset["weights"])
+        if dataset.get("parameters") is not None:
+            one["parameters"] = {k: float(v) for k, v in dataset["parameters"].items()}
+        sets.append(one)
+    body: dict[str, Any] = {"datasets": sets, **{k: _plain(v) for k, v in options.items()}}
+    body |= _expression_model(expression, model, parameters)
+    return _Call("POST", "/v1/fits/expression/batch", json=body)
+
+
+def _xs(x: Values | Mapping[str, Values]) -> Any:
+    return {name: _plain(v) for name, v in x.items()} if isinstance(x, Mapping) else _plain(x)
+
+
+def _expression_model(
+    expression: str | None, model: str | None, parameters: Mapping[str, float] | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {}
     if expression is not None:
         body["expression"] = expression
     if model is not None:
         body["model"] = model
     if parameters is not None:
         body["parameters"] = {name: float(value) for name, value in parameters.items()}
-    return _Call("POST", path, json=body)
+    return body
 
 
 def _dataset_call(model: str, options: dict[str, Any]) -> _Call:
@@ -439,6 +473,20 @@ class Client(_Base):
         call = _expression_call("/v1/fits/expression", x, y, expression, model, parameters, options)
         return self._model(call, ExpressionFitResponse)
 
+    def fit_expression_batch(
+        self,
+        datasets: Sequence[Mapping[str, Any]],
+        expression: str | None = None,
+        parameters: Mapping[str, float] | None = None,
+        *,
+        model: str | None = None,
+        **options: Any,
+    ) -> ExpressionBatchResponse:
+        """Fit ``expression`` (or the named ``model``) to every data set in one call; each
+        set is ``{"x", "y", "weights"?, "parameters"?}``."""
+        call = _expression_batch_call(datasets, expression, model, parameters, options)
+        return self._model(call, ExpressionBatchResponse)
+
     def plot_expression(
         self,
         x: Values | Mapping[str, Values],
@@ -568,6 +616,19 @@ class AsyncClient(_Base):
         """Fit ``expression`` (or the named ``model``) from ``parameters``' starting values."""
         call = _expression_call("/v1/fits/expression", x, y, expression, model, parameters, options)
         return await self._model(call, ExpressionFitResponse)
+
+    async def fit_expression_batch(
+        self,
+        datasets: Sequence[Mapping[str, Any]],
+        expression: str | None = None,
+        parameters: Mapping[str, float] | None = None,
+        *,
+        model: str | None = None,
+        **options: Any,
+    ) -> ExpressionBatchResponse:
+        """As :meth:`Client.fit_expression_batch`."""
+        call = _expression_batch_call(datasets, expression, model, parameters, options)
+        return await self._model(call, ExpressionBatchResponse)
 
     async def plot_expression(
         self,

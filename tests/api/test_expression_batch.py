@@ -223,3 +223,35 @@ async def test_nist_both_starts_in_one_batch_request(client: httpx.AsyncClient, 
         assert min(digits.values()) >= 6, digits
         assert min(se_digits.values()) >= 4, se_digits
         assert nist.lre(fit["stats"]["rss"], problem.rss) >= 5.5
+
+
+async def test_the_typed_client_fits_a_batch_from_numpy_arrays() -> None:
+    """The client's method takes numpy arrays and returns the typed answer; a request error
+    raises, naming the field."""
+    from asgi_lifespan import LifespanManager
+
+    from service.app import create_app
+    from service.client import AsyncClient, ValidationFailed
+
+    app = create_app(app_settings())
+    async with LifespanManager(app, startup_timeout=120):
+        await app.state.worker_started
+        transport = httpx.ASGITransport(app=app)
+        client = AsyncClient("http://tapefit", transport=transport, max_retries=0)
+        problem = nist.load("Misra1a")
+        x, y = problem.x["x"], problem.y
+        answer = await client.fit_expression_batch(
+            [
+                {"x": x, "y": y},
+                {"x": x, "y": y, "parameters": problem.starts[1]},
+            ],
+            problem.expression,
+            problem.starts[0],
+        )
+        assert (answer.succeeded, answer.failed) == (2, 0)
+        for entry in answer.results:
+            assert entry.result is not None
+            assert entry.result.params["b1"] == pytest.approx(problem.certified["b1"], rel=1e-9)
+        with pytest.raises(ValidationFailed) as refused:
+            await client.fit_expression_batch([{"x": x, "y": y}], "b1*os.system", {"b1": 1.0})
+        assert refused.value.detail[0]["loc"] == ["body", "expression"]
