@@ -27,6 +27,7 @@ from service.api.openapi import install_openapi
 from service.api.routes import datasets, expressions, fits, health, plots
 from service.api.schemas import (
     MAX_EPOCH_COUNT,
+    ExpressionBatchRequest,
     ExpressionFitRequest,
     GaussianDatasetRequest,
     LinearDatasetRequest,
@@ -127,7 +128,13 @@ def create_app(
     requests = [schema for m in models.values() for schema in (m.request, m.batch_request)]
     install_openapi(
         app,
-        [*requests, ExpressionFitRequest, LinearDatasetRequest, GaussianDatasetRequest],
+        [
+            *requests,
+            ExpressionFitRequest,
+            ExpressionBatchRequest,
+            LinearDatasetRequest,
+            GaussianDatasetRequest,
+        ],
         {MAX_EPOCH_COUNT: min(settings.max_epochs, MAX_EPOCH_COUNT)},
     )
     _cache_openapi(app)

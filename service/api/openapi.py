@@ -66,6 +66,15 @@ def json_only_body(model: type[BaseModel], examples: dict[str, dict[str, Any]]) 
     }
 
 
+#: Query parameters whose values are JSON text (objects and lists), with an example each.
+JSON_TEXT = {
+    "initial": '{"slope": 0, "intercept": 0}',
+    "parameters": '{"a": 1000, "k": 0.001}',
+    "bounds": '{"k": [0, null]}',
+    "variables": '["x1", "x2"]',
+}
+
+
 def _query_parameters(options: type[BaseModel]) -> list[dict[str, Any]]:
     parameters: list[dict[str, Any]] = []
     properties = options.model_json_schema(ref_template=REF)["properties"]
@@ -79,9 +88,9 @@ def _query_parameters(options: type[BaseModel]) -> list[dict[str, Any]]:
         default = schema.pop("default", None)
         if default is not None:
             description += f" Default: {default}."
-        if name == "initial":
+        if name in JSON_TEXT:
             schema = {"type": "string"}
-            description += ' As JSON text, e.g. {"slope": 0, "intercept": 0}.'
+            description += f" As JSON text, e.g. {JSON_TEXT[name]}."
         parameters.append(
             {
                 "name": name,

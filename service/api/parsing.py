@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from service.api.schemas import (
+    ExpressionBatchOptions,
     ExpressionBatchRequest,
     ExpressionData,
     ExpressionFitRequest,
@@ -548,25 +549,8 @@ def parse_expression_batch(
         plan = _expression_plan(request, variables, max(lengths), None, context, errors)
     if plan is None:
         return Invalid(errors)
-    names = plan.expression.parameters
-    initial = np.full((len(datasets), len(names)), np.nan)
-    for i, d in enumerate(datasets):
-        own = d.parameters or {}
-        if unknown := sorted(set(own) - set(names)):
-            errors.append(
-                _error(
-                    ["body", "datasets", i, "parameters"],
-                    PydanticCustomError(
-                        "unknown_parameter",
-                        "no parameter {names}; the parameters are {known}",
-                        {"names": ", ".join(unknown), "known": ", ".join(names)},
-                    ),
-                )
-            )
-            continue
-        start = plan.given | own
-        initial[i] = [start.get(name, math.nan) for name in names]
-    if errors:
+    initial = _batch_starts(plan, [d.parameters or {} for d in datasets], errors)
+    if initial is None:
         return Invalid(errors)
     arrays = {
         f"x:{name}": np.fromiter(
@@ -585,6 +569,101 @@ def parse_expression_batch(
     if sum(lengths) <= EXACT_MAX_POINTS:
         arrays |= _exact_batch_columns(body, variables)
     return Parsed(request.model_copy(update={"datasets": []}), arrays, plan)
+
+
+def parse_expression_batch_binary(
+    body: bytes, media: str, query: Mapping[str, str], context: dict[str, Any]
+) -> Parsed[ExpressionBatchOptions] | Invalid:
+    """An expression batch as one .npy array of shape (sets, variables + 1, n): each set's
+    variables (in the order of ``variables``) then y, every set of one length; the options
+    in the query string. The same arrays as :func:`parse_expression_batch`."""
+    try:
+        options = ExpressionBatchOptions.model_validate(_query_values(query), context=context)
+    except ValidationError as exc:
+        return _errors(exc, "query")
+    variables = tuple(options.variables)
+    rows = (*variables, "y")
+    view = _npy_array(body)
+    if isinstance(view, Invalid):
+        return view
+    if view.ndim != 3 or view.shape[1] != len(rows) or view.shape[0] < 1:
+        return _invalid(
+            ["body"],
+            "npy_shape",
+            f"the .npy array must have shape (sets, {len(rows)}, n): each set's "
+            f"{', '.join(rows)}; not {view.shape}",
+        )
+    sets, _, n = view.shape
+    if n < 2:
+        return _invalid(["body"], "too_short", f"at least 2 points are needed, got {n}")
+    try:
+        check_batch(sets, sets * n, options.epochs, options.history_step(), context)
+    except PydanticCustomError as error:
+        return Invalid([_error(["body"], error)])
+    data = view.astype(np.float64)
+    bad = np.argwhere(~np.isfinite(data))
+    if bad.size:
+        i, a, j = (int(v) for v in bad[0])
+        return Invalid(
+            [
+                _error(
+                    ["body", "datasets", i, rows[a], j],
+                    PydanticCustomError("finite_number", "Input should be a finite number"),
+                )
+            ]
+        )
+    errors: ErrorList = []
+    for name in variables:
+        if not name.isidentifier() or name in FUNCTIONS or name in CONSTANTS:
+            errors.append(
+                _error(
+                    ["query", "variables"],
+                    PydanticCustomError(
+                        "variable_name",
+                        "a variable name must be an identifier and not a function or "
+                        "constant: {name}",
+                        {"name": name},
+                    ),
+                )
+            )
+    plan = None if errors else _expression_plan(options, variables, n, None, context, errors)
+    if plan is None:  # the model's fields came in the query string
+        return Invalid([e | {"loc": ["query", *e["loc"][1:]]} for e in errors])
+    initial = _batch_starts(plan, [{}] * sets, errors)
+    if initial is None:
+        return Invalid(errors)
+    arrays = {f"x:{name}": data[:, a, :].reshape(-1) for a, name in enumerate(variables)}
+    arrays["y"] = data[:, -1, :].reshape(-1)
+    arrays["weights"] = np.ones(sets * n)
+    arrays["weighted"] = np.zeros(sets)
+    arrays["lengths"] = np.full(sets, float(n))
+    arrays["initial"] = initial
+    return Parsed(options, arrays, plan)
+
+
+def _batch_starts(
+    plan: ExpressionPlan, own: list[dict[str, float]], errors: ErrorList
+) -> npt.NDArray[np.float64] | None:
+    """Each set's starting values ([B, k], NaN where neither the shared nor the set's own
+    give one: a named model's guess); None with ``errors`` filled in."""
+    names = plan.expression.parameters
+    initial = np.full((len(own), len(names)), np.nan)
+    for i, given in enumerate(own):
+        if unknown := sorted(set(given) - set(names)):
+            errors.append(
+                _error(
+                    ["body", "datasets", i, "parameters"],
+                    PydanticCustomError(
+                        "unknown_parameter",
+                        "no parameter {names}; the parameters are {known}",
+                        {"names": ", ".join(unknown), "known": ", ".join(names)},
+                    ),
+                )
+            )
+            continue
+        start = plan.given | given
+        initial[i] = [start.get(name, math.nan) for name in names]
+    return None if errors else initial
 
 
 def _exact_batch_columns(body: bytes, variables: tuple[str, ...]) -> dict[str, npt.NDArray[Any]]:
@@ -669,7 +748,7 @@ def _expression_data_errors(
 
 
 def _expression_plan(
-    request: ExpressionFitRequest | ExpressionBatchRequest,
+    request: ExpressionFitRequest | ExpressionBatchRequest | ExpressionBatchOptions,
     variables: tuple[str, ...],
     n: int,
     used: int | None,

@@ -1033,6 +1033,18 @@ EXPRESSION_BATCH_EXAMPLE: dict[str, Any] = {
 }
 
 
+class ExpressionBatchOptions(_ExpressionModel, _ExpressionOptions):
+    """An expression batch's options: ``POST /v1/fits/expression/batch/binary`` takes them
+    in the query string (`parameters` and `bounds` as JSON), the data as one .npy array."""
+
+    variables: list[str] = Field(
+        ["x"],
+        min_length=1,
+        description="The binary batch's variable names, in the order of the .npy array's rows "
+        '(JSON in the query string, e.g. ["x1","x2"]); y is the last row.',
+    )
+
+
 class ExpressionBatchRequest(_ExpressionModel, _ExpressionOptions):
     """Fit one expression (or named model) to many data sets at once: the data sets are a
     leading dimension of one compiled loop, each set with its own status and stopping, and

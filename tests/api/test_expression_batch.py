@@ -4,6 +4,7 @@ route's answer for its set, NIST's certified values and scipy's ``curve_fit``.""
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -255,3 +256,81 @@ async def test_the_typed_client_fits_a_batch_from_numpy_arrays() -> None:
         with pytest.raises(ValidationFailed) as refused:
             await client.fit_expression_batch([{"x": x, "y": y}], "b1*os.system", {"b1": 1.0})
         assert refused.value.detail[0]["loc"] == ["body", "expression"]
+
+
+async def test_the_binary_batch_answers_as_the_json_one(client: httpx.AsyncClient) -> None:
+    """Sets of one length as one .npy array (sets, variables + 1, n), options in the query
+    string: the same answer, byte for byte, as the JSON batch of the same sets."""
+    rng = np.random.default_rng(14)
+    t = np.linspace(0.0, 4e3, 25)
+    ys = [3e4 * np.exp(-k * t) + 1e7 + rng.normal(0, 1.0, t.size) for k in (4e-4, 9e-4, 1.5e-3)]
+    shared = {"a": 1e4, "k": 1e-3, "c": 1e7}
+    sets = [{"x": {"t": t.tolist()}, "y": y.tolist()} for y in ys]
+    json_answer = await client.post(
+        BATCH, json={"expression": DECAY, "parameters": shared, "datasets": sets}
+    )
+    buffer = io.BytesIO()
+    np.save(buffer, np.stack([np.stack([t, y]) for y in ys]))
+    query = {
+        "expression": DECAY,
+        "parameters": json.dumps(shared),
+        "variables": json.dumps(["t"]),
+    }
+    npy_answer = await client.post(
+        BATCH + "/binary",
+        content=buffer.getvalue(),
+        params=query,
+        headers={"content-type": "application/x-npy"},
+    )
+    assert json_answer.status_code == npy_answer.status_code == 200, npy_answer.text
+    assert npy_answer.json()["succeeded"] == 3
+    # The JSON body's decimal text is read in extended precision for the statistics; the
+    # .npy's values are float64 already: the parameters are the same, the statistics agree.
+    for a, b in zip(json_answer.json()["results"], npy_answer.json()["results"], strict=True):
+        assert a["result"]["params"] == b["result"]["params"]
+        for name, se in a["result"]["stats"]["std_errors"].items():
+            assert b["result"]["stats"]["std_errors"][name] == pytest.approx(se, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("query", "body_shape", "loc", "kind"),
+    [
+        ({"variables": '["t"]'}, (2, 2, 5), ["query", "expression"], "expression_or_model"),
+        (
+            {"expression": DECAY, "parameters": "{}"},
+            (2, 2, 5),
+            ["query", "parameters"],
+            "expression_no_parameters",
+        ),
+        (
+            {"expression": DECAY, "parameters": '{"a": 1, "k": 1, "c": 1}'},
+            (2, 3, 5),
+            ["body"],
+            "npy_shape",
+        ),
+        (
+            {"expression": DECAY, "parameters": '{"a": 1, "k": 1, "c": 1}', "variables": '["exp"]'},
+            (2, 2, 5),
+            ["query", "variables"],
+            "variable_name",
+        ),
+    ],
+)
+async def test_binary_refusals_name_the_field(
+    client: httpx.AsyncClient,
+    query: dict[str, str],
+    body_shape: tuple[int, ...],
+    loc: list[str],
+    kind: str,
+) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones(body_shape))
+    r = await client.post(
+        BATCH + "/binary",
+        content=buffer.getvalue(),
+        params=query,
+        headers={"content-type": "application/x-npy"},
+    )
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any(e["loc"] == loc and e["type"] == kind for e in errors), errors

@@ -171,7 +171,7 @@ def test_routes_never_read_the_raw_request() -> None:
     routers = [fits.router(BUILT_IN.values()), plots.router(BUILT_IN.values())]
     routers += [expressions.router, datasets.router, health.router]
     routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
-    assert len(routes) == 20  # 8 fits, 4 plots, 3 expressions, 2 datasets, 2 probes, metrics
+    assert len(routes) == 22  # 8 fits, 4 plots, 5 expressions, 2 datasets, 2 probes, metrics
     admitted = set()
     for route in routes:
         hints = typing.get_type_hints(route.endpoint, include_extras=True)
@@ -190,5 +190,7 @@ def test_routes_never_read_the_raw_request() -> None:
         ),
         *(f"/v1/plots/{name}{kind}" for name in BUILT_IN for kind in ("", "/binary")),
         "/v1/fits/expression",
+        "/v1/fits/expression/batch",
+        "/v1/fits/expression/batch/binary",
         "/v1/plots/expression",
     }

@@ -13,18 +13,21 @@ from pydantic import BaseModel
 
 from service.admission import Cost, expression_cost
 from service.api.deps import Admitted, admission
-from service.api.openapi import json_only_body
+from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import (
+    NPY,
     ExpressionPlan,
     Parsed,
     parse_expression,
     parse_expression_batch,
+    parse_expression_batch_binary,
 )
-from service.api.routes.fits import BATCH_RESPONSES, SINGLE_FIT_RESPONSES
+from service.api.routes.fits import BATCH_BINARY_RESPONSES, BATCH_RESPONSES, SINGLE_FIT_RESPONSES
 from service.api.schemas import (
     EXPRESSION_BATCH_EXAMPLE,
     EXPRESSION_EXAMPLE,
     NAMED_MODEL_EXAMPLE,
+    ExpressionBatchOptions,
     ExpressionBatchRequest,
     ExpressionBatchResponse,
     ExpressionFitRequest,
@@ -228,32 +231,63 @@ async def fit_expression_batch(request: Request) -> Any:
     cannot be determined fails alone, in its entry. Each `result` is what `POST
     /v1/fits/expression` answers for that set alone. Streamed entry by entry."""
     async with admission(request) as admitted:
-        parsed = await admitted.body(parse_expression_batch)
-        body, plan = parsed.request, parsed.plan
-        assert isinstance(plan, ExpressionPlan)
-        expression, worker = plan.expression, admitted.worker
-        sets, starts = await _sets(parsed, plan)
-        points, k = int(parsed.arrays["lengths"].sum()), len(expression.parameters)
-        history = len(sets) * (body.epochs // body.history_step() + 1)
-        cost = expression_cost(points, len(expression.variables), k, body.epochs, history)
-        compile_bytes = CompileCost.peak_bytes(expression)  # if its loop is new
-        cost = Cost(bytes=cost.bytes + compile_bytes, seconds=cost.seconds)
-        admitted.ticket.take_place(cost, worker.deadline_s(body.timeout_s))
-        job = SetsJob(
-            model="expression",
-            sets=sets,
-            training=_training(body),
-            options={"expression": expression, "bounds": plan.bounds},
+        return await _fit_sets(admitted, await admitted.body(parse_expression_batch))
+
+
+@router.post(
+    "/v1/fits/expression/batch/binary",
+    response_model=ExpressionBatchResponse,
+    summary="The expression batch with its data as one .npy array",
+    responses=BATCH_BINARY_RESPONSES,
+    openapi_extra=binary_body(
+        ExpressionBatchOptions,
+        "shape (sets, variables + 1, n): each set's variables (in the order of `variables`), "
+        "then its y",
+        "POST /v1/fits/expression/batch",
+        raw=False,
+    ),
+)
+async def fit_expression_batch_binary(request: Request) -> Any:
+    """As `POST /v1/fits/expression/batch`, every set of one length, the data decoded by
+    numpy (no per-number Python objects): the options in the query string, `parameters` and
+    `bounds` as JSON text. The answer is the JSON batch's."""
+    async with admission(request) as admitted:
+        parsed = await admitted.body(
+            parse_expression_batch, parse_expression_batch_binary, json=False, binary_types=(NPY,)
         )
-        results = await admitted.caller.unless_gone(
-            worker.fit_sets(job, body.timeout_s, admitted.ticket)
-        )
-        answer = _sets_answer(plan, starts, results)
-        return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
+        return await _fit_sets(admitted, parsed)
+
+
+async def _fit_sets(
+    admitted: Admitted, parsed: Parsed[ExpressionBatchRequest] | Parsed[ExpressionBatchOptions]
+) -> HoldingStream:
+    """The batch fit, admitted for its points, iterations and a compile; its answer streamed
+    while the admission ticket is held."""
+    body, plan = parsed.request, parsed.plan
+    assert isinstance(plan, ExpressionPlan)
+    expression, worker = plan.expression, admitted.worker
+    sets, starts = await _sets(parsed, plan)
+    points, k = int(parsed.arrays["lengths"].sum()), len(expression.parameters)
+    history = len(sets) * (body.epochs // body.history_step() + 1)
+    cost = expression_cost(points, len(expression.variables), k, body.epochs, history)
+    compile_bytes = CompileCost.peak_bytes(expression)  # if its loop is new
+    cost = Cost(bytes=cost.bytes + compile_bytes, seconds=cost.seconds)
+    admitted.ticket.take_place(cost, worker.deadline_s(body.timeout_s))
+    job = SetsJob(
+        model="expression",
+        sets=sets,
+        training=_training(body),
+        options={"expression": expression, "bounds": plan.bounds},
+    )
+    results = await admitted.caller.unless_gone(
+        worker.fit_sets(job, body.timeout_s, admitted.ticket)
+    )
+    answer = _sets_answer(plan, starts, results)
+    return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
 
 async def _sets(
-    parsed: Parsed[ExpressionBatchRequest], plan: ExpressionPlan
+    parsed: Parsed[ExpressionBatchRequest] | Parsed[ExpressionBatchOptions], plan: ExpressionPlan
 ) -> tuple[tuple[SetData, ...], list[dict[str, float]]]:
     """Each set's arrays, weights and start (a named model's missing values guessed from
     the set's data, in a thread), clipped into the bounds."""
@@ -300,7 +334,9 @@ async def _sets(
     return sets, given
 
 
-def _training(body: ExpressionFitRequest | ExpressionBatchRequest) -> Training:
+def _training(
+    body: ExpressionFitRequest | ExpressionBatchRequest | ExpressionBatchOptions,
+) -> Training:
     return Training(
         learning_rate=body.learning_rate,
         epochs=body.epochs,
