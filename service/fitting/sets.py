@@ -61,16 +61,28 @@ from service.fitting.options import (
     Optimizer,
     Stopping,
 )
-from service.fitting.results import DegenerateData, FitDiverged, FitError, FitResult, StopReason
+from service.fitting.results import (
+    DegenerateData,
+    FitDiverged,
+    FitError,
+    FitResult,
+    FitStats,
+    StopReason,
+)
 from service.fitting.scaling import quiet
 from service.fitting.small import Numbers
-from service.fitting.stats import AtFit, curvature_rows, weight_summary
+from service.fitting.stats import AtFit, Curvature, curvature_rows, weight_summary
 
 Array = npt.NDArray[np.float64]
 
-#: Most loss-history values one compiled call records (rows x epochs), ~32 MB of float64.
-HISTORY_BUDGET = 1 << 22
+#: Rows of the compiled loop at most: a batch of more sets streams through them.
+TILE = 1024
+#: Epochs per compiled call: a row whose set ended takes the next set between calls.
+CALL_EPOCHS = 8
 MIN_ROWS = 4
+#: Rows whose statistics are computed at once (their extended-precision temporaries, about
+#: 6 x 16 bytes a padded point, stay ~100 MB for 1,024 rows of 16,384 points).
+STATS_ROWS = 1024
 #: The update rules a batch offers (Newton's line search is per set: not yet in batches).
 SET_OPTIMIZERS: tuple[ExpressionOptimizer, ...] = (LEVENBERG_MARQUARDT, "sgd", "momentum", "adam")
 
@@ -184,20 +196,27 @@ def _finish(
             except FitError as error:
                 out[i] = error
         return out
-    at = {i: AtFit.of(run.curvature, run.params) for i, run in runs.items()}
     indices = list(runs)
     if not indices:
         return {}
-    with quiet():
-        stats = spec.stats_of_rows(
-            [at[i] for i in indices],
-            np.stack([prepared[i][0].summary for i in indices]),
-            [
-                weight_summary(prepared[i][0].weights, prepared[i][0].arrays[0].size)
-                for i in indices
-            ],
-            [prepared[i][1] for i in indices],
-        )
+    points = Curvature.of_rows(np.array([runs[i].curvature for i in indices]), spec.k)
+    at = {
+        i: AtFit(point, tuple(runs[i].params.tolist()))
+        for i, point in zip(indices, points, strict=True)
+    }
+    stats: list[FitStats] = []
+    for first in range(0, len(indices), STATS_ROWS):  # bounded extended-precision temporaries
+        rows = indices[first : first + STATS_ROWS]
+        with quiet():
+            stats += spec.stats_of_rows(
+                [at[i] for i in rows],
+                np.stack([prepared[i][0].summary for i in rows]),
+                [
+                    weight_summary(prepared[i][0].weights, prepared[i][0].arrays[0].size)
+                    for i in rows
+                ],
+                [prepared[i][1] for i in rows],
+            )
     return {
         i: fit_result(spec, runs[i], at[i], stats[j], stopping, "none", history_every, None)
         for j, i in enumerate(indices)
@@ -223,64 +242,101 @@ class _SetLoop:
     def run(
         self, summaries: list[Array], starts: Array, should_stop: StopCheck | None
     ) -> list[Run | FitError]:
-        spec, k = self.spec, self.spec.k
+        """Fit every set in a tile of rows (at most ``TILE``) that is refilled as sets end:
+        a row whose set stopped takes the next set, so neither the sets that need the most
+        iterations nor the padding of a batch to its compiled size keep the others' rows
+        computing. Between calls (``CALL_EPOCHS`` epochs) the deadline is checked."""
+        spec = self.spec
         sets = len(summaries)
-        rows = rows_bucket(sets)
-        chunk = max(1, min(self.engine.epochs_per_call, HISTORY_BUDGET // rows))
+        rows = min(rows_bucket(sets), TILE)
+        chunk = max(1, min(self.engine.epochs_per_call, CALL_EPOCHS))
         loop = set_loop(self.engine, spec, rows, chunk, self.optimizer.name, self.stopping.enabled)
-        # Padding rows repeat the first set, held stopped from the start.
-        pad = rows - sets
-        summary = np.concatenate([np.stack(summaries), np.repeat(summaries[0][None], pad, 0)])
-        state = np.stack([initial_state(start) for start in starts])
-        state = np.concatenate([state, np.repeat(state[:1], pad, 0)])
-        status = np.concatenate([np.full(sets, float(RUNNING)), np.full(pad, -1.0)])
-        done = np.zeros(rows)
-        pieces: list[tuple[Array, Array]] = []  # (history [chunk, rows], epochs done [rows])
-        summary_t = tf.constant(summary)
-        stop_all: StopReason | None = None
-        total = 0
-        while True:
-            steps = min(chunk, self.epochs - total)
+        summary = np.repeat(summaries[0][None], rows, 0)
+        state = np.repeat(initial_state(starts[0])[None], rows, 0)
+        status = np.full(rows, -1.0)  # -1: an empty row
+        occupant = np.full(rows, -1)
+        done = np.zeros(sets, dtype=np.int64)
+        histories: list[list[Array]] = [[] for _ in range(sets)]
+        runs: list[Run | FitError | None] = [None] * sets
+        waiting = iter(range(sets))
+
+        def fill(row: int) -> None:
+            i = next(waiting, None)
+            occupant[row] = -1 if i is None else i
+            status[row] = -1.0 if i is None else float(RUNNING)
+            if i is not None:
+                summary[row] = summaries[i]
+                state[row] = initial_state(starts[i])
+
+        for row in range(rows):
+            fill(row)
+        curvature = np.zeros((rows, 1))
+        while (active := occupant >= 0).any():
+            if should_stop is not None and (reason := should_stop()) is not None:
+                for row in np.flatnonzero(active).tolist():
+                    i = int(occupant[row])
+                    if done[i]:  # a set not yet started is answered as not fitted
+                        runs[i] = self._ended(
+                            i, state[row], RUNNING, curvature[row], done, histories, reason
+                        )
+                break
+            # No set runs past its epochs: the call's length is the least any set has left.
+            steps = min(chunk, self.epochs - int(done[occupant[active]].max()))
             c = np.array(loop_controls(self.learning_rate, steps, self.optimizer, self.stopping))
-            out = loop(summary_t, tf.constant(state), tf.constant(status), tf.constant(c))
-            state, new_status, history, curvature, ran = (np.asarray(t.numpy()) for t in out)
-            pieces.append((history, ran))
-            done += ran
-            status = new_status
-            total += steps
-            if not np.any(status == RUNNING) or total >= self.epochs:
-                break
-            if should_stop is not None and (stop_all := should_stop()) is not None:
-                break
-        runs: list[Run | FitError] = []
-        params = state[:, :k]
-        for i in range(sets):
-            code = int(status[i])
-            if code == NON_FINITE:
-                runs.append(
-                    FitDiverged(
-                        epoch=int(done[i]),
-                        learning_rate=self.learning_rate,
-                        advice=FitDiverged.SELF_STEPPING
-                        if self.optimizer.name == LEVENBERG_MARQUARDT
-                        else None,
+            out = loop(
+                tf.constant(summary), tf.constant(state), tf.constant(status), tf.constant(c)
+            )
+            state, status, history, curvature, ran = (np.array(t) for t in out)
+            for row in np.flatnonzero(active).tolist():
+                i, count = int(occupant[row]), int(ran[row])
+                if count:
+                    histories[i].append(history[:count, row].copy())
+                done[i] += count
+                if status[row] != RUNNING or done[i] >= self.epochs:
+                    runs[i] = self._ended(
+                        i, state[row], status[row], curvature[row], done, histories, None
                     )
-                )
-                continue
-            history = np.concatenate([h[: int(r[i]), i] for h, r in pieces])
-            final = float(curvature[i, 0])
-            if not math.isfinite(final):
-                runs.append(FitDiverged(epoch=int(done[i]), learning_rate=self.learning_rate))
-                continue
-            stop: StopReason = STOPS.get(code) or stop_all or "max_epochs"
-            try:
-                if history.size:
-                    check_descended(history, final, self.learning_rate)
-            except FitError as error:
-                runs.append(error)
-                continue
-            runs.append(Run(params[i].copy(), history, final, int(done[i]), stop, curvature[i]))
-        return runs
+                    fill(row)
+        return [
+            run if run is not None else FitError("the deadline came before this set was fitted")
+            for run in runs
+        ]
+
+    def _ended(
+        self,
+        i: int,
+        state: Array,
+        code: float,
+        curvature: Array,
+        done: npt.NDArray[np.int64],
+        histories: list[list[Array]],
+        reason: StopReason | None,
+    ) -> Run | FitError:
+        """Set ``i``'s run, ended in ``state`` with status ``code`` (RUNNING: by its epochs, or
+        by ``reason``), or its error."""
+        epochs = int(done[i])
+        if int(code) == NON_FINITE:
+            return FitDiverged(
+                epoch=epochs,
+                learning_rate=self.learning_rate,
+                advice=FitDiverged.SELF_STEPPING
+                if self.optimizer.name == LEVENBERG_MARQUARDT
+                else None,
+            )
+        parts = histories[i]
+        history = np.concatenate(parts) if parts else np.zeros(0)
+        histories[i] = []
+        final = float(curvature[0])
+        if not math.isfinite(final):
+            return FitDiverged(epoch=epochs, learning_rate=self.learning_rate)
+        stop: StopReason = STOPS.get(int(code)) or reason or "max_epochs"
+        try:
+            if history.size:
+                check_descended(history, final, self.learning_rate)
+        except FitError as error:
+            return error
+        params = state[: self.spec.k].copy()
+        return Run(params, history, final, epochs, stop, curvature.copy())
 
 
 _compile_lock = threading.Lock()

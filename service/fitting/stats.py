@@ -123,6 +123,21 @@ class Curvature:
         h = [flat[1 + k + i * k : 1 + k + (i + 1) * k] for i in range(k)]
         return cls(float(flat[0]), tuple(flat[1 : 1 + k]), small.symmetric(small.matrix(h)))
 
+    @classmethod
+    def of_rows(cls, values: Array, k: int) -> list[Curvature]:
+        """:meth:`of` of every row of ``values`` ([B, 1 + k + k²]), their inverses computed
+        at once (:func:`small.inverse_positive_definite_rows`: bitwise the same numbers)."""
+        h = values[:, 1 + k :].reshape(-1, k, k)
+        h = 0.5 * (h + np.swapaxes(h, 1, 2))
+        inverse, ok = small.inverse_positive_definite_rows(h)
+        out = []
+        rows = zip(values.tolist(), h.tolist(), inverse.tolist(), ok.tolist(), strict=True)
+        for row, hessian, inv, good in rows:
+            point = cls(float(row[0]), tuple(row[1 : 1 + k]), tuple(map(tuple, hessian)))
+            point.__dict__["_inverse"] = tuple(map(tuple, inv)) if good else None  # the cache
+            out.append(point)
+        return out
+
     @property
     def gradient_norm(self) -> float:
         return small.norm(self.gradient)

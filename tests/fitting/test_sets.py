@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.optimize import curve_fit
 
-from service.fitting import FitEngine
+from service.fitting import FitEngine, small
 from service.fitting.expression import parse
 from service.fitting.options import Optimizer, OptimizerName, Stopping
 from service.fitting.results import DegenerateData, FitDiverged, FitError, FitResult
@@ -212,3 +212,24 @@ def test_nist_both_starts_as_one_batch(name: str) -> None:
         se_digits = {b: nist.lre(se[b] or 0.0, problem.certified_se[b]) for b in names}
         assert min(digits.values()) >= 6, (start, digits)
         assert min(se_digits.values()) >= 4, (start, se_digits)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 9])
+def test_the_inverses_of_many_hessians_are_bitwise_the_scalar_ones(k: int) -> None:
+    """Many fits' statistics invert their Hessians at once (small.inverse_positive_definite_rows):
+    the same numbers, bit for bit, as one fit's (the scalar function), and None for the same
+    rows: indefinite, negative, non-finite, at scales from 1e-6 to 1e6."""
+    rng = np.random.default_rng(k)
+    a = rng.normal(size=(300, k, k))
+    h = a @ np.swapaxes(a, 1, 2) * rng.uniform(1e-6, 1e6, (300, 1, 1))
+    h[::7] = -h[::7]
+    h[::11, 0, 0] = np.nan
+    h[::13, -1, -1] = 0.0
+    h = 0.5 * (h + np.swapaxes(h, 1, 2))
+    inverse, ok = small.inverse_positive_definite_rows(h)
+    assert 0 < ok.sum() < len(h)
+    for row in range(len(h)):
+        want = small.inverse_positive_definite(small.matrix(h[row].tolist()))
+        assert (want is not None) == bool(ok[row])
+        if want is not None:
+            assert np.array_equal(np.array(want), inverse[row])
