@@ -17,6 +17,7 @@ from bench.engine import fmt_time
 from service.fitting import FitEngine
 from service.fitting.expression import parse
 from service.fitting.options import Optimizer
+from service.fitting.results import FitError, FitResult
 from service.fitting.sets import SetData, fit_sets
 from tests.server import serve
 
@@ -56,7 +57,7 @@ def run(quick: bool, http: bool = True) -> SetsBench:
     expression = parse(TEXT, ("x",), ("a", "k", "c"))
     sets = [SetData((x, yi), start) for yi in y]
 
-    def ours() -> list[object]:
+    def ours() -> list[FitResult | FitError]:
         return fit_sets(
             engine,
             "expression",
@@ -81,7 +82,8 @@ def run(quick: bool, http: bool = True) -> SetsBench:
     scipy_s = time.perf_counter() - t0
     gap = 0.0
     for result, (popt, pcov) in zip(results, fitted, strict=True):
-        params = np.array(list(result.params.values()))  # type: ignore[attr-defined]
+        assert isinstance(result, FitResult), result
+        params = np.array(list(result.params.values()))
         gap = max(gap, float(np.max(np.abs(params - popt) / np.sqrt(np.diag(pcov)))))
     http_s = floor = mib = None
     if http:
