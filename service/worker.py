@@ -584,7 +584,8 @@ class FitWorker:
         charge = self.admission.open()
         # Less the plain graphs the new spec evicts before it compiles: one held beyond
         # TAPEFIT_EXPRESSION_CACHE_BYTES (the newest alone may be) must not refuse the next.
-        freed = engine.expressions.freed_by(expression, job.data[0].size)
+        busy = {compiling[0] for compiling in self._pending}
+        freed = engine.expressions.freed_by(expression, job.data[0].size, busy)
         charge.charge_bytes(max(0.0, CompileCost.peak_bytes(expression) - freed))
         loop = asyncio.get_running_loop()
         running = self._compile_pool.submit(

@@ -117,6 +117,7 @@ def test_a_compile_is_charged_less_the_plain_graphs_it_evicts() -> None:
     assert cache.bytes > bound
     assert cache.freed_by(large, 50) == 0.0  # made already: nothing to compile or evict
     assert cache.freed_by(small, 1000) == pytest.approx(held)
+    assert cache.freed_by(small, 1000, busy={big.name}) == 0.0  # still compiling: kept
     assert evicted == [compile_key(small, 50)]  # freed_by changed nothing
     cache.spec(small, 1000)
     assert evicted[-1] == big.name

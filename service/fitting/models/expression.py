@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -426,14 +426,15 @@ class ExpressionModels:
             self._on_evict(name)
         return spec
 
-    def freed_by(self, expression: Expression, n: int) -> float:
+    def freed_by(self, expression: Expression, n: int, busy: Collection[str] = ()) -> float:
         """Memory that adding the spec for ``n`` points would give back: the plain graphs
-        it would evict (a compile's charge is its peak less this; changes nothing)."""
+        it would evict (a compile's charge is its peak less this; changes nothing), except
+        those ``busy`` (still compiling: evicted, they are not given back until done)."""
         with self._lock:
             if _key(expression, bucket(n)) in self._specs:
                 return 0.0
             evicted = self._plan(expression, bucket(n))[2]
-            return sum(self._kept.get(name, 0.0) for name in evicted)
+            return sum(self._kept.get(name, 0.0) for name in evicted if name not in busy)
 
     def _plan(self, expression: Expression, size: int) -> tuple[bool, float, list[str]]:
         """For a new spec (under the lock): whether it is XLA-compiled, what it keeps, and
