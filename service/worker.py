@@ -586,7 +586,11 @@ class FitWorker:
         # TAPEFIT_EXPRESSION_CACHE_BYTES (the newest alone may be) must not refuse the next.
         busy = {compiling[0] for compiling in self._pending}
         freed = engine.expressions.freed_by(expression, job.data[0].size, busy)
-        charge.charge_bytes(max(0.0, CompileCost.peak_bytes(expression) - freed))
+        try:
+            charge.charge_bytes(max(0.0, CompileCost.peak_bytes(expression) - freed))
+        except Refused:
+            charge.close()  # a refused compile holds nothing (its ticket counted as in progress)
+            raise
         loop = asyncio.get_running_loop()
         running = self._compile_pool.submit(
             self._run_compiling, engine, job, should_stop, progress, trace

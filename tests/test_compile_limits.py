@@ -292,3 +292,31 @@ async def test_requests_for_a_model_being_compiled_wait_for_that_compile() -> No
             if name.startswith(f"{spec.name}_loop") and count
         }
         assert traced == {f"{spec.name}_loop_levenberg_marquardt": 1}
+
+
+async def test_a_compile_refused_for_memory_holds_no_ticket() -> None:
+    """A new expression whose compile does not fit the memory budget is refused (413 here:
+    it never could), and leaves nothing behind: its admission ticket was left open, counted
+    as a request in progress for good, until the service refused small fits for a queue
+    that did not exist (make chaos-expressions, E6 after E1's refused compile)."""
+    from asgi_lifespan import LifespanManager
+
+    from service.app import create_app
+
+    app = create_app(app_settings(memory_budget_bytes=48 * 2**20))
+    async with LifespanManager(app, startup_timeout=120):
+        await app.state.worker_started
+        await app.state.worker.wait_warm()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tapefit") as client:
+            body = {
+                "expression": "a*exp(-b*x) + 0.4375",
+                "parameters": {"a": 1.0, "b": 1.0},
+                "x": [0.0, 1.0, 2.0, 3.0],
+                "y": [1.4, 0.8, 0.6, 0.5],
+            }
+            for _ in range(3):
+                r = await client.post("/v1/fits/expression", json=body)
+                assert r.status_code == 413, r.text
+        admission = app.state.worker.admission
+        assert (admission.tickets, admission.fits, admission.bytes) == (0, 0, 0.0)
