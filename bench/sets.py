@@ -4,6 +4,7 @@ side in one run; the JSON request against the floor of parsing its body with orj
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -23,6 +24,7 @@ from service.fitting.sets import SetData, fit_sets
 from tests.server import serve
 
 TEXT = "a*exp(-k*x) + c"
+JSON = "application/json"
 N = 100
 
 
@@ -35,6 +37,7 @@ class SetsBench:
     #: Largest |ours - curve_fit| over all sets and parameters, in curve_fit's standard errors.
     gap_se: float
     http_json: float | None
+    http_npy: float | None
     parse_floor: float | None
     body_mib: float | None
 
@@ -88,7 +91,7 @@ def run(quick: bool, http: bool = True) -> SetsBench:
         assert isinstance(result, FitResult), result
         params = np.array(list(result.params.values()))
         gap = max(gap, float(np.max(np.abs(params - popt) / np.sqrt(np.diag(pcov)))))
-    http_s = floor = mib = None
+    http_s = npy_s = floor = mib = None
     if http:
         body = json.dumps(
             {
@@ -108,12 +111,22 @@ def run(quick: bool, http: bool = True) -> SetsBench:
         ):
             server.wait_warm()
 
-            def post() -> float:
+            buffer = io.BytesIO()
+            np.save(buffer, np.stack([np.broadcast_to(x, y.shape), y], axis=1))
+            npy = buffer.getvalue()
+            query = {
+                "expression": TEXT,
+                "parameters": json.dumps(dict(zip("akc", start, strict=True))),
+            }
+            query["history_every"] = "1000"
+
+            def post(binary: bool = False) -> float:
                 t0 = time.perf_counter()
                 r = client.post(
-                    "/v1/fits/expression/batch",
-                    content=body,
-                    headers={"content-type": "application/json"},
+                    "/v1/fits/expression/batch" + ("/binary" if binary else ""),
+                    content=npy if binary else body,
+                    params=query if binary else None,
+                    headers={"content-type": "application/x-npy" if binary else JSON},
                 )
                 seconds = time.perf_counter() - t0
                 assert r.status_code == 200 and r.json()["failed"] == 0, r.text[:300]
@@ -121,8 +134,9 @@ def run(quick: bool, http: bool = True) -> SetsBench:
 
             post()  # compiles
             http_s = min(post() for _ in range(2))
+            npy_s = min(post(binary=True) for _ in range(2))
             server.stop()
-    return SetsBench(count, first, engine_s, scipy_s, gap, http_s, floor, mib)
+    return SetsBench(count, first, engine_s, scipy_s, gap, http_s, npy_s, floor, mib)
 
 
 def report(b: SetsBench) -> str:
@@ -147,6 +161,12 @@ def report(b: SetsBench) -> str:
         )
         lines.append(
             f"| orjson.loads of that body alone (the floor) | {fmt_time(b.parse_floor)} | | |"
+        )
+    if b.http_npy is not None:
+        lines.append(
+            f"| POST /v1/fits/expression/batch/binary, .npy, answer read whole | "
+            f"{fmt_time(b.http_npy)} | {fmt_time(b.http_npy / b.count)} | "
+            f"{b.scipy / b.http_npy:.2f}x |"
         )
     lines.append("")
     lines.append(

@@ -61,7 +61,7 @@ from service.fitting.models import BUILT_IN
 from service.fitting.models.expression import CACHE_SIZE, compile_key
 from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
 from service.fitting.results import FitStats
-from service.fitting.sets import SetData, fit_sets
+from service.fitting.sets import SetData, expression_sets_compiled, fit_sets
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -688,34 +688,12 @@ class FitWorker:
         if self._batch_ready is None:
             raise Unavailable("the service is warming up")
         engine = await asyncio.shield(self._batch_ready)
-        cancelled, should_stop = self._stop_check(time.monotonic() + self.deadline_s(timeout_s))
-
-        seconds = 0.0
-
-        def run() -> BatchResults:
-            nonlocal seconds
-            start = time.perf_counter()
-            outcome = "error"
-            self.metrics.running.inc()
-            try:
-                results = _run_batch(engine, job, should_stop)
-                outcome = "batch"
-                return results
-            except FitCancelled:
-                outcome = "cancelled"  # counted by the caller
-                raise
-            finally:
-                self.metrics.running.dec()
-                seconds = time.perf_counter() - start
-                self.metrics.duration.labels(f"{job.model}_batch").observe(seconds)
-                if outcome != "cancelled":
-                    self.metrics.fits.labels(f"{job.model}_batch", outcome).inc()
-
-        future = asyncio.get_running_loop().run_in_executor(self._fit_pool, run)
-        results = await self._cancellable(future, cancelled, f"{job.model}_batch")
-        if ticket is not None:
-            ticket.observe(seconds)
-        return results
+        return await self._batch(
+            f"{job.model}_batch",
+            lambda should_stop: _run_batch(engine, job, should_stop),
+            timeout_s,
+            ticket,
+        )
 
     async def fit_sets(
         self, job: SetsJob, timeout_s: float | None = None, ticket: Ticket | None = None
@@ -724,30 +702,59 @@ class FitWorker:
         a new expression or bucket of rows compiles there); each set's result or error."""
         if self.engine is None:
             raise Unavailable("the service is warming up")
-        engine = self.engine
+        engine, t = self.engine, job.training
+
+        def run(should_stop: Callable[[], StopReason | None]) -> list[FitResult | FitError]:
+            return fit_sets(
+                engine,
+                job.model,
+                job.sets,
+                learning_rate=t.learning_rate,
+                epochs=t.epochs,
+                options=job.options,
+                optimizer=t.optimizer,
+                stopping=t.stopping,
+                history_every=t.history_every,
+                should_stop=should_stop,
+            )
+
+        return await self._batch(f"{job.model}_batch", run, timeout_s, ticket)
+
+    def sets_compiled(self, job: SetsJob) -> bool:
+        """Whether an expression batch would run a compiled loop at once (else it compiles
+        first, and its admission charges the compile's memory)."""
+        if self.engine is None:
+            return False
+        t = job.training
+        return expression_sets_compiled(
+            self.engine,
+            job.options["expression"],
+            max(one.data[0].size for one in job.sets),
+            len(job.sets),
+            t.optimizer.name,
+            t.stopping.enabled,
+        )
+
+    async def _batch(
+        self,
+        label: str,
+        work: Callable[[Callable[[], StopReason | None]], T],
+        timeout_s: float | None,
+        ticket: Ticket | None,
+    ) -> T:
+        """``work(should_stop)`` on a fit thread, counted under ``label`` (running, its
+        duration and outcome); cancelling the caller stops it at its next chunk. The time it
+        took sets admission's pace against the estimate on its ``ticket``."""
         cancelled, should_stop = self._stop_check(time.monotonic() + self.deadline_s(timeout_s))
-        label = f"{job.model}_batch"
         seconds = 0.0
 
-        def run() -> list[FitResult | FitError]:
+        def run() -> T:
             nonlocal seconds
             start = time.perf_counter()
             outcome = "error"
             self.metrics.running.inc()
-            t = job.training
             try:
-                results = fit_sets(
-                    engine,
-                    job.model,
-                    job.sets,
-                    learning_rate=t.learning_rate,
-                    epochs=t.epochs,
-                    options=job.options,
-                    optimizer=t.optimizer,
-                    stopping=t.stopping,
-                    history_every=t.history_every,
-                    should_stop=should_stop,
-                )
+                results = work(should_stop)
                 outcome = "batch"
                 return results
             except FitCancelled:

@@ -392,18 +392,43 @@ def parse_batch_binary(
         options = options_model.model_validate(_query_values(query), context=context)
     except ValidationError as exc:
         return _errors(exc, "query")
+    epochs, every = getattr(options, "epochs", None), getattr(options, "history_every", None)
+    data = _npy_sets(body, names, epochs, every, context)
+    if isinstance(data, Invalid):
+        return data
+    sets, _, n = data.shape
+    arrays = {name: data[:, a, :].reshape(-1) for a, name in enumerate(names)}
+    arrays["lengths"] = np.full(sets, float(n))
+    arrays["initial"] = np.full((sets, k), np.nan)
+    return Parsed(options, arrays)
+
+
+def _npy_sets(
+    body: bytes, rows: tuple[str, ...], epochs: object, every: object, context: dict[str, Any]
+) -> npt.NDArray[np.float64] | Invalid:
+    """A binary batch's .npy array as float64 of shape (sets, len(rows), n), each set's
+    ``rows`` (one row: (sets, n) too), after what :func:`check_batch` says of a JSON batch
+    of as many sets and points (checked on the header's shape before any conversion), and
+    every value finite (the first that is not is named)."""
     view = _npy_array(body)
     if isinstance(view, Invalid):
         return view
-    if view.ndim == 2 and len(names) == 1:
+    if view.ndim == 2 and len(rows) == 1:
         view = view[:, None, :]
-    if view.ndim != 3 or view.shape[1] != len(names) or view.shape[0] < 1:
-        expected = f"(sets, {len(names)}, n)" + (" or (sets, n)" if len(names) == 1 else "")
+    if view.ndim != 3 or view.shape[1] != len(rows) or view.shape[0] < 1:
+        expected = f"(sets, {len(rows)}, n)" + (" or (sets, n)" if len(rows) == 1 else "")
         return _invalid(
-            ["body"], "npy_shape", f"the .npy array must have shape {expected}, not {view.shape}"
+            ["body"],
+            "npy_shape",
+            f"the .npy array must have shape {expected}: each set's {', '.join(rows)}; "
+            f"not {view.shape}",
         )
     sets, _, n = view.shape
-    if (error := _batch_limits(sets, n, options, context)) is not None:
+    if n < 2:
+        return _invalid(["body"], "too_short", f"at least 2 points are needed, got {n}")
+    try:
+        check_batch(sets, sets * n, epochs, every, context)
+    except PydanticCustomError as error:
         return Invalid([_error(["body"], error)])
     data = view.astype(np.float64)
     bad = np.argwhere(~np.isfinite(data))
@@ -412,37 +437,12 @@ def parse_batch_binary(
         return Invalid(
             [
                 _error(
-                    ["body", "datasets", i, names[a], j],
+                    ["body", "datasets", i, rows[a], j],
                     PydanticCustomError("finite_number", "Input should be a finite number"),
                 )
             ]
         )
-    arrays = {name: data[:, a, :].reshape(-1) for a, name in enumerate(names)}
-    arrays["lengths"] = np.full(sets, float(n))
-    arrays["initial"] = np.full((sets, k), np.nan)
-    return Parsed(options, arrays)
-
-
-def _batch_limits(
-    sets: int, n: int, options: BaseModel, context: dict[str, Any]
-) -> PydanticCustomError | None:
-    """What :func:`service.api.schemas.check_batch` says of a JSON batch of ``sets`` sets of
-    ``n`` points each."""
-    if n < 2:
-        return PydanticCustomError(
-            "too_short", "at least 2 points are needed, got {count}", {"count": n}
-        )
-    try:
-        check_batch(
-            sets,
-            sets * n,
-            getattr(options, "epochs", None),
-            getattr(options, "history_every", None),
-            context,
-        )
-    except PydanticCustomError as error:
-        return error
-    return None
+    return data
 
 
 def warm() -> bool:
@@ -582,36 +582,10 @@ def parse_expression_batch_binary(
     except ValidationError as exc:
         return _errors(exc, "query")
     variables = tuple(options.variables)
-    rows = (*variables, "y")
-    view = _npy_array(body)
-    if isinstance(view, Invalid):
-        return view
-    if view.ndim != 3 or view.shape[1] != len(rows) or view.shape[0] < 1:
-        return _invalid(
-            ["body"],
-            "npy_shape",
-            f"the .npy array must have shape (sets, {len(rows)}, n): each set's "
-            f"{', '.join(rows)}; not {view.shape}",
-        )
-    sets, _, n = view.shape
-    if n < 2:
-        return _invalid(["body"], "too_short", f"at least 2 points are needed, got {n}")
-    try:
-        check_batch(sets, sets * n, options.epochs, options.history_step(), context)
-    except PydanticCustomError as error:
-        return Invalid([_error(["body"], error)])
-    data = view.astype(np.float64)
-    bad = np.argwhere(~np.isfinite(data))
-    if bad.size:
-        i, a, j = (int(v) for v in bad[0])
-        return Invalid(
-            [
-                _error(
-                    ["body", "datasets", i, rows[a], j],
-                    PydanticCustomError("finite_number", "Input should be a finite number"),
-                )
-            ]
-        )
+    data = _npy_sets(body, (*variables, "y"), options.epochs, options.history_step(), context)
+    if isinstance(data, Invalid):
+        return data
+    sets, _, n = data.shape
     errors: ErrorList = []
     for name in variables:
         if not name.isidentifier() or name in FUNCTIONS or name in CONSTANTS:

@@ -244,32 +244,10 @@ def _compile_chunk(
 
             stop = tf.constant(RUNNING)
             if stopping:
-                magnitude = tf.maximum(tf.abs(loss), tf.constant(1.0, tf.float64))
-                stall = tf.where((best - loss) > c.tolerance * magnitude, 0.0 * stall, stall + 1.0)
-                best = tf.minimum(best, loss)
-                loss_stop = (c.tolerance >= 0.0) & (stall >= c.patience)
-                gradient_stop = (c.gradient_tolerance >= 0.0) & (tf.norm(g) <= c.gradient_tolerance)
-                stop = tf.where(
-                    tf.math.is_finite(loss),
-                    tf.where(
-                        gradient_stop,
-                        GRADIENT_TOLERANCE,
-                        tf.where(loss_stop, LOSS_TOLERANCE, RUNNING),
-                    ),
-                    RUNNING,
-                )
+                stop, best, stall = stopping_rule(c, loss, g, best, stall, tf.int32)
 
-            if optimizer == "sgd":
-                new_p = p - c.learning_rate * g
-            elif optimizer == "momentum":
-                first = c.first_rate * first - c.learning_rate * g
-                new_p = p + first
-            elif optimizer == "adam":
-                step = step + 1.0
-                first = first + (g - first) * (1.0 - c.first_rate)
-                second = second + (g * g - second) * (1.0 - c.beta_2)
-                alpha = c.learning_rate * tf.sqrt(1.0 - c.beta_2**step) / (1.0 - c.first_rate**step)
-                new_p = p - alpha * first / (tf.sqrt(second) + c.epsilon)
+            if optimizer in GRADIENT_RULES:
+                new_p, first, second, step = gradient_step(optimizer, c, p, g, first, second, step)
             elif optimizer == LEVENBERG_MARQUARDT:
                 assert residuals_fn is not None
                 new_p, damping, growth, scale, final = levenberg_marquardt(
@@ -332,6 +310,52 @@ def _compile_chunk(
         )
 
     return run
+
+
+#: The update rules that step along the gradient (:func:`gradient_step`).
+GRADIENT_RULES = ("sgd", "momentum", "adam")
+
+
+def stopping_rule(
+    c: Controls, loss: Any, g: Any, best: Any, stall: Any, dtype: tf.DType
+) -> tuple[Any, Any, Any]:
+    """The stopping rules on this epoch's loss and gradient, of one set (``loss`` a scalar,
+    ``g`` [k]) or of every row of a batch (``loss`` [B], ``g`` [B, k]): the stop code (in
+    ``dtype``; RUNNING where no rule holds or the loss is not finite), the best loss and the
+    stall count."""
+    magnitude = tf.maximum(tf.abs(loss), tf.constant(1.0, tf.float64))
+    stall = tf.where((best - loss) > c.tolerance * magnitude, 0.0 * stall, stall + 1.0)
+    best = tf.minimum(best, loss)
+    loss_stop = (c.tolerance >= 0.0) & (stall >= c.patience)
+    norm = tf.norm(g, axis=-1)
+    gradient_stop = (c.gradient_tolerance >= 0.0) & (norm <= c.gradient_tolerance)
+
+    def code(value: int) -> Any:
+        return tf.constant(value, dtype)
+
+    rule = tf.where(
+        gradient_stop,
+        code(GRADIENT_TOLERANCE),
+        tf.where(loss_stop, code(LOSS_TOLERANCE), code(RUNNING)),
+    )
+    return tf.where(tf.math.is_finite(loss), rule, code(RUNNING)), best, stall
+
+
+def gradient_step(
+    optimizer: ExpressionOptimizer, c: Controls, p: Any, g: Any, first: Any, second: Any, step: Any
+) -> tuple[Any, Any, Any, Any]:
+    """One step of SGD, momentum or Adam from ``p`` ([k], or [B, k] with ``step`` [B]): the
+    new parameters, the optimizer's two slots and Adam's step count."""
+    if optimizer == "sgd":
+        return p - c.learning_rate * g, first, second, step
+    if optimizer == "momentum":
+        first = c.first_rate * first - c.learning_rate * g
+        return p + first, first, second, step
+    step = step + 1.0
+    first = first + (g - first) * (1.0 - c.first_rate)
+    second = second + (g * g - second) * (1.0 - c.beta_2)
+    alpha = c.learning_rate * tf.sqrt(1.0 - c.beta_2**step) / (1.0 - c.first_rate**step)
+    return p - alpha[..., None] * first / (tf.sqrt(second) + c.epsilon), first, second, step
 
 
 def _newton_update(
@@ -563,6 +587,21 @@ class FitEngine:
         self._add_loops(spec)
         return spec
 
+    def resolve(
+        self, model: str | ModelSpec, options: Mapping[str, Any] | None, n: int
+    ) -> tuple[ModelSpec, Expression | None, dict[str, Any]]:
+        """The spec a fit of ``model`` on (at most) ``n`` points runs, the expression it is
+        made of (``model`` "expression", with ``options["expression"]``; else None), and
+        the spec's options (an expression's bounds keyed by position)."""
+        if model != "expression":
+            spec = self.spec(model)
+            return spec, None, spec.model_options(options)
+        given = dict(options or {})
+        expression = given.pop("expression")
+        given["bounds"] = by_position(expression, given.get("bounds"))
+        spec = self.expression_spec(expression, n)
+        return spec, expression, spec.model_options(given)
+
     def expression_compiled(
         self, expression: Expression, n: int, optimizer: ExpressionOptimizer, stopping: bool
     ) -> bool:
@@ -642,15 +681,7 @@ class FitEngine:
         as often.
         """
         _check_hyperparameters(learning_rate, epochs, history_every)
-        expression: Expression | None = None
-        if model == "expression":  # options: {"expression": Expression, "bounds": ...}
-            options = dict(options or {})
-            expression = options.pop("expression")
-            options["bounds"] = by_position(expression, options.get("bounds"))
-            spec = self.expression_spec(expression, _array(data[0]).size)
-        else:
-            spec = self.spec(model)
-        model_options = spec.model_options(options)
+        spec, expression, model_options = self.resolve(model, options, _array(data[0]).size)
         data_set, start, seed = prepare(
             spec, data, weights, model_options, initial, scaling, seed, self._moments
         )

@@ -32,8 +32,7 @@ import tensorflow as tf
 
 from service.fitting.expression import Expression
 from service.fitting.loop import (
-    GRADIENT_TOLERANCE,
-    LOSS_TOLERANCE,
+    GRADIENT_RULES,
     NON_FINITE,
     RUNNING,
     STEP_TOLERANCE,
@@ -46,14 +45,16 @@ from service.fitting.loop import (
     check_descended,
     finish,
     fit_result,
+    gradient_step,
     initial_state,
     levenberg_marquardt,
     loop_controls,
     prepare,
     state_layout,
+    stopping_rule,
 )
 from service.fitting.models import ModelSpec
-from service.fitting.models.expression import by_position, named
+from service.fitting.models.expression import named
 from service.fitting.options import (
     LEVENBERG_MARQUARDT,
     NO_STOPPING,
@@ -127,17 +128,10 @@ def fit_sets(
         raise ValueError(f"the {optimizer.name} update rule is not offered in batches")
     if not sets:
         return []
-    options = dict(options or {})
-    expression: Expression | None = None
-    if model == "expression":
-        expression = options.pop("expression")
-        options["bounds"] = by_position(expression, options.get("bounds"))
-        spec = engine.expression_spec(expression, max(s.data[0].size for s in sets))
-    else:
-        spec = engine.spec(model)
+    n = max(one.data[0].size for one in sets)
+    spec, expression, shared = engine.resolve(model, options, n)
     if optimizer.name == LEVENBERG_MARQUARDT and spec.residuals is None:
         raise ValueError(f"model {spec.name!r} is not least squares: no Levenberg-Marquardt")
-    shared = spec.model_options(options)
     outcomes: list[FitResult | FitError | None] = [None] * len(sets)
     prepared: dict[int, tuple[DataSet, dict[str, Any], Numbers]] = {}
     for i, one in enumerate(sets):
@@ -175,7 +169,9 @@ def fit_sets(
                 if expression is None or isinstance(result, FitError)
                 else named(expression, result)
             )
-    return [outcome for outcome in outcomes if outcome is not None]
+    answered = [outcome for outcome in outcomes if outcome is not None]
+    assert len(answered) == len(sets), "every set answers, with its result or its error"
+    return answered
 
 
 def _finish(
@@ -248,9 +244,9 @@ class _SetLoop:
         computing. Between calls (``CALL_EPOCHS`` epochs) the deadline is checked."""
         spec = self.spec
         sets = len(summaries)
-        rows = min(rows_bucket(sets), TILE)
-        chunk = max(1, min(self.engine.epochs_per_call, CALL_EPOCHS))
-        loop = set_loop(self.engine, spec, rows, chunk, self.optimizer.name, self.stopping.enabled)
+        key = _loop_key(self.engine, spec.name, sets, self.optimizer.name, self.stopping.enabled)
+        _, rows, chunk, _, _ = key
+        loop = set_loop(self.engine, spec, key)
         summary = np.repeat(summaries[0][None], rows, 0)
         state = np.repeat(initial_state(starts[0])[None], rows, 0)
         status = np.full(rows, -1.0)  # -1: an empty row
@@ -306,16 +302,16 @@ class _SetLoop:
         self,
         i: int,
         state: Array,
-        code: float,
+        status: float,
         curvature: Array,
         done: npt.NDArray[np.int64],
         histories: list[list[Array]],
         reason: StopReason | None,
     ) -> Run | FitError:
-        """Set ``i``'s run, ended in ``state`` with status ``code`` (RUNNING: by its epochs, or
+        """Set ``i``'s run, ended in ``state`` with ``status`` (RUNNING: by its epochs, or
         by ``reason``), or its error."""
         epochs = int(done[i])
-        if int(code) == NON_FINITE:
+        if int(status) == NON_FINITE:
             return FitDiverged(
                 epoch=epochs,
                 learning_rate=self.learning_rate,
@@ -329,7 +325,7 @@ class _SetLoop:
         final = float(curvature[0])
         if not math.isfinite(final):
             return FitDiverged(epoch=epochs, learning_rate=self.learning_rate)
-        stop: StopReason = STOPS.get(int(code)) or reason or "max_epochs"
+        stop: StopReason = STOPS.get(int(status)) or reason or "max_epochs"
         try:
             if history.size:
                 check_descended(history, final, self.learning_rate)
@@ -347,22 +343,44 @@ def code(value: int) -> Any:
     return tf.constant(float(value), tf.float64)
 
 
-def set_loop(
-    engine: FitEngine,
-    spec: ModelSpec,
-    rows: int,
-    chunk: int,
-    optimizer: ExpressionOptimizer,
-    stopping: bool,
-) -> Any:
-    """The compiled loop for ``rows`` rows of ``spec`` (made once; dropped with the spec's
-    other loops when an expression is evicted)."""
-    key = (spec.name, rows, chunk, optimizer, stopping)
+LoopKey = tuple[str, int, int, ExpressionOptimizer, bool]
+
+
+def _loop_key(
+    engine: FitEngine, name: str, sets: int, optimizer: ExpressionOptimizer, stopping: bool
+) -> LoopKey:
+    """Which compiled loop ``sets`` sets of the spec ``name`` run in: its rows (a tile of at
+    most ``TILE``) and epochs per call, with the update rule and the stopping rules."""
+    rows = min(rows_bucket(sets), TILE)
+    return name, rows, max(1, min(engine.epochs_per_call, CALL_EPOCHS)), optimizer, stopping
+
+
+def set_loop(engine: FitEngine, spec: ModelSpec, key: LoopKey) -> Any:
+    """The compiled loop ``key`` of ``spec`` (made once; dropped with the spec's other loops
+    when an expression is evicted)."""
     with _compile_lock:
         loop = engine.set_loops.get(key)
         if loop is None:
-            loop = engine.set_loops[key] = _compile(spec, rows, chunk, optimizer, stopping)
+            loop = engine.set_loops[key] = _compile(spec, *key[1:])
     return loop
+
+
+def expression_sets_compiled(
+    engine: FitEngine,
+    expression: Expression,
+    n: int,
+    sets: int,
+    optimizer: ExpressionOptimizer,
+    stopping: bool,
+) -> bool:
+    """Whether ``sets`` sets of ``expression`` (the longest of ``n`` points) would run a
+    loop already traced and compiled (else the batch pays that first: seconds, and the
+    compile's memory); a lookup that changes no cache."""
+    spec = engine.expressions.peek(expression, n)
+    if spec is None:
+        return False
+    loop = engine.set_loops.get(_loop_key(engine, spec.name, sets, optimizer, stopping))
+    return loop is not None and loop.experimental_get_tracing_count() > 0
 
 
 def _compile(
@@ -404,29 +422,9 @@ def _compile(
             damping, growth, scale = s["damping"], s["growth"], s["scale"]
             stop = tf.fill([rows], code(RUNNING))
             if stopping:
-                magnitude = tf.maximum(tf.abs(loss), 1.0)
-                stall = tf.where((best - loss) > c.tolerance * magnitude, 0.0 * stall, stall + 1.0)
-                best = tf.minimum(best, loss)
-                loss_stop = (c.tolerance >= 0.0) & (stall >= c.patience)
-                norm = tf.norm(g, axis=-1)
-                gradient_stop = (c.gradient_tolerance >= 0.0) & (norm <= c.gradient_tolerance)
-                rule = tf.where(
-                    gradient_stop,
-                    code(GRADIENT_TOLERANCE),
-                    tf.where(loss_stop, code(LOSS_TOLERANCE), code(RUNNING)),
-                )
-                stop = tf.where(tf.math.is_finite(loss), rule, stop)
-            if optimizer == "sgd":
-                new_p = p - c.learning_rate * g
-            elif optimizer == "momentum":
-                first = c.first_rate * first - c.learning_rate * g
-                new_p = p + first
-            elif optimizer == "adam":
-                step = step + 1.0
-                first = first + (g - first) * (1.0 - c.first_rate)
-                second = second + (g * g - second) * (1.0 - c.beta_2)
-                alpha = c.learning_rate * tf.sqrt(1.0 - c.beta_2**step) / (1.0 - c.first_rate**step)
-                new_p = p - alpha[:, None] * first / (tf.sqrt(second) + c.epsilon)
+                stop, best, stall = stopping_rule(c, loss, g, best, stall, tf.float64)
+            if optimizer in GRADIENT_RULES:
+                new_p, first, second, step = gradient_step(optimizer, c, p, g, first, second, step)
             else:
                 assert residuals_fn is not None
                 new_p, damping, growth, scale, final = levenberg_marquardt(
@@ -475,4 +473,4 @@ def _compile(
     return run
 
 
-__all__ = ["SET_OPTIMIZERS", "SetData", "fit_sets", "rows_bucket"]
+__all__ = ["SET_OPTIMIZERS", "SetData", "expression_sets_compiled", "fit_sets", "rows_bucket"]

@@ -80,7 +80,7 @@ async def test_every_set_of_a_batch_of_many_pieces_equals_its_single_fit(
     """An answer streamed in several pieces (200 sets, 64 entries a piece) keeps every set in
     its place: each entry, in order, is its own single fit (x in the thousands), and a
     constant set in the middle is an error in its own place."""
-    from service.api.routes.fits import ENTRIES_PER_PIECE
+    from service.api.streaming import ENTRIES_PER_PIECE
 
     rng = np.random.default_rng(200)
     sizes = rng.integers(3, 40, 200).tolist()

@@ -15,7 +15,7 @@ from service.fitting import FitEngine, small
 from service.fitting.expression import parse
 from service.fitting.options import Optimizer, OptimizerName, Stopping
 from service.fitting.results import DegenerateData, FitDiverged, FitError, FitResult
-from service.fitting.sets import LM, SetData, fit_sets, rows_bucket
+from service.fitting.sets import LM, SetData, expression_sets_compiled, fit_sets, rows_bucket
 from tests import nist
 
 ENGINE = FitEngine()
@@ -233,3 +233,31 @@ def test_the_inverses_of_many_hessians_are_bitwise_the_scalar_ones(k: int) -> No
         assert (want is not None) == bool(ok[row])
         if want is not None:
             assert np.array_equal(np.array(want), inverse[row])
+
+
+def test_whether_a_batch_must_compile_is_known_before_it_runs() -> None:
+    """Admission charges a compile's memory only to a batch whose loop is new: the lookup
+    says so before the first batch of a model and tile size, not after, and changes no
+    cache."""
+    engine = FitEngine()
+    expression = parse("a*exp(-b*x) + c + 0.8125", ("x",), ("a", "b", "c"))
+    sets = _decay_sets(5, seed=7)
+
+    def compiled(count: int) -> bool:
+        return expression_sets_compiled(
+            engine, expression, 120, count, "levenberg_marquardt", False
+        )
+
+    assert not compiled(5)
+    assert engine.expressions.peek(expression, 120) is None  # the lookup made nothing
+    fit_sets(
+        engine,
+        "expression",
+        sets,
+        learning_rate=1.0,
+        epochs=50,
+        options={"expression": expression},
+        optimizer=LM,
+    )
+    assert compiled(5) and compiled(8)  # the same tile of 8 rows
+    assert not compiled(9)  # 16 rows: another loop

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
@@ -36,7 +35,13 @@ from service.api.schemas import (
     ModelDescription,
     ModelList,
 )
-from service.api.streaming import EventStream, HoldingStream, fit_events, progress_step
+from service.api.streaming import (
+    EventStream,
+    HoldingStream,
+    batch_pieces,
+    fit_events,
+    progress_step,
+)
 from service.fitting import catalog
 from service.fitting.expression import CompileCost, evaluate
 from service.fitting.guesses import guess
@@ -270,15 +275,15 @@ async def _fit_sets(
     points, k = int(parsed.arrays["lengths"].sum()), len(expression.parameters)
     history = len(sets) * (body.epochs // body.history_step() + 1)
     cost = expression_cost(points, len(expression.variables), k, body.epochs, history)
-    compile_bytes = CompileCost.peak_bytes(expression)  # if its loop is new
-    cost = Cost(bytes=cost.bytes + compile_bytes, seconds=cost.seconds)
-    admitted.ticket.take_place(cost, worker.deadline_s(body.timeout_s))
     job = SetsJob(
         model="expression",
         sets=sets,
         training=_training(body),
         options={"expression": expression, "bounds": plan.bounds},
     )
+    if not worker.sets_compiled(job):  # its loop compiles first, on the fit thread
+        cost = Cost(bytes=cost.bytes + CompileCost.peak_bytes(expression), seconds=cost.seconds)
+    admitted.ticket.take_place(cost, worker.deadline_s(body.timeout_s))
     results = await admitted.caller.unless_gone(
         worker.fit_sets(job, body.timeout_s, admitted.ticket)
     )
@@ -351,15 +356,10 @@ def _training(
     )
 
 
-#: Batch entries per streamed piece of the answer.
-ENTRIES_PER_PIECE = 64
-
-
 def _sets_answer(
     plan: ExpressionPlan, starts: list[dict[str, float]], results: list[FitResult | FitError]
 ) -> Iterator[bytes]:
-    """The batch answer, a few entries at a time (the stream runs this in a thread); each
-    result is what a single fit of its set answers."""
+    """The batch answer, streamed; each result is what a single fit of its set answers."""
     failed = sum(isinstance(r, FitError) for r in results)
     head = {
         "model": "expression",
@@ -368,21 +368,15 @@ def _sets_answer(
         "succeeded": len(results) - failed,
         "failed": failed,
     }
-    yield orjson.dumps(head)[:-1] + b',"results":['
-    for start in range(0, len(results), ENTRIES_PER_PIECE):
-        piece = []
-        for i in range(start, min(start + ENTRIES_PER_PIECE, len(results))):
-            result = results[i]
-            entry: dict[str, Any]
-            if isinstance(result, FitError):
-                entry = {"index": i, "result": None, "error": str(result)}
-            else:
-                answer = expression_response(plan, starts[i], result)
-                entry = {"index": i, "result": answer.model_dump(mode="json"), "error": None}
-            piece.append(entry)
-        text = orjson.dumps(piece)[1:-1]
-        yield (b"," if start else b"") + text
-    yield b"]}"
+
+    def entry(i: int) -> dict[str, Any]:
+        result = results[i]
+        if isinstance(result, FitError):
+            return {"index": i, "result": None, "error": str(result)}
+        answer = expression_response(plan, starts[i], result)
+        return {"index": i, "result": answer.model_dump(mode="json"), "error": None}
+
+    return batch_pieces(head, len(results), entry)
 
 
 @router.get(

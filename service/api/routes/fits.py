@@ -19,6 +19,7 @@ from service.api.streaming import (
     EVENT_STREAM,
     EventStream,
     HoldingStream,
+    batch_pieces,
     fit_events,
     progress_step,
 )
@@ -257,33 +258,22 @@ async def _fit_batch(model: HttpModel, admitted: Admitted, parsed: Parsed[Any]) 
     return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
 
-#: Batch entries per streamed piece of the answer.
-ENTRIES_PER_PIECE = 64
-
-
 def _batch_answer(model: HttpModel, results: BatchResults) -> Iterator[bytes]:
-    """The batch response, serialized straight from the engine's arrays, a few entries at a
-    time (the stream runs this generator in a thread). Each entry is what :func:`_common`
-    writes for a single fit (a test holds them equal entry by entry), built column by column:
-    validating 10,000 nested response models would cost more than the fits, and so would
-    reading each set's statistics one by one. orjson writes NaN and infinities as null."""
+    """The batch response, serialized straight from the engine's arrays and streamed. Each
+    entry is what :func:`_common` writes for a single fit (a test holds them equal entry by
+    entry), built column by column: validating 10,000 nested response models would cost
+    more than the fits, and so would reading each set's statistics one by one."""
     failed = len(results.errors)
     head = {"model": model.name, "succeeded": len(results) - failed, "failed": failed}
-    yield orjson.dumps(head)[:-1] + b',"results":['
     fitted = iter(_fitted_entries(model, results))
-    for start in range(0, len(results), ENTRIES_PER_PIECE):
-        piece = []
-        for i in range(start, min(start + ENTRIES_PER_PIECE, len(results))):
-            error = results.errors.get(i)
-            piece.append(
-                {"index": i, "result": None, "error": str(error)}
-                if error is not None
-                else {"index": i, "result": next(fitted), "error": None}
-            )
-        # One call a piece (one an entry cost twice as much); its brackets dropped.
-        text = orjson.dumps(piece, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
-        yield (b"," if start else b"") + text
-    yield b"]}"
+
+    def entry(i: int) -> dict[str, Any]:  # called in order
+        error = results.errors.get(i)
+        if error is not None:
+            return {"index": i, "result": None, "error": str(error)}
+        return {"index": i, "result": next(fitted), "error": None}
+
+    return batch_pieces(head, len(results), entry)
 
 
 def _fitted_entries(model: HttpModel, results: BatchResults) -> Iterator[dict[str, Any]]:
