@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ParamSpec
 
 import numpy as np
 import numpy.typing as npt
+
+from service.fitting.expression import NUMPY, Node, evaluate
 
 if TYPE_CHECKING:  # matplotlib is imported on first render: it costs start-up time
     from matplotlib.axes import Axes
@@ -106,6 +108,25 @@ def gaussian_png(
     hist_axes.legend()
     _loss_curve(loss_axes, history, every, "Cost function\n(Negative Log-Likelihood)")
     return _png(figure)
+
+
+def expression_figure(
+    tree: Node,
+    params: Sequence[float],
+    xs: Sequence[Array],
+    y: Array,
+    history: Array,
+    every: int,
+    title: str,
+) -> bytes:
+    """:func:`expression_png` of a fitted expression: its values at the data, and a smooth
+    curve over the data's range when it has one variable."""
+    fitted = np.broadcast_to(evaluate(tree, params, xs, NUMPY), y.shape)
+    curve = None
+    if len(xs) == 1:
+        grid = np.linspace(float(xs[0].min()), float(xs[0].max()), 400)
+        curve = (grid, np.broadcast_to(evaluate(tree, params, [grid], NUMPY), grid.shape))
+    return expression_png(xs[0], y, np.asarray(fitted), curve, history, every, title)
 
 
 @_quiet

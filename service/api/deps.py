@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
 from service.admission import Ticket
+from service.api.bodies import BodyParsers
 from service.api.parsing import BINARY_MEDIA_TYPES, Parsed
 from service.api.requests import (
     BinaryParser,
@@ -105,6 +106,12 @@ class Admitted:
             json=json,
             binary_types=binary_types,
         )
+
+    async def draw(self, drawing: Callable[[], bytes]) -> bytes:
+        """A figure's PNG, drawn off the server process while the ticket is held
+        (:meth:`service.api.bodies.BodyParsers.draw`)."""
+        bodies: BodyParsers = self.caller._request.app.state.bodies
+        return await bodies.draw(drawing)
 
 
 @asynccontextmanager

@@ -274,3 +274,33 @@ async def test_plots_draw_the_data_the_fit_and_its_residuals(
     counts, _ = np.histogram(samples, bins=edges)
     np.testing.assert_array_equal([patch.get_height() for patch in patches[30:]], counts)
     assert sum(patch.get_height() for patch in patches[:30]) == samples.size
+
+
+async def test_plots_are_drawn_in_a_parser_process_as_in_a_thread(
+    client: httpx.AsyncClient,
+) -> None:
+    """With parser processes, every plot is drawn in one (matplotlib and its garbage stay
+    out of the server process), and its PNG is byte for byte the one a thread draws."""
+    x = np.linspace(1_000.0, 9_000.0, 40)
+    y = 1e7 + 0.5 * np.exp(-x / 3_000.0) + np.random.default_rng(13).normal(0, 1e-3, x.size)
+    bodies = {
+        "/v1/plots/expression": {
+            "expression": "c + a*exp(-x/k)",
+            "parameters": {"c": 9.9e6, "a": 1.0, "k": 2_000.0},
+            "x": x.tolist(),
+            "y": y.tolist(),
+        },
+        "/v1/plots/linear": LINEAR_EXAMPLE,
+        "/v1/plots/gaussian": {**GAUSSIAN_EXAMPLE, "seed": 4},
+    }
+    in_thread = {
+        path: (await client.post(path, json=body)).content for path, body in bodies.items()
+    }
+    async with running_app(app_settings(parse_processes=1)) as c:
+        for path, body in bodies.items():
+            r = await c.post(path, json=body)
+            _png(r)
+            assert r.content == in_thread[path], path
+        metrics = (await c.get("/metrics")).text
+    assert 'tapefit_draw_duration_seconds_count{where="process"} 3.0' in metrics
+    assert 'tapefit_draw_duration_seconds_count{where="thread"}' not in metrics

@@ -76,8 +76,9 @@ class HttpModel:
     batch_binary: Operation
     plot: Operation
     plot_binary: Operation
-    #: The PNG of a fit: (the parsed request, the result) -> bytes.
-    draw: Callable[[Parsed[Any], FitResult], bytes]
+    #: The drawing of a fit's PNG: (the parsed request, the result) -> a picklable call that
+    #: draws it (it runs in a parser process).
+    draw: Callable[[Parsed[Any], FitResult], Callable[[], bytes]]
     #: Request fields that are the spec's model options (e.g. the Gaussian's reduction).
     model_options: tuple[str, ...] = ()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from service.api.models import HttpModel, Operation
@@ -22,11 +24,11 @@ from service.plots import gaussian_png
 from service.worker import FitResult, gaussian_samples
 
 
-def draw(parsed: Parsed[Any], result: FitResult) -> bytes:
+def draw(parsed: Parsed[Any], result: FitResult) -> Callable[[], bytes]:
     y = parsed.arrays["y"]
     mean, std = result.params["mean"], result.params["std"]
     samples = gaussian_samples(y.size, mean, std, parsed.request.seed or 0)
-    return gaussian_png(y, samples, mean, std, result.loss_history, result.history_every)
+    return partial(gaussian_png, y, samples, mean, std, result.loss_history, result.history_every)
 
 
 GAUSSIAN = HttpModel(

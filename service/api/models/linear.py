@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from service.api.models import HttpModel, Operation
@@ -23,9 +25,10 @@ from service.plots import linear_png
 from service.worker import FitResult
 
 
-def draw(parsed: Parsed[Any], result: FitResult) -> bytes:
+def draw(parsed: Parsed[Any], result: FitResult) -> Callable[[], bytes]:
     params = result.params
-    return linear_png(
+    return partial(
+        linear_png,
         parsed.arrays["x"],
         parsed.arrays["y"],
         params["slope"],

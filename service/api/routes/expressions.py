@@ -3,7 +3,8 @@
 
 import asyncio
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -43,10 +44,9 @@ from service.api.streaming import (
     progress_step,
 )
 from service.fitting import catalog
-from service.fitting.expression import CompileCost, evaluate
+from service.fitting.expression import CompileCost
 from service.fitting.guesses import guess
-from service.fitting.models.expression import NUMPY
-from service.plots import expression_png
+from service.plots import expression_figure
 from service.worker import (
     FitError,
     FitJob,
@@ -431,23 +431,22 @@ async def plot_expression(request: Request) -> Response:
         result = await caller.unless_gone(
             worker.fit(job, parsed.request.timeout_s, ticket=admitted.ticket)
         )
-        png = await asyncio.to_thread(_draw, plan, job, result)  # the place held meanwhile
+        png = await admitted.draw(_drawing(plan, job, result))  # the place held meanwhile
     return Response(png, media_type=PNG)
 
 
-def _draw(plan: ExpressionPlan, job: FitJob, result: FitResult) -> bytes:
+def _drawing(plan: ExpressionPlan, job: FitJob, result: FitResult) -> Callable[[], bytes]:
     *xs, y = job.data
     params = [result.params[name] for name in plan.expression.parameters]
-    fitted = np.broadcast_to(evaluate(plan.expression.tree, params, xs, NUMPY), y.shape)
-    curve = None
-    if len(xs) == 1:
-        grid = np.linspace(float(xs[0].min()), float(xs[0].max()), 400)
-        curve = (
-            grid,
-            np.broadcast_to(evaluate(plan.expression.tree, params, [grid], NUMPY), grid.shape),
-        )
     title = plan.named_model or plan.expression.text
     title = title if len(title) <= 60 else title[:57] + "..."
-    return expression_png(
-        xs[0], y, np.asarray(fitted), curve, result.loss_history, result.history_every, title
+    return partial(
+        expression_figure,
+        plan.expression.tree,
+        params,
+        xs,
+        y,
+        result.loss_history,
+        result.history_every,
+        title,
     )

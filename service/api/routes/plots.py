@@ -1,6 +1,5 @@
 """POST /v1/plots/{model}: fit, then draw the model's figures as PNG."""
 
-import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,8 +27,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 async def _plot(model: HttpModel, admitted: Admitted, parsed: Parsed[Any]) -> Response:
-    """The fit as for `/v1/fits`, then the model's drawing in a thread; the admission place
-    is held until the PNG is drawn."""
+    """The fit as for `/v1/fits`, then the model's drawing in a parser process; the
+    admission place is held until the PNG is drawn."""
     worker, caller = admitted.worker, admitted.caller
     timeout_s = worker.deadline_s(parsed.request.timeout_s)
     admitted.ticket.take_place(single_fit_cost(model, parsed, worker), timeout_s)
@@ -37,7 +36,7 @@ async def _plot(model: HttpModel, admitted: Admitted, parsed: Parsed[Any]) -> Re
     result = await caller.unless_gone(
         worker.fit(job, parsed.request.timeout_s, ticket=admitted.ticket)
     )
-    png = await asyncio.to_thread(model.draw, parsed, result)
+    png = await admitted.draw(model.draw(parsed, result))
     return Response(png, media_type=PNG)
 
 

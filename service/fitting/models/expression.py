@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from service.fitting.expression import (
     CACHE_BYTES,
+    LONG,
     CompileCost,
     Expression,
     Operations,
@@ -68,26 +69,6 @@ TENSORFLOW = Operations(
     },
     pow=tf.pow,
 )
-#: numpy in extended precision (80-bit x87 long double here: 64-bit significand).
-LONG = Operations(
-    number=np.longdouble,
-    functions={
-        "exp": np.exp,
-        "log": np.log,
-        "sqrt": np.sqrt,
-        "sin": np.sin,
-        "cos": np.cos,
-        "tan": np.tan,
-        "atan": np.arctan,
-        "tanh": np.tanh,
-        "abs": np.abs,
-    },
-    pow=np.power,
-)
-
-
-#: numpy in float64 (drawing a fitted curve).
-NUMPY = Operations(number=float, functions=LONG.functions, pow=np.power)
 
 
 def positional(expression: Expression) -> Expression:
