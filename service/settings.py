@@ -73,6 +73,14 @@ class Settings(BaseSettings):
         "and XLA-compiled, seconds) run on this many threads of their own, apart from the fit "
         "slots, so compiling never holds up cached fits.",
     )
+    uncompiled_max_work: Annotated[int, Field(ge=0)] = Field(
+        262_144,
+        description="A new expression's fits by Levenberg-Marquardt answer at once from the "
+        "numpy loop (no tracing, no XLA: milliseconds, the compiled loop's answer to "
+        "rounding) while its loop compiles in the background, when their points x "
+        "parameters are at most this; larger ones wait for the compile, whose loop is "
+        "faster on large data. 0: every first fit waits for its compile.",
+    )
     max_queued_compiles: Annotated[int, Field(ge=0)] = Field(
         4,
         description="Compiling fits that may wait for a compile thread; more answer 429 with "

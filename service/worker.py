@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copyreg
 import gc
@@ -26,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from typing import Any, TypeVar
 
@@ -59,7 +60,14 @@ from service.fitting.datasets import gaussian_data, gaussian_samples, linear_dat
 from service.fitting.expression import CACHE_BYTES, CompileCost
 from service.fitting.models import BUILT_IN
 from service.fitting.models.expression import CACHE_SIZE, compile_key
-from service.fitting.options import NO_STOPPING, SGD, Optimizer, Scaling, Stopping
+from service.fitting.options import (
+    LEVENBERG_MARQUARDT,
+    NO_STOPPING,
+    SGD,
+    Optimizer,
+    Scaling,
+    Stopping,
+)
 from service.fitting.results import FitStats
 from service.fitting.sets import SetData, expression_sets_compiled, fit_sets
 from service.settings import Settings
@@ -525,20 +533,33 @@ class FitWorker:
         deadline = time.monotonic() + self.deadline_s(timeout_s)
         cancelled, should_stop = self._stop_check(deadline)
         trace = Trace.here()
+        uncompiled = False
         if job.model == "expression" and not self._compiled(engine, job):
             key = self._compile_key(job)
-            while (compiling := self._pending.get(key)) is not None:
+            if self.uncompiled_serves(job):
+                # Answered now by the numpy loop; the compiled loop is made behind it, for
+                # the fits that follow (if a compile thread and the memory are free).
+                self._compile_behind(engine, job, key)
+                uncompiled = True
+            while not uncompiled and (compiling := self._pending.get(key)) is not None:
                 # The same loop is compiling for another request (perhaps under other
                 # names): wait for it, not compile it twice.
                 remaining = max(0.0, deadline - time.monotonic())
                 await asyncio.wait({compiling}, timeout=remaining)
                 if not compiling.done():
                     raise self._still_compiling(job)
-            if not self._compiled(engine, job):
+            if not uncompiled and not self._compiled(engine, job):
                 # A compiling fit's time says nothing of the pace.
                 return await self._compile(
                     engine, job, key, deadline, cancelled, should_stop, progress, trace
                 )
+        if uncompiled:  # in the fit pool, and its time says nothing of the compiled pace
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(
+                self._fit_pool, self._run, engine, job, should_stop, progress, trace, True
+            )
+            result, _ = await self._cancellable(future, cancelled, job.model)
+            return result
         if progress is None and self.inline(ticket):
             result, seconds = await self._run_small(engine, job, deadline, should_stop, trace)
         else:
@@ -572,6 +593,36 @@ class FitWorker:
         request's deadline the request answers :class:`StillCompiling` (503, Retry-After),
         a compile not yet started never starts, and one under way finishes (bounded by
         ``TAPEFIT_MAX_EXPRESSION_COMPLEXITY``) and stays cached for the retry."""
+        running = self._start_compile(
+            engine,
+            job,
+            key,
+            partial(self._run_compiling, engine, job, should_stop, progress, trace),
+        )
+        answer = asyncio.wrap_future(running)
+        answer.add_done_callback(read_outcome)
+        try:
+            result, _ = await asyncio.wait_for(
+                asyncio.shield(answer), max(0.0, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            cancelled.set()  # a compile under way finishes, then its fit stops at once
+            running.cancel()  # one still queued never starts
+            raise self._still_compiling(job) from None
+        except asyncio.CancelledError:
+            cancelled.set()
+            running.cancel()
+            self.metrics.fits.labels(job.model, "cancelled").inc()
+            raise
+        return result
+
+    def _start_compile(
+        self, engine: FitEngine, job: FitJob, key: tuple[str, str, bool], work: Callable[[], T]
+    ) -> concurrent.futures.Future[T]:
+        """``work`` (a fit that compiles ``key``) on a compile thread, admitted as compiles
+        are: a place among the compile threads and their queue (429 past them), and the
+        compile's memory (:class:`CompileCost`) charged to the budget from now until it
+        ends (429 or 413). Requests for ``key`` meanwhile find it in ``_pending``."""
         if len(self._pending) >= self.settings.compile_threads + self.settings.max_queued_compiles:
             # (counted once, by admit(), as every refusal inside a request is)
             raise Refused(
@@ -592,9 +643,7 @@ class FitWorker:
             charge.close()  # a refused compile holds nothing (its ticket counted as in progress)
             raise
         loop = asyncio.get_running_loop()
-        running = self._compile_pool.submit(
-            self._run_compiling, engine, job, should_stop, progress, trace
-        )
+        running = self._compile_pool.submit(work)
         self._pending[key] = done = loop.create_future()
 
         def compiled() -> None:
@@ -603,23 +652,38 @@ class FitWorker:
             self._pending.pop(key, None)
             done.set_result(None)
 
-        running.add_done_callback(lambda _: loop.call_soon_threadsafe(compiled))
-        answer = asyncio.wrap_future(running)
-        answer.add_done_callback(read_outcome)
+        def when_done(_: concurrent.futures.Future[T]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the service ended
+                loop.call_soon_threadsafe(compiled)
+
+        running.add_done_callback(when_done)
+        return running
+
+    def _compile_behind(self, engine: FitEngine, job: FitJob, key: tuple[str, str, bool]) -> None:
+        """Compile ``key`` in the background (one epoch of ``job``, its answer dropped), if
+        it is not compiling already and a compile thread and the memory are free: else the
+        next fit of the model answers from the numpy loop again, and tries again."""
+        if key in self._pending:
+            return
+        one_epoch = replace(job, training=replace(job.training, epochs=1))
+        work = partial(self._warm, engine, one_epoch)
         try:
-            result, _ = await asyncio.wait_for(
-                asyncio.shield(answer), max(0.0, deadline - time.monotonic())
-            )
-        except TimeoutError:
-            cancelled.set()  # a compile under way finishes, then its fit stops at once
-            running.cancel()  # one still queued never starts
-            raise self._still_compiling(job) from None
-        except asyncio.CancelledError:
-            cancelled.set()
-            running.cancel()
-            self.metrics.fits.labels(job.model, "cancelled").inc()
-            raise
-        return result
+            running = self._start_compile(engine, job, key, work)
+        except Refused as refused:
+            log.info("not compiling %s behind its first fit now: %s", key[0], refused.reason)
+            return
+        running.add_done_callback(_log_background_failure)
+
+    @staticmethod
+    def _warm(engine: FitEngine, job: FitJob) -> None:
+        """Compile a job's loop by running it (how it ends does not matter); then the memory
+        the compile freed goes back to the system."""
+        try:
+            FitWorker._dispatch(engine, job, lambda: None)
+        except FitError:
+            pass
+        finally:
+            release_memory()
 
     def _still_compiling(self, job: FitJob) -> StillCompiling:
         """A fit whose deadline came while its model compiled: counted, and its answer."""
@@ -663,11 +727,22 @@ class FitWorker:
         return ticket is not None and 0.0 < ticket.estimate <= self.settings.inline_fit_max_s
 
     def must_compile(self, job: FitJob) -> bool:
-        """Whether this fit would first trace and compile (a new expression or bucket)."""
+        """Whether this fit would first trace and compile (a new expression or bucket, not
+        answered by the numpy loop)."""
         engine = self.engine
         if engine is None or job.model != "expression":
             return False
-        return not self._compiled(engine, job)
+        return not self._compiled(engine, job) and not self.uncompiled_serves(job)
+
+    def uncompiled_serves(self, job: FitJob) -> bool:
+        """Whether an expression fit whose loop is not compiled answers from the numpy loop
+        (Levenberg-Marquardt, within ``TAPEFIT_UNCOMPILED_MAX_WORK``) rather than wait for
+        its compile."""
+        work = job.data[0].size * len(job.options["expression"].parameters)
+        return (
+            work <= self.settings.uncompiled_max_work
+            and job.training.optimizer.name == LEVENBERG_MARQUARDT
+        )
 
     @staticmethod
     def _compiled(engine: FitEngine, job: FitJob) -> bool:
@@ -844,11 +919,12 @@ class FitWorker:
         should_stop: Callable[[], StopReason | None],
         progress: Reporter | None = None,
         trace: Trace | None = None,
+        uncompiled: bool = False,
     ) -> tuple[FitResult, float]:
         """The fit here, and the seconds it took."""
         start = time.perf_counter()
         with self._counted(job.model) as tally, traced(trace, job) as done:
-            tally.result = self._dispatch(engine, job, should_stop, progress)
+            tally.result = self._dispatch(engine, job, should_stop, progress, uncompiled)
             done(tally.result)
         return tally.result, time.perf_counter() - start
 
@@ -896,6 +972,7 @@ class FitWorker:
         job: FitJob,
         should_stop: Callable[[], StopReason | None],
         progress: Reporter | None = None,
+        uncompiled: bool = False,
     ) -> FitResult:
         t = job.training
         return engine.fit(
@@ -914,6 +991,7 @@ class FitWorker:
             should_stop=should_stop,
             on_progress=progress.report if progress is not None else None,
             progress_every=progress.every if progress is not None else None,
+            uncompiled=uncompiled,
         )
 
 
@@ -1091,6 +1169,11 @@ def read_outcome(future: asyncio.Future[Any]) -> None:
     or by a client gone), so that asyncio does not log it as never retrieved."""
     if not future.cancelled():
         future.exception()
+
+
+def _log_background_failure(future: concurrent.futures.Future[Any]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.error("a compile behind a first fit failed", exc_info=error)
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:

@@ -4,7 +4,9 @@ it runs; past its deadline a request answers 503 and the compile, if under way, 
 stays cached; what compiled expressions keep is bounded (XLA never gives memory back, so
 it compiles only within half of the cache's bytes; the rest are plain graphs, which give
 it back when evicted) and counted in the budget. `make chaos-expressions` runs the same
-promises against the real server with the deployment's limits."""
+promises against the real server with the deployment's limits. (The compile path is
+tested with the numpy loop's first fits off, TAPEFIT_UNCOMPILED_MAX_WORK=0;
+tests/fitting/test_numpy_loop.py tests the numpy loop.)"""
 
 from __future__ import annotations
 
@@ -210,7 +212,7 @@ async def test_past_its_deadline_a_compiling_fit_answers_503_and_its_compile_is_
     with no new trace); one queued behind it never starts. The compile's memory is charged
     while it runs and given back after, and its compile place too."""
     x = np.linspace(1e3, 5e3, 40)
-    async with running_app(app_settings(compile_threads=1)) as client:
+    async with running_app(app_settings(compile_threads=1, uncompiled_max_work=0)) as client:
         worker = client._transport.app.state.worker  # type: ignore[attr-defined]
         engine = worker.engine
         text = _fresh(engine, "p*exp(-q*x/1000) + r", "pqr", x.size)
@@ -262,7 +264,9 @@ async def test_requests_for_a_model_being_compiled_wait_for_that_compile() -> No
     each with its own data's answer; they take one compile place, not eight. Half of them
     write the model under other names (the same compile): each answers in its own."""
     x = np.linspace(1e3, 5e3, 48)
-    async with running_app(app_settings(compile_threads=1, max_queued_compiles=0)) as client:
+    async with running_app(
+        app_settings(compile_threads=1, max_queued_compiles=0, uncompiled_max_work=0)
+    ) as client:
         engine = client._transport.app.state.worker.engine  # type: ignore[attr-defined]
         text = _fresh(engine, "u*exp(-v*x/1000) + w", "uvw", x.size)
         renamed = text.replace("u*", "amp*").replace("v*", "rate*").replace("+ w", "+ base")
@@ -303,7 +307,7 @@ async def test_a_compile_refused_for_memory_holds_no_ticket() -> None:
 
     from service.app import create_app
 
-    app = create_app(app_settings(memory_budget_bytes=48 * 2**20))
+    app = create_app(app_settings(memory_budget_bytes=48 * 2**20, uncompiled_max_work=0))
     async with LifespanManager(app, startup_timeout=120):
         await app.state.worker_started
         await app.state.worker.wait_warm()

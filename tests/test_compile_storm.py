@@ -32,7 +32,13 @@ def test_a_compile_storm_leaves_health_and_cached_fits_alone() -> None:
     ]
     # A cache of 4: refused requests must not take places in it (they evicted the cached
     # expression, whose fits then had to compile and were refused too).
-    with serve(TAPEFIT_MAX_QUEUED_COMPILES="2", TAPEFIT_EXPRESSION_CACHE_SIZE="4") as server:
+    # The compile path: no first fits from the numpy loop (tests/fitting/test_numpy_loop.py
+    # and tests/api/test_expressions.py cover those).
+    with serve(
+        TAPEFIT_MAX_QUEUED_COMPILES="2",
+        TAPEFIT_EXPRESSION_CACHE_SIZE="4",
+        TAPEFIT_UNCOMPILED_MAX_WORK="0",
+    ) as server:
         server.wait_warm()
         with httpx.Client(base_url=server.url, timeout=120) as client:
             assert client.post("/v1/fits/expression", json=cached).status_code == 200

@@ -38,6 +38,7 @@ from service.fitting.models.expression import (
     by_position,
     named,
 )
+from service.fitting.numpy_loop import make_loop
 from service.fitting.options import (
     CONVERGED_RTOL,
     LEVENBERG_MARQUARDT,
@@ -498,6 +499,11 @@ def variants(spec: ModelSpec) -> tuple[Variant, ...]:
 DEFAULT_VARIANT: Variant = ("sgd", False)
 
 
+#: Epochs per call of the numpy loop (each a few milliseconds at most, within
+#: TAPEFIT_UNCOMPILED_MAX_WORK), between which the deadline and cancellation are checked.
+NUMPY_EPOCHS_PER_CALL = 16
+
+
 class FitEngine:
     """Fits any model spec; safe to call from many threads at once.
 
@@ -610,6 +616,27 @@ class FitEngine:
         spec = self.expressions.peek(expression, n)
         return spec is not None and self.compiled(spec, optimizer, stopping)
 
+    @staticmethod
+    def numpy_serves(spec: ModelSpec, optimizer: ExpressionOptimizer) -> bool:
+        """Whether a fit of ``spec`` by ``optimizer`` can run the numpy loop
+        (:mod:`service.fitting.numpy_loop`: Levenberg-Marquardt, least squares with numpy
+        residuals) while its compiled loop is not ready."""
+        return optimizer == LEVENBERG_MARQUARDT and spec.numpy_residuals is not None
+
+    @staticmethod
+    def _numpy_loop(spec: ModelSpec, stopping: bool) -> Callable[..., Any]:
+        assert spec.numpy_residuals is not None
+        k, size = spec.k, spec.summary.size
+        return make_loop(
+            spec.numpy_residuals,
+            spec.summary,
+            state_layout(k),
+            input_layout(size, k),
+            Controls._fields,
+            k,
+            stopping,
+        )
+
     def compiled(self, spec: ModelSpec, optimizer: ExpressionOptimizer, stopping: bool) -> bool:
         """Whether the loop a fit of ``spec`` would run is compiled already (else the fit
         pays tracing and XLA compilation first: seconds for a large expression)."""
@@ -668,6 +695,7 @@ class FitEngine:
         should_stop: StopCheck | None = None,
         on_progress: Progress | None = None,
         progress_every: int | None = None,
+        uncompiled: bool = False,
     ) -> FitResult:
         """Fit ``model`` to ``data`` (its arrays in the spec's order, e.g. x, y).
 
@@ -678,7 +706,8 @@ class FitEngine:
         order. ``weights`` (one per point, >= 0) weight the loss; ``options`` are the model's
         own (e.g. the Gaussian's ``reduction``). ``on_progress(epochs_done, loss)`` is called
         after every ``progress_every`` epochs (and at the end); ``should_stop`` is checked
-        as often.
+        as often. With ``uncompiled``, a fit whose compiled loop is not ready runs the numpy
+        loop instead, where the spec has one (:meth:`numpy_serves`): no tracing, no XLA.
         """
         _check_hyperparameters(learning_rate, epochs, history_every)
         spec, expression, model_options = self.resolve(model, options, _array(data[0]).size)
@@ -686,8 +715,18 @@ class FitEngine:
             spec, data, weights, model_options, initial, scaling, seed, self._moments
         )
         per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
+        variant = (optimizer.name, stopping.enabled)
+        if (
+            uncompiled
+            and self.numpy_serves(spec, optimizer.name)
+            and not self.compiled(spec, *variant)
+        ):
+            loop = self._numpy_loop(spec, stopping.enabled)
+            per_call = min(per_call, NUMPY_EPOCHS_PER_CALL)  # deadlines checked as often
+        else:
+            loop = self._loop(spec, variant)
         plan = _Plan(
-            loop=self._loop(spec, (optimizer.name, stopping.enabled)),
+            loop=loop,
             controls=loop_controls(learning_rate, min(per_call, epochs), optimizer, stopping),
             epochs=epochs,
             k=spec.k,
@@ -963,7 +1002,10 @@ def _direct_call(concrete: Any) -> Callable[..., Any] | None:
         return None  # several outputs are packed into their structure: _call_flat does it
     captured = list(concrete.captured_inputs)
 
-    def call(*args: Any) -> Any:
+    # The function stays registered while its caller lives (``_function``): a fit under way
+    # keeps it through the eviction of its expression. Dropping the last reference to a
+    # function removes it from the context, and a call by its name then fails (NotFoundError).
+    def call(*args: Any, _function: Any = concrete) -> Any:
         return quick_execute(name, 1, [*args, *captured], attrs, context)[0]
 
     return call
@@ -973,7 +1015,7 @@ class _Chunk:
     """A chunk's :func:`output_layout` vector, read by name."""
 
     def __init__(self, output: Any, k: int) -> None:
-        parts = output_layout(k).unpack(output.numpy())
+        parts = output_layout(k).unpack(np.asarray(output))  # a tensor, or the numpy loop's
         self.state = parts["state"]
         self.params = self.state[:k]  # state_layout(k) begins with the parameters
         self.done = int(parts["done"])

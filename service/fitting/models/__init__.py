@@ -112,6 +112,12 @@ class ModelSpec:
     residuals: Loss | None = None
     #: Parameters -> the nearest allowed ones (bounds, by projection after every update).
     project: Loss | None = None
+    #: The same residuals in numpy, for parameters given as numbers or as jets
+    #: (:mod:`service.fitting.jets`: with their exact derivatives), of one set ([S]) or of
+    #: rows ([B, S], parameters [B, 1] each): the statistics' Jacobian, and a loop with
+    #: nothing to compile (:mod:`service.fitting.numpy_loop`). Bounds are the summary's
+    #: ``lower`` and ``upper`` fields.
+    numpy_residuals: Callable[[Sequence[Any], Array], Any] | None = None
     #: How many leading summary fields must be finite (None: all; bounds may be infinite).
     finite_fields: int | None = None
     #: Least squares whose loss is a moment form: where it cancels, the residual sum of

@@ -38,13 +38,15 @@ from service.fitting.expression import (
     Operations,
     evaluate,
 )
+from service.fitting.jets import JETS
 from service.fitting.layout import Layout
 from service.fitting.losses import LOG_2PI
 from service.fitting.models import ModelSpec
+from service.fitting.numpy_loop import jacobian_rows
 from service.fitting.options import Scaling
 from service.fitting.results import FitResult, FitStats
 from service.fitting.scaling import IDENTITY, Coordinates
-from service.fitting.stats import AtFit, WeightSummary, residuals_and_jacobian
+from service.fitting.stats import AtFit, WeightSummary
 
 Array = np.ndarray[Any, np.dtype[Any]]
 
@@ -124,6 +126,12 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
         columns = layout.columns(summary)
         return tf.sqrt(columns["w"]) * (columns["y"] - predict(p, summary))
 
+    def numpy_residuals(p: Sequence[Any], summary: Array) -> Any:
+        columns = layout.columns(summary)
+        x = columns["x"]
+        xs = [x[..., j * size : (j + 1) * size] for j in range(v)]
+        return np.sqrt(columns["w"]) * (columns["y"] - evaluate(tree, list(p), xs, JETS))
+
     def loss(p: Any, summary: Any) -> Any:
         r = residuals(p, summary)
         return tf.reduce_sum(r * r, axis=-1) / layout.columns(summary)["total"]
@@ -156,16 +164,14 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
     def start(summaries: Array, scaling: Scaling, seeds: Sequence[int | None]) -> Array:
         return np.zeros((len(summaries), k))  # expressions always come with a start
 
-    jacobian = _jacobian_function(residuals, k, layout.size)
-
     def stats_rows(
         fits: Sequence[AtFit],
         summaries: Array,
         weights: Sequence[WeightSummary],
         options: Sequence[Mapping[str, Any]],
     ) -> list[FitStats]:
-        params = tf.constant(np.array([fit.params for fit in fits]), tf.float64)
-        jacobians = np.asarray(jacobian(params, tf.constant(summaries, tf.float64)).numpy())
+        params = np.array([fit.params for fit in fits])
+        jacobians = jacobian_rows(numpy_residuals, params, summaries)
         exact = [given.get("exact") for given in options]
         return stats_of_rows(expression, layout, size, fits, summaries, weights, exact, jacobians)
 
@@ -195,6 +201,7 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
         dummy_start=(0.0,) * k,
         residuals=residuals,
         project=project,
+        numpy_residuals=numpy_residuals,
         options={"bounds": None, "exact": None},
         finite_fields=layout.size - 2 * k,
         xla=xla,
@@ -208,24 +215,6 @@ def _unscaled(summary: Array) -> tuple[Array, Coordinates]:
 
 def _no_batches(*data: Any) -> Array:
     raise ValueError("expressions are fitted one data set at a time")
-
-
-def _jacobian_function(residuals: Callable[[Any, Any], Any], k: int, size: int) -> Any:
-    """A graph function: the Jacobians of the residuals at given parameters, [B, size, k]
-    (traced on the first statistics of its spec; not XLA-compiled, as it runs once per
-    fit or batch)."""
-
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, k], tf.float64),
-            tf.TensorSpec([None, size], tf.float64),
-        ],
-        autograph=False,
-    )
-    def jacobian(p: Any, summary: Any) -> Any:  # of every row at once
-        return residuals_and_jacobian(residuals, p, summary)[1]
-
-    return jacobian
 
 
 def stats_of_rows(
