@@ -289,6 +289,12 @@ class FitMetrics:
             "Memory charged to the requests in progress (estimated peaks).",
             registry=registry,
         )
+        self.uncompiled = Counter(
+            "tapefit_uncompiled_fits",
+            "Expression fits answered by the numpy loop while their loop was not compiled "
+            "(a new expression or size bucket; TAPEFIT_UNCOMPILED_MAX_WORK).",
+            registry=registry,
+        )
 
 
 @lru_cache(maxsize=4)
@@ -540,6 +546,7 @@ class FitWorker:
                 # Answered now by the numpy loop; the compiled loop is made behind it, for
                 # the fits that follow (if a compile thread and the memory are free).
                 self._compile_behind(engine, job, key)
+                self.metrics.uncompiled.inc()
                 uncompiled = True
             while not uncompiled and (compiling := self._pending.get(key)) is not None:
                 # The same loop is compiling for another request (perhaps under other

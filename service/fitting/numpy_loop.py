@@ -158,7 +158,7 @@ class _ExactRss:
 
     def __init__(self, residuals: JetResiduals, summary: Array) -> None:
         self.residuals = residuals
-        self.summary = summary.astype(np.longdouble)
+        self.summary: Any = summary.astype(np.longdouble)
 
     def __call__(self, p: Array) -> Any:
         r = self.residuals(list(p.astype(np.longdouble)), self.summary)
