@@ -24,7 +24,7 @@ def main() -> None:
     rows, first = engine.run(args.quick)
     print(engine.table(rows, first))
     print()
-    print(expressions.run())
+    print(expressions.run(http=not args.no_http))
     print()
     print(sets.report(sets.run(args.quick, http=not args.no_http)))
     print()

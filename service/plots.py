@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, ParamSpec
 import numpy as np
 import numpy.typing as npt
 
-from service.fitting.expression import NUMPY, Node, evaluate
+from service.fitting.expression import Node, evaluate
+from service.fitting.operations import NUMPY
 
 if TYPE_CHECKING:  # matplotlib is imported on first render: it costs start-up time
     from matplotlib.axes import Axes

@@ -24,8 +24,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 #: The limits of an expression (untrusted input).
 MAX_LENGTH = 2000
 MAX_DEPTH = 64
@@ -307,28 +305,6 @@ class Operations:
     number: Callable[[str], Any]
     functions: Mapping[str, Callable[[Any], Any]]
     pow: Callable[[Any, Any], Any]
-
-
-#: numpy in extended precision (80-bit x87 long double here: 64-bit significand).
-LONG = Operations(
-    number=np.longdouble,
-    functions={
-        "exp": np.exp,
-        "log": np.log,
-        "sqrt": np.sqrt,
-        "sin": np.sin,
-        "cos": np.cos,
-        "tan": np.tan,
-        "atan": np.arctan,
-        "tanh": np.tanh,
-        "abs": np.abs,
-    },
-    pow=np.power,
-)
-
-
-#: numpy in float64 (drawing a fitted curve).
-NUMPY = Operations(number=float, functions=LONG.functions, pow=np.power)
 
 
 def evaluate(node: Node, params: Sequence[Any], variables: Sequence[Any], ops: Operations) -> Any:

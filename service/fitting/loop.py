@@ -587,14 +587,22 @@ class FitEngine:
         except KeyError:
             raise ValueError(f"unknown model {model!r}") from None
 
-    def expression_spec(self, expression: Expression, n: int) -> ModelSpec:
-        """The spec of ``expression`` for ``n`` points (cached), its loops ready to compile."""
+    def expression_spec(self, expression: Expression, n: int, cache: bool = True) -> ModelSpec:
+        """The spec of ``expression`` for ``n`` points (cached), its loops ready to compile;
+        without ``cache``, the cached one or one made for this call alone (for the numpy
+        loop: nothing is cached, compiled or charged)."""
+        if not cache:
+            return self.expressions.transient(expression, n)
         spec = self.expressions.spec(expression, n)
         self._add_loops(spec)
         return spec
 
     def resolve(
-        self, model: str | ModelSpec, options: Mapping[str, Any] | None, n: int
+        self,
+        model: str | ModelSpec,
+        options: Mapping[str, Any] | None,
+        n: int,
+        cache: bool = True,
     ) -> tuple[ModelSpec, Expression | None, dict[str, Any]]:
         """The spec a fit of ``model`` on (at most) ``n`` points runs, the expression it is
         made of (``model`` "expression", with ``options["expression"]``; else None), and
@@ -605,7 +613,7 @@ class FitEngine:
         given = dict(options or {})
         expression = given.pop("expression")
         given["bounds"] = by_position(expression, given.get("bounds"))
-        spec = self.expression_spec(expression, n)
+        spec = self.expression_spec(expression, n, cache)
         return spec, expression, spec.model_options(given)
 
     def expression_compiled(
@@ -710,14 +718,18 @@ class FitEngine:
         loop instead, where the spec has one (:meth:`numpy_serves`): no tracing, no XLA.
         """
         _check_hyperparameters(learning_rate, epochs, history_every)
-        spec, expression, model_options = self.resolve(model, options, _array(data[0]).size)
+        # The numpy loop may serve a fit whose loop is not compiled: its spec is then not
+        # cached (a cached spec is counted as compiled memory).
+        numpy_first = uncompiled and optimizer.name == LEVENBERG_MARQUARDT
+        n = _array(data[0]).size
+        spec, expression, model_options = self.resolve(model, options, n, not numpy_first)
         data_set, start, seed = prepare(
             spec, data, weights, model_options, initial, scaling, seed, self._moments
         )
         per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
         variant = (optimizer.name, stopping.enabled)
         if (
-            uncompiled
+            numpy_first
             and self.numpy_serves(spec, optimizer.name)
             and not self.compiled(spec, *variant)
         ):

@@ -12,11 +12,11 @@ from service.fitting.expression import (
     MAX_DEPTH,
     MAX_LENGTH,
     MAX_PARAMETERS,
-    NUMPY,
     ExpressionError,
     evaluate,
     parse,
 )
+from service.fitting.operations import NUMPY
 
 
 def _value(text: str, x: float, **params: float) -> float:

@@ -32,7 +32,6 @@ import tensorflow as tf
 
 from service.fitting.expression import (
     CACHE_BYTES,
-    LONG,
     CompileCost,
     Expression,
     Operations,
@@ -43,6 +42,7 @@ from service.fitting.layout import Layout
 from service.fitting.losses import LOG_2PI
 from service.fitting.models import ModelSpec
 from service.fitting.numpy_loop import jacobian_rows
+from service.fitting.operations import LONG
 from service.fitting.options import Scaling
 from service.fitting.results import FitResult, FitStats
 from service.fitting.scaling import IDENTITY, Coordinates
@@ -395,6 +395,15 @@ class ExpressionModels:
         for name in evicted:
             self._on_evict(name)
         return spec
+
+    def transient(self, expression: Expression, n: int) -> ModelSpec:
+        """The cached spec for ``n`` points, or else one made for one call and not kept: it
+        is not cached and charges nothing (what the numpy loop fits with, compiling
+        nothing; a new spec in the cache would count as compiled memory)."""
+        size = bucket(n)
+        with self._lock:
+            spec = self._specs.get(_key(expression, size))
+        return spec or expression_spec(positional(expression), size, xla=False)
 
     def freed_by(self, expression: Expression, n: int, busy: Collection[str] = ()) -> float:
         """Memory that adding the spec for ``n`` points would give back: the plain graphs
