@@ -24,6 +24,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -101,6 +102,8 @@ BUDGET_SHARE = 0.95
 MIN_BUDGET_BYTES = 64 * 1024 * 1024
 
 T = TypeVar("T")
+#: Uncompiled models remembered as fitted once (compiled at their second fit).
+SEEN_MODELS = 4096
 Array = npt.NDArray[np.float64]
 
 __all__ = [
@@ -356,6 +359,9 @@ class FitWorker:
         #: Compiles in progress (running or queued), by what they make; each done when its
         #: compile thread is.
         self._pending: dict[tuple[str, str, bool], asyncio.Future[None]] = {}
+        #: Models fitted once by the numpy loop (the most recent SEEN_MODELS): compiled when
+        #: fitted again.
+        self._seen: OrderedDict[tuple[str, str, bool], None] = OrderedDict()
         self._process: WarmProcess | None = None
         self._warm_here = False
         self._base_budget = self.admission.memory_budget
@@ -667,11 +673,21 @@ class FitWorker:
         return running
 
     def _compile_behind(self, engine: FitEngine, job: FitJob, key: tuple[str, str, bool]) -> None:
-        """Compile ``key`` in the background (one epoch of ``job``, its answer dropped), if
-        it is not compiling already and a compile thread and the memory are free: else the
-        next fit of the model answers from the numpy loop again, and tries again."""
+        """Compile ``key`` in the background (one epoch of ``job``, its answer dropped) once
+        it is fitted a second time, if it is not compiling already and a compile thread and
+        the memory are free: else the next fit of the model answers from the numpy loop
+        again, and tries again. (A model fitted once, as someone trying models in /docs
+        does, never pays a compile; one fitted again is compiled while it is answered. A
+        trace holds the GIL for much of its second or two, and slowed the numpy fits of
+        the next new models beside it ~8x.)"""
         if key in self._pending:
             return
+        if key not in self._seen:
+            self._seen[key] = None
+            if len(self._seen) > SEEN_MODELS:
+                self._seen.popitem(last=False)
+            return
+        del self._seen[key]
         one_epoch = replace(job, training=replace(job.training, epochs=1))
         work = partial(self._warm, engine, one_epoch)
         try:
