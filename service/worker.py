@@ -104,6 +104,9 @@ MIN_BUDGET_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
 #: Uncompiled models remembered as fitted once (compiled at their second fit).
 SEEN_MODELS = 4096
+#: Seconds a client refused a place for a new expression's numpy fit is told to wait
+#: (such fits take milliseconds).
+FIRST_FIT_RETRY_S = 1
 Array = npt.NDArray[np.float64]
 
 __all__ = [
@@ -356,6 +359,11 @@ class FitWorker:
         self._compile_pool = ThreadPoolExecutor(
             max_workers=settings.compile_threads, thread_name_prefix="compile"
         )
+        # Fits of new expressions answered by the numpy loop run here, one at a time, apart
+        # from the fit slots too (and at most MAX_QUEUED_COMPILES wait): cached fits keep
+        # their slots and their pace through a flood of new expressions.
+        self._first_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-fit")
+        self._first_fits = 0
         #: Compiles in progress (running or queued), by what they make; each done when its
         #: compile thread is.
         self._pending: dict[tuple[str, str, bool], asyncio.Future[None]] = {}
@@ -471,6 +479,7 @@ class FitWorker:
         self.ready = False
         self._fit_pool.shutdown(wait=False, cancel_futures=True)
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
+        self._first_pool.shutdown(wait=False, cancel_futures=True)
         if self._process is not None:
             await self._process.stop()
 
@@ -566,13 +575,8 @@ class FitWorker:
                 return await self._compile(
                     engine, job, key, deadline, cancelled, should_stop, progress, trace
                 )
-        if uncompiled:  # in the fit pool, and its time says nothing of the compiled pace
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(
-                self._fit_pool, self._run, engine, job, should_stop, progress, trace, True
-            )
-            result, _ = await self._cancellable(future, cancelled, job.model)
-            return result
+        if uncompiled:  # its time says nothing of the compiled pace
+            return await self._first_fit(engine, job, cancelled, should_stop, progress, trace)
         if progress is None and self.inline(ticket):
             result, seconds = await self._run_small(engine, job, deadline, should_stop, trace)
         else:
@@ -628,6 +632,36 @@ class FitWorker:
             self.metrics.fits.labels(job.model, "cancelled").inc()
             raise
         return result
+
+    async def _first_fit(
+        self,
+        engine: FitEngine,
+        job: FitJob,
+        cancelled: threading.Event,
+        should_stop: Callable[[], StopReason | None],
+        progress: Reporter | None,
+        trace: Trace | None,
+    ) -> FitResult:
+        """A fit of a new expression by the numpy loop, on the first-fit thread; 429 when it
+        and its queue (``TAPEFIT_MAX_QUEUED_COMPILES``) are full."""
+        if self._first_fits >= 1 + self.settings.max_queued_compiles:
+            # (counted once, by admit(), as every refusal inside a request is)
+            raise Refused(
+                "compiling",
+                FIRST_FIT_RETRY_S,
+                "every place for fits of new expressions is taken; retry, or reuse an "
+                "expression (compiled ones fit at once)",
+            )
+        self._first_fits += 1
+        try:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(
+                self._first_pool, self._run, engine, job, should_stop, progress, trace, True
+            )
+            result, _ = await self._cancellable(future, cancelled, job.model)
+            return result
+        finally:
+            self._first_fits -= 1
 
     def _start_compile(
         self, engine: FitEngine, job: FitJob, key: tuple[str, str, bool], work: Callable[[], T]
@@ -750,12 +784,13 @@ class FitWorker:
         return ticket is not None and 0.0 < ticket.estimate <= self.settings.inline_fit_max_s
 
     def must_compile(self, job: FitJob) -> bool:
-        """Whether this fit would first trace and compile (a new expression or bucket, not
-        answered by the numpy loop)."""
+        """Whether this fit runs apart from the fit slots, as fits of models not compiled
+        yet do: compiled first, or answered by the numpy loop (a new expression or
+        bucket)."""
         engine = self.engine
         if engine is None or job.model != "expression":
             return False
-        return not self._compiled(engine, job) and not self.uncompiled_serves(job)
+        return not self._compiled(engine, job)
 
     def uncompiled_serves(self, job: FitJob) -> bool:
         """Whether an expression fit whose loop is not compiled answers from the numpy loop

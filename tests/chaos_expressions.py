@@ -146,6 +146,12 @@ async def memory_at_the_limits(server: Server, outcome: Outcome) -> None:
     """2. A 4-parameter expression on 1e6 points (the work limit), its 1e6-point plot, a
     compile near the complexity limit, then 8 admitted 300k-point JSON fits: the pod stays
     under its limit, and what the compiles leave behind is counted in the budget."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as probe:
+        for _ in range(1200):  # E1's compile, past its request's deadline, finishes first
+            charged = metric((await probe.get("/metrics")).text, "tapefit_memory_charged_bytes")
+            if charged == 0.0:
+                break
+            await asyncio.sleep(0.1)
     before = pss_bytes(marked_processes(server.mark))
     server_before = pss_bytes([server.process.pid])
     outcome.notes.append(f"before{idle(server)}")

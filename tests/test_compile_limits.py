@@ -326,3 +326,43 @@ async def test_a_compile_refused_for_memory_holds_no_ticket() -> None:
                 assert r.status_code in (413, 429), r.text
         admission = app.state.worker.admission
         assert (admission.tickets, admission.fits, admission.bytes) == (0, 0, 0.0)
+
+
+async def test_fits_of_new_expressions_by_the_numpy_loop_run_apart_and_bounded() -> None:
+    """New expressions answered by the numpy loop run one at a time on a thread of their
+    own, with at most TAPEFIT_MAX_QUEUED_COMPILES waiting: the rest answer 429 with
+    Retry-After 1 s (counted once, as "compiling"), and take no fit slot meanwhile."""
+    x = np.linspace(0.0, 5.0, 50_000)
+    async with running_app(app_settings(max_queued_compiles=1)) as client:
+        worker = client._transport.app.state.worker  # type: ignore[attr-defined]
+        text = _fresh(worker.engine, "a*exp(-b*x) + c", "abc", x.size)  # not compiled
+        salt = float(text.rsplit("+", 1)[1])
+        body = {
+            "expression": text,
+            "parameters": {"a": 1.0, "b": 1.0, "c": 0.0},
+            "x": x.tolist(),
+            "y": (2.0 * np.exp(-0.5 * x) + 0.25 + salt).tolist(),
+        }
+        bodies = [body] * 6
+        fit_places: list[int] = []
+
+        async def watch() -> None:
+            for _ in range(100):
+                fit_places.append(worker.admission.fits)
+                await asyncio.sleep(0.01)
+
+        *answers, _ = await asyncio.gather(*(client.post(FIT, json=b) for b in bodies), watch())
+        metrics = (await client.get("/metrics")).text
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    for r in answers:
+        if r.status_code == 200:
+            assert r.json()["params"]["b"] == pytest.approx(0.5, rel=1e-9)
+        else:
+            assert r.headers["retry-after"] == "1"
+            assert "new expressions" in r.json()["detail"]
+    counted = float(
+        metrics.split('tapefit_fit_rejections_total{reason="compiling"} ')[1].split()[0]
+    )
+    assert counted == statuses.count(429)
+    assert max(fit_places) == 0

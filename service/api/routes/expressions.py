@@ -140,9 +140,10 @@ async def _job(
     history = body.epochs // body.history_step() + 1
     cost = expression_cost(y.size, len(xs), k, body.epochs, history)
     if worker.must_compile(job):
-        # It will wait for a compile thread (bounded by its own queue, 429 past it), not for
-        # a fit slot: it holds its memory but no fit place, so cached fits are never
-        # crowded out by a flood of new expressions.
+        # It will wait for a compile thread, or the numpy loop's first-fit thread (each
+        # bounded by its own queue, 429 past it), not for a fit slot: it holds its memory
+        # but no fit place, so cached fits are never crowded out by a flood of new
+        # expressions.
         admitted.ticket.charge_bytes(cost.bytes)
     else:
         admitted.ticket.take_place(cost, worker.deadline_s(body.timeout_s))
