@@ -695,6 +695,7 @@ class FitWorker:
 
         def compiled() -> None:
             charge.close()
+            self.metrics.memory_charged.set(self.admission.bytes)  # (not a request's close)
             self._count_compiled()
             self._pending.pop(key, None)
             done.set_result(None)

@@ -73,6 +73,9 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return float(found.group(1)) if found else 0.0
 
 
+UNCOMPILED = "tapefit_uncompiled_fits_total"
+
+
 # -- the attacks ----------------------------------------------------------------------------------
 
 
@@ -230,9 +233,14 @@ async def flood_of_new_expressions(server: Server, outcome: Outcome) -> None:
         for text in ("a*exp(-b*x)", "a*exp(-b*x) + 0.01", "a/(1 + b*x)")
     ]
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-        for body in reused:  # compiled before the flood
-            r = await client.post(FIT, json=body)
-            record(outcome, r)
+        for body in reused:  # compiled before the flood (behind its second numpy fit)
+            for _ in range(600):
+                before = metric((await client.get("/metrics")).text, UNCOMPILED)
+                r = await client.post(FIT, json=body)
+                record(outcome, r)
+                if metric((await client.get("/metrics")).text, UNCOMPILED) == before:
+                    break  # this fit ran compiled
+                await asyncio.sleep(0.1)
         calm: list[float] = []
         for _ in range(30):
             r, seconds = await timed(client, FIT, reused[len(calm) % 3])
