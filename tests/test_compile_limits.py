@@ -351,7 +351,9 @@ async def test_fits_of_new_expressions_by_the_numpy_loop_run_apart_and_bounded()
                 fit_places.append(worker.admission.fits)
                 await asyncio.sleep(0.01)
 
-        *answers, _ = await asyncio.gather(*(client.post(FIT, json=b) for b in bodies), watch())
+        watching = asyncio.create_task(watch())
+        answers = await asyncio.gather(*(client.post(FIT, json=b) for b in bodies))
+        await watching
         metrics = (await client.get("/metrics")).text
     statuses = sorted(r.status_code for r in answers)
     assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
