@@ -74,12 +74,13 @@ class Settings(BaseSettings):
         "slots, so compiling never holds up cached fits.",
     )
     uncompiled_max_work: Annotated[int, Field(ge=0)] = Field(
-        262_144,
+        2_000_000,
         description="A new expression's fits by Levenberg-Marquardt answer at once from the "
         "numpy loop (no tracing, no XLA: milliseconds, the compiled loop's answer to "
         "rounding) while its loop compiles in the background, when their points x "
-        "parameters are at most this; larger ones wait for the compile, whose loop is "
-        "faster on large data. 0: every first fit waits for its compile.",
+        "complexity (parameters x nodes) are at most this: an epoch then costs at most "
+        "~20 ms and its exact Hessian arrays a few MB. Larger ones wait for the compile, "
+        "whose loop is faster on large data. 0: every first fit waits for its compile.",
     )
     max_queued_compiles: Annotated[int, Field(ge=0)] = Field(
         4,

@@ -795,9 +795,9 @@ class FitWorker:
 
     def uncompiled_serves(self, job: FitJob) -> bool:
         """Whether an expression fit whose loop is not compiled answers from the numpy loop
-        (Levenberg-Marquardt, within ``TAPEFIT_UNCOMPILED_MAX_WORK``) rather than wait for
-        its compile."""
-        work = job.data[0].size * len(job.options["expression"].parameters)
+        (Levenberg-Marquardt, points x complexity within ``TAPEFIT_UNCOMPILED_MAX_WORK``)
+        rather than wait for its compile."""
+        work = job.data[0].size * job.options["expression"].complexity
         return (
             work <= self.settings.uncompiled_max_work
             and job.training.optimizer.name == LEVENBERG_MARQUARDT

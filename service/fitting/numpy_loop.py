@@ -37,6 +37,10 @@ JetResiduals = Callable[[Sequence[Any], Array], Any]
 #: keep this module free of TensorFlow; tests/fitting/test_numpy_loop.py checks they agree.
 RUNNING, NON_FINITE, LOSS_TOLERANCE, GRADIENT_TOLERANCE, STEP_TOLERANCE = 0, 1, 2, 3, 4
 MIN_DAMPING, MAX_DAMPING, LM_XTOL = 1e-15, 1e16, 1e-15
+EPSILON = float(np.finfo(np.float64).eps)
+#: A step whose decrease of the sum of squares is at most this fraction of it ends the fit:
+#: float64 residuals resolve no less (Misra1a's last decrease was 2.2e-14 of its sum).
+RESOLVED = 8 * EPSILON
 
 
 def jacobian(residuals: JetResiduals, params: Array, summary: Array) -> tuple[Array, Array]:
@@ -97,7 +101,7 @@ def make_loop(
         best, stall = float(state["best"]), float(state["stall"])
         history = np.zeros(steps)
         status, done = RUNNING, 0
-        exact = _ExactRss(residuals, summary)
+        exact = _ExactRss(residuals, summary, summary_layout)
         with np.errstate(all="ignore"):
             rss_exact = exact(p)
             while done < steps and status == RUNNING:
@@ -156,9 +160,13 @@ class _ExactRss:
     comparing float64 sums stops wherever the noise first hides the decrease (5.8e-9 from the
     certified b1), while this one goes on to the minimum (2e-12)."""
 
-    def __init__(self, residuals: JetResiduals, summary: Array) -> None:
+    def __init__(self, residuals: JetResiduals, summary: Array, layout: Layout) -> None:
         self.residuals = residuals
         self.summary: Any = summary.astype(np.longdouble)
+        columns = layout.columns(self.summary)
+        #: The sum of squares of the data's own rounding (each y within float64's epsilon):
+        #: a fit below it has nothing left to find.
+        self.floor = np.sum(columns["w"] * (EPSILON * columns["y"]) ** 2)
 
     def __call__(self, p: Array) -> Any:
         r = self.residuals(list(p.astype(np.longdouble)), self.summary)
@@ -200,7 +208,12 @@ def _step(
     else:
         new_damping, new_growth = float(np.float64(damping) * growth), 2.0 * growth
     small = float(np.linalg.norm(d)) <= LM_XTOL * (float(np.linalg.norm(p)) + LM_XTOL)
-    final = (better and small) or new_damping > MAX_DAMPING
+    # A decrease float64 cannot resolve (the step comes from float64 residuals): taken, and
+    # the fit ends, as it does at the data's own rounding. Without this, a fit to exact data
+    # went on taking steps of rounding noise that the extended-precision sum still ranked
+    # (1,000 epochs where the compiled loop stops).
+    unresolved = rss - rss_trial <= RESOLVED * rss or rss_trial <= exact.floor
+    final = (better and (small or unresolved)) or new_damping > MAX_DAMPING
     return (
         (trial if better else p),
         new_damping,
