@@ -333,7 +333,7 @@ async def test_fits_of_new_expressions_by_the_numpy_loop_run_apart_and_bounded()
     own, with at most TAPEFIT_MAX_QUEUED_COMPILES waiting: the rest answer 429 with
     Retry-After 1 s (counted once, as "compiling"), and take no fit slot meanwhile."""
     x = np.linspace(0.0, 5.0, 50_000)
-    async with running_app(app_settings(max_queued_compiles=1)) as client:
+    async with running_app(app_settings(max_queued_compiles=0)) as client:
         worker = client._transport.app.state.worker  # type: ignore[attr-defined]
         text = _fresh(worker.engine, "a*exp(-b*x) + c", "abc", x.size)  # not compiled
         salt = float(text.rsplit("+", 1)[1])
@@ -356,7 +356,7 @@ async def test_fits_of_new_expressions_by_the_numpy_loop_run_apart_and_bounded()
         await watching
         metrics = (await client.get("/metrics")).text
     statuses = sorted(r.status_code for r in answers)
-    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
     for r in answers:
         if r.status_code == 200:
             assert r.json()["params"]["b"] == pytest.approx(0.5, rel=1e-9)
