@@ -561,7 +561,6 @@ class FitWorker:
                 # Answered now by the numpy loop; the compiled loop is made behind it, for
                 # the fits that follow (if a compile thread and the memory are free).
                 self._compile_behind(engine, job, key)
-                self.metrics.uncompiled.inc()
                 uncompiled = True
             while not uncompiled and (compiling := self._pending.get(key)) is not None:
                 # The same loop is compiling for another request (perhaps under other
@@ -653,6 +652,7 @@ class FitWorker:
                 "expression (compiled ones fit at once)",
             )
         self._first_fits += 1
+        self.metrics.uncompiled.inc()
         try:
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(

@@ -368,3 +368,6 @@ async def test_fits_of_new_expressions_by_the_numpy_loop_run_apart_and_bounded()
     )
     assert counted == statuses.count(429)
     assert max(fit_places) == 0
+    # The metric of numpy fits counts those run, not those refused.
+    answered = float(metrics.split("\ntapefit_uncompiled_fits_total ")[1].split()[0])
+    assert answered == statuses.count(200)
