@@ -346,6 +346,8 @@ class FitWorker:
             memory_budget=settings.memory_budget_bytes or (1 << 62),  # set at readiness
             max_queue_wait_s=settings.max_queue_wait_s,
         )
+        # Read when scraped: charges end with requests and with compiles alike.
+        self.metrics.memory_charged.set_function(lambda: self.admission.bytes)
         self.ready = False
         self.draining = False
         self.engine: FitEngine | None = None
@@ -509,7 +511,6 @@ class FitWorker:
             raise
         finally:
             ticket.close()
-            self.metrics.memory_charged.set(self.admission.bytes)
             self._trim_soon()
 
     def _trim_soon(self) -> None:
@@ -554,28 +555,25 @@ class FitWorker:
         deadline = time.monotonic() + self.deadline_s(timeout_s)
         cancelled, should_stop = self._stop_check(deadline)
         trace = Trace.here()
-        uncompiled = False
         if job.model == "expression" and not self._compiled(engine, job):
             key = self._compile_key(job)
             if self.uncompiled_serves(job):
-                # Answered now by the numpy loop; the compiled loop is made behind it, for
-                # the fits that follow (if a compile thread and the memory are free).
+                # Answered now by the numpy loop (its time says nothing of the compiled
+                # pace); the compiled loop is made behind it, for the fits that follow.
                 self._compile_behind(engine, job, key)
-                uncompiled = True
-            while not uncompiled and (compiling := self._pending.get(key)) is not None:
+                return await self._first_fit(engine, job, cancelled, should_stop, progress, trace)
+            while (compiling := self._pending.get(key)) is not None:
                 # The same loop is compiling for another request (perhaps under other
                 # names): wait for it, not compile it twice.
                 remaining = max(0.0, deadline - time.monotonic())
                 await asyncio.wait({compiling}, timeout=remaining)
                 if not compiling.done():
                     raise self._still_compiling(job)
-            if not uncompiled and not self._compiled(engine, job):
+            if not self._compiled(engine, job):
                 # A compiling fit's time says nothing of the pace.
                 return await self._compile(
                     engine, job, key, deadline, cancelled, should_stop, progress, trace
                 )
-        if uncompiled:  # its time says nothing of the compiled pace
-            return await self._first_fit(engine, job, cancelled, should_stop, progress, trace)
         if progress is None and self.inline(ticket):
             result, seconds = await self._run_small(engine, job, deadline, should_stop, trace)
         else:
@@ -695,7 +693,6 @@ class FitWorker:
 
         def compiled() -> None:
             charge.close()
-            self.metrics.memory_charged.set(self.admission.bytes)  # (not a request's close)
             self._count_compiled()
             self._pending.pop(key, None)
             done.set_result(None)
@@ -730,7 +727,7 @@ class FitWorker:
         except Refused as refused:
             log.info("not compiling %s behind its first fit now: %s", key[0], refused.reason)
             return
-        running.add_done_callback(_log_background_failure)
+        running.add_done_callback(_log_failure)
 
     @staticmethod
     def _warm(engine: FitEngine, job: FitJob) -> None:
@@ -784,7 +781,7 @@ class FitWorker:
         ~1.3 ms of CPU a request flipped to ~4 ms)."""
         return ticket is not None and 0.0 < ticket.estimate <= self.settings.inline_fit_max_s
 
-    def must_compile(self, job: FitJob) -> bool:
+    def runs_apart(self, job: FitJob) -> bool:
         """Whether this fit runs apart from the fit slots, as fits of models not compiled
         yet do: compiled first, or answered by the numpy loop (a new expression or
         bucket)."""
@@ -1230,14 +1227,12 @@ def read_outcome(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _log_background_failure(future: concurrent.futures.Future[Any]) -> None:
+def _log_failure(future: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> None:
     if not future.cancelled() and (error := future.exception()) is not None:
-        log.error("a compile behind a first fit failed", exc_info=error)
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and (error := future.exception()) is not None:
-        log.error("background work failed (warm-up or memory trim)", exc_info=error)
+        log.error(
+            "background work failed (warm-up, memory trim, or a compile behind a fit)",
+            exc_info=error,
+        )
 
 
 def _run_batch(

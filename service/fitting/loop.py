@@ -625,13 +625,6 @@ class FitEngine:
         return spec is not None and self.compiled(spec, optimizer, stopping)
 
     @staticmethod
-    def numpy_serves(spec: ModelSpec, optimizer: ExpressionOptimizer) -> bool:
-        """Whether a fit of ``spec`` by ``optimizer`` can run the numpy loop
-        (:mod:`service.fitting.numpy_loop`: Levenberg-Marquardt, least squares with numpy
-        residuals) while its compiled loop is not ready."""
-        return optimizer == LEVENBERG_MARQUARDT and spec.numpy_residuals is not None
-
-    @staticmethod
     def _numpy_loop(spec: ModelSpec, stopping: bool) -> Callable[..., Any]:
         assert spec.numpy_residuals is not None
         k, size = spec.k, spec.summary.size
@@ -714,8 +707,9 @@ class FitEngine:
         order. ``weights`` (one per point, >= 0) weight the loss; ``options`` are the model's
         own (e.g. the Gaussian's ``reduction``). ``on_progress(epochs_done, loss)`` is called
         after every ``progress_every`` epochs (and at the end); ``should_stop`` is checked
-        as often. With ``uncompiled``, a fit whose compiled loop is not ready runs the numpy
-        loop instead, where the spec has one (:meth:`numpy_serves`): no tracing, no XLA.
+        as often. With ``uncompiled``, a Levenberg-Marquardt fit whose compiled loop is not
+        ready runs the numpy loop instead (:mod:`service.fitting.numpy_loop`: no tracing, no
+        XLA), where the spec has numpy residuals.
         """
         _check_hyperparameters(learning_rate, epochs, history_every)
         # The numpy loop may serve a fit whose loop is not compiled: its spec is then not
@@ -728,11 +722,7 @@ class FitEngine:
         )
         per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
         variant = (optimizer.name, stopping.enabled)
-        if (
-            numpy_first
-            and self.numpy_serves(spec, optimizer.name)
-            and not self.compiled(spec, *variant)
-        ):
+        if numpy_first and spec.numpy_residuals is not None and not self.compiled(spec, *variant):
             loop = self._numpy_loop(spec, stopping.enabled)
             per_call = min(per_call, NUMPY_EPOCHS_PER_CALL)  # deadlines checked as often
         else:

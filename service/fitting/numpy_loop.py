@@ -54,9 +54,9 @@ def jacobian(residuals: JetResiduals, params: Array, summary: Array) -> tuple[Ar
 def jacobian_rows(residuals: JetResiduals, params: Array, summaries: Array) -> Array:
     """The exact Jacobians [B, n, k] of many sets' residuals at their parameters [B, k]."""
     rows, k = params.shape
-    r = residuals(Jet.parameters([params[:, j : j + 1] for j in range(k)]), summaries)
-    with np.errstate(all="ignore"):
-        return np.array(np.broadcast_to(r.gradient, (rows, np.shape(r.value)[-1], k)))
+    with np.errstate(all="ignore"):  # what overflows is inf, reported as such
+        r = residuals(Jet.parameters([params[:, j : j + 1] for j in range(k)]), summaries)
+    return np.array(np.broadcast_to(r.gradient, (rows, np.shape(r.value)[-1], k)))
 
 
 def curvature(residuals: JetResiduals, params: Array, summary: Array, total: float) -> Array:

@@ -350,8 +350,9 @@ async def test_a_new_expression_answers_at_once_and_compiles_behind(
     client: httpx.AsyncClient,
 ) -> None:
     """A new expression's first fit answers from the numpy loop (nothing to trace), and so
-    does its second, while its loop compiles in the background (one trace: a model fitted
-    once never compiles); the next fit runs compiled and gives the same answer: parameters
+    does its second, written under other names (the same model: answered in its names),
+    while its loop compiles in the background (one trace: a model fitted once never
+    compiles); the next fit runs compiled and gives the same answer: parameters
     to 1e-9 relatively or 1e-6 of their standard error, the standard errors to 1e-6. Data in
     callers' units (t to 5e3 s, y ~1e7, weights), checked against curve_fit too."""
     worker = client._transport.app.state.worker  # type: ignore[attr-defined]
@@ -381,8 +382,19 @@ async def test_a_new_expression_answers_at_once_and_compiles_behind(
     assert first.status_code == 200, first.text
     assert uncompiled_count((await client.get("/metrics")).text) == before + 1
     assert not worker._pending  # fitted once: nothing compiles
-    again = await client.post(FIT, json=body)
-    assert again.json() == first.json()
+    # The same model under other names (one spec, positional): answered in its own names.
+    renamed = body | {
+        "expression": f"base + amp*exp(-s/tau) + {offset}",
+        "parameters": {"base": 9.9e6, "amp": 10.0, "tau": 500.0},
+        "x": {"s": t.tolist()},
+    }
+    again = (await client.post(FIT, json=renamed)).json()
+    assert list(again["params"]) == ["base", "amp", "tau"]
+    for ours, theirs in zip(("base", "amp", "tau"), ("c", "a", "k"), strict=True):
+        assert again["params"][ours] == pytest.approx(first.json()["params"][theirs], rel=1e-12)
+        assert again["stats"]["std_errors"][ours] == pytest.approx(
+            first.json()["stats"]["std_errors"][theirs], rel=1e-12
+        )
     assert uncompiled_count((await client.get("/metrics")).text) == before + 2
     for _ in range(2400):  # the compile behind the second fit
         if not worker._pending:

@@ -384,3 +384,50 @@ def test_the_fast_tensor_still_has_its_private_constructor() -> None:
 def _vector(values: Any) -> Any:
     """A float64 tensor of shape [n], as the engine's summaries take."""
     return tf.convert_to_tensor(np.asarray(values, dtype=np.float64).reshape(-1))
+
+
+def test_a_compiled_caller_outlives_the_eviction_of_its_expression() -> None:
+    """What a fit under way holds (its loop's caller) keeps working when another fit's new
+    spec evicts its expression (a cache of one): dropping the last reference to a
+    TensorFlow function unregisters it, and a call by its name then failed (NotFoundError),
+    seen once compiles ran behind first fits while evictions happened."""
+    import gc
+
+    from service.fitting.expression import parse
+    from service.fitting.loop import Controls, _Chunk, initial_state, loop_controls
+
+    engine = FitEngine(expression_cache_size=1)
+    x = np.linspace(1e3, 5e3, 40)
+    y = 2.0 * np.exp(-x / 2e3) + 1e7
+    lm = Optimizer("levenberg_marquardt")
+
+    def fit(text: str) -> Any:
+        return engine.fit(
+            "expression",
+            x,
+            y,
+            learning_rate=1.0,
+            epochs=200,
+            initial=[1.0, 1e3, 9e6],
+            options={"expression": parse(text, ("x",), ("a", "k", "c"))},
+            optimizer=lm,
+            scaling="none",
+        )
+
+    first = parse("a*exp(-x/k) + c", ("x",), ("a", "k", "c"))
+    expected = fit("a*exp(-x/k) + c")
+    spec = engine.expressions.peek(first, x.size)
+    assert spec is not None
+    caller = engine._loop(spec, ("levenberg_marquardt", False))
+    summary = spec.complete(spec.moments(x, y, None), np.asarray(float(x.size)), {"bounds": None})
+    fit("a*exp(-x/k) + c + 0.5")  # a new spec: the first is evicted, its loops dropped
+    assert engine.expressions.peek(first, x.size) is None
+    del spec
+    gc.collect()
+    controls = np.array(loop_controls(1.0, 200, lm, Stopping()))
+    assert controls.size == len(Controls._fields)
+    start = initial_state((1.0, 1e3, 9e6))
+    chunk = _Chunk(caller(tf.constant(np.concatenate([summary, start, controls]))), 3)
+    assert chunk.params.tolist() == pytest.approx(
+        [expected.params[name] for name in ("a", "k", "c")], rel=1e-9
+    )

@@ -12,7 +12,7 @@ import pytest
 from scipy.optimize import curve_fit
 
 from service.fitting import FitEngine, small
-from service.fitting.expression import parse
+from service.fitting.expression import Expression, parse
 from service.fitting.options import Optimizer, OptimizerName, Stopping
 from service.fitting.results import DegenerateData, FitDiverged, FitError, FitResult
 from service.fitting.sets import LM, SetData, expression_sets_compiled, fit_sets, rows_bucket
@@ -40,10 +40,15 @@ def _decay_sets(count: int, seed: int) -> list[SetData]:
     return sets
 
 
-def _fit(sets: list[SetData], **options: Any) -> list[FitResult | FitError]:
+def _fit(
+    sets: list[SetData],
+    expression: Expression = DECAY,
+    engine: FitEngine = ENGINE,
+    **options: Any,
+) -> list[FitResult | FitError]:
     kwargs: dict[str, Any] = {"learning_rate": 1.0, "epochs": 1000, "optimizer": LM}
     kwargs |= {"stopping": TIGHT} | options
-    return fit_sets(ENGINE, "expression", sets, options={"expression": DECAY}, **kwargs)
+    return fit_sets(engine, "expression", sets, options={"expression": expression}, **kwargs)
 
 
 def _single(one: SetData, **options: Any) -> FitResult:
@@ -195,16 +200,7 @@ def test_nist_both_starts_as_one_batch(name: str) -> None:
         SetData(data, tuple(start[b] for b in names), options={"exact": exact})
         for start in problem.starts
     ]
-    results = fit_sets(
-        ENGINE,
-        "expression",
-        sets,
-        learning_rate=1.0,
-        epochs=1000,
-        options={"expression": expression},
-        optimizer=LM,
-        stopping=TIGHT,
-    )
+    results = _fit(sets, expression)
     for start, fit in enumerate(results, 1):
         assert isinstance(fit, FitResult), (start, fit)
         digits = {b: nist.lre(fit.params[b], problem.certified[b]) for b in names}
@@ -250,14 +246,6 @@ def test_whether_a_batch_must_compile_is_known_before_it_runs() -> None:
 
     assert not compiled(5)
     assert engine.expressions.peek(expression, 120) is None  # the lookup made nothing
-    fit_sets(
-        engine,
-        "expression",
-        sets,
-        learning_rate=1.0,
-        epochs=50,
-        options={"expression": expression},
-        optimizer=LM,
-    )
+    _fit(sets, expression, engine, epochs=50)
     assert compiled(5) and compiled(8)  # the same tile of 8 rows
     assert not compiled(9)  # 16 rows: another loop

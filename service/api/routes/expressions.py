@@ -139,7 +139,7 @@ async def _job(
     )
     history = body.epochs // body.history_step() + 1
     cost = expression_cost(y.size, len(xs), k, body.epochs, history)
-    if worker.must_compile(job):
+    if worker.runs_apart(job):
         # It will wait for a compile thread, or the numpy loop's first-fit thread (each
         # bounded by its own queue, 429 past it), not for a fit slot: it holds its memory
         # but no fit place, so cached fits are never crowded out by a flood of new

@@ -116,21 +116,23 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
     tree = expression.tree
 
     # Written for one set (parameters [k], summary [S]) and for a batch ([B, k], [B, S]).
-    def predict(p: Any, summary: Any) -> Any:
-        x = layout.columns(summary)["x"]
-        xs = [x[..., j * size : (j + 1) * size] for j in range(v)]
-        value = evaluate(tree, [p[..., i : i + 1] for i in range(k)], xs, TENSORFLOW)
-        return value + tf.zeros_like(xs[0])  # a constant model broadcasts
-
-    def residuals(p: Any, summary: Any) -> Any:
-        columns = layout.columns(summary)
-        return tf.sqrt(columns["w"]) * (columns["y"] - predict(p, summary))
-
-    def numpy_residuals(p: Sequence[Any], summary: Array) -> Any:
+    def weighted_residuals(
+        params: Sequence[Any], summary: Any, ops: Operations, sqrt: Callable[[Any], Any]
+    ) -> Any:
+        """√w·(y - model), the model evaluated with ``ops`` (a constant model broadcasts
+        against y)."""
         columns = layout.columns(summary)
         x = columns["x"]
         xs = [x[..., j * size : (j + 1) * size] for j in range(v)]
-        return np.sqrt(columns["w"]) * (columns["y"] - evaluate(tree, list(p), xs, JETS))
+        return sqrt(columns["w"]) * (columns["y"] - evaluate(tree, params, xs, ops))
+
+    def residuals(p: Any, summary: Any) -> Any:
+        return weighted_residuals(
+            [p[..., i : i + 1] for i in range(k)], summary, TENSORFLOW, tf.sqrt
+        )
+
+    def numpy_residuals(p: Sequence[Any], summary: Array) -> Any:  # numbers or jets
+        return weighted_residuals(list(p), summary, JETS, np.sqrt)
 
     def loss(p: Any, summary: Any) -> Any:
         r = residuals(p, summary)
