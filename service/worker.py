@@ -146,6 +146,17 @@ class Training:
     scaling: Scaling = "standardize"
     history_every: int = 1
 
+    def keywords(self) -> dict[str, Any]:
+        """What a single fit and a batch of sets both take from it (a batch fits in the
+        caller's units: no scaling)."""
+        return {
+            "learning_rate": self.learning_rate,
+            "epochs": self.epochs,
+            "optimizer": self.optimizer,
+            "stopping": self.stopping,
+            "history_every": self.history_every,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class FitJob:
@@ -833,20 +844,16 @@ class FitWorker:
         a new expression or bucket of rows compiles there); each set's result or error."""
         if self.engine is None:
             raise Unavailable("the service is warming up")
-        engine, t = self.engine, job.training
+        engine = self.engine
 
         def run(should_stop: Callable[[], StopReason | None]) -> list[FitResult | FitError]:
             return fit_sets(
                 engine,
                 job.model,
                 job.sets,
-                learning_rate=t.learning_rate,
-                epochs=t.epochs,
                 options=job.options,
-                optimizer=t.optimizer,
-                stopping=t.stopping,
-                history_every=t.history_every,
                 should_stop=should_stop,
+                **job.training.keywords(),
             )
 
         return await self._batch(f"{job.model}_batch", run, timeout_s, ticket)
@@ -1030,16 +1037,10 @@ class FitWorker:
         progress: Reporter | None = None,
         uncompiled: bool = False,
     ) -> FitResult:
-        t = job.training
         return engine.fit(
             job.model,
             *job.data,
-            learning_rate=t.learning_rate,
-            epochs=t.epochs,
-            optimizer=t.optimizer,
-            stopping=t.stopping,
-            scaling=t.scaling,
-            history_every=t.history_every,
+            scaling=job.training.scaling,
             initial=job.initial,
             seed=job.seed,
             weights=job.weights,
@@ -1048,6 +1049,7 @@ class FitWorker:
             on_progress=progress.report if progress is not None else None,
             progress_every=progress.every if progress is not None else None,
             uncompiled=uncompiled,
+            **job.training.keywords(),
         )
 
 
