@@ -203,7 +203,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _TrainingOptions(_Strict):
+Confidence = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, lt=1)]
+CONFIDENCE_DESCRIPTION = (
+    "Confidence level of the intervals in `stats.inference` (between 0 and 1, exclusive)."
+)
+
+
+class _Reporting(_Strict):
+    """What an answer reports beyond the fit itself."""
+
+    confidence: Confidence = Field(
+        options.DEFAULT_CONFIDENCE, description=CONFIDENCE_DESCRIPTION, examples=[0.95]
+    )
+
+
+class _TrainingOptions(_Reporting):
     learning_rate: PositiveFloat = Field(
         DEFAULT_LEARNING_RATE,
         description="Gradient-descent step size (> 0). With the default scaling it is the "
@@ -595,6 +609,51 @@ class GaussianStdErrors(_Answer):
     std: float | None = Field(description="Standard error of the standard deviation.")
 
 
+class ParameterInference(_Answer):
+    """One parameter's row of the parameter table (null where undefined)."""
+
+    estimate: float = Field(description="The fitted value, in the caller's units.")
+    std_error: float | None = Field(description="Its standard error (as in `std_errors`).")
+    statistic: float | None = Field(
+        description="estimate / std_error: Student's t (method t) or z (method normal)."
+    )
+    p_value: float | None = Field(
+        description="Two-sided p-value of the hypothesis that the parameter is 0: "
+        "P(|T| >= |statistic|), T Student's t with `dof` degrees of freedom, or normal."
+    )
+    lower: float | None = Field(
+        description="Lower end of the confidence interval at `confidence`: estimate - "
+        "q·std_error, q the t (or normal) quantile; with method profile, where the profile "
+        "crosses the F-test threshold."
+    )
+    upper: float | None = Field(description="Upper end of the confidence interval.")
+    lower_found: bool | None = Field(
+        None,
+        description="Method profile only (else null): whether the profile crossed its "
+        "threshold below the estimate (false: the profile is too flat to bound it, and "
+        "`lower` is null).",
+    )
+    upper_found: bool | None = Field(
+        None, description="Method profile only: the same above the estimate."
+    )
+
+
+class Inference(_Answer):
+    """The parameter table: estimates with standard errors, test statistics, p-values and
+    confidence intervals."""
+
+    confidence: float = Field(description="The confidence level of the intervals (0 to 1).")
+    method: Literal["t", "normal", "profile"] = Field(
+        description='"t": Wald intervals and tests with Student\'s t at `dof` degrees of '
+        'freedom (least squares, as statsmodels\' OLS/WLS); "normal": with the normal '
+        "distribution (the Gaussian's maximum likelihood, or least squares with "
+        '`absolute_sigma`, whose noise variance is known); "profile": profile-likelihood '
+        "intervals (see `intervals`), the tests as for t."
+    )
+    dof: int | None = Field(description="Degrees of freedom n_used - p of t; null for normal.")
+    parameters: dict[str, ParameterInference] = Field(description="The table, by parameter.")
+
+
 class _Reference(_Answer, Generic[ParamsT]):
     """Parameters with their loss: the closed-form optimum, or the gap to it."""
 
@@ -647,6 +706,7 @@ class _Stats(_Answer, Generic[ErrorsT, ReferenceT]):
         description="Returned minus closed-form parameters, and final_loss minus the "
         "closed-form loss: near zero when gradient descent converged."
     )
+    inference: Inference
 
 
 class LinearStats(_Stats[LinearStdErrors, LinearReference]):
@@ -951,7 +1011,7 @@ class ExpressionData(_Strict):
         return ("x",) if isinstance(self.x, list) else tuple(self.x)
 
 
-class _ExpressionOptions(_Strict):
+class _ExpressionOptions(_Reporting):
     """How an expression fit trains, single or batch."""
 
     bounds: dict[str, Bound] | None = Field(
@@ -1085,6 +1145,7 @@ class ExpressionStats(_Answer):
     newton_step: float | None = Field(
         description="Length of the Newton step to the optimum; null away from a minimum."
     )
+    inference: Inference
 
 
 #: The answer to EXPRESSION_EXAMPLE (NIST's Misra1a from its first start), as the server gives

@@ -24,6 +24,9 @@ StopReason = Literal[
     "max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"
 ]
 
+#: The confidence level of the parameter tables' intervals when a request gives none.
+DEFAULT_CONFIDENCE = 0.95
+
 OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "momentum", "adam", "newton")
 LEVENBERG_MARQUARDT: Literal["levenberg_marquardt"] = "levenberg_marquardt"
 #: Every update rule of the loop (Levenberg-Marquardt needs a model's residuals).

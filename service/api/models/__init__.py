@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache, partial
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -81,6 +81,13 @@ class HttpModel:
     draw: Callable[[Parsed[Any], FitResult], Callable[[], bytes]]
     #: Request fields that are the spec's model options (e.g. the Gaussian's reduction).
     model_options: tuple[str, ...] = ()
+    #: The parameter table's distribution: Student's t for least squares (n_used - k degrees
+    #: of freedom), the normal for maximum likelihood.
+    distribution: Literal["t", "normal"] = "t"
+
+    def table_dof(self, dof: int) -> int | None:
+        """The parameter table's degrees of freedom for a fit's ``dof`` (None: normal)."""
+        return dof if self.distribution == "t" else None
 
     @property
     def parse_json(self) -> JsonParser:

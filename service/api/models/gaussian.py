@@ -90,4 +90,5 @@ GAUSSIAN = HttpModel(
     ),
     draw=draw,
     model_options=("reduction",),
+    distribution="normal",
 )

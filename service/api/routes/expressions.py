@@ -33,6 +33,7 @@ from service.api.schemas import (
     ExpressionFitRequest,
     ExpressionFitResponse,
     ExpressionStats,
+    Inference,
     ModelDescription,
     ModelList,
 )
@@ -43,7 +44,7 @@ from service.api.streaming import (
     fit_events,
     progress_step,
 )
-from service.fitting import catalog
+from service.fitting import catalog, inference
 from service.fitting.expression import CompileCost
 from service.fitting.guesses import guess
 from service.plots import expression_figure
@@ -98,7 +99,7 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
     start = dict(zip(plan.expression.parameters, job.initial or (), strict=True))
 
     def respond(result: FitResult) -> BaseModel:
-        return expression_response(plan, start, result)
+        return expression_response(plan, start, result, body.confidence)
 
     if caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
@@ -169,11 +170,11 @@ def _within(value: float, bound: tuple[float | None, float | None] | None) -> fl
 
 
 def expression_response(
-    plan: ExpressionPlan, start: dict[str, float], result: FitResult
+    plan: ExpressionPlan, start: dict[str, float], result: FitResult, confidence: float
 ) -> ExpressionFitResponse:
     s = result.stats
     names = list(s.names)
-    warnings = list(result.warnings)
+    warnings = [*result.warnings, *inference.undefined_warnings(s.std_errors, s.dof)]
     for name, (low, high) in plan.bounds.items():
         value = result.params[name]
         if any(
@@ -212,6 +213,11 @@ def expression_response(
             bic=s.bic,
             gradient_norm=s.gradient_norm,
             newton_step=s.newton_step,
+            inference=Inference.model_validate(
+                inference.inference(
+                    names, list(result.params.values()), s.std_errors, s.dof, confidence
+                )
+            ),
         ),
     )
 
@@ -288,7 +294,7 @@ async def _fit_sets(
     results = await admitted.caller.unless_gone(
         worker.fit_sets(job, body.timeout_s, admitted.ticket)
     )
-    answer = _sets_answer(plan, starts, results)
+    answer = _sets_answer(plan, starts, results, body.confidence)
     return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
 
@@ -358,7 +364,10 @@ def _training(
 
 
 def _sets_answer(
-    plan: ExpressionPlan, starts: list[dict[str, float]], results: list[FitResult | FitError]
+    plan: ExpressionPlan,
+    starts: list[dict[str, float]],
+    results: list[FitResult | FitError],
+    confidence: float,
 ) -> Iterator[bytes]:
     """The batch answer, streamed; each result is what a single fit of its set answers."""
     failed = sum(isinstance(r, FitError) for r in results)
@@ -374,7 +383,7 @@ def _sets_answer(
         result = results[i]
         if isinstance(result, FitError):
             return {"index": i, "result": None, "error": str(result)}
-        answer = expression_response(plan, starts[i], result)
+        answer = expression_response(plan, starts[i], result, confidence)
         return {"index": i, "result": answer.model_dump(mode="json"), "error": None}
 
     return batch_pieces(head, len(results), entry)

@@ -24,6 +24,7 @@ from service.api.streaming import (
     progress_step,
 )
 from service.api.streaming import EXAMPLE as STREAM_EXAMPLE
+from service.fitting import inference
 from service.worker import (
     BatchJob,
     BatchResults,
@@ -63,9 +64,11 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _common(result: FitResult, model: HttpModel) -> dict[str, Any]:
+def _common(result: FitResult, model: HttpModel, confidence: float) -> dict[str, Any]:
     """The fields every fit answer shares; the history stays a numpy array (orjson writes it
     as the same bytes as the list of its floats, 40% faster)."""
+    stats = result.stats
+    dof = model.table_dof(stats.dof)
     return {
         "loss_history": np.ascontiguousarray(result.loss_history),
         "history_every": result.history_every,
@@ -74,9 +77,14 @@ def _common(result: FitResult, model: HttpModel) -> dict[str, Any]:
         "n": result.n,
         "stop_reason": result.stop_reason,
         "converged": result.converged,
-        "warnings": list(result.warnings),
+        "warnings": [*result.warnings, *inference.undefined_warnings(stats.std_errors, dof)],
         "seed": result.seed,
-        "stats": _stats(result.stats, model),
+        "stats": _stats(stats, model)
+        | {
+            "inference": inference.inference(
+                stats.names, list(result.params.values()), stats.std_errors, dof, confidence
+            )
+        },
     }
 
 
@@ -108,13 +116,17 @@ def _stats(stats: FitStats, model: HttpModel) -> dict[str, Any]:
     } | extra
 
 
-def fit_answer(model: HttpModel, result: FitResult) -> bytes:
+def fit_answer(model: HttpModel, result: FitResult, confidence: float) -> bytes:
     """The fit's JSON answer, serialized once straight from plain data: building the response
     model, then FastAPI validating and serializing it again, cost more than a small fit. The
     data are the engine's, in the response model's field order (the tests validate answers
     against it); NaN and infinities become null, as pydantic writes them."""
     with tracing.span("serialize"):
-        answer = {"model": model.name, "params": result.params, **_common(result, model)}
+        answer = {
+            "model": model.name,
+            "params": result.params,
+            **_common(result, model, confidence),
+        }
         return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -192,7 +204,7 @@ async def _single_fit(
     job = fit_job(model, parsed)
 
     def respond(result: FitResult) -> str:
-        return fit_answer(model, result).decode()
+        return fit_answer(model, result, body.confidence).decode()
 
     if caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
@@ -201,7 +213,7 @@ async def _single_fit(
     fit = worker.fit(job, body.timeout_s, ticket=admitted.ticket)
     # A fit expected to take well under a millisecond runs on the event loop: no watcher.
     result = await (fit if worker.inline(admitted.ticket) else caller.unless_gone(fit))
-    return Response(fit_answer(model, result), media_type="application/json")
+    return Response(fit_answer(model, result, body.confidence), media_type="application/json")
 
 
 BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -254,18 +266,18 @@ async def _fit_batch(model: HttpModel, admitted: Admitted, parsed: Parsed[Any]) 
         history_every=body.history_every,
     )
     results = await caller.unless_gone(worker.fit_batch(job, body.timeout_s, admitted.ticket))
-    answer = _batch_answer(model, results)
+    answer = _batch_answer(model, results, body.confidence)
     return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
 
-def _batch_answer(model: HttpModel, results: BatchResults) -> Iterator[bytes]:
+def _batch_answer(model: HttpModel, results: BatchResults, confidence: float) -> Iterator[bytes]:
     """The batch response, serialized straight from the engine's arrays and streamed. Each
     entry is what :func:`_common` writes for a single fit (a test holds them equal entry by
     entry), built column by column: validating 10,000 nested response models would cost
     more than the fits, and so would reading each set's statistics one by one."""
     failed = len(results.errors)
     head = {"model": model.name, "succeeded": len(results) - failed, "failed": failed}
-    fitted = iter(_fitted_entries(model, results))
+    fitted = iter(_fitted_entries(model, results, confidence))
 
     def entry(i: int) -> dict[str, Any]:  # called in order
         error = results.errors.get(i)
@@ -276,7 +288,9 @@ def _batch_answer(model: HttpModel, results: BatchResults) -> Iterator[bytes]:
     return batch_pieces(head, len(results), entry)
 
 
-def _fitted_entries(model: HttpModel, results: BatchResults) -> Iterator[dict[str, Any]]:
+def _fitted_entries(
+    model: HttpModel, results: BatchResults, confidence: float
+) -> Iterator[dict[str, Any]]:
     """The ``result`` of every fitted set, in order: :func:`_common` from columns."""
     f = results.fitted
     if f is None:
@@ -304,7 +318,17 @@ def _fitted_entries(model: HttpModel, results: BatchResults) -> Iterator[dict[st
         for name in ("r_squared", "residual_std")
         if model.has_stat(name)
     }
+    dofs = [n_j - k for n_j in n]
+    tables = inference.tables(
+        f.params,
+        s.std_errors,
+        None if model.distribution == "normal" else np.array(dofs),
+        confidence,
+    )
+    method = "normal" if model.distribution == "normal" else "t"
     for j, i in enumerate(f.sets.tolist()):
+        table_dof = model.table_dof(dofs[j])
+        undefined = inference.undefined_warnings(std_errors[j], table_dof)  # NaN: undefined
         stats = {
             "parameters": names,
             "n_used": n[j],
@@ -329,6 +353,12 @@ def _fitted_entries(model: HttpModel, results: BatchResults) -> Iterator[dict[st
         }
         for name, values in extras.items():
             stats[name] = values[j]
+        stats["inference"] = {
+            "confidence": confidence,
+            "method": method,
+            "dof": table_dof,
+            "parameters": tables.row(j, names),
+        }
         yield {
             "model": model.name,
             "params": dict(zip(names, params[j], strict=True)),
@@ -339,7 +369,7 @@ def _fitted_entries(model: HttpModel, results: BatchResults) -> Iterator[dict[st
             "n": n[j],
             "stop_reason": f.stop,
             "converged": converged[j],
-            "warnings": [] if converged[j] else list(results[i].warnings),
+            "warnings": ([] if converged[j] else list(results[i].warnings)) + undefined,
             "seed": f.seeds[j],
             "stats": stats,
         }
