@@ -126,7 +126,8 @@ def _same_lengths(arrays: Mapping[str, Any], at: tuple[Any, ...] = ()) -> None:
                     "msg": f"the arrays must have the same length ({described})",
                     "type": "length_mismatch",
                 }
-                for name in list(lengths)[1:]
+                for name, n in lengths.items()
+                if n != next(iter(lengths.values()))  # those that differ from the first
             ]
         )
 
@@ -221,16 +222,18 @@ def _fit_call(
     binary: bool,
     accept: str | None = None,
 ) -> _Call:
-    """A fit-shaped request (fits and plots). numpy data without weights go as .npy."""
-    weights = options.pop("weights", None)
-    _same_lengths({**arrays, "weights": weights})
+    """A fit-shaped request (fits and plots). numpy data without weights or sigma go as
+    .npy."""
+    per_point = {name: options.pop(name, None) for name in ("weights", "sigma")}
+    _same_lengths({**arrays, **per_point})
     try:
         valid = options_model.model_validate({k: _plain(v) for k, v in options.items()})
     except ValidationError as error:
         raise _invalid(error) from None
     checked = valid.model_dump(mode="json", exclude_unset=True)
     headers = {"accept": accept} if accept else {}
-    as_npy = binary and weights is None and all(_is_array(v) for v in arrays.values())
+    given = {name: values for name, values in per_point.items() if values is not None}
+    as_npy = binary and not given and all(_is_array(v) for v in arrays.values())
     if as_npy:
         params = {name: json.dumps(value) for name, value in checked.items()}
         headers["content-type"] = "application/x-npy"
@@ -241,9 +244,7 @@ def _fit_call(
             params=params,
             headers=headers,
         )
-    body: dict[str, Any] = {name: _list(values) for name, values in arrays.items()}
-    if weights is not None:
-        body["weights"] = _list(weights)
+    body: dict[str, Any] = {name: _list(values) for name, values in (arrays | given).items()}
     return _Call("POST", path, json={**body, **checked}, headers=headers)
 
 
@@ -281,12 +282,13 @@ def _expression_batch_call(
     options: dict[str, Any],
 ) -> _Call:
     """An expression batch: each data set's x (one array or named arrays), y, and optional
-    weights and parameters (its own starting values)."""
+    weights or sigma, and parameters (its own starting values)."""
     sets = []
     for dataset in datasets:
         one: dict[str, Any] = {"x": _xs(dataset["x"]), "y": _plain(dataset["y"])}
-        if dataset.get("weights") is not None:
-            one["weights"] = _plain(dataset["weights"])
+        for name in ("weights", "sigma"):
+            if dataset.get(name) is not None:
+                one[name] = _plain(dataset[name])
         if dataset.get("parameters") is not None:
             one["parameters"] = {k: float(v) for k, v in dataset["parameters"].items()}
         sets.append(one)
@@ -483,7 +485,7 @@ class Client(_Base):
         **options: Any,
     ) -> ExpressionBatchResponse:
         """Fit ``expression`` (or the named ``model``) to every data set in one call; each
-        set is ``{"x", "y", "weights"?, "parameters"?}``."""
+        set is ``{"x", "y", "weights"? or "sigma"?, "parameters"?}``."""
         call = _expression_batch_call(datasets, expression, model, parameters, options)
         return self._model(call, ExpressionBatchResponse)
 

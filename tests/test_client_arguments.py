@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.client import Client, InvalidArguments, ValidationFailed
+from service.client import Client, InvalidArguments, ServerError, ValidationFailed
 
 
 def _recording() -> tuple[Client, list[httpx.Request]]:
@@ -65,3 +65,27 @@ def test_numpy_arrays_and_scalars_go_anywhere_an_array_or_number_goes() -> None:
     assert sent[1].headers["content-type"] == "application/x-npy"
     assert np.load(io.BytesIO(sent[1].content)).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert sent[1].url.params["epochs"] == "3"
+
+
+def test_sigma_travels_as_json_and_is_checked_like_weights() -> None:
+    """sigma is a per-point array like weights: its length is checked before sending, and
+    numpy data with sigma go as JSON (the .npy body has no place for it)."""
+    client, sent = _recording()
+    with pytest.raises(InvalidArguments) as error:
+        client.fit_linear([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], sigma=[1.0, 1.0])
+    assert error.value.fields == ["sigma"]
+    assert sent == []
+    with pytest.raises(ServerError):
+        client.fit_linear(np.arange(3.0), np.arange(3.0), sigma=np.ones(3), absolute_sigma=True)
+    body = json.loads(sent[-1].content)
+    assert sent[-1].url.path == "/v1/fits/linear"
+    assert body["sigma"] == [1.0, 1.0, 1.0] and body["absolute_sigma"] is True
+    with pytest.raises(ServerError):
+        client.fit_expression_batch(
+            [{"x": [1.0, 2.0], "y": [1.0, 2.0], "sigma": np.array([0.5, 0.5])}],
+            "a*x",
+            {"a": 1.0},
+            confidence=0.9,
+        )
+    body = json.loads(sent[-1].content)
+    assert body["datasets"][0]["sigma"] == [0.5, 0.5] and body["confidence"] == 0.9

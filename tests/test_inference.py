@@ -249,5 +249,149 @@ async def test_confidence_is_validated(client: httpx.AsyncClient) -> None:
         r = await client.post(
             "/v1/fits/linear", json={"x": [1.0, 2.0, 3.0], "y": [1.0, 2.0, 4.0], "confidence": bad}
         )
-        assert r.status_code == 422, r.text
+        assert r.status_code == 422, r.text[:300]
         assert r.json()["detail"][0]["loc"][-1] == "confidence"
+
+
+# -- sigma and absolute_sigma -------------------------------------------------------------------
+
+
+def _noisy_line() -> tuple[Array, Array, Array]:
+    rng = np.random.default_rng(16)
+    x = rng.uniform(1000.0, 4000.0, 40)
+    sigma = rng.uniform(0.2, 2.0, x.size)
+    return x, 0.01 * x - 3.0 + rng.normal(0.0, 1.3 * sigma), sigma
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+async def test_linear_sigma_is_statsmodels_wls(client: httpx.AsyncClient, absolute: bool) -> None:
+    """sigma is weights = 1/sigma²; with absolute_sigma the covariance is not rescaled and the
+    table uses the normal distribution: statsmodels' WLS with a fixed scale of 1."""
+    x, y, sigma = _noisy_line()
+    body = {"x": x.tolist(), "y": y.tolist(), "sigma": sigma.tolist(), "optimizer": "newton"}
+    r = await client.post("/v1/fits/linear", json=body | {"absolute_sigma": absolute})
+    assert r.status_code == 200, r.text
+    stats_ = r.json()["stats"]
+    model = sm.WLS(y, sm.add_constant(x), weights=1.0 / sigma**2)
+    wls = model.fit(cov_type="fixed scale") if absolute else model.fit()
+    order = [1, 0]
+    inference = stats_["inference"]
+    assert inference["method"] == ("normal" if absolute else "t")
+    assert inference["dof"] == (None if absolute else x.size - 2)
+    _check_table(
+        inference,
+        ["slope", "intercept"],
+        wls.params[order],
+        wls.bse[order],
+        wls.tvalues[order],
+        wls.pvalues[order],
+        wls.conf_int(alpha=0.05)[order],
+    )
+    chi2 = float(np.sum(((y - wls.fittedvalues) / sigma) ** 2))
+    if absolute:
+        assert stats_["chi2"] == pytest.approx(chi2, rel=1e-8)
+        assert stats_["chi2_p_value"] == pytest.approx(stats.chi2.sf(chi2, x.size - 2), rel=1e-8)
+    else:
+        assert stats_["chi2"] is None and stats_["chi2_p_value"] is None
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+async def test_expression_sigma_is_curve_fit(
+    client: httpx.AsyncClient, name: str, absolute: bool
+) -> None:
+    """The covariance with sigma, with and without absolute_sigma, is curve_fit's pcov with
+    the same sigma and absolute_sigma (1e-6: curve_fit's Jacobian is by differences)."""
+    rng = np.random.default_rng(17)
+    if name == "exponential decay":
+        x = np.linspace(0.0, 5000.0, 60)
+        truth = 1200.0 * np.exp(-6e-4 * x) + 35.0
+        expression, start = "a*exp(-k*x) + c", {"a": 1000.0, "k": 1e-3, "c": 0.0}
+    else:
+        problem = nist.load(name)
+        x, truth = problem.x["x"], problem.y
+        expression, start = problem.expression, dict(problem.starts[1])
+    sigma = np.abs(truth) * 0.01 + 0.05 * rng.random(x.size) + 1e-3
+    y = truth + rng.normal(0.0, 0.5 * sigma)
+    body = {
+        "expression": expression,
+        "parameters": start,
+        "x": x.tolist(),
+        "y": y.tolist(),
+        "sigma": sigma.tolist(),
+        "absolute_sigma": absolute,
+    }
+    r = await client.post("/v1/fits/expression", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["converged"], answer["warnings"]
+    names = list(start)
+    fitted = [answer["params"][n] for n in names]
+    popt, pcov = optimize.curve_fit(
+        FUNCTIONS[name], x, y, p0=fitted, sigma=sigma, absolute_sigma=absolute,
+        xtol=1e-15, ftol=1e-15, gtol=1e-15,
+    )  # fmt: skip
+    assert fitted == pytest.approx(popt, rel=1e-7)
+    assert np.array(answer["stats"]["covariance"]) == pytest.approx(pcov, rel=1e-6)
+    inference = answer["stats"]["inference"]
+    assert inference["method"] == ("normal" if absolute else "t")
+    chi2 = float(np.sum(((y - FUNCTIONS[name](x, *popt)) / sigma) ** 2))
+    if absolute:
+        assert answer["stats"]["chi2"] == pytest.approx(chi2, rel=1e-8)
+        p = stats.chi2.sf(chi2, x.size - len(names))
+        assert answer["stats"]["chi2_p_value"] == pytest.approx(p, rel=1e-6)
+    # The same fit as weights = 1/sigma².
+    weighted = body | {"weights": (1.0 / sigma**2).tolist()}
+    del weighted["sigma"]
+    again = await client.post("/v1/fits/expression", json=weighted)
+    assert again.json()["params"] == answer["params"]
+    assert again.json()["stats"]["covariance"] == answer["stats"]["covariance"]
+
+
+async def test_expression_batch_entries_take_sigma(client: httpx.AsyncClient) -> None:
+    rng = np.random.default_rng(18)
+    x = np.linspace(0.0, 3000.0, 30)
+    sets = []
+    for a in (800.0, 1500.0):
+        sigma = 2.0 + rng.random(x.size)
+        y = a * np.exp(-1e-3 * x) + 20.0 + rng.normal(0.0, sigma)
+        sets.append({"x": x.tolist(), "y": y.tolist(), "sigma": sigma.tolist()})
+    shared = {"expression": "a*exp(-k*x) + c", "parameters": {"a": 1000.0, "k": 2e-3, "c": 0.0}}
+    r = await client.post(
+        "/v1/fits/expression/batch", json=shared | {"datasets": sets, "absolute_sigma": True}
+    )
+    assert r.status_code == 200, r.text
+    for entry, one in zip(r.json()["results"], sets, strict=True):
+        single = await client.post(
+            "/v1/fits/expression", json=shared | one | {"absolute_sigma": True}
+        )
+        want, got = single.json()["stats"], entry["result"]["stats"]
+        assert got["inference"]["method"] == "normal"
+        assert np.array(got["covariance"]) == pytest.approx(np.array(want["covariance"]), rel=1e-6)
+        assert got["chi2"] == pytest.approx(want["chi2"], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "kind"),
+    [
+        ({"weights": [1.0] * 5}, "sigma", "sigma_and_weights"),
+        ({"sigma": [1.0] * 4}, "sigma", "length_mismatch"),
+        ({"sigma": [1.0, 1.0, 0.0, 1.0, 1.0]}, 2, "greater_than"),
+        ({"sigma": [1.0, 1.0, 1e-200, 1.0, 1.0]}, "sigma", "sigma_range"),
+        ({"sigma": [1.0, 1.0, "1", 1.0, 1.0]}, 2, "float_type"),
+        ({"absolute_sigma": "yes"}, "absolute_sigma", "bool_type"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/fits/linear", "/v1/fits/expression"])
+async def test_bad_sigma_is_a_422_naming_it(
+    client: httpx.AsyncClient, path: str, change: dict[str, Any], field: str | int, kind: str
+) -> None:
+    body: dict[str, Any] = {"x": [1.0, 2.0, 3.0, 4.0, 5.0], "y": [1.0, 2.1, 2.9, 4.2, 5.0]}
+    if path.endswith("expression"):
+        body |= {"expression": "a*x + b", "parameters": {"a": 1.0, "b": 0.0}}
+    if "weights" in change:
+        change = change | {"sigma": [1.0] * 5}
+    r = await client.post(path, json=body | change)
+    assert r.status_code == 422, r.text[:300]
+    error = r.json()["detail"][0]
+    assert error["loc"][-1] == field and error["type"] == kind, error

@@ -11,7 +11,15 @@ import math
 from collections.abc import Callable
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypeAliasType
 
@@ -349,6 +357,67 @@ def _weights_usable(weights: list[float] | None, info: ValidationInfo, of: str) 
     return weights
 
 
+Sigma = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
+#: 1/sigma² stays a normal float64 (neither overflows nor underflows) in this range.
+SIGMA_RANGE = (1e-150, 1e150)
+
+
+def _sigma_usable(sigma: list[float] | None, info: ValidationInfo, of: str) -> Any:
+    """curve_fit's ``sigma``: checked here, and turned into weights 1/σ² by
+    :class:`_SigmaAsWeights` (everything downstream sees weights)."""
+    if sigma is None:
+        return None
+    if info.data.get("weights") is not None:
+        raise PydanticCustomError(
+            "sigma_and_weights", "give `weights` or `sigma` (weights = 1/sigma²), not both", {}
+        )
+    values = info.data.get(of)
+    if values is not None:
+        _raise(length_error(len(values), len(sigma), first=of, second="sigma"))
+    low, high = SIGMA_RANGE
+    if not all(low <= s <= high for s in sigma):
+        raise PydanticCustomError(
+            "sigma_range",
+            "every sigma must lie in [{low}, {high}] (1/sigma² must be a float64); "
+            "rescale y and sigma together",
+            {"low": low, "high": high},
+        )
+    if not math.isfinite(sum(1.0 / (s * s) for s in sigma)):
+        raise PydanticCustomError(
+            "weights_overflow", "the sum of 1/sigma² overflows float64; rescale y and sigma", {}
+        )
+    return sigma
+
+
+SIGMA_DESCRIPTION = (
+    "Optional standard deviations of y, one per point (finite, > 0), as curve_fit's `sigma`: "
+    "the same fit as weights = 1/sigma² (give one or the other). Without `absolute_sigma` "
+    "only their ratios matter (the covariance is scaled by the reduced chi-square)."
+)
+ABSOLUTE_SIGMA_DESCRIPTION = (
+    "As curve_fit's `absolute_sigma`: true takes `sigma` (or weights = 1/sigma², or unit "
+    "noise without either) as the noise's true standard deviations, so the covariance is "
+    "(JᵀWJ)⁻¹, not rescaled by the reduced chi-square rss/dof; the parameter table then uses "
+    "the normal distribution (the noise variance is known), and `stats.chi2` and "
+    "`stats.chi2_p_value` test the fit against it."
+)
+
+
+class _SigmaAsWeights(_Strict):
+    """A body's ``sigma``, once validated, becomes its ``weights`` (1/σ²)."""
+
+    @model_validator(mode="after")
+    def _sigma_as_weights(self) -> Any:
+        sigma = getattr(self, "sigma", None)
+        if sigma is None:
+            return self
+        return self.model_copy(update={"weights": [1.0 / (s * s) for s in sigma], "sigma": None})
+
+
+class _LeastSquaresReporting(_Strict):
+    absolute_sigma: bool = Field(False, strict=True, description=ABSOLUTE_SIGMA_DESCRIPTION)
+
+
 WEIGHTS_DESCRIPTION = (
     "Optional weights, one per point (finite, >= 0, at least 2 positive). Linear: weighted "
     "least squares, loss Σw·(y - m·x - b)²/Σw (weights are inverse noise variances, as in "
@@ -370,7 +439,7 @@ class GaussianInitial(_Strict):
     std: PositiveFloat = Field(description="Initial standard deviation s (> 0).", examples=[1.0])
 
 
-class LinearOptions(_SingleFitOptions):
+class LinearOptions(_SingleFitOptions, _LeastSquaresReporting):
     """Everything of a linear fit but the data."""
 
     initial: LinearInitial | None = Field(
@@ -380,7 +449,7 @@ class LinearOptions(_SingleFitOptions):
     )
 
 
-class LinearFitRequest(LinearOptions):
+class LinearFitRequest(LinearOptions, _SigmaAsWeights):
     """Fit y = slope·x + intercept by gradient descent on the mean squared error."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [LINEAR_EXAMPLE]})
@@ -408,6 +477,13 @@ class LinearFitRequest(LinearOptions):
     @classmethod
     def _weights_match(cls, weights: list[float] | None, info: ValidationInfo) -> Any:
         return _weights_usable(weights, info, "y")
+
+    sigma: list[Sigma] | None = Field(None, description=SIGMA_DESCRIPTION)
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma_match(cls, sigma: list[float] | None, info: ValidationInfo) -> Any:
+        return _sigma_usable(sigma, info, "y")
 
 
 class GaussianOptions(_SingleFitOptions):
@@ -709,7 +785,17 @@ class _Stats(_Answer, Generic[ErrorsT, ReferenceT]):
     inference: Inference
 
 
-class LinearStats(_Stats[LinearStdErrors, LinearReference]):
+class _ChiSquare(_Answer):
+    chi2: float | None = Field(
+        description="With `absolute_sigma`: the chi-square Σ(r/sigma)² = Σw·r² (null without it)."
+    )
+    chi2_p_value: float | None = Field(
+        description="With `absolute_sigma`: its upper-tail p-value at `dof` degrees of "
+        "freedom, P(χ² >= chi2): small when the residuals are larger than sigma says."
+    )
+
+
+class LinearStats(_Stats[LinearStdErrors, LinearReference], _ChiSquare):
     r_squared: float | None = Field(description="1 - residual variance / variance of y.")
     residual_std: float | None = Field(
         description="sqrt(Σw·r² / (n_used - 2)): the noise standard deviation."
@@ -1000,18 +1086,24 @@ X_DESCRIPTION = (
 )
 
 
-class ExpressionData(_Strict):
+class ExpressionData(_SigmaAsWeights):
     """One data set of an expression fit."""
 
     x: Points | dict[str, Points] = Field(description=X_DESCRIPTION)
     y: Points = Field(description="The observations, one per point.")
     weights: list[Weight] | None = Field(None, description=WEIGHTS_DESCRIPTION)
+    sigma: list[Sigma] | None = Field(None, description=SIGMA_DESCRIPTION)
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma_match(cls, sigma: list[float] | None, info: ValidationInfo) -> Any:
+        return _sigma_usable(sigma, info, "y")
 
     def variables(self) -> tuple[str, ...]:
         return ("x",) if isinstance(self.x, list) else tuple(self.x)
 
 
-class _ExpressionOptions(_Reporting):
+class _ExpressionOptions(_Reporting, _LeastSquaresReporting):
     """How an expression fit trains, single or batch."""
 
     bounds: dict[str, Bound] | None = Field(
@@ -1119,7 +1211,7 @@ class ExpressionBatchRequest(_ExpressionModel, _ExpressionOptions):
     )
 
 
-class ExpressionStats(_Answer):
+class ExpressionStats(_ChiSquare):
     """Statistics at the returned parameters (null where they do not exist)."""
 
     parameters: list[str] = Field(description="Order of the rows and columns of the matrices.")

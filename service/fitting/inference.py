@@ -39,6 +39,21 @@ NO_DOF = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Reporting:
+    """What a request asks of its answer's uncertainty: the intervals' confidence level, and
+    whether its weights are 1/sigma² of the true sigma (curve_fit's ``absolute_sigma``)."""
+
+    confidence: float
+    absolute_sigma: bool = False
+
+    def dof(self, dof: int, likelihood: bool = False) -> int | None:
+        """The parameter table's degrees of freedom for a least-squares fit's ``dof``; None
+        (the normal distribution) where the noise scale is known or the fit is a maximum
+        likelihood."""
+        return None if likelihood or self.absolute_sigma else dof
+
+
 def critical(confidence: float, dof: Array | float | None) -> Array | float:
     """The two-sided critical value at ``confidence``: Student's t quantile at dof degrees of
     freedom (NaN where dof ≤ 0), or the normal one when ``dof`` is None."""
@@ -136,6 +151,16 @@ def inference(
         "dof": dof,
         "parameters": table(names, estimates, std_errors, dof, confidence),
     }
+
+
+def chi_square(rss: float | None, dof: int) -> tuple[float | None, float | None]:
+    """The chi-square of a fit whose weights are 1/sigma² of the true sigma (``absolute_sigma``):
+    Σw·r², and its upper-tail p-value at ``dof`` degrees of freedom (small: the residuals
+    are larger than sigma says; None without degrees of freedom)."""
+    if rss is None or not math.isfinite(rss):
+        return None, None
+    p = float(special.chdtrc(dof, rss)) if dof > 0 else math.nan
+    return rss, _finite(p)
 
 
 def undefined_warnings(std_errors: Sequence[float | None], dof: int | None) -> list[str]:

@@ -20,6 +20,7 @@ from service.api.schemas import (
 )
 from service.fitting import FitEngine, FitResult
 from service.fitting.batch import BatchEngine, Ragged
+from service.fitting.inference import Reporting
 from service.fitting.options import Scaling
 from tests.conftest import app_settings, running_app
 from tests.reference import gaussian_closed_form, linear_closed_form
@@ -142,7 +143,7 @@ _NEAR_ZERO = {"gap", "gradient_norm", "newton_step"}
 def _same_answer(entry: dict[str, Any], single: FitResult, model: str) -> None:
     """A batch entry is its single fit's whole answer (every field, every statistic, None
     where it is None), to rounding: the batch computes its statistics for all sets at once."""
-    expected = orjson.loads(fit_answer(BUILT_IN[model], single, 0.95))
+    expected = orjson.loads(fit_answer(BUILT_IN[model], single, Reporting(0.95)))
     assert entry.keys() == expected.keys()
     assert len(entry["warnings"]) == len(expected["warnings"])
     for key in entry.keys() - {"warnings"}:
@@ -187,14 +188,14 @@ def test_batch_answer_entries_are_the_single_answer_of_each_result(model: str) -
     for epochs in (3, 400):  # not converged, then converged
         results = BatchEngine().fit(model, *data, learning_rate=0.1, epochs=epochs, seed=1)
         http = BUILT_IN[model]
-        answer = orjson.loads(b"".join(_batch_answer(http, results, 0.9)))
+        answer = orjson.loads(b"".join(_batch_answer(http, results, Reporting(0.9))))
         assert answer["failed"] == 1 == len(results.errors)
         for i, item in enumerate(answer["results"]):
             one = results[i]
             if isinstance(one, Exception):
                 assert item == {"index": i, "result": None, "error": str(one)}
                 continue
-            expected = orjson.loads(fit_answer(http, one, 0.9))
+            expected = orjson.loads(fit_answer(http, one, Reporting(0.9)))
             assert item["result"] == expected, (epochs, i)
             # Not converged, or (the two-point line) no residual degrees of freedom.
             undefined = expected["stats"]["dof"] <= 0

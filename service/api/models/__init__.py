@@ -85,10 +85,6 @@ class HttpModel:
     #: of freedom), the normal for maximum likelihood.
     distribution: Literal["t", "normal"] = "t"
 
-    def table_dof(self, dof: int) -> int | None:
-        """The parameter table's degrees of freedom for a fit's ``dof`` (None: normal)."""
-        return dof if self.distribution == "t" else None
-
     @property
     def parse_json(self) -> JsonParser:
         """The JSON body's parser (picklable: it may run in a parser process)."""
@@ -109,8 +105,9 @@ class HttpModel:
         )
 
     def options_of(self, body: BaseModel) -> dict[str, Any]:
-        """The spec's model options from a parsed body."""
-        return {name: getattr(body, name) for name in self.model_options}
+        """The spec's model options from a parsed body (those it has: a batch of lines
+        takes no ``absolute_sigma``)."""
+        return {name: getattr(body, name) for name in self.model_options if hasattr(body, name)}
 
     def has_stat(self, name: str) -> bool:
         """Whether this model's answer reports statistic ``name`` (e.g. r_squared)."""

@@ -104,4 +104,5 @@ LINEAR = HttpModel(
         string; the same PNG.""",
     ),
     draw=draw,
+    model_options=("absolute_sigma",),
 )

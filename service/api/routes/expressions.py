@@ -22,7 +22,12 @@ from service.api.parsing import (
     parse_expression_batch,
     parse_expression_batch_binary,
 )
-from service.api.routes.fits import BATCH_BINARY_RESPONSES, BATCH_RESPONSES, SINGLE_FIT_RESPONSES
+from service.api.routes.fits import (
+    BATCH_BINARY_RESPONSES,
+    BATCH_RESPONSES,
+    SINGLE_FIT_RESPONSES,
+    reporting,
+)
 from service.api.schemas import (
     EXPRESSION_BATCH_EXAMPLE,
     EXPRESSION_EXAMPLE,
@@ -99,7 +104,7 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
     start = dict(zip(plan.expression.parameters, job.initial or (), strict=True))
 
     def respond(result: FitResult) -> BaseModel:
-        return expression_response(plan, start, result, body.confidence)
+        return expression_response(plan, start, result, reporting(body))
 
     if caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
@@ -136,7 +141,12 @@ async def _job(
         training=_training(body),
         initial=initial,
         weights=parsed.arrays.get("weights"),
-        options={"expression": expression, "bounds": plan.bounds, "exact": _exact(parsed)},
+        options={
+            "expression": expression,
+            "bounds": plan.bounds,
+            "exact": _exact(parsed),
+            "absolute_sigma": body.absolute_sigma,
+        },
     )
     history = body.epochs // body.history_step() + 1
     cost = expression_cost(y.size, len(xs), k, body.epochs, history)
@@ -170,11 +180,13 @@ def _within(value: float, bound: tuple[float | None, float | None] | None) -> fl
 
 
 def expression_response(
-    plan: ExpressionPlan, start: dict[str, float], result: FitResult, confidence: float
+    plan: ExpressionPlan, start: dict[str, float], result: FitResult, asked: inference.Reporting
 ) -> ExpressionFitResponse:
     s = result.stats
     names = list(s.names)
-    warnings = [*result.warnings, *inference.undefined_warnings(s.std_errors, s.dof)]
+    dof = asked.dof(s.dof)
+    warnings = [*result.warnings, *inference.undefined_warnings(s.std_errors, dof)]
+    chi2, chi2_p = inference.chi_square(s.rss, s.dof) if asked.absolute_sigma else (None, None)
     for name, (low, high) in plan.bounds.items():
         value = result.params[name]
         if any(
@@ -215,9 +227,11 @@ def expression_response(
             newton_step=s.newton_step,
             inference=Inference.model_validate(
                 inference.inference(
-                    names, list(result.params.values()), s.std_errors, s.dof, confidence
+                    names, list(result.params.values()), s.std_errors, dof, asked.confidence
                 )
             ),
+            chi2=chi2,
+            chi2_p_value=chi2_p,
         ),
     )
 
@@ -286,7 +300,11 @@ async def _fit_sets(
         model="expression",
         sets=sets,
         training=_training(body),
-        options={"expression": expression, "bounds": plan.bounds},
+        options={
+            "expression": expression,
+            "bounds": plan.bounds,
+            "absolute_sigma": body.absolute_sigma,
+        },
     )
     if not worker.sets_compiled(job):  # its loop compiles first, on the fit thread
         cost = Cost(bytes=cost.bytes + CompileCost.peak_bytes(expression), seconds=cost.seconds)
@@ -294,7 +312,7 @@ async def _fit_sets(
     results = await admitted.caller.unless_gone(
         worker.fit_sets(job, body.timeout_s, admitted.ticket)
     )
-    answer = _sets_answer(plan, starts, results, body.confidence)
+    answer = _sets_answer(plan, starts, results, reporting(body))
     return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
 
@@ -367,7 +385,7 @@ def _sets_answer(
     plan: ExpressionPlan,
     starts: list[dict[str, float]],
     results: list[FitResult | FitError],
-    confidence: float,
+    asked: inference.Reporting,
 ) -> Iterator[bytes]:
     """The batch answer, streamed; each result is what a single fit of its set answers."""
     failed = sum(isinstance(r, FitError) for r in results)
@@ -383,7 +401,7 @@ def _sets_answer(
         result = results[i]
         if isinstance(result, FitError):
             return {"index": i, "result": None, "error": str(result)}
-        answer = expression_response(plan, starts[i], result, confidence)
+        answer = expression_response(plan, starts[i], result, asked)
         return {"index": i, "result": answer.model_dump(mode="json"), "error": None}
 
     return batch_pieces(head, len(results), entry)

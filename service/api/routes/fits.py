@@ -64,11 +64,16 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _common(result: FitResult, model: HttpModel, confidence: float) -> dict[str, Any]:
+def reporting(body: Any) -> inference.Reporting:
+    """What a parsed body (any fit's) asks of its answer's uncertainty."""
+    return inference.Reporting(body.confidence, getattr(body, "absolute_sigma", False))
+
+
+def _common(result: FitResult, model: HttpModel, asked: inference.Reporting) -> dict[str, Any]:
     """The fields every fit answer shares; the history stays a numpy array (orjson writes it
     as the same bytes as the list of its floats, 40% faster)."""
     stats = result.stats
-    dof = model.table_dof(stats.dof)
+    dof = asked.dof(stats.dof, likelihood=model.distribution == "normal")
     return {
         "loss_history": np.ascontiguousarray(result.loss_history),
         "history_every": result.history_every,
@@ -79,13 +84,25 @@ def _common(result: FitResult, model: HttpModel, confidence: float) -> dict[str,
         "converged": result.converged,
         "warnings": [*result.warnings, *inference.undefined_warnings(stats.std_errors, dof)],
         "seed": result.seed,
-        "stats": _stats(stats, model)
-        | {
-            "inference": inference.inference(
-                stats.names, list(result.params.values()), stats.std_errors, dof, confidence
-            )
-        },
+        "stats": _stats(stats, model) | _uncertainty(result, model, asked, dof),
     }
+
+
+def _uncertainty(
+    result: FitResult, model: HttpModel, asked: inference.Reporting, dof: int | None
+) -> dict[str, Any]:
+    """The parameter table, and (least squares) the chi-square test of a known sigma."""
+    stats = result.stats
+    out: dict[str, Any] = {
+        "inference": inference.inference(
+            stats.names, list(result.params.values()), stats.std_errors, dof, asked.confidence
+        )
+    }
+    if model.has_stat("chi2"):
+        known = asked.absolute_sigma
+        chi2, p = inference.chi_square(stats.rss, stats.dof) if known else (None, None)
+        out |= {"chi2": chi2, "chi2_p_value": p}
+    return out
 
 
 def _stats(stats: FitStats, model: HttpModel) -> dict[str, Any]:
@@ -116,7 +133,7 @@ def _stats(stats: FitStats, model: HttpModel) -> dict[str, Any]:
     } | extra
 
 
-def fit_answer(model: HttpModel, result: FitResult, confidence: float) -> bytes:
+def fit_answer(model: HttpModel, result: FitResult, asked: inference.Reporting) -> bytes:
     """The fit's JSON answer, serialized once straight from plain data: building the response
     model, then FastAPI validating and serializing it again, cost more than a small fit. The
     data are the engine's, in the response model's field order (the tests validate answers
@@ -125,7 +142,7 @@ def fit_answer(model: HttpModel, result: FitResult, confidence: float) -> bytes:
         answer = {
             "model": model.name,
             "params": result.params,
-            **_common(result, model, confidence),
+            **_common(result, model, asked),
         }
         return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -204,7 +221,7 @@ async def _single_fit(
     job = fit_job(model, parsed)
 
     def respond(result: FitResult) -> str:
-        return fit_answer(model, result, body.confidence).decode()
+        return fit_answer(model, result, reporting(body)).decode()
 
     if caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
@@ -213,7 +230,7 @@ async def _single_fit(
     fit = worker.fit(job, body.timeout_s, ticket=admitted.ticket)
     # A fit expected to take well under a millisecond runs on the event loop: no watcher.
     result = await (fit if worker.inline(admitted.ticket) else caller.unless_gone(fit))
-    return Response(fit_answer(model, result, body.confidence), media_type="application/json")
+    return Response(fit_answer(model, result, reporting(body)), media_type="application/json")
 
 
 BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -266,18 +283,20 @@ async def _fit_batch(model: HttpModel, admitted: Admitted, parsed: Parsed[Any]) 
         history_every=body.history_every,
     )
     results = await caller.unless_gone(worker.fit_batch(job, body.timeout_s, admitted.ticket))
-    answer = _batch_answer(model, results, body.confidence)
+    answer = _batch_answer(model, results, reporting(body))
     return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
 
-def _batch_answer(model: HttpModel, results: BatchResults, confidence: float) -> Iterator[bytes]:
+def _batch_answer(
+    model: HttpModel, results: BatchResults, asked: inference.Reporting
+) -> Iterator[bytes]:
     """The batch response, serialized straight from the engine's arrays and streamed. Each
     entry is what :func:`_common` writes for a single fit (a test holds them equal entry by
     entry), built column by column: validating 10,000 nested response models would cost
     more than the fits, and so would reading each set's statistics one by one."""
     failed = len(results.errors)
     head = {"model": model.name, "succeeded": len(results) - failed, "failed": failed}
-    fitted = iter(_fitted_entries(model, results, confidence))
+    fitted = iter(_fitted_entries(model, results, asked))
 
     def entry(i: int) -> dict[str, Any]:  # called in order
         error = results.errors.get(i)
@@ -289,7 +308,7 @@ def _batch_answer(model: HttpModel, results: BatchResults, confidence: float) ->
 
 
 def _fitted_entries(
-    model: HttpModel, results: BatchResults, confidence: float
+    model: HttpModel, results: BatchResults, asked: inference.Reporting
 ) -> Iterator[dict[str, Any]]:
     """The ``result`` of every fitted set, in order: :func:`_common` from columns."""
     f = results.fitted
@@ -318,17 +337,16 @@ def _fitted_entries(
         for name in ("r_squared", "residual_std")
         if model.has_stat(name)
     }
-    dofs = [n_j - k for n_j in n]
+    if model.has_stat("chi2"):  # batches of the built-in models take no absolute_sigma
+        extras |= {"chi2": [None] * len(n), "chi2_p_value": [None] * len(n)}
+    likelihood = model.distribution == "normal"
+    dofs = [asked.dof(n_j - k, likelihood) for n_j in n]
     tables = inference.tables(
-        f.params,
-        s.std_errors,
-        None if model.distribution == "normal" else np.array(dofs),
-        confidence,
+        f.params, s.std_errors, None if likelihood else np.array(dofs), asked.confidence
     )
-    method = "normal" if model.distribution == "normal" else "t"
+    method = "normal" if likelihood else "t"
     for j, i in enumerate(f.sets.tolist()):
-        table_dof = model.table_dof(dofs[j])
-        undefined = inference.undefined_warnings(std_errors[j], table_dof)  # NaN: undefined
+        undefined = inference.undefined_warnings(std_errors[j], dofs[j])  # NaN: undefined
         stats = {
             "parameters": names,
             "n_used": n[j],
@@ -354,9 +372,9 @@ def _fitted_entries(
         for name, values in extras.items():
             stats[name] = values[j]
         stats["inference"] = {
-            "confidence": confidence,
+            "confidence": asked.confidence,
             "method": method,
-            "dof": table_dof,
+            "dof": dofs[j],
             "parameters": tables.row(j, names),
         }
         yield {

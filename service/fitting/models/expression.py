@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from service.fitting.expression import (
@@ -175,7 +176,10 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
         params = np.array([fit.params for fit in fits])
         jacobians = jacobian_rows(numpy_residuals, params, summaries)
         exact = [given.get("exact") for given in options]
-        return stats_of_rows(expression, layout, size, fits, summaries, weights, exact, jacobians)
+        known = np.array([bool(given.get("absolute_sigma")) for given in options])
+        return stats_of_rows(
+            expression, layout, size, fits, summaries, weights, exact, jacobians, known
+        )
 
     def stats(
         fit: AtFit, summary: Array, weights: WeightSummary, options: Mapping[str, Any]
@@ -204,7 +208,7 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
         residuals=residuals,
         project=project,
         numpy_residuals=numpy_residuals,
-        options={"bounds": None, "exact": None},
+        options={"bounds": None, "exact": None, "absolute_sigma": False},
         finite_fields=layout.size - 2 * k,
         xla=xla,
     )
@@ -228,6 +232,7 @@ def stats_of_rows(
     weights: Sequence[WeightSummary],
     exact: Sequence[Sequence[Array] | None],
     jacobians: Array,
+    known_sigma: npt.NDArray[np.bool_] | None = None,
 ) -> list[FitStats]:
     """The statistics of B fits of one spec at once ([B, S] summaries, [B, size, k]
     Jacobians at the fits), each as its single fit reports them, in NIST's convention.
@@ -262,7 +267,9 @@ def stats_of_rows(
         tss = np.sum(w * (y - mean[:, None]) ** 2, axis=-1).astype(np.float64)
         sigma2 = np.where(dof > 0, (rss_long / np.maximum(dof, 1)).astype(np.float64), np.nan)
     rss = rss_long.astype(np.float64)
-    covariances = _covariances(jacobians, sigma2)
+    # s²·(JᵀWJ)⁻¹, or (JᵀWJ)⁻¹ where the weights are 1/sigma² of the true sigma (absolute_sigma).
+    scale = sigma2 if known_sigma is None else np.where(known_sigma, 1.0, sigma2)
+    covariances = _covariances(jacobians, scale)
     out = []
     for i, fit in enumerate(fits):
         ws, covariance = weights[i], covariances[i]

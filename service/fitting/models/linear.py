@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -191,6 +192,9 @@ def stats(
     else:
         ssr = 0.0 if loss_ <= ROUNDING * vyy else weights.total * loss_
     sigma2 = ssr / dof if dof > 0 else math.nan
+    # The noise scale: estimated (s² = rss/dof), or known (absolute_sigma: the weights are
+    # 1/sigma² of the true sigma, so s² = 1).
+    scale = 1.0 if options.get("absolute_sigma") else sigma2
     n_used = weights.count
     loglik = (
         -0.5 * n_used * (LOG_2PI + math.log(ssr / n_used) + 1.0) + 0.5 * weights.log_sum
@@ -199,17 +203,18 @@ def stats(
     )
     r_squared = 1.0 - loss_ / vyy if vyy > 0.0 else math.nan
     # Cov = σ²·(2/Σw)·H⁻¹ with H = a·AᵀH'A, so in fit coordinates the factor is divided by a.
-    return fit_stats(
+    computed = fit_stats(
         ("slope", "intercept"),
         fit,
         weights,
-        covariance_factor=sigma2 * 2.0 / weights.total / coords.a,
+        covariance_factor=scale * 2.0 / weights.total / coords.a,
         loglik=loglik,
         closed=(slope, y_mean - slope * x_mean),
         closed_loss=max(vyy - vxy * slope, 0.0),
         r_squared=r_squared if math.isfinite(r_squared) else None,
         residual_std=math.sqrt(sigma2) if dof > 0 and math.isfinite(sigma2) else None,
     )
+    return replace(computed, rss=ssr if math.isfinite(ssr) else None)
 
 
 def stats_of_sets(fit: SetsAtFit, summaries: Array, options: Mapping[str, Any]) -> SetStats:
@@ -264,4 +269,5 @@ LINEAR = ModelSpec(
     residual_sum=ResidualSum(cancels, rss_from_data),
     dummy=(2.0, 0.0, 0.0, 1.0, 0.0, 1.0),
     dummy_start=(0.0, 0.0),
+    options={"absolute_sigma": False},
 )
