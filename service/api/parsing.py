@@ -491,6 +491,21 @@ def parse_expression(
         n = len(request.y)
         used = n if request.weights is None else sum(1 for w in request.weights if w > 0)
         plan = _expression_plan(request, variables, n, used, context, errors)
+    predict = request.predict
+    if plan is not None and predict is not None:
+        wanted = plan.expression.variables
+        if predict.variables() != wanted:
+            errors.append(
+                _error(
+                    ["body", "predict", "x"],
+                    PydanticCustomError(
+                        "predict_variables",
+                        "predict's x must name the fit's variables ({names}), in that order",
+                        {"names": ", ".join(wanted)},
+                    ),
+                )
+            )
+            plan = None
     if plan is None:
         return Invalid(errors)
     arrays = {

@@ -449,7 +449,66 @@ class LinearOptions(_SingleFitOptions, _LeastSquaresReporting):
     )
 
 
-class LinearFitRequest(LinearOptions, _SigmaAsWeights):
+#: Where a model is evaluated: at least one point.
+NewPoints = Annotated[
+    list[FiniteFloat],
+    Field(min_length=1, description="Finite numbers; at least 1, at most TAPEFIT_MAX_POINTS."),
+]
+
+
+def _points_within(x: Any, info: ValidationInfo) -> Any:
+    columns = [x] if isinstance(x, list) else list(x.values())
+    count = sum(len(c) for c in columns)
+    limit = context_limit(info.context, "max_points")
+    if limit is not None and count > limit:
+        raise PydanticCustomError(
+            "too_many_points",
+            "at most {limit} points are allowed (TAPEFIT_MAX_POINTS), got {count}",
+            {"limit": limit, "count": count},
+        )
+    if len({len(c) for c in columns}) > 1:
+        raise PydanticCustomError(
+            "length_mismatch", "the variables of x must have the same length", {}
+        )
+    return x
+
+
+PREDICT_X_DESCRIPTION = (
+    "Where to evaluate the model: a list (the variable x), or an object of named "
+    'equal-length lists for several predictors, e.g. {"x1": [...], "x2": [...]}.'
+)
+
+
+class Predict(_Strict):
+    """New points at which to evaluate the fitted model, with its bands."""
+
+    x: NewPoints | dict[str, NewPoints] = Field(description=PREDICT_X_DESCRIPTION)
+
+    @field_validator("x")
+    @classmethod
+    def _x_within(cls, x: Any, info: ValidationInfo) -> Any:
+        return _points_within(x, info)
+
+    def variables(self) -> tuple[str, ...]:
+        return ("x",) if isinstance(self.x, list) else tuple(self.x)
+
+    def columns(self) -> list[list[float]]:
+        return [self.x] if isinstance(self.x, list) else list(self.x.values())
+
+
+PREDICT_DESCRIPTION = (
+    "Evaluate the fitted model at these x: the answer's `prediction` holds the fitted values "
+    "with the confidence band of the mean and the prediction band of a new observation at "
+    "`confidence`. (For the Gaussian: its fitted density at x, with the band of the density; "
+    "there is no observation band.)"
+)
+
+
+class _Predicting(_Strict):
+    predict: Predict | None = Field(None, description=PREDICT_DESCRIPTION)
+
+
+class LinearFitRequest(LinearOptions, _SigmaAsWeights, _Predicting):
     """Fit y = slope·x + intercept by gradient descent on the mean squared error."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [LINEAR_EXAMPLE]})
@@ -501,7 +560,7 @@ class GaussianOptions(_SingleFitOptions):
     )
 
 
-class GaussianFitRequest(GaussianOptions):
+class GaussianFitRequest(GaussianOptions, _Predicting):
     """Fit a normal distribution N(mean, std²) by maximum likelihood (gradient descent on the
     negative log-likelihood)."""
 
@@ -685,6 +744,25 @@ class GaussianStdErrors(_Answer):
     std: float | None = Field(description="Standard error of the standard deviation.")
 
 
+class Prediction(_Answer):
+    """A model at new x, with its bands (null where undefined: no covariance, no residual
+    degrees of freedom, or overflow)."""
+
+    x: list[float] | dict[str, list[float]] = Field(description="The x asked for, as sent.")
+    y: list[float | None] = Field(description="The model's value f(x) at the parameters.")
+    mean_lower: list[float | None] = Field(
+        description="Lower end of the confidence band of the mean: f - q·sqrt(J·C·Jᵀ), J the "
+        "exact Jacobian ∂f/∂p at x, C the parameters' covariance, q Student's t quantile at "
+        "`dof` (the normal one without dof) for `confidence`."
+    )
+    mean_upper: list[float | None] = Field(description="f + q·sqrt(J·C·Jᵀ).")
+    obs_lower: list[float | None] = Field(
+        description="Lower end of the prediction band of a new observation of unit weight: "
+        "f - q·sqrt(J·C·Jᵀ + s²), s² the residual variance rss/dof (1 with `absolute_sigma`)."
+    )
+    obs_upper: list[float | None] = Field(description="f + q·sqrt(J·C·Jᵀ + s²).")
+
+
 class ParameterInference(_Answer):
     """One parameter's row of the parameter table (null where undefined)."""
 
@@ -848,6 +926,9 @@ class _FitResponse(_Answer, Generic[ParamsT, StatsT]):
         "not random (`initial` given, or a Gaussian fit)."
     )
     stats: StatsT = Field(description="Uncertainties, fit quality and the closed-form check.")
+    prediction: Prediction | None = Field(
+        description="The model at `predict`'s x with its bands; null without `predict`."
+    )
 
 
 class LinearFitResponse(_FitResponse[LinearParams, LinearStats]):
@@ -1146,7 +1227,7 @@ class _ExpressionOptions(_Reporting, _LeastSquaresReporting):
         return max(1, -(-self.epochs // DEFAULT_MAX_HISTORY))
 
 
-class ExpressionFitRequest(_ExpressionModel, ExpressionData, _ExpressionOptions):
+class ExpressionFitRequest(_ExpressionModel, ExpressionData, _ExpressionOptions, _Predicting):
     """Fit y = f(x; parameters) for an expression you write, or a named model, by least
     squares (Levenberg-Marquardt by default, with the exact Jacobian by forward-mode autodiff)."""
 
@@ -1299,6 +1380,9 @@ class ExpressionFitResponse(_Answer):
     converged: bool = Field(description="At the optimum (as for the other fits).")
     warnings: list[str] = Field(description="Empty when converged and no bound is active.")
     stats: ExpressionStats
+    prediction: Prediction | None = Field(
+        None, description="The model at `predict`'s x with its bands; null without `predict`."
+    )
 
 
 class ExpressionBatchItem(_BatchItem[ExpressionFitResponse]):

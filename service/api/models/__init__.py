@@ -27,6 +27,8 @@ from service.api.parsing import (
     parse_binary,
     parse_json,
 )
+from service.fitting import bands
+from service.fitting.bands import Curve
 from service.worker import FitResult
 
 Examples = dict[str, dict[str, Any]]
@@ -81,8 +83,10 @@ class HttpModel:
     draw: Callable[[Parsed[Any], FitResult], Callable[[], bytes]]
     #: Request fields that are the spec's model options (e.g. the Gaussian's reduction).
     model_options: tuple[str, ...] = ()
+    #: The model at new x, with its Jacobian (``predict``, ``POST /v1/evaluate``).
+    curve: Curve = bands.line
     #: The parameter table's distribution: Student's t for least squares (n_used - k degrees
-    #: of freedom), the normal for maximum likelihood.
+    #: of freedom), the normal for maximum likelihood (which has no observation band).
     distribution: Literal["t", "normal"] = "t"
 
     @property

@@ -20,6 +20,7 @@ from service.api.schemas import (
     GaussianOptions,
     GaussianParams,
 )
+from service.fitting import bands
 from service.plots import gaussian_png
 from service.worker import FitResult, gaussian_samples
 
@@ -90,5 +91,6 @@ GAUSSIAN = HttpModel(
     ),
     draw=draw,
     model_options=("reduction",),
+    curve=bands.normal_density,
     distribution="normal",
 )

@@ -26,6 +26,7 @@ from service.api.routes.fits import (
     BATCH_BINARY_RESPONSES,
     BATCH_RESPONSES,
     SINGLE_FIT_RESPONSES,
+    prediction,
     reporting,
 )
 from service.api.schemas import (
@@ -41,6 +42,7 @@ from service.api.schemas import (
     Inference,
     ModelDescription,
     ModelList,
+    Predict,
 )
 from service.api.streaming import (
     EventStream,
@@ -49,7 +51,7 @@ from service.api.streaming import (
     fit_events,
     progress_step,
 )
-from service.fitting import catalog, inference
+from service.fitting import bands, catalog, inference
 from service.fitting.expression import CompileCost
 from service.fitting.guesses import guess
 from service.plots import expression_figure
@@ -104,7 +106,7 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
     start = dict(zip(plan.expression.parameters, job.initial or (), strict=True))
 
     def respond(result: FitResult) -> BaseModel:
-        return expression_response(plan, start, result, reporting(body))
+        return expression_response(plan, start, result, reporting(body), body.predict)
 
     if caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
@@ -180,7 +182,11 @@ def _within(value: float, bound: tuple[float | None, float | None] | None) -> fl
 
 
 def expression_response(
-    plan: ExpressionPlan, start: dict[str, float], result: FitResult, asked: inference.Reporting
+    plan: ExpressionPlan,
+    start: dict[str, float],
+    result: FitResult,
+    asked: inference.Reporting,
+    predict: Predict | None = None,
 ) -> ExpressionFitResponse:
     s = result.stats
     names = list(s.names)
@@ -233,6 +239,7 @@ def expression_response(
             chi2=chi2,
             chi2_p_value=chi2_p,
         ),
+        prediction=prediction(bands.expression_curve(plan.expression.tree), result, asked, predict),
     )
 
 
