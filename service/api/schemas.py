@@ -1355,7 +1355,37 @@ EXPRESSION_ANSWER_EXAMPLE: dict[str, Any] = {
         "bic": -21.100925424538886,
         "gradient_norm": 2.6352608983946975e-10,
         "newton_step": 3.5729448045931136e-13,
+        "chi2": None,
+        "chi2_p_value": None,
+        "inference": {
+            "confidence": 0.95,
+            "method": "t",
+            "dof": 12,
+            "parameters": {
+                "b1": {
+                    "estimate": 238.94212917917807,
+                    "std_error": 2.7070075241475173,
+                    "statistic": 88.26799595040838,
+                    "p_value": 2.9856330804900395e-18,
+                    "lower": 233.04406645555974,
+                    "upper": 244.8401919027964,
+                    "lower_found": None,
+                    "upper_found": None,
+                },
+                "b2": {
+                    "estimate": 0.0005501564318050633,
+                    "std_error": 7.2668688436181515e-06,
+                    "statistic": 75.70749433412674,
+                    "p_value": 1.8778997380264272e-17,
+                    "lower": 0.000534323284737079,
+                    "upper": 0.0005659895788730475,
+                    "lower_found": None,
+                    "upper_found": None,
+                },
+            },
+        },
     },
+    "prediction": None,
 }
 
 

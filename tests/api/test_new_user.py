@@ -252,13 +252,19 @@ async def test_expression_fits_stream_progress_as_the_docs_say(client: httpx.Asy
     assert sorted(result["params"]) == ["A", "C", "K"]
 
 
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
 async def test_the_documented_expression_answer_is_a_real_one(client: httpx.AsyncClient) -> None:
     """/docs shows a real answer for expressions (no additionalProp1 placeholders): the one
     the server gives its own request example, to 1e-9 (the last digits vary by CPU)."""
     document = (await client.get("/openapi.json")).json()
     (shown,) = document["components"]["schemas"]["ExpressionFitResponse"]["examples"]
-    # (FastAPI's document leaves out the example's null named_model)
-    assert shown == {k: v for k, v in EXPRESSION_ANSWER_EXAMPLE.items() if v is not None}
+    # (FastAPI's document leaves out the example's nulls, named_model and the like)
+    assert shown == _without_nulls(EXPRESSION_ANSWER_EXAMPLE)
     fit = (await client.post(FIT, json=EXPRESSION_EXAMPLE)).json()
     assert set(fit) == set(EXPRESSION_ANSWER_EXAMPLE)
     assert fit["loss_history"][: len(shown["loss_history"])] == pytest.approx(
@@ -268,6 +274,11 @@ async def test_the_documented_expression_answer_is_a_real_one(client: httpx.Asyn
         assert fit[part] == pytest.approx(shown[part], rel=1e-9)
     for name in ("std_errors", "rss", "r_squared", "aic"):
         assert fit["stats"][name] == pytest.approx(shown["stats"][name], rel=1e-9)
+    for name, row in shown["stats"]["inference"]["parameters"].items():
+        ours = fit["stats"]["inference"]["parameters"][name]
+        for key in ("estimate", "std_error", "statistic", "p_value", "lower", "upper"):
+            # the p-values are ~1e-17: t's tail magnifies a 1e-9 difference in t ~80 times
+            assert ours[key] == pytest.approx(row[key], rel=1e-7), (name, key)
     assert fit["stop_reason"] == shown["stop_reason"] and fit["converged"]
 
 

@@ -254,9 +254,10 @@ async def _single_fit(
         single_fit_cost(model, parsed, worker), worker.deadline_s(body.timeout_s)
     )
     job = fit_job(model, parsed)
+    predict = getattr(body, "predict", None)  # JSON bodies only (not the binary twin's query)
 
     def respond(result: FitResult) -> str:
-        return fit_answer(model, result, reporting(body), body.predict).decode()
+        return fit_answer(model, result, reporting(body), predict).decode()
 
     if caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
@@ -266,7 +267,7 @@ async def _single_fit(
     # A fit expected to take well under a millisecond runs on the event loop: no watcher.
     result = await (fit if worker.inline(admitted.ticket) else caller.unless_gone(fit))
     return Response(
-        fit_answer(model, result, reporting(body), body.predict), media_type="application/json"
+        fit_answer(model, result, reporting(body), predict), media_type="application/json"
     )
 
 
