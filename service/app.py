@@ -24,7 +24,7 @@ from service.api.limits import BodyLimit
 from service.api.models import BUILT_IN, HttpModel
 from service.api.observe import HttpMetrics, ObservedRequests, TracedRequests
 from service.api.openapi import install_openapi
-from service.api.routes import datasets, expressions, fits, health, plots
+from service.api.routes import datasets, evaluate, expressions, fits, health, plots
 from service.api.schemas import (
     MAX_EPOCH_COUNT,
     ExpressionBatchRequest,
@@ -109,6 +109,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(fits.router(models.values()))
     app.include_router(expressions.router)
+    app.include_router(evaluate.router)
     app.include_router(plots.router(models.values()))
     app.include_router(datasets.router)
     app.include_router(health.router)

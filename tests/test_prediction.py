@@ -198,3 +198,92 @@ async def test_predict_with_several_variables_and_its_errors(client: httpx.Async
         assert r.json()["detail"][0]["loc"][:3] == loc[:3], r.json()
     r = await client.post("/v1/fits/expression", json=body)
     assert r.json()["prediction"] is None
+
+
+# -- POST /v1/evaluate ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["expression", "named", "linear", "gaussian"])
+async def test_evaluate_answers_what_predict_answered(client: httpx.AsyncClient, kind: str) -> None:
+    """A stored fit's numbers, sent to /v1/evaluate (with the parameters in another order),
+    give back the fit's own prediction, without refitting."""
+    x, y = _decay()
+    new = [0.0, 1234.5, 9000.0]
+    if kind == "linear":
+        path, body = "/v1/fits/linear", {"x": x.tolist(), "y": y.tolist(), "optimizer": "newton"}
+        model: dict[str, Any] = {"model": "linear"}
+    elif kind == "gaussian":
+        path, body = "/v1/fits/gaussian", {"y": y.tolist(), "optimizer": "newton"}
+        model = {"model": "gaussian"}
+        new = [100.0, 400.0]
+    elif kind == "named":
+        path = "/v1/fits/expression"
+        body = {"model": "exponential_decay", "x": x.tolist(), "y": y.tolist()}
+        model = {"model": "exponential_decay"}
+    else:
+        path = "/v1/fits/expression"
+        start = {"a": 1000.0, "k": 1e-3, "c": 0.0}
+        body = {"expression": DECAY, "parameters": start, "x": x.tolist(), "y": y.tolist()}
+        model = {"expression": DECAY}
+    fit = await client.post(path, json=body | {"predict": {"x": new}, "confidence": 0.9})
+    assert fit.status_code == 200, fit.text[:300]
+    answer = fit.json()
+    order = list(answer["stats"]["parameters"])[::-1]  # the covariance reordered to match
+    at = [answer["stats"]["parameters"].index(name) for name in order]
+    covariance = np.array(answer["stats"]["covariance"])[np.ix_(at, at)].tolist()
+    residual_std = answer["stats"].get("residual_std")
+    request = model | {
+        "params": {name: answer["params"][name] for name in order},
+        "parameters": order,
+        "covariance": covariance,
+        "residual_variance": None if residual_std is None else residual_std**2,
+        "dof": None if kind == "gaussian" else answer["stats"]["dof"],
+        "x": new,
+        "confidence": 0.9,
+    }
+    r = await client.post("/v1/evaluate", json=request)
+    assert r.status_code == 200, r.text[:300]
+    got = r.json()
+    assert got["parameters"] == order
+    want = answer["prediction"]
+    for field in ("y", "mean_lower", "mean_upper", "obs_lower", "obs_upper"):
+        if want[field][0] is None:
+            assert got["prediction"][field] == want[field]
+        else:
+            assert got["prediction"][field] == pytest.approx(want[field], rel=1e-12), field
+    # Without a covariance, only the values.
+    bare = {k: v for k, v in request.items() if k not in ("covariance", "parameters")}
+    r = await client.post("/v1/evaluate", json=bare)
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["prediction"]["y"] == pytest.approx(want["y"], rel=1e-12)
+    assert r.json()["prediction"]["mean_lower"] == [None] * len(new)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"model": "linear"}, "expression"),  # both
+        ({"expression": None}, "expression"),  # neither
+        ({"params": {"a": 1.0}}, "params"),
+        ({"params": {"a": 1.0, "k": 1.0, "c": 1.0, "z": 1.0}}, "params"),
+        ({"parameters": ["a", "k"]}, "parameters"),
+        ({"covariance": [[1.0, 0.0], [0.0, 1.0]]}, "covariance"),
+        ({"covariance": [[1.0, 0.0], [0.0]]}, "covariance"),
+        ({"expression": "a*exp(-k*x) + c + x.real"}, "expression"),
+        ({"expression": "a*exp(-k*x) + c + __import__"}, "params"),  # an unknown name
+        ({"x": []}, "x"),
+        ({"x": {"t": [1.0]}}, "params"),  # x is then an unknown name
+        ({"dof": 0}, "dof"),
+        ({"residual_variance": -1.0}, "residual_variance"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"expression": None, "model": "{nope}"}, "model"),
+    ],
+)
+async def test_evaluate_errors_name_the_field(
+    client: httpx.AsyncClient, change: dict[str, Any], field: str
+) -> None:
+    body = {"expression": DECAY, "params": {"a": 1.0, "k": 1e-3, "c": 0.0}, "x": [1.0, 2.0]}
+    body = {k: v for k, v in (body | change).items() if v is not None}
+    r = await client.post("/v1/evaluate", json=body)
+    assert r.status_code == 422, r.text[:300]
+    assert field in r.json()["detail"][0]["loc"], r.json()

@@ -22,13 +22,16 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from service.api.schemas import (
+    EvaluateRequest,
     ExpressionBatchOptions,
     ExpressionBatchRequest,
     ExpressionData,
     ExpressionFitRequest,
     GaussianDatasetRequest,
+    GaussianParams,
     LinearDatasetRequest,
     LinearFitRequest,
+    LinearParams,
     check_batch,
     constant_error,
     context_limit,
@@ -876,3 +879,97 @@ def _expression_plan(
     if errors:
         return None
     return ExpressionPlan(expression, request.model, given, bounds)
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluatePlan:
+    """What ``POST /v1/evaluate`` evaluates: a built-in model by name (``expression`` None),
+    or an expression (a named model's, or written), with the parameters in covariance order."""
+
+    model: str | None
+    expression: Expression | None
+    names: tuple[str, ...]
+    variables: tuple[str, ...]
+
+
+#: The parameters of the built-in models, in their order.
+_BUILT_IN_PARAMETERS = {
+    "linear": tuple(LinearParams.model_fields),
+    "gaussian": tuple(GaussianParams.model_fields),
+}
+
+
+def parse_evaluate(body: bytes, context: dict[str, Any]) -> Parsed[EvaluateRequest] | Invalid:
+    """An evaluation: the schema, then the model resolved (its parameters named, the
+    expression parsed), each error located."""
+    if refused := _too_many_numbers(body, MAX_VARIABLES, context):
+        return refused
+    try:
+        request = EvaluateRequest.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        return _errors(exc, "body")
+    plan = _evaluate_plan(request)
+    if isinstance(plan, Invalid):
+        return plan
+    columns = [request.x] if isinstance(request.x, list) else list(request.x.values())
+    arrays = {
+        f"x:{name}": np.asarray(column, dtype=np.float64)
+        for name, column in zip(plan.variables, columns, strict=True)
+    }
+    return Parsed(request, arrays, plan)
+
+
+def _evaluate_plan(request: EvaluateRequest) -> EvaluatePlan | Invalid:
+    variables = ("x",) if isinstance(request.x, list) else tuple(request.x)
+    if (request.expression is None) == (request.model is None):
+        return _invalid(
+            ["body", "expression"], "expression_or_model", "give either an expression or a model"
+        )
+    order = tuple(request.parameters or request.params)
+    if request.model is not None:
+        if request.model in _BUILT_IN_PARAMETERS:
+            names, text = _BUILT_IN_PARAMETERS[request.model], None
+        elif request.model in catalog.BY_NAME:
+            named = catalog.BY_NAME[request.model]
+            names, text = tuple(named.parameters), named.expression
+        else:
+            known = ", ".join((*_BUILT_IN_PARAMETERS, *catalog.NAMES))
+            return _invalid(
+                ["body", "model"],
+                "unknown_model",
+                f"no model {request.model!r}; the models are {known}",
+            )
+        if variables != ("x",):
+            return _invalid(["body", "x"], "variables", f"{request.model} takes one variable, x")
+        names = order if set(order) == set(names) else names
+    else:
+        names, text = order, request.expression
+    if set(request.params) != set(names) or len(order) != len(names) or set(order) != set(names):
+        where = "parameters" if request.parameters is not None else "params"
+        return _invalid(
+            ["body", where],
+            "parameters_mismatch",
+            "params must give every "
+            f"parameter of the model once ({', '.join(names)}), and `parameters` "
+            "(if given) name the same ones",
+        )
+    expression = None
+    if text is not None:
+        try:
+            expression = parse(text, variables, names)
+        except ExpressionError as error:
+            about_names = error.kind in ("unknown_name", "unused_parameter", "no_parameters")
+            where = "params" if about_names or error.kind == "too_many_parameters" else "expression"
+            message = str(error).replace("to parameters (with a starting value)", "to params")
+            return _invalid(["body", where], f"expression_{error.kind}", message)
+    if request.covariance is not None and len(request.covariance) != len(names):
+        return _invalid(
+            ["body", "covariance"],
+            "covariance_shape",
+            f"the covariance must be "
+            f"{len(names)} x {len(names)} (one row and column per parameter)",
+        )
+    return EvaluatePlan(request.model, expression, names, variables)

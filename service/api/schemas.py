@@ -1434,3 +1434,87 @@ class ModelDescription(_Answer):
 
 class ModelList(_Answer):
     models: list[ModelDescription]
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+#: What ``POST /v1/evaluate`` evaluates beside expressions and named models.
+BUILT_IN_MODELS = ("linear", "gaussian")
+EVALUATE_EXAMPLE: dict[str, Any] = {
+    "expression": "b1*(1-exp(-b2*x))",
+    "params": {"b1": 238.94212917917807, "b2": 0.0005501564318050633},
+    "covariance": [
+        [7.3278897357475925, -1.9647394535206385e-05],
+        [-1.9647394535206385e-05, 5.2807382790361256e-11],
+    ],
+    "residual_variance": 0.010379282412033793,
+    "dof": 12,
+    "x": [100.0, 500.0, 1000.0],
+    "confidence": 0.95,
+}
+
+
+class EvaluateRequest(_Strict):
+    """A model at new x from a stored fit (no refitting): its value, and with a covariance
+    its confidence and prediction bands."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EVALUATE_EXAMPLE]})
+
+    expression: str | None = Field(
+        None,
+        description="y as a function of x and the parameters, as in a fit. Give this or `model`.",
+    )
+    model: str | None = Field(
+        None,
+        description='A named model (GET /v1/models), or "linear" (slope, intercept) or '
+        '"gaussian" (mean, std: its density at x).',
+        examples=["michaelis_menten"],
+    )
+    parameters: list[str] | None = Field(
+        None,
+        description="The order of the parameters (the rows and columns of `covariance`). "
+        "Omitted: the order of `params`' keys.",
+    )
+    params: dict[str, FiniteFloat] = Field(
+        description="The parameter values, by name (every parameter of the model)."
+    )
+    covariance: list[list[FiniteFloat]] | None = Field(
+        None,
+        description="The parameters' covariance (k x k, in the order of `parameters`), as a "
+        "fit answers it in `stats.covariance`. Omitted: the bounds are null.",
+    )
+    residual_variance: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)] | None = (
+        Field(
+            None,
+            description="s², the residual variance of the fit (its `stats.residual_std`²; 1 "
+            "with absolute_sigma), for the prediction band. Omitted: obs bounds are null.",
+        )
+    )
+    dof: Annotated[int, Field(strict=True, ge=1, le=10**12)] | None = Field(
+        None,
+        description="The fit's residual degrees of freedom (`stats.dof`): Student's t "
+        "quantiles. Omitted: the normal quantile.",
+    )
+    x: NewPoints | dict[str, NewPoints] = Field(description=PREDICT_X_DESCRIPTION)
+    confidence: Confidence = Field(
+        options.DEFAULT_CONFIDENCE, description="Confidence level of the bands."
+    )
+
+    @field_validator("x")
+    @classmethod
+    def _x_within(cls, x: Any, info: ValidationInfo) -> Any:
+        return _points_within(x, info)
+
+    @field_validator("covariance")
+    @classmethod
+    def _square(cls, covariance: list[list[float]] | None) -> Any:
+        if covariance is not None and any(len(row) != len(covariance) for row in covariance):
+            raise PydanticCustomError("not_square", "the covariance must be a square matrix", {})
+        return covariance
+
+
+class EvaluateResponse(_Answer):
+    model: str | None = Field(description="The named or built-in model, or null (expression).")
+    expression: str | None = Field(description="The expression evaluated (a named model's).")
+    parameters: list[str] = Field(description="The parameters, in the covariance's order.")
+    prediction: Prediction
