@@ -27,6 +27,7 @@ from service.api.openapi import install_openapi
 from service.api.routes import datasets, evaluate, expressions, fits, health, plots
 from service.api.schemas import (
     MAX_EPOCH_COUNT,
+    EvaluateRequest,
     ExpressionBatchRequest,
     ExpressionFitRequest,
     GaussianDatasetRequest,
@@ -53,6 +54,7 @@ TAGS = [
     {"name": "fits", "description": "Fit a model to data: parameters, loss history, statistics."},
     {"name": "plots", "description": "Fit, then draw the reference post's figures as PNG."},
     {"name": "expressions", "description": "Any model written down, or a named one."},
+    {"name": "evaluate", "description": "A fitted model at new x, with its bands."},
     {"name": "datasets", "description": "The reference post's synthetic data, seeded."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
@@ -135,6 +137,7 @@ def create_app(
             ExpressionBatchRequest,
             LinearDatasetRequest,
             GaussianDatasetRequest,
+            EvaluateRequest,
         ],
         {MAX_EPOCH_COUNT: min(settings.max_epochs, MAX_EPOCH_COUNT)},
     )
