@@ -24,9 +24,10 @@ from service.api.limits import BodyLimit
 from service.api.models import BUILT_IN, HttpModel
 from service.api.observe import HttpMetrics, ObservedRequests, TracedRequests
 from service.api.openapi import install_openapi
-from service.api.routes import datasets, evaluate, expressions, fits, health, plots
+from service.api.routes import compare, datasets, evaluate, expressions, fits, health, plots
 from service.api.schemas import (
     MAX_EPOCH_COUNT,
+    CompareRequest,
     EvaluateRequest,
     ExpressionBatchRequest,
     ExpressionFitRequest,
@@ -110,6 +111,7 @@ def create_app(
     app.state.registry = registry
     install_error_handlers(app)
     app.include_router(fits.router(models.values()))
+    app.include_router(compare.router)
     app.include_router(expressions.router)
     app.include_router(evaluate.router)
     app.include_router(plots.router(models.values()))
@@ -138,6 +140,7 @@ def create_app(
             LinearDatasetRequest,
             GaussianDatasetRequest,
             EvaluateRequest,
+            CompareRequest,
         ],
         {MAX_EPOCH_COUNT: min(settings.max_epochs, MAX_EPOCH_COUNT)},
     )

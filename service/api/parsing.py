@@ -18,10 +18,13 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from service.api.schemas import (
+    CompareModel,
+    CompareRequest,
     EvaluateRequest,
     ExpressionBatchOptions,
     ExpressionBatchRequest,
@@ -973,3 +976,74 @@ def _evaluate_plan(request: EvaluateRequest) -> EvaluatePlan | Invalid:
             f"{len(names)} x {len(names)} (one row and column per parameter)",
         )
     return EvaluatePlan(request.model, expression, names, variables)
+
+
+# -- comparison ---------------------------------------------------------------------------------
+
+
+def parse_compare(body: bytes, context: dict[str, Any]) -> Parsed[CompareRequest] | Invalid:
+    """A comparison: the schema, then each model's fit parsed as its own request would be (an
+    expression fit, or a line by Newton's method), its errors located at ``models[i]``, and
+    the nested pairs checked. The plan is the list of the models' parsed fits."""
+    if refused := _too_many_numbers(body, MAX_VARIABLES + 2, context):
+        return refused
+    try:
+        request = CompareRequest.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        return _errors(exc, "body")
+    data = {"x": request.x, "y": request.y, "weights": request.weights}
+    shared = {
+        "confidence": request.confidence,
+        "absolute_sigma": request.absolute_sigma,
+        "epochs": request.epochs,
+        "timeout_s": request.timeout_s,
+    }
+    fits: list[Parsed[Any]] = []
+    for i, model in enumerate(request.models):
+        one: Parsed[Any] | Invalid
+        given = model.model_dump(exclude_none=True)
+        if model.model == "linear":
+            if set(given) != {"model"}:
+                return _invalid(
+                    ["body", "models", i],
+                    "linear_options",
+                    'the line is {"model": "linear"} alone (its fit is exact: no start, no bounds)',
+                )
+            one = parse_json(
+                LinearFitRequest,
+                ("x", "y"),
+                orjson.dumps(data | shared | {"optimizer": "newton", "seed": 0}),
+                context,
+            )
+        else:
+            one = parse_expression(orjson.dumps(data | shared | given), context)
+        if isinstance(one, Invalid):
+            return Invalid([_located(error, i) for error in one.errors])
+        fits.append(one)
+    for j, (restricted, full) in enumerate(request.nested or ()):
+        problem = None
+        if restricted >= len(fits) or full >= len(fits):
+            problem = f"indices must be below {len(fits)}, the number of models"
+        elif _parameter_count(fits[restricted]) >= _parameter_count(fits[full]):
+            problem = "the restricted model must have fewer parameters than the full one"
+        if problem is not None:
+            return _invalid(["body", "nested", j], "nested", problem)
+    arrays = {"y": np.asarray(request.y, dtype=np.float64)}
+    slim = request.model_copy(update={"x": [], "y": [], "weights": None})
+    return Parsed(slim, arrays, fits)
+
+
+_MODEL_FIELDS = frozenset(CompareModel.model_fields)
+
+
+def _located(error: dict[str, Any], i: int) -> dict[str, Any]:
+    """A model's parse error, located in the comparison: its own fields under models[i]."""
+    loc = list(error["loc"])
+    if len(loc) >= 2 and loc[0] == "body" and loc[1] in _MODEL_FIELDS:
+        loc = ["body", "models", i, *loc[1:]]
+    return error | {"loc": loc}
+
+
+def _parameter_count(parsed: Parsed[Any]) -> int:
+    plan = parsed.plan
+    return len(LinearParams.model_fields) if plan is None else len(plan.expression.parameters)

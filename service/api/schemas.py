@@ -1518,3 +1518,109 @@ class EvaluateResponse(_Answer):
     expression: str | None = Field(description="The expression evaluated (a named model's).")
     parameters: list[str] = Field(description="The parameters, in the covariance's order.")
     prediction: Prediction
+
+
+# -- model comparison ---------------------------------------------------------------------------
+
+COMPARE_EXAMPLE: dict[str, Any] = {
+    "x": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+    "y": [1.02, 2.95, 7.1, 12.8, 21.2, 30.9, 43.1, 57.2, 72.8, 91.1],
+    "models": [
+        {"model": "linear"},
+        {"expression": "a + b*x + c*x**2", "parameters": {"a": 0.0, "b": 1.0, "c": 0.0}},
+        {
+            "expression": "a + b*x + c*x**2 + d*x**3",
+            "parameters": {"a": 0.0, "b": 1.0, "c": 0.0, "d": 0.0},
+        },
+    ],
+    "nested": [[0, 1], [1, 2]],
+}
+#: At most this many models in one comparison.
+MAX_COMPARED = 16
+NonNegativeIndex = Annotated[int, Field(strict=True, ge=0, lt=MAX_COMPARED)]
+
+
+class CompareModel(_Strict):
+    """One model of a comparison: an expression with its starting values, a named model, or
+    the built-in line."""
+
+    expression: str | None = Field(None, description="As in `POST /v1/fits/expression`.")
+    model: str | None = Field(
+        None,
+        description='A named model (GET /v1/models), or "linear" (slope, intercept, fitted '
+        "exactly by Newton's method).",
+    )
+    parameters: dict[str, FiniteFloat] | None = Field(
+        None, description="Starting values, as in `POST /v1/fits/expression`."
+    )
+    bounds: dict[str, Bound] | None = Field(
+        None, description="Bounds, as in `POST /v1/fits/expression`."
+    )
+
+
+class CompareRequest(_Reporting, _LeastSquaresReporting, _SigmaAsWeights):
+    """Fit several models to one data set, and rank them."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [COMPARE_EXAMPLE]})
+
+    x: Points | dict[str, Points] = Field(description=X_DESCRIPTION)
+    y: Points = Field(description="The observations, one per point.")
+    weights: list[Weight] | None = Field(None, description=WEIGHTS_DESCRIPTION)
+    sigma: list[Sigma] | None = Field(None, description=SIGMA_DESCRIPTION)
+    models: list[CompareModel] = Field(
+        min_length=1,
+        max_length=MAX_COMPARED,
+        description=f"The models (at most {MAX_COMPARED}), each fitted to the data by least "
+        "squares, in this order.",
+    )
+    nested: list[tuple[NonNegativeIndex, NonNegativeIndex]] | None = Field(
+        None,
+        description="Pairs [restricted, full] of indices into `models` where the restricted "
+        "model is the full one with some parameters fixed: each gets an F-test.",
+    )
+    epochs: EpochCount = Field(
+        DEFAULT_EXPRESSION_EPOCHS, description="Most iterations of each model's fit."
+    )
+    timeout_s: PositiveFloat | None = Field(
+        None, description="Wall-clock budget of each model's fit, as for the other fits."
+    )
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma_match(cls, sigma: list[float] | None, info: ValidationInfo) -> Any:
+        return _sigma_usable(sigma, info, "y")
+
+
+class Ranked(_Answer):
+    index: int = Field(description="The model's position in `models` (and `fits`).")
+    aicc: float | None = Field(
+        description="AICc = AIC + 2k(k+1)/(n - k - 1), k the model's parameters and n the "
+        "points with positive weight (null when n - k - 1 <= 0 or the fit is exact)."
+    )
+    bic: float | None = Field(description="The fit's BIC, as in its `stats.bic`.")
+    delta_aicc: float | None = Field(description="aicc minus the smallest aicc.")
+    akaike_weight: float | None = Field(
+        description="exp(-delta_aicc/2) / Σ exp(-delta_aicc/2): the weight of evidence for "
+        "this model among those compared (they sum to 1)."
+    )
+
+
+class FTest(_Answer):
+    restricted: int = Field(description="Index of the restricted (smaller) model.")
+    full: int = Field(description="Index of the full model.")
+    f: float | None = Field(
+        description="((rss_r - rss_f)/(k_f - k_r)) / (rss_f/dof_f): the F statistic, as "
+        "statsmodels' compare_f_test."
+    )
+    p_value: float | None = Field(
+        description="P(F >= f) with (k_f - k_r, dof_f) degrees of freedom: small when the "
+        "full model's extra parameters fit significantly better."
+    )
+
+
+class CompareResponse(_Answer):
+    ranking: list[Ranked] = Field(description="The models, best (smallest AICc) first.")
+    f_tests: list[FTest] = Field(description="One per `nested` pair, in its order.")
+    fits: list[ExpressionFitResponse | LinearFitResponse] = Field(
+        description="Each model's full fit answer, in request order."
+    )
