@@ -32,7 +32,8 @@ from service.fitting.inference import critical
 from service.fitting.jets import JETS, Jet
 
 Array = npt.NDArray[np.float64]
-#: (parameters in the model's order, the variables at m points) -> (f [m], J [m, k]).
+#: (parameters in the model's order, the variables at m points) -> (f [m], J [m, k]); with
+#: each parameter a column [B, 1], B parameter sets at once: f [B, m], J [B, m, k].
 Curve = Callable[[Sequence[float], Sequence[Array]], tuple[Array, Array]]
 FIELDS = ("y", "mean_lower", "mean_upper", "obs_lower", "obs_upper")
 
@@ -58,16 +59,19 @@ def normal_density(params: Sequence[float], xs: Sequence[Array]) -> tuple[Array,
 def expression_curve(tree: Node) -> Curve:
     """An expression's curve: its value and exact Jacobian by forward-mode jets."""
 
-    def curve(params: Sequence[float], xs: Sequence[Array]) -> tuple[Array, Array]:
+    def curve(params: Sequence[Any], xs: Sequence[Array]) -> tuple[Array, Array]:
+        """``params``: numbers (one fit), or columns [B, 1] (B fits: [B, m] and [B, m, k])."""
         columns = [np.asarray(x, dtype=np.float64) for x in xs]
-        m = columns[0].shape[0]
+        m, k = columns[0].shape[0], len(params)
         with np.errstate(all="ignore"):
             value = evaluate(tree, Jet.parameters(list(params)), columns, JETS)
+        lead = np.broadcast_shapes(*(np.shape(p) for p in params))[:-1]
+        shape = (*lead, m)
         if not isinstance(value, Jet):  # no parameter in it: a constant or a function of x
-            f = np.broadcast_to(np.asarray(value, dtype=np.float64), (m,))
-            return f.copy(), np.zeros((m, len(params)))
-        f = np.broadcast_to(value.value, (m,)).astype(np.float64)
-        return f, np.broadcast_to(value.gradient, (m, len(params))).astype(np.float64)
+            f = np.broadcast_to(np.asarray(value, dtype=np.float64), shape)
+            return f.astype(np.float64), np.zeros((*shape, k))
+        f = np.broadcast_to(value.value, shape).astype(np.float64)
+        return f, np.broadcast_to(value.gradient, (*shape, k)).astype(np.float64)
 
     return curve
 

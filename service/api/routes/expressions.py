@@ -51,7 +51,7 @@ from service.api.streaming import (
     fit_events,
     progress_step,
 )
-from service.fitting import bands, catalog, inference
+from service.fitting import bands, catalog, inference, profile
 from service.fitting.expression import CompileCost
 from service.fitting.guesses import guess
 from service.plots import expression_figure
@@ -106,7 +106,10 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
     start = dict(zip(plan.expression.parameters, job.initial or (), strict=True))
 
     def respond(result: FitResult) -> BaseModel:
-        return expression_response(plan, start, result, reporting(body), body.predict)
+        answer = expression_response(plan, start, result, reporting(body), body.predict)
+        if body.intervals == "profile":
+            answer = profiled(answer, plan, job, result, body.confidence)
+        return answer
 
     if caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
@@ -114,9 +117,62 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
             caller.gone, worker, job, body.timeout_s, every, lambda r: respond(r).model_dump_json()
         )
         return EventStream(events, admitted.hand_over())
-    return respond(
-        await caller.unless_gone(worker.fit(job, body.timeout_s, ticket=admitted.ticket))
-    )
+    result = await caller.unless_gone(worker.fit(job, body.timeout_s, ticket=admitted.ticket))
+    # (profile intervals are a batch of re-optimizations: off the event loop)
+    return await asyncio.to_thread(respond, result)
+
+
+def profiled(
+    answer: ExpressionFitResponse,
+    plan: ExpressionPlan,
+    job: FitJob,
+    result: FitResult,
+    confidence: float,
+) -> ExpressionFitResponse:
+    """The answer with profile-likelihood intervals in its parameter table."""
+    s, names = result.stats, plan.expression.parameters
+    table = answer.stats.inference
+    warnings = list(answer.warnings)
+    rows = {name: row.model_copy() for name, row in table.parameters.items()}
+    if s.dof <= 0 or s.rss is None or not s.rss > 0.0:
+        warnings.append(
+            "profile intervals need residual degrees of freedom and a nonzero residual sum "
+            "of squares: the intervals are null"
+        )
+        sides = [(profile.Side(None, False), profile.Side(None, False))] * len(names)
+    else:
+        *xs, y = job.data
+        sides = profile.intervals(
+            bands.expression_curve(plan.expression.tree),
+            xs,
+            y,
+            job.weights,
+            [result.params[name] for name in names],
+            s.std_errors,
+            s.rss,
+            s.dof,
+            confidence,
+            bounds=[plan.bounds.get(name, (None, None)) for name in names],
+        )
+    for name, (lower, upper) in zip(names, sides, strict=True):
+        rows[name] = rows[name].model_copy(
+            update={
+                "lower": lower.value,
+                "upper": upper.value,
+                "lower_found": lower.found,
+                "upper_found": upper.found,
+            }
+        )
+        for end, word in ((lower, "below"), (upper, "above")):
+            if not end.found and s.dof > 0:
+                warnings.append(
+                    f"the profile of {name} is too flat to bound it {word} at confidence "
+                    f"{confidence:g}: the data do not constrain it on that side (its interval "
+                    "end is null)"
+                )
+    inference = table.model_copy(update={"method": "profile", "dof": s.dof, "parameters": rows})
+    stats = answer.stats.model_copy(update={"inference": inference})
+    return answer.model_copy(update={"stats": stats, "warnings": warnings})
 
 
 async def _job(
