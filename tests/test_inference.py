@@ -395,3 +395,56 @@ async def test_bad_sigma_is_a_422_naming_it(
     assert r.status_code == 422, r.text[:300]
     error = r.json()["detail"][0]
     assert error["loc"][-1] == field and error["type"] == kind, error
+
+
+# -- the fit report -----------------------------------------------------------------------------
+
+
+def _reported_numbers(text: str) -> dict[str, str]:
+    """The report's 'name: value' lines, by name (a parameter's rows as 'parameter.column')."""
+    out, parameter = {}, None
+    for line in text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            parameter = line[:-1]
+        elif ":" in line and not line.startswith(("=", "-", "[")):
+            name, _, value = line.strip().partition(":")
+            key = f"{parameter}.{name}" if line.startswith("    ") and parameter else name
+            out[key] = value.strip().split("  ")[0]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/fits/linear", {"x": [1000.0, 2000.0, 3000.0, 4000.0], "y": [2.1, 3.9, 6.2, 7.8]}),
+        ("/v1/fits/gaussian", {"y": [1e7 + 0.1, 1e7 - 0.05, 1e7 + 0.02, 1e7 - 0.11]}),
+        (
+            "/v1/fits/expression",
+            {
+                "expression": "a*exp(-k*x)",
+                "parameters": {"a": 10.0, "k": 0.1},
+                "x": [0.0, 1.0, 2.0, 4.0, 8.0],
+                "y": [10.2, 8.9, 8.1, 6.6, 4.6],
+                "intervals": "profile",
+            },
+        ),
+    ],
+)
+async def test_the_report_prints_the_json_numbers_exactly(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> None:
+    body = body | ({"optimizer": "newton"} if "expression" not in body else {})
+    as_json = await client.post(path, json=body)
+    as_text = await client.post(path, json=body, headers={"accept": "text/plain"})
+    assert as_text.status_code == 200 and as_text.headers["content-type"].startswith("text/plain")
+    answer, numbers = as_json.json(), _reported_numbers(as_text.text)
+    inference = answer["stats"]["inference"]
+    for name, row in inference["parameters"].items():
+        for column in ("estimate", "std_error", "statistic", "p_value", "lower", "upper"):
+            value = row[column]
+            text = numbers[f"{name}.{column}"]
+            assert text == ("null" if value is None else repr(value)), (name, column)
+            if value is not None:
+                assert float(text) == value  # the same float64, digit for digit
+    assert numbers["AIC"] == repr(answer["stats"]["aic"])
+    assert numbers["residual dof"] == str(answer["stats"]["dof"])

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from service.admission import Ticket
 from service.api.bodies import BodyParsers
 from service.api.parsing import BINARY_MEDIA_TYPES, Parsed
+from service.api.report import wants_text
 from service.api.requests import (
     BinaryParser,
     JsonParser,
@@ -58,6 +59,11 @@ class Caller:
     def wants_events(self) -> bool:
         """It asked for server-sent events (``Accept: text/event-stream``)."""
         return wants_stream(self._request)
+
+    @property
+    def wants_report(self) -> bool:
+        """It asked for the plain-text fit report (``Accept: text/plain``)."""
+        return wants_text(self._request.headers.get("accept", ""))
 
     async def gone(self) -> None:
         """Returns when the client disconnects."""

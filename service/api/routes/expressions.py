@@ -22,6 +22,7 @@ from service.api.parsing import (
     parse_expression_batch,
     parse_expression_batch_binary,
 )
+from service.api.report import TEXT, report
 from service.api.routes.fits import (
     BATCH_BINARY_RESPONSES,
     BATCH_RESPONSES,
@@ -119,7 +120,10 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
         return EventStream(events, admitted.hand_over())
     result = await caller.unless_gone(worker.fit(job, body.timeout_s, ticket=admitted.ticket))
     # (profile intervals are a batch of re-optimizations: off the event loop)
-    return await asyncio.to_thread(respond, result)
+    answer = await asyncio.to_thread(respond, result)
+    if caller.wants_report:
+        return Response(report(answer.model_dump(mode="json")), media_type=TEXT)
+    return answer
 
 
 def profiled(

@@ -14,6 +14,8 @@ from service.api.deps import Admitted, admission
 from service.api.models import HttpModel
 from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import NPY, Parsed
+from service.api.report import EXAMPLE as REPORT_EXAMPLE
+from service.api.report import TEXT, report
 from service.api.schemas import ErrorDetail, FitFailure, Predict, ValidationErrorBody
 from service.api.streaming import (
     EVENT_STREAM,
@@ -207,10 +209,15 @@ def _training(body: Any) -> Training:
 SINGLE_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **FIT_RESPONSES,
     200: {
-        "description": "The fit. With `Accept: text/event-stream`: server-sent events, "
+        "description": "The fit. With `Accept: text/plain`: the fit report, every number "
+        "as in the JSON (a table like statsmodels' summary() or lmfit's fit_report()). "
+        "With `Accept: text/event-stream`: server-sent events, "
         "`progress` ({epoch, loss}) every `progress_every` epochs, then `result` (this same "
         "JSON) or `error` (the 422 body); closing the connection stops the fit.",
-        "content": {EVENT_STREAM: {"schema": {"type": "string"}, "example": STREAM_EXAMPLE}},
+        "content": {
+            EVENT_STREAM: {"schema": {"type": "string"}, "example": STREAM_EXAMPLE},
+            TEXT: {"schema": {"type": "string"}, "example": REPORT_EXAMPLE},
+        },
     },
 }
 
@@ -266,9 +273,10 @@ async def _single_fit(
     fit = worker.fit(job, body.timeout_s, ticket=admitted.ticket)
     # A fit expected to take well under a millisecond runs on the event loop: no watcher.
     result = await (fit if worker.inline(admitted.ticket) else caller.unless_gone(fit))
-    return Response(
-        fit_answer(model, result, reporting(body), predict), media_type="application/json"
-    )
+    answer = fit_answer(model, result, reporting(body), predict)
+    if caller.wants_report:
+        return Response(report(orjson.loads(answer)), media_type=TEXT)
+    return Response(answer, media_type="application/json")
 
 
 BINARY_FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
