@@ -63,6 +63,39 @@ def _strided(*arrays: Array) -> tuple[Array, ...]:
     return tuple(a[::step] for a in arrays)
 
 
+#: A fit's bands over a grid: (x, mean_lower, mean_upper, obs_lower, obs_upper, confidence),
+#: NaN where undefined.
+Band = tuple[Array, Array, Array, Array, Array, float]
+
+
+def line_grid(x: Array) -> Array:
+    """Where a line's plot draws it (and its bands): the data's range and 15% beyond."""
+    lo, hi = float(x.min()), float(x.max())
+    margin = 0.15 * (hi - lo)
+    return np.linspace(lo - margin, hi + margin, 50)
+
+
+def curve_grid(x: Array) -> Array:
+    """Where an expression's plot draws its curve (and bands): the data's range."""
+    return np.linspace(float(x.min()), float(x.max()), 400)
+
+
+def _bands(axes: Axes, band: Band | None) -> None:
+    """The prediction band (light) and the confidence band of the mean (darker)."""
+    if band is None:
+        return
+    grid, mean_lower, mean_upper, obs_lower, obs_upper, confidence = band
+    level = f"{100 * confidence:.4g}%"
+    if np.isfinite(obs_lower).any():
+        axes.fill_between(
+            grid, obs_lower, obs_upper, color="tab:orange", alpha=0.2, label=f"{level} prediction"
+        )
+    if np.isfinite(mean_lower).any():
+        axes.fill_between(
+            grid, mean_lower, mean_upper, color="tab:red", alpha=0.3, label=f"{level} confidence"
+        )
+
+
 def _loss_curve(axes: Axes, history: Array, every: int, label: str) -> None:
     epochs = np.arange(history.size) * every
     axes.plot(epochs, history, "b-")
@@ -73,13 +106,19 @@ def _loss_curve(axes: Axes, history: Array, every: int, label: str) -> None:
 
 @_quiet
 def linear_png(
-    x: Array, y: Array, slope: float, intercept: float, history: Array, every: int
+    x: Array,
+    y: Array,
+    slope: float,
+    intercept: float,
+    history: Array,
+    every: int,
+    band: Band | None = None,
 ) -> bytes:
-    """Left: the data ('b.') with the fitted line ('r'); right: the loss curve."""
+    """Left: the data ('b.') with the fitted line ('r') and, if given, its bands; right: the
+    loss curve."""
     figure, data_axes, loss_axes = _figure()
-    lo, hi = float(x.min()), float(x.max())
-    margin = 0.15 * (hi - lo)
-    grid = np.linspace(lo - margin, hi + margin, 50)
+    grid = line_grid(x)
+    _bands(data_axes, band)
     xs, ys = _strided(x, y)
     data_axes.plot(xs, ys, "b.", label="data")
     data_axes.plot(
@@ -119,15 +158,16 @@ def expression_figure(
     history: Array,
     every: int,
     title: str,
+    band: Band | None = None,
 ) -> bytes:
     """:func:`expression_png` of a fitted expression: its values at the data, and a smooth
-    curve over the data's range when it has one variable."""
+    curve over the data's range (with its bands, if given) when it has one variable."""
     fitted = np.broadcast_to(evaluate(tree, params, xs, NUMPY), y.shape)
     curve = None
     if len(xs) == 1:
-        grid = np.linspace(float(xs[0].min()), float(xs[0].max()), 400)
+        grid = curve_grid(xs[0])
         curve = (grid, np.broadcast_to(evaluate(tree, params, [grid], NUMPY), grid.shape))
-    return expression_png(xs[0], y, np.asarray(fitted), curve, history, every, title)
+    return expression_png(xs[0], y, np.asarray(fitted), curve, history, every, title, band)
 
 
 @_quiet
@@ -139,9 +179,11 @@ def expression_png(
     history: Array,
     every: int,
     title: str,
+    band: Band | None = None,
 ) -> bytes:
-    """Left: the data and the fit (a smooth ``curve`` over the first variable, or fitted
-    against observed for several variables); middle: the residuals; right: the loss."""
+    """Left: the data and the fit (a smooth ``curve`` over the first variable, with its
+    ``band``, or fitted against observed for several variables); middle: the residuals;
+    right: the loss."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -150,6 +192,7 @@ def expression_png(
     data_axes, residual_axes, loss_axes = figure.subplots(1, 3)
     xs, ys, fs = _strided(x, y, fitted)
     if curve is not None:
+        _bands(data_axes, band)
         data_axes.plot(xs, ys, "b.", label="data")
         data_axes.plot(*curve, "r", label="fit")
         data_axes.set(xlabel="x", ylabel="y", title=title)

@@ -108,6 +108,25 @@ def predict(
     }
 
 
+def at_fit(
+    curve: Curve,
+    params: Sequence[float],
+    xs: Sequence[Array],
+    covariance: Sequence[Sequence[float | None]] | None,
+    residual_std: float | None,
+    dof: int | None,
+    confidence: float,
+    absolute_sigma: bool = False,
+) -> dict[str, list[float | None]]:
+    """:func:`predict` from a fit's answer: its covariance rows, its residual standard
+    deviation (None: no observation band, e.g. a maximum-likelihood fit) and the table's
+    degrees of freedom (None: normal); with ``absolute_sigma`` the residual variance is 1."""
+    variance = None if residual_std is None else residual_std**2
+    if absolute_sigma and residual_std is not None:
+        variance = 1.0
+    return predict(curve, params, xs, matrix(covariance), variance, dof, confidence)
+
+
 def _listed(values: Array) -> list[float | None]:
     return [v if math.isfinite(v) else None for v in np.asarray(values, dtype=np.float64).tolist()]
 

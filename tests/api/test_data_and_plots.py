@@ -276,6 +276,62 @@ async def test_plots_draw_the_data_the_fit_and_its_residuals(
     assert sum(patch.get_height() for patch in patches[:30]) == samples.size
 
 
+def _filled(axes: Any) -> dict[str, tuple[Any, Any]]:
+    """The bands drawn with fill_between, by legend label: (x, lower and upper edges as
+    the polygon's y at each x, sorted)."""
+    out = {}
+    for collection in axes.collections:
+        (path,) = collection.get_paths()
+        vertices = path.vertices
+        out[collection.get_label()] = (vertices[:, 0], vertices[:, 1])
+    return out
+
+
+async def test_plots_draw_the_bands_when_confidence_is_given(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `confidence`, the line and the one-variable expression are drawn with their
+    confidence and prediction bands: the same numbers `predict` answers at the plot's grid.
+    Without it, no band (the figure the post draws)."""
+    figures = _Figures(monkeypatch)
+    rng = np.random.default_rng(13)
+    x = np.linspace(1_000.0, 5_000.0, 30)
+    cases = [
+        ("linear", {"x": x.tolist(), "y": (0.2 * x + rng.normal(0, 30, x.size)).tolist()}),
+        (
+            "expression",
+            {
+                "expression": "a*exp(-k*x)",
+                "parameters": {"a": 100.0, "k": 1e-4},
+                "x": x.tolist(),
+                "y": (150.0 * np.exp(-3e-4 * x) + rng.normal(0, 2, x.size)).tolist(),
+            },
+        ),
+    ]
+    for model, body in cases:
+        if model == "linear":
+            body |= {"optimizer": "newton"}
+        _png(await client.post(f"/v1/plots/{model}", json=body))
+        assert not figures.last_axes()[0].collections
+        _png(await client.post(f"/v1/plots/{model}", json=body | {"confidence": 0.9}))
+        bands = _filled(figures.last_axes()[0])
+        assert set(bands) == {"90% prediction", "90% confidence"}
+        grid = np.unique(bands["90% confidence"][0])
+        fit = await client.post(
+            f"/v1/fits/{model}",
+            json=body | {"confidence": 0.9, "predict": {"x": grid.tolist()}},
+        )
+        prediction = fit.json()["prediction"]
+        for label, (low, high) in (
+            ("90% confidence", ("mean_lower", "mean_upper")),
+            ("90% prediction", ("obs_lower", "obs_upper")),
+        ):
+            _, ys = bands[label]
+            edges = np.concatenate([prediction[low], prediction[high]])
+            # every vertex of the polygon is a band edge at some grid point
+            assert np.allclose(np.sort(np.unique(ys)), np.sort(np.unique(edges)), rtol=1e-12)
+
+
 async def test_plots_are_drawn_in_a_parser_process_as_in_a_thread(
     client: httpx.AsyncClient,
 ) -> None:

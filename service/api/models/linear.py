@@ -21,20 +21,23 @@ from service.api.schemas import (
     LinearOptions,
     LinearParams,
 )
-from service.plots import linear_png
+from service.api.uncertainty import plotted_band
+from service.fitting import bands
+from service.plots import line_grid, linear_png
 from service.worker import FitResult
 
 
 def draw(parsed: Parsed[Any], result: FitResult) -> Callable[[], bytes]:
-    params = result.params
+    params, x = result.params, parsed.arrays["x"]
     return partial(
         linear_png,
-        parsed.arrays["x"],
+        x,
         parsed.arrays["y"],
         params["slope"],
         params["intercept"],
         result.loss_history,
         result.history_every,
+        plotted_band(bands.line, result, parsed.request, line_grid(x)),
     )
 
 

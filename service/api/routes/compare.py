@@ -17,8 +17,9 @@ from service.api.models import BUILT_IN
 from service.api.openapi import json_only_body
 from service.api.parsing import Parsed, parse_compare
 from service.api.routes.expressions import _job, expression_response
-from service.api.routes.fits import FIT_RESPONSES, fit_answer, fit_job, reporting, single_fit_cost
+from service.api.routes.fits import FIT_RESPONSES, fit_answer, fit_job, single_fit_cost
 from service.api.schemas import COMPARE_EXAMPLE, CompareRequest, CompareResponse
+from service.api.uncertainty import reporting
 from service.worker import FitError, FitResult
 
 router = APIRouter(prefix="/v1/fits", tags=["fits"])

@@ -27,8 +27,6 @@ from service.api.routes.fits import (
     BATCH_BINARY_RESPONSES,
     BATCH_RESPONSES,
     SINGLE_FIT_RESPONSES,
-    prediction,
-    reporting,
 )
 from service.api.schemas import (
     EXPRESSION_BATCH_EXAMPLE,
@@ -52,10 +50,11 @@ from service.api.streaming import (
     fit_events,
     progress_step,
 )
+from service.api.uncertainty import plotted_band, prediction, reporting
 from service.fitting import bands, catalog, inference, profile
 from service.fitting.expression import CompileCost
 from service.fitting.guesses import guess
-from service.plots import expression_figure
+from service.plots import curve_grid, expression_figure
 from service.worker import (
     FitError,
     FitJob,
@@ -526,12 +525,20 @@ async def plot_expression(request: Request) -> Response:
         result = await caller.unless_gone(
             worker.fit(job, parsed.request.timeout_s, ticket=admitted.ticket)
         )
-        png = await admitted.draw(_drawing(plan, job, result))  # the place held meanwhile
+        png = await admitted.draw(
+            _drawing(plan, job, result, parsed.request)
+        )  # the place held meanwhile
     return Response(png, media_type=PNG)
 
 
-def _drawing(plan: ExpressionPlan, job: FitJob, result: FitResult) -> Callable[[], bytes]:
+def _drawing(
+    plan: ExpressionPlan, job: FitJob, result: FitResult, body: ExpressionFitRequest
+) -> Callable[[], bytes]:
     *xs, y = job.data
+    band = None
+    if len(xs) == 1:
+        curve = bands.expression_curve(plan.expression.tree)
+        band = plotted_band(curve, result, body, curve_grid(xs[0]))
     params = [result.params[name] for name in plan.expression.parameters]
     title = plan.named_model or plan.expression.text
     title = title if len(title) <= 60 else title[:57] + "..."
@@ -544,4 +551,5 @@ def _drawing(plan: ExpressionPlan, job: FitJob, result: FitResult) -> Callable[[
         result.loss_history,
         result.history_every,
         title,
+        band,
     )

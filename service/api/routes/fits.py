@@ -26,7 +26,8 @@ from service.api.streaming import (
     progress_step,
 )
 from service.api.streaming import EXAMPLE as STREAM_EXAMPLE
-from service.fitting import bands, inference
+from service.api.uncertainty import prediction, reporting
+from service.fitting import inference
 from service.worker import (
     BatchJob,
     BatchResults,
@@ -64,37 +65,6 @@ FIT_RESPONSES: dict[int | str, dict[str, Any]] = {
         "the Retry-After header's seconds.",
     },
 }
-
-
-def reporting(body: Any) -> inference.Reporting:
-    """What a parsed body (any fit's) asks of its answer's uncertainty."""
-    return inference.Reporting(body.confidence, getattr(body, "absolute_sigma", False))
-
-
-def prediction(
-    curve: bands.Curve,
-    result: FitResult,
-    asked: inference.Reporting,
-    predict: Predict | None,
-    likelihood: bool = False,
-) -> dict[str, Any] | None:
-    """A fit's ``prediction``: its model at ``predict``'s x, with the bands (None without)."""
-    if predict is None:
-        return None
-    stats = result.stats
-    residual_std = None if likelihood else stats.residual_std
-    variance = 1.0 if asked.absolute_sigma else None if residual_std is None else residual_std**2
-    xs = [np.asarray(column, dtype=np.float64) for column in predict.columns()]
-    values = bands.predict(
-        curve,
-        list(result.params.values()),
-        xs,
-        bands.matrix(stats.covariance),
-        None if likelihood else variance,
-        asked.dof(stats.dof, likelihood),
-        asked.confidence,
-    )
-    return {"x": predict.x, **values}
 
 
 def _common(
