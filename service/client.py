@@ -40,7 +40,9 @@ except ImportError:  # numpy is optional: it is only needed to send numpy arrays
     np = None  # type: ignore[assignment]
 
 from service.api.schemas import (
+    CompareResponse,
     Dataset,
+    EvaluateResponse,
     ExpressionBatchResponse,
     ExpressionFitResponse,
     GaussianBatchResponse,
@@ -297,6 +299,34 @@ def _expression_batch_call(
     return _Call("POST", "/v1/fits/expression/batch", json=body)
 
 
+def _compare_call(
+    x: Values | Mapping[str, Values],
+    y: Values,
+    models: Sequence[Mapping[str, Any]],
+    options: dict[str, Any],
+) -> _Call:
+    """A comparison: one data set, several models (``{"expression", "parameters"}``,
+    ``{"model": named}`` or ``{"model": "linear"}``)."""
+    body: dict[str, Any] = {"x": _xs(x), "y": _plain(y), "models": [dict(m) for m in models]}
+    body |= {k: _plain(v) for k, v in options.items()}
+    return _Call("POST", "/v1/fits/compare", json=body)
+
+
+def _evaluate_call(
+    x: Values | Mapping[str, Values],
+    params: Mapping[str, float],
+    expression: str | None,
+    model: str | None,
+    options: dict[str, Any],
+) -> _Call:
+    """A stored fit's model at new x (``covariance``, ``residual_variance``, ``dof`` and
+    ``confidence`` among the options)."""
+    body: dict[str, Any] = {"x": _xs(x), "params": {k: float(v) for k, v in params.items()}}
+    body |= {k: _plain(v) for k, v in options.items()}
+    body |= {k: v for k, v in (("expression", expression), ("model", model)) if v is not None}
+    return _Call("POST", "/v1/evaluate", json=body)
+
+
 def _xs(x: Values | Mapping[str, Values]) -> Any:
     return {name: _plain(v) for name, v in x.items()} if isinstance(x, Mapping) else _plain(x)
 
@@ -505,6 +535,30 @@ class Client(_Base):
         )
         return self._send(call).content
 
+    def compare(
+        self,
+        x: Values | Mapping[str, Values],
+        y: Values,
+        models: Sequence[Mapping[str, Any]],
+        **options: Any,
+    ) -> CompareResponse:
+        """Fit ``models`` to one data set and rank them (AICc, Akaike weights, BIC; F-tests
+        for the ``nested`` pairs)."""
+        return self._model(_compare_call(x, y, models, options), CompareResponse)
+
+    def evaluate(
+        self,
+        x: Values | Mapping[str, Values],
+        params: Mapping[str, float],
+        expression: str | None = None,
+        *,
+        model: str | None = None,
+        **options: Any,
+    ) -> EvaluateResponse:
+        """A stored fit's model at ``x``, with its bands given its ``covariance``."""
+        call = _evaluate_call(x, params, expression, model, options)
+        return self._model(call, EvaluateResponse)
+
     def models(self) -> ModelList:
         """The named models."""
         return self._model(_Call("GET", "/v1/models"), ModelList)
@@ -646,6 +700,29 @@ class AsyncClient(_Base):
             "/v1/plots/expression", x, y, expression, model, parameters, options
         )
         return (await self._send(call)).content
+
+    async def compare(
+        self,
+        x: Values | Mapping[str, Values],
+        y: Values,
+        models: Sequence[Mapping[str, Any]],
+        **options: Any,
+    ) -> CompareResponse:
+        """As :meth:`Client.compare`."""
+        return await self._model(_compare_call(x, y, models, options), CompareResponse)
+
+    async def evaluate(
+        self,
+        x: Values | Mapping[str, Values],
+        params: Mapping[str, float],
+        expression: str | None = None,
+        *,
+        model: str | None = None,
+        **options: Any,
+    ) -> EvaluateResponse:
+        """As :meth:`Client.evaluate`."""
+        call = _evaluate_call(x, params, expression, model, options)
+        return await self._model(call, EvaluateResponse)
 
     async def models(self) -> ModelList:
         return await self._model(_Call("GET", "/v1/models"), ModelList)

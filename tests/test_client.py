@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -160,6 +162,41 @@ async def test_async_client(server: Server) -> None:
         assert Image.open(io.BytesIO(png)).format == "PNG"
         with pytest.raises(ValidationFailed):
             await tapefit.linear_dataset(1)
+
+
+def test_clients_compare_and_evaluate(server: Server) -> None:
+    """compare and evaluate, sync and async, with numpy arrays: the evaluation of a fit's
+    numbers answers its own prediction."""
+    x = np.linspace(0.0, 10.0, 30)
+    y = 2.0 + 0.5 * x + 0.03 * x**2 + np.random.default_rng(6).normal(0, 0.05, x.size)
+    text, start = "a + b*x + c*x**2", {"a": 0.0, "b": 0.0, "c": 0.0}
+    quadratic: dict[str, Any] = {"expression": text, "parameters": start}
+    with Client(server.url) as tapefit:
+        compared = tapefit.compare(x, y, [{"model": "linear"}, quadratic], nested=[[0, 1]])
+        assert compared.ranking[0].index == 1 and compared.f_tests[0].p_value is not None
+        fit = tapefit.fit_expression(x, y, text, start, predict={"x": [12.0]})
+        s = fit.stats
+        assert s.residual_std is not None and fit.prediction is not None
+        shown = tapefit.evaluate(
+            [12.0],
+            fit.params,
+            text,
+            covariance=s.covariance,
+            residual_variance=s.residual_std**2,
+            dof=s.dof,
+        )
+    assert shown.prediction.obs_upper == pytest.approx(fit.prediction.obs_upper, rel=1e-12)
+
+    async def asynchronous() -> None:
+        async with AsyncClient(server.url) as tapefit:
+            again = await tapefit.compare(x, y, [{"model": "linear"}, quadratic])
+            assert [r.index for r in again.ranking] == [r.index for r in compared.ranking]
+            line = await tapefit.evaluate(
+                np.array([1.0, 2.0]), {"slope": 2.0, "intercept": 1.0}, model="linear"
+            )
+            assert line.prediction.y == [3.0, 5.0]
+
+    asyncio.run(asynchronous())
 
 
 def _readme_block(after: str, language: str) -> str:
