@@ -86,3 +86,21 @@ async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with running_app(app_settings()) as c:
         yield c
+
+
+def module_scoped() -> tuple[Any, Any]:
+    """Module-scoped ``anyio_backend`` and ``client`` fixtures, for a module whose tests only
+    read answers (default settings, nothing they change): the app's start and warm-up (~1 s)
+    once per module instead of once per test. Use: ``anyio_backend, client =
+    module_scoped()``."""
+
+    @pytest.fixture(scope="module")
+    def anyio_backend() -> str:
+        return "asyncio"
+
+    @pytest.fixture(scope="module")
+    async def client(anyio_backend: str) -> AsyncIterator[httpx.AsyncClient]:
+        async with running_app(app_settings()) as c:
+            yield c
+
+    return anyio_backend, client

@@ -12,8 +12,11 @@ import numpy.typing as npt
 import pytest
 import statsmodels.api as sm
 
+from tests.conftest import module_scoped
+
 Array = npt.NDArray[np.float64]
 pytestmark = pytest.mark.anyio
+anyio_backend, client = module_scoped()
 PATH = "/v1/fits/compare"
 
 QUADRATIC = {"expression": "a + b*x + c*x**2", "parameters": {"a": 0.0, "b": 0.0, "c": 0.0}}

@@ -19,10 +19,12 @@ import statsmodels.api as sm
 from scipy import optimize, stats
 
 from tests import nist
+from tests.conftest import module_scoped
 from tests.test_accuracy import norris
 
 Array = npt.NDArray[np.float64]
 pytestmark = pytest.mark.anyio
+anyio_backend, client = module_scoped()
 #: Relative tolerance of the table against statsmodels (the issue's contract).
 RTOL = 1e-8
 
@@ -448,3 +450,23 @@ async def test_the_report_prints_the_json_numbers_exactly(
                 assert float(text) == value  # the same float64, digit for digit
     assert numbers["AIC"] == repr(answer["stats"]["aic"])
     assert numbers["residual dof"] == str(answer["stats"]["dof"])
+
+
+async def test_a_p_value_near_1e_300_is_printed_exactly(client: httpx.AsyncClient) -> None:
+    """2,000 points and a slope ~44 standard errors from 0: Student's t tail at 1,998 degrees
+    of freedom is ~1e-300, written as a number (not 0, not NaN), equal to scipy's tail at
+    the answer's own statistic, and to statsmodels' within what t's digits carry."""
+    rng = np.random.default_rng(19)
+    x = rng.random(2000)
+    y = 1.0 + 3.4 * x + rng.normal(0.0, 1.0, x.size)
+    r = await client.post(
+        "/v1/fits/linear", json={"x": x.tolist(), "y": y.tolist(), "optimizer": "newton"}
+    )
+    assert r.status_code == 200, r.text[:300]
+    row = r.json()["stats"]["inference"]["parameters"]["slope"]
+    assert 1e-320 < row["p_value"] < 1e-270
+    assert row["p_value"] == pytest.approx(2 * stats.t.sf(row["statistic"], 1998), rel=1e-9)
+    ols = sm.OLS(y, sm.add_constant(x)).fit()
+    assert row["statistic"] == pytest.approx(ols.tvalues[1], rel=1e-9)
+    # d(log p)/d(log t) ~ t² here: a 1e-9 relative difference in t moves p by ~2e-6.
+    assert row["p_value"] == pytest.approx(ols.pvalues[1], rel=1e-5)

@@ -18,10 +18,12 @@ import statsmodels.api as sm
 from scipy import stats
 
 from tests import nist
+from tests.conftest import module_scoped
 from tests.test_accuracy import norris
 
 Array = npt.NDArray[np.float64]
 pytestmark = pytest.mark.anyio
+anyio_backend, client = module_scoped()
 RTOL = 1e-8
 
 

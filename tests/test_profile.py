@@ -17,9 +17,11 @@ import statsmodels.api as sm
 from scipy import optimize, stats
 
 from tests import nist
+from tests.conftest import module_scoped
 
 Array = npt.NDArray[np.float64]
 pytestmark = pytest.mark.anyio
+anyio_backend, client = module_scoped()
 FIT = "/v1/fits/expression"
 
 
