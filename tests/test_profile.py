@@ -153,3 +153,28 @@ async def test_a_flat_profile_is_not_bounded_and_says_so(client: httpx.AsyncClie
     assert any("too flat to bound it above" in w for w in answer["warnings"])
     a = answer["stats"]["inference"]["parameters"]["a"]
     assert a["lower_found"] and a["upper_found"]
+
+
+async def test_batch_entries_carry_their_own_profile_intervals(client: httpx.AsyncClient) -> None:
+    """Each entry of an expression batch profiles its own set: the same intervals as the
+    set's single fit."""
+    rng = np.random.default_rng(44)
+    x = np.linspace(0.0, 4000.0, 20)
+    sets = [
+        {"x": x.tolist(), "y": (_decay(x, a, 8e-4, 50.0) + rng.normal(0, 20, x.size)).tolist()}
+        for a in (600.0, 900.0, 1500.0)
+    ]
+    shared = {"expression": "a*exp(-k*x) + c", "parameters": {"a": 500.0, "k": 1e-3, "c": 0.0}}
+    r = await client.post(
+        "/v1/fits/expression/batch", json=shared | {"datasets": sets, "intervals": "profile"}
+    )
+    assert r.status_code == 200, r.text[:400]
+    for entry, one in zip(r.json()["results"], sets, strict=True):
+        single = await client.post(FIT, json=shared | one | {"intervals": "profile"})
+        want = single.json()["stats"]["inference"]
+        got = entry["result"]["stats"]["inference"]
+        assert got["method"] == want["method"] == "profile"
+        for name, row in want["parameters"].items():
+            for end in ("lower", "upper"):
+                assert got["parameters"][name][end] == pytest.approx(row[end], rel=1e-8)
+                assert got["parameters"][name][f"{end}_found"] is True

@@ -1221,6 +1221,17 @@ class _ExpressionOptions(_Reporting, _LeastSquaresReporting):
         None, description="Return the loss every this many epochs, as for the other fits."
     )
 
+    intervals: Literal["wald", "profile"] = Field(
+        "wald",
+        description='The confidence intervals of `stats.inference`: "wald" (estimate ± '
+        'q·std_error) or "profile": profile-likelihood intervals, where the residual sum of '
+        "squares with the parameter held (the others re-optimized) reaches rss·(1 + "
+        "F⁻¹(confidence; 1, dof)/dof), lmfit conf_interval's criterion. They follow the "
+        "model's curvature (asymmetric, or open on a side the data do not bound: then "
+        "`lower_found`/`upper_found` is false, the end null, and a warning says so). All "
+        "parameters' ends are searched together, in batched re-optimizations.",
+    )
+
     def history_step(self) -> int:
         if self.history_every is not None:
             return self.history_every
@@ -1235,16 +1246,6 @@ class ExpressionFitRequest(_ExpressionModel, ExpressionData, _ExpressionOptions,
 
     progress_every: EpochCount | None = Field(
         None, description="With `Accept: text/event-stream`: epochs between progress events."
-    )
-    intervals: Literal["wald", "profile"] = Field(
-        "wald",
-        description='The confidence intervals of `stats.inference`: "wald" (estimate ± '
-        'q·std_error) or "profile": profile-likelihood intervals, where the residual sum of '
-        "squares with the parameter held (the others re-optimized) reaches rss·(1 + "
-        "F⁻¹(confidence; 1, dof)/dof), lmfit conf_interval's criterion. They follow the "
-        "model's curvature (asymmetric, or open on a side the data do not bound: then "
-        "`lower_found`/`upper_found` is false, the end null, and a warning says so). All "
-        "parameters' ends are searched together, in batched re-optimizations.",
     )
 
 

@@ -108,7 +108,7 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
     def respond(result: FitResult) -> BaseModel:
         answer = expression_response(plan, start, result, reporting(body), body.predict)
         if body.intervals == "profile":
-            answer = profiled(answer, plan, job, result, body.confidence)
+            answer = profiled(answer, plan, job.data, job.weights, result, body.confidence)
         return answer
 
     if caller.wants_events:
@@ -128,7 +128,8 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
 def profiled(
     answer: ExpressionFitResponse,
     plan: ExpressionPlan,
-    job: FitJob,
+    data: tuple[Any, ...],
+    weights: Any,
     result: FitResult,
     confidence: float,
 ) -> ExpressionFitResponse:
@@ -144,12 +145,12 @@ def profiled(
         )
         sides = [(profile.Side(None, False), profile.Side(None, False))] * len(names)
     else:
-        *xs, y = job.data
+        *xs, y = data
         sides = profile.intervals(
             bands.expression_curve(plan.expression.tree),
             xs,
             y,
-            job.weights,
+            weights,
             [result.params[name] for name in names],
             s.std_errors,
             s.rss,
@@ -378,7 +379,8 @@ async def _fit_sets(
     results = await admitted.caller.unless_gone(
         worker.fit_sets(job, body.timeout_s, admitted.ticket)
     )
-    answer = _sets_answer(plan, starts, results, reporting(body))
+    profile_of = sets if body.intervals == "profile" else None
+    answer = _sets_answer(plan, starts, results, reporting(body), profile_of)
     return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
 
@@ -452,8 +454,11 @@ def _sets_answer(
     starts: list[dict[str, float]],
     results: list[FitResult | FitError],
     asked: inference.Reporting,
+    profile_of: tuple[SetData, ...] | None = None,
 ) -> Iterator[bytes]:
-    """The batch answer, streamed; each result is what a single fit of its set answers."""
+    """The batch answer, streamed; each result is what a single fit of its set answers (with
+    profile intervals, given the sets' data: computed entry by entry as the answer streams,
+    in the response's thread)."""
     failed = sum(isinstance(r, FitError) for r in results)
     head = {
         "model": "expression",
@@ -468,6 +473,9 @@ def _sets_answer(
         if isinstance(result, FitError):
             return {"index": i, "result": None, "error": str(result)}
         answer = expression_response(plan, starts[i], result, asked)
+        if profile_of is not None:
+            one = profile_of[i]
+            answer = profiled(answer, plan, one.data, one.weights, result, asked.confidence)
         return {"index": i, "result": answer.model_dump(mode="json"), "error": None}
 
     return batch_pieces(head, len(results), entry)
