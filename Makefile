@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	--no-header --quiet
 
-.PHONY: run test lint typecheck pytest fuzz bench bench-quick deploy-check chaos chaos-expressions cluster-check mutate lock clean
+.PHONY: run test lint typecheck pytest fuzz accuracy bench bench-quick deploy-check chaos chaos-expressions cluster-check mutate lock clean
 
 # A venv made by another Python (or a broken one) is rebuilt rather than failing forever.
 ifneq ($(shell $(PY) -c 'import sys; print(sys.version_info[:2] == (3, 11))' 2>/dev/null),True)
@@ -58,7 +58,12 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 pytest: $(VENV)/.installed-test
-	$(PY) -m pytest -m "not fuzz" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not fuzz and not accuracy" $(PYTEST_ARGS)
+
+# Suites that compile a loop per NIST problem (multi-start from every far start), apart from
+# `make test` to keep it within its budget; CI runs both.
+accuracy: $(VENV)/.installed-test
+	$(PY) -m pytest -m accuracy $(PYTEST_ARGS)
 
 # Property-based fuzzing of every operation from the OpenAPI document (schemathesis against a
 # real server: a fixed seed with every phase, and a daily seed), apart from `make test` to keep

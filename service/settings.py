@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         "Jacobian holds that many float64 values (32 MB at the default) and each "
         "Levenberg-Marquardt iteration a few copies of it.",
     )
+    max_starts: Annotated[int, Field(ge=1)] = Field(
+        64,
+        description="Most starts of one multi-start expression fit (`starts`; 422 above). "
+        "Its points x parameters x starts count against TAPEFIT_MAX_EXPRESSION_WORK.",
+    )
     compile_threads: Annotated[int, Field(ge=1)] = Field(
         1,
         description="Expression fits that compile (a new expression or size bucket: traced "

@@ -751,8 +751,10 @@ def _expression_plan(
     errors: ErrorList,
 ) -> ExpressionPlan | None:
     """The parsed expression and its start, or None with ``errors`` filled in. ``n``: the
-    points of the (largest) data set, against the work limit; ``used``: its points with a
-    positive weight, against the parameters (None: a batch checks each set's)."""
+    points of the (largest) data set, against the work limit (times the starts of a
+    multi-start fit: each start fits them); ``used``: its points with a positive weight,
+    against the parameters (None: a batch checks each set's)."""
+    n *= request.starts
     given = dict(request.parameters or {})
     if (request.expression is None) == (request.model is None):
         errors.append(
@@ -842,7 +844,8 @@ def _expression_plan(
                 ["body"],
                 PydanticCustomError(
                     "too_much_expression_work",
-                    "points x parameters = {work} exceeds {limit} (TAPEFIT_MAX_EXPRESSION_WORK)",
+                    "points x parameters (x starts) = {work} exceeds {limit} "
+                    "(TAPEFIT_MAX_EXPRESSION_WORK)",
                     {"work": n * len(names), "limit": limit},
                 ),
             )

@@ -115,6 +115,7 @@ async def _parse(
         settings.max_dataset_points,
         settings.max_expression_work,
         settings.max_expression_complexity,
+        settings.max_starts,
     )
     if media == JSON:
         if request.query_params:  # never silently ignored

@@ -71,11 +71,13 @@ def limits_context(
     max_dataset_points: int | None = None,
     max_expression_work: int | None = None,
     max_expression_complexity: int | None = None,
+    max_starts: int | None = None,
 ) -> dict[str, Any]:
     """Validation context carrying the settings-dependent limits."""
     return {
         "max_expression_work": max_expression_work,
         "max_expression_complexity": max_expression_complexity,
+        "max_starts": max_starts,
         "max_points": max_points,
         "max_epochs": max_epochs,
         "max_work": max_work,
@@ -1232,6 +1234,36 @@ class _ExpressionOptions(_Reporting, _LeastSquaresReporting):
         "parameters' ends are searched together, in batched re-optimizations.",
     )
 
+    starts: Annotated[int, Field(strict=True, ge=1)] = Field(
+        1,
+        description="Multi-start: fit from this many starts at once (one batched, compiled "
+        "call) and answer the lowest-rss converged run. The first start is the given (or "
+        "guessed) one; the others are drawn with `seed`: by Latin hypercube inside `bounds` "
+        "where both sides are given, elsewhere spread log-uniformly over a decade either way "
+        "around the first start's magnitude (a quarter with its sign flipped). "
+        "`stats.starts` says how many runs reached the answer's minimum. At most "
+        "TAPEFIT_MAX_STARTS; points x parameters x starts count against "
+        "TAPEFIT_MAX_EXPRESSION_WORK.",
+        examples=[8],
+    )
+    seed: Seed = Field(
+        0,
+        description="Seeds the draw of the extra `starts`: the same seed, "
+        "the same starts and the same answer.",
+    )
+
+    @field_validator("starts")
+    @classmethod
+    def _starts_within(cls, starts: int, info: ValidationInfo) -> int:
+        limit = context_limit(info.context, "max_starts")
+        if limit is not None and starts > limit:
+            raise PydanticCustomError(
+                "too_many_starts",
+                "at most {limit} starts are allowed (TAPEFIT_MAX_STARTS), got {count}",
+                {"limit": limit, "count": starts},
+            )
+        return starts
+
     def history_step(self) -> int:
         if self.history_every is not None:
             return self.history_every
@@ -1303,6 +1335,22 @@ class ExpressionBatchRequest(_ExpressionModel, _ExpressionOptions):
     )
 
 
+class Starts(_Answer):
+    """What a multi-start fit found: how far to trust that its answer is the best minimum."""
+
+    runs: int = Field(description="The starts run (`starts`).")
+    at_best: int = Field(
+        description="Runs that converged to the answer's minimum: their rss within "
+        f"{options.SAME_MINIMUM_RTOL:g} (relative) of the best. 1 of many: the answer was hard "
+        "to find, and a better minimum may exist."
+    )
+    next_rss: float | None = Field(
+        description="The rss of the best other minimum a run converged to (above the best by "
+        f"more than {options.SAME_MINIMUM_RTOL:g} relatively); null when every converged run "
+        "reached the best."
+    )
+
+
 class ExpressionStats(_ChiSquare):
     """Statistics at the returned parameters (null where they do not exist)."""
 
@@ -1330,6 +1378,7 @@ class ExpressionStats(_ChiSquare):
         description="Length of the Newton step to the optimum; null away from a minimum."
     )
     inference: Inference
+    starts: Starts | None = Field(None, description="Multi-start fits only (`starts` > 1).")
 
 
 #: The answer to EXPRESSION_EXAMPLE (NIST's Misra1a from its first start), as the server gives
@@ -1368,6 +1417,7 @@ EXPRESSION_ANSWER_EXAMPLE: dict[str, Any] = {
         "newton_step": 3.5729448045931136e-13,
         "chi2": None,
         "chi2_p_value": None,
+        "starts": None,
         "inference": {
             "confidence": 0.95,
             "method": "t",

@@ -24,6 +24,8 @@ StopReason = Literal[
     "max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"
 ]
 
+#: Multi-start runs whose rss agree to this, relatively, reached the same minimum.
+SAME_MINIMUM_RTOL = 1e-6
 #: The confidence level of the parameter tables' intervals when a request gives none.
 DEFAULT_CONFIDENCE = 0.95
 

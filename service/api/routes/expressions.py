@@ -4,12 +4,12 @@
 import asyncio
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from functools import partial
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel
 
 from service.admission import Cost, expression_cost
 from service.api.deps import Admitted, admission
@@ -42,6 +42,7 @@ from service.api.schemas import (
     ModelDescription,
     ModelList,
     Predict,
+    Starts,
 )
 from service.api.streaming import (
     EventStream,
@@ -51,7 +52,7 @@ from service.api.streaming import (
     progress_step,
 )
 from service.api.uncertainty import plotted_band, prediction, reporting
-from service.fitting import bands, catalog, inference, profile
+from service.fitting import bands, catalog, inference, profile, starts
 from service.fitting.expression import CompileCost
 from service.fitting.guesses import guess
 from service.plots import curve_grid, expression_figure
@@ -104,20 +105,28 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
     worker, caller = admitted.worker, admitted.caller
     plan, job = await _job(parsed, admitted, worker)
     start = dict(zip(plan.expression.parameters, job.initial or (), strict=True))
+    found: starts.Summary | None = None
 
-    def respond(result: FitResult) -> BaseModel:
+    def respond(result: FitResult) -> ExpressionFitResponse:
         answer = expression_response(plan, start, result, reporting(body), body.predict)
         if body.intervals == "profile":
             answer = profiled(answer, plan, job.data, job.weights, result, body.confidence)
+        if found is not None:
+            stats = answer.stats.model_copy(update={"starts": Starts(**asdict(found))})
+            answer = answer.model_copy(update={"stats": stats})
         return answer
 
-    if caller.wants_events:
+    if body.starts > 1:  # every start in one batched call, answered as JSON
+        chosen, result, found = await _multi_start(admitted, body, plan, job)
+        start = dict(zip(plan.expression.parameters, chosen, strict=True))
+    elif caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
         events = fit_events(
             caller.gone, worker, job, body.timeout_s, every, lambda r: respond(r).model_dump_json()
         )
         return EventStream(events, admitted.hand_over())
-    result = await caller.unless_gone(worker.fit(job, body.timeout_s, ticket=admitted.ticket))
+    else:
+        result = await caller.unless_gone(worker.fit(job, body.timeout_s, ticket=admitted.ticket))
     # (profile intervals are a batch of re-optimizations: off the event loop)
     answer = await asyncio.to_thread(respond, result)
     if caller.wants_report:
@@ -177,6 +186,36 @@ def profiled(
     inference = table.model_copy(update={"method": "profile", "dof": s.dof, "parameters": rows})
     stats = answer.stats.model_copy(update={"inference": inference})
     return answer.model_copy(update={"stats": stats, "warnings": warnings})
+
+
+async def _multi_start(
+    admitted: Admitted, body: ExpressionFitRequest, plan: ExpressionPlan, job: FitJob
+) -> tuple[list[float], FitResult, starts.Summary]:
+    """The fit from ``body.starts`` starts (the job's first) as one batch of identical data
+    sets in one compiled loop: the start and result answered, and what the runs found."""
+    worker, expression = admitted.worker, plan.expression
+    names = expression.parameters
+    bounds = [plan.bounds.get(name, (None, None)) for name in names]
+    assert job.initial is not None
+    draws = starts.draw(job.initial, bounds, body.starts, body.seed).tolist()
+    exact = job.options.get("exact")
+    own = None if exact is None else {"exact": exact}
+    sets = tuple(SetData(job.data, tuple(row), weights=job.weights, options=own) for row in draws)
+    options = {k: v for k, v in job.options.items() if k != "exact"}
+    sets_job = SetsJob(model="expression", sets=sets, training=job.training, options=options)
+    points, variables = job.data[-1].size, len(expression.variables)
+    history = body.starts * (body.epochs // body.history_step() + 1)
+    cost = expression_cost(points * body.starts, variables, len(names), body.epochs, history)
+    if not worker.sets_compiled(sets_job):  # its loop compiles first, on the fit thread
+        cost = Cost(bytes=cost.bytes + CompileCost.peak_bytes(expression), seconds=cost.seconds)
+    admitted.ticket.take_place(cost, worker.deadline_s(body.timeout_s))
+    results = await admitted.caller.unless_gone(
+        worker.fit_sets(sets_job, body.timeout_s, admitted.ticket)
+    )
+    chosen, summary = starts.best(results)
+    result = results[chosen]
+    assert isinstance(result, FitResult)
+    return draws[chosen], result, summary
 
 
 async def _job(

@@ -1,0 +1,107 @@
+"""Multi-start: the starts of a fit beyond its first, and what the runs from them found.
+
+The first start is the caller's (given, or guessed for a named model). The others are drawn
+from the request's seed:
+
+- a parameter with both bounds given: a Latin hypercube over its interval (scipy's
+  ``qmc.LatinHypercube``: each of the K - 1 strata of every such parameter sampled once);
+- any other: log-uniform over a decade either way around the first start's magnitude (1
+  where it is 0), with its sign, flipped for a quarter of the draws; clipped into a one-sided
+  bound.
+
+All runs are fitted together (one batched call); :func:`best` picks the lowest-rss converged
+run (the lowest-rss run if none converged) and summarizes the others.
+
+numpy and scipy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy.stats import qmc
+
+from service.fitting.options import SAME_MINIMUM_RTOL
+from service.fitting.results import FitError, FitResult
+
+Array = npt.NDArray[np.float64]
+#: Decades either way of the log-uniform draws, and the share of them with the sign flipped.
+DECADES = 1.0
+FLIPPED = 0.25
+
+
+def draw(
+    first: Sequence[float],
+    bounds: Sequence[tuple[float | None, float | None]],
+    count: int,
+    seed: int,
+) -> Array:
+    """``count`` starts ([count, k]), the first one ``first``."""
+    k = len(first)
+    out = np.tile(np.asarray(first, dtype=np.float64), (count, 1))
+    if count == 1:
+        return out
+    rng = np.random.default_rng(seed)
+    boxed = [j for j, (low, high) in enumerate(bounds) if low is not None and high is not None]
+    if boxed:
+        cube = qmc.LatinHypercube(d=len(boxed), seed=rng).random(count - 1)
+        lows = np.array([bounds[j][0] for j in boxed], dtype=np.float64)
+        highs = np.array([bounds[j][1] for j in boxed], dtype=np.float64)
+        out[1:, boxed] = lows + cube * (highs - lows)
+    for j in range(k):
+        if j in boxed:
+            continue
+        magnitude = abs(first[j]) if first[j] != 0.0 else 1.0
+        sign = math.copysign(1.0, first[j]) if first[j] != 0.0 else 1.0
+        spread = magnitude * 10.0 ** rng.uniform(-DECADES, DECADES, count - 1)
+        flips = np.where(rng.random(count - 1) < FLIPPED, -1.0, 1.0)
+        values = sign * flips * spread
+        low, high = bounds[j]
+        out[1:, j] = np.clip(
+            values, -np.inf if low is None else low, np.inf if high is None else high
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """``stats.starts``: the runs, how many reached the best minimum, and the rss of the best
+    other minimum a run converged to (None if none)."""
+
+    runs: int
+    at_best: int
+    next_rss: float | None
+
+
+def best(results: Sequence[FitResult | FitError]) -> tuple[int, Summary]:
+    """The run to answer (the lowest-rss converged one, else the lowest-rss one), and the
+    summary; a FitError if every run failed (the first run's)."""
+    fitted = [(i, r) for i, r in enumerate(results) if isinstance(r, FitResult)]
+    if not fitted:
+        error = results[0]
+        assert isinstance(error, FitError)
+        raise error
+
+    def rss(result: FitResult) -> float:
+        value = result.stats.rss
+        return math.inf if value is None or not math.isfinite(value) else value
+
+    converged = [(i, r) for i, r in fitted if r.converged]
+    pool = converged or fitted
+    chosen, answer = min(pool, key=lambda item: (rss(item[1]), item[0]))
+    low = rss(answer)
+    same = [i for i, r in converged if _same(rss(r), low)]
+    others = [rss(r) for _, r in converged if not _same(rss(r), low) and rss(r) > low]
+    return chosen, Summary(
+        runs=len(results),
+        at_best=len(same),
+        next_rss=min(others) if others else None,
+    )
+
+
+def _same(value: float, best: float) -> bool:
+    return math.isfinite(value) and abs(value - best) <= SAME_MINIMUM_RTOL * max(abs(best), 1e-300)
