@@ -136,3 +136,24 @@ async def check_far_start(client: httpx.AsyncClient, name: str) -> None:
         assert nist.lre(answer["params"][b], certified) >= 6.0, b
         se = answer["stats"]["std_errors"][b]
         assert se is not None and nist.lre(se, problem.certified_se[b]) >= 4.0, b
+
+
+async def test_batch_sets_each_get_their_own_starts(client: httpx.AsyncClient) -> None:
+    """In a batch, each set runs its own K starts (set i drawn from seed + i) as rows of one
+    loop: each entry is the set's single multi-start fit with that seed."""
+    body = _sinusoid()
+    other = np.asarray(body["y"]) * 0.5
+    datasets = [{"x": body["x"], "y": body["y"]}, {"x": body["x"], "y": other.tolist()}]
+    shared = {"expression": body["expression"], "parameters": body["parameters"]}
+    r = await client.post(
+        "/v1/fits/expression/batch", json=shared | {"datasets": datasets, "starts": 32, "seed": 3}
+    )
+    assert r.status_code == 200, r.text[:400]
+    for i, (entry, one) in enumerate(zip(r.json()["results"], datasets, strict=True)):
+        single = await client.post(FIT, json=shared | one | {"starts": 32, "seed": 3 + i})
+        want, got = single.json(), entry["result"]
+        assert got["stats"]["starts"]["runs"] == 32
+        assert got["stats"]["starts"]["at_best"] == want["stats"]["starts"]["at_best"]
+        assert got["stats"]["rss"] == pytest.approx(want["stats"]["rss"], rel=1e-9)
+        assert got["start"] == want["start"]
+        assert got["params"]["w"] == pytest.approx(1.7, rel=0.01)

@@ -4,7 +4,7 @@
 import asyncio
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from typing import Any
 
@@ -112,8 +112,7 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
         if body.intervals == "profile":
             answer = profiled(answer, plan, job.data, job.weights, result, body.confidence)
         if found is not None:
-            stats = answer.stats.model_copy(update={"starts": Starts(**asdict(found))})
-            answer = answer.model_copy(update={"stats": stats})
+            answer = with_starts(answer, found)
         return answer
 
     if body.starts > 1:  # every start in one batched call, answered as JSON
@@ -186,6 +185,12 @@ def profiled(
     inference = table.model_copy(update={"method": "profile", "dof": s.dof, "parameters": rows})
     stats = answer.stats.model_copy(update={"inference": inference})
     return answer.model_copy(update={"stats": stats, "warnings": warnings})
+
+
+def with_starts(answer: ExpressionFitResponse, found: starts.Summary) -> ExpressionFitResponse:
+    """The answer with its multi-start summary in ``stats.starts``."""
+    stats = answer.stats.model_copy(update={"starts": Starts(**asdict(found))})
+    return answer.model_copy(update={"stats": stats})
 
 
 async def _multi_start(
@@ -398,13 +403,22 @@ async def _fit_sets(
     body, plan = parsed.request, parsed.plan
     assert isinstance(plan, ExpressionPlan)
     expression, worker = plan.expression, admitted.worker
-    sets, starts = await _sets(parsed, plan)
-    points, k = int(parsed.arrays["lengths"].sum()), len(expression.parameters)
-    history = len(sets) * (body.epochs // body.history_step() + 1)
+    sets, firsts = await _sets(parsed, plan)
+    count = body.starts  # each set's starts: rows of one loop, set i's from seed + i
+    names, rows = expression.parameters, sets
+    if count > 1:
+        bounds = [plan.bounds.get(name, (None, None)) for name in names]
+        rows = tuple(
+            replace(one, initial=tuple(row))
+            for i, one in enumerate(sets)
+            for row in starts.draw(one.initial, bounds, count, body.seed + i).tolist()
+        )
+    points, k = int(parsed.arrays["lengths"].sum()) * count, len(names)
+    history = len(rows) * (body.epochs // body.history_step() + 1)
     cost = expression_cost(points, len(expression.variables), k, body.epochs, history)
     job = SetsJob(
         model="expression",
-        sets=sets,
+        sets=rows,
         training=_training(body),
         options={
             "expression": expression,
@@ -418,8 +432,21 @@ async def _fit_sets(
     results = await admitted.caller.unless_gone(
         worker.fit_sets(job, body.timeout_s, admitted.ticket)
     )
+    found: list[starts.Summary | None] | None = None
+    if count > 1:  # each set's best run, and what its runs found
+        runs, results, found = results, [], []
+        for i in range(len(sets)):
+            try:
+                chosen, summary = starts.best(runs[i * count : (i + 1) * count])
+            except FitError as error:
+                results.append(error)
+                found.append(None)
+                continue
+            results.append(runs[i * count + chosen])
+            firsts[i] = dict(zip(names, rows[i * count + chosen].initial, strict=True))
+            found.append(summary)
     profile_of = sets if body.intervals == "profile" else None
-    answer = _sets_answer(plan, starts, results, reporting(body), profile_of)
+    answer = _sets_answer(plan, firsts, results, reporting(body), profile_of, found)
     return HoldingStream(answer, admitted.hand_over(), media_type="application/json")
 
 
@@ -490,14 +517,15 @@ def _training(
 
 def _sets_answer(
     plan: ExpressionPlan,
-    starts: list[dict[str, float]],
+    firsts: list[dict[str, float]],
     results: list[FitResult | FitError],
     asked: inference.Reporting,
     profile_of: tuple[SetData, ...] | None = None,
+    found: list[starts.Summary | None] | None = None,
 ) -> Iterator[bytes]:
     """The batch answer, streamed; each result is what a single fit of its set answers (with
     profile intervals, given the sets' data: computed entry by entry as the answer streams,
-    in the response's thread)."""
+    in the response's thread; with a multi-start's summaries)."""
     failed = sum(isinstance(r, FitError) for r in results)
     head = {
         "model": "expression",
@@ -511,10 +539,12 @@ def _sets_answer(
         result = results[i]
         if isinstance(result, FitError):
             return {"index": i, "result": None, "error": str(result)}
-        answer = expression_response(plan, starts[i], result, asked)
+        answer = expression_response(plan, firsts[i], result, asked)
         if profile_of is not None:
             one = profile_of[i]
             answer = profiled(answer, plan, one.data, one.weights, result, asked.confidence)
+        if found is not None and (summary := found[i]) is not None:
+            answer = with_starts(answer, summary)
         return {"index": i, "result": answer.model_dump(mode="json"), "error": None}
 
     return batch_pieces(head, len(results), entry)
