@@ -497,6 +497,18 @@ def parse_expression(
         n = len(request.y)
         used = n if request.weights is None else sum(1 for w in request.weights if w > 0)
         plan = _expression_plan(request, variables, n, used, context, errors)
+    if plan is not None and request.loss != "linear" and request.starts > 1:
+        errors.append(
+            _error(
+                ["body", "loss"],
+                PydanticCustomError(
+                    "loss_with_starts",
+                    "a robust loss is fitted from one start: give starts 1 (or fit the best "
+                    "start's parameters with the loss)",
+                ),
+            )
+        )
+        plan = None
     predict = request.predict
     if plan is not None and predict is not None:
         wanted = plan.expression.variables

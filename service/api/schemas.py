@@ -1279,6 +1279,22 @@ class ExpressionFitRequest(_ExpressionModel, ExpressionData, _ExpressionOptions,
     progress_every: EpochCount | None = Field(
         None, description="With `Accept: text/event-stream`: epochs between progress events."
     )
+    loss: Literal["linear", "soft_l1", "huber", "cauchy", "arctan"] = Field(
+        "linear",
+        description="The loss of the residuals r, as scipy least_squares' `loss`: minimize "
+        "½·f_scale²·Σrho((r/f_scale)²) with rho(z) = z (linear: least squares), 2(√(1+z) - 1) "
+        "(soft_l1), z or 2√z - 1 (huber), ln(1 + z) (cauchy), arctan z (arctan). The robust "
+        "ones limit the pull of outliers; they are fitted by iteratively reweighted "
+        "Levenberg-Marquardt, and the answer is the weighted least-squares fit at the final "
+        "weights rho'(z) (its rss, loss history and R² are of that problem), with the covariance "
+        "in scipy's convention for robust losses (curve_fit's: approximate), "
+        "`stats.robust_cost` and `stats.downweighted`.",
+    )
+    f_scale: PositiveFloat = Field(
+        1.0,
+        description="The residual scale of a robust `loss` (in y's units): residuals well "
+        "below it count as in least squares, those above are down-weighted.",
+    )
 
 
 class ExpressionDataset(ExpressionData):
@@ -1379,6 +1395,14 @@ class ExpressionStats(_ChiSquare):
     )
     inference: Inference
     starts: Starts | None = Field(None, description="Multi-start fits only (`starts` > 1).")
+    downweighted: int | None = Field(
+        None,
+        description="Robust losses only: the points whose weight rho'(z) the loss brought below "
+        "1/2 (the outliers it discounted).",
+    )
+    robust_cost: float | None = Field(
+        None, description="Robust losses only: ½·f_scale²·Σrho((r/f_scale)²) at the parameters."
+    )
 
 
 #: The answer to EXPRESSION_EXAMPLE (NIST's Misra1a from its first start), as the server gives
@@ -1418,6 +1442,8 @@ EXPRESSION_ANSWER_EXAMPLE: dict[str, Any] = {
         "chi2": None,
         "chi2_p_value": None,
         "starts": None,
+        "downweighted": None,
+        "robust_cost": None,
         "inference": {
             "confidence": 0.95,
             "method": "t",

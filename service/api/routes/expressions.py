@@ -3,6 +3,7 @@
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from functools import partial
@@ -52,11 +53,12 @@ from service.api.streaming import (
     progress_step,
 )
 from service.api.uncertainty import plotted_band, prediction, reporting
-from service.fitting import bands, catalog, inference, profile, starts
+from service.fitting import bands, catalog, inference, profile, robust, starts
 from service.fitting.expression import CompileCost
 from service.fitting.guesses import guess
 from service.plots import curve_grid, expression_figure
 from service.worker import (
+    FitDiverged,
     FitError,
     FitJob,
     FitResult,
@@ -106,6 +108,7 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
     plan, job = await _job(parsed, admitted, worker)
     start = dict(zip(plan.expression.parameters, job.initial or (), strict=True))
     found: starts.Summary | None = None
+    robustly: robust.RobustFit | None = None
 
     def respond(result: FitResult) -> ExpressionFitResponse:
         answer = expression_response(plan, start, result, reporting(body), body.predict)
@@ -113,11 +116,15 @@ async def _fit(admitted: Admitted, parsed: Parsed[ExpressionFitRequest]) -> Any:
             answer = profiled(answer, plan, job.data, job.weights, result, body.confidence)
         if found is not None:
             answer = with_starts(answer, found)
+        if robustly is not None:
+            answer = with_robust(answer, plan, job, body, robustly)
         return answer
 
     if body.starts > 1:  # every start in one batched call, answered as JSON
         chosen, result, found = await _multi_start(admitted, body, plan, job)
         start = dict(zip(plan.expression.parameters, chosen, strict=True))
+    elif body.loss != "linear":  # reweighted to the robust optimum, then fitted there
+        robustly, result = await _robust(admitted, body, plan, job)
     elif caller.wants_events:
         every = progress_step(body.epochs, body.progress_every)
         events = fit_events(
@@ -185,6 +192,100 @@ def profiled(
     inference = table.model_copy(update={"method": "profile", "dof": s.dof, "parameters": rows})
     stats = answer.stats.model_copy(update={"inference": inference})
     return answer.model_copy(update={"stats": stats, "warnings": warnings})
+
+
+async def _robust(
+    admitted: Admitted, body: ExpressionFitRequest, plan: ExpressionPlan, job: FitJob
+) -> tuple[robust.RobustFit, FitResult]:
+    """The robust fit (iteratively reweighted, in a thread, within the fit's deadline), then
+    the weighted least-squares fit at its final weights, from its parameters: the answer."""
+    worker, names = admitted.worker, plan.expression.parameters
+    deadline = time.monotonic() + worker.deadline_s(body.timeout_s)
+    *xs, y = job.data
+    assert job.initial is not None
+    found = await asyncio.to_thread(
+        robust.fit,
+        bands.expression_curve(plan.expression.tree),
+        xs,
+        y,
+        job.weights,
+        job.initial,
+        body.loss,
+        body.f_scale,
+        [plan.bounds.get(name, (None, None)) for name in names],
+        body.epochs,
+        lambda: time.monotonic() > deadline,
+    )
+    if not math.isfinite(found.cost) or not np.all(np.isfinite(found.params)):
+        raise FitDiverged(found.iterations, body.learning_rate, advice=FitDiverged.SELF_STEPPING)
+    weights = found.weights if job.weights is None else job.weights * found.weights
+    polish = replace(job, initial=tuple(found.params.tolist()), weights=weights)
+    result = await admitted.caller.unless_gone(
+        worker.fit(polish, body.timeout_s, ticket=admitted.ticket)
+    )
+    return found, result
+
+
+def with_robust(
+    answer: ExpressionFitResponse,
+    plan: ExpressionPlan,
+    job: FitJob,
+    body: ExpressionFitRequest,
+    found: robust.RobustFit,
+) -> ExpressionFitResponse:
+    """A robust fit's answer: scipy's covariance for robust losses (and the table from it),
+    the robust cost, the points down-weighted, and why to read the covariance with care."""
+    names = list(plan.expression.parameters)
+    *xs, y = job.data
+    params = [answer.params[name] for name in names]
+    covariance = robust.covariance(
+        bands.expression_curve(plan.expression.tree),
+        xs,
+        y,
+        job.weights,
+        params,
+        body.loss,
+        body.f_scale,
+        body.absolute_sigma,
+    )
+    stats, k = answer.stats, len(names)
+    warnings = [
+        *answer.warnings,
+        f"a robust loss ({body.loss}): the covariance is approximate (scipy's convention: "
+        "(2·cost/(n - p))·(J_sᵀJ_s)⁻¹ with J scaled by √(rho' + 2zrho''))",
+    ]
+    if not found.converged:
+        warnings.append(
+            f"the reweighting stopped after {found.iterations} iterations without converging"
+        )
+    if covariance is None:
+        std_errors: list[float | None] = [None] * k
+        rows: list[list[float | None]] = [[None] * k for _ in range(k)]
+        correlation = rows
+    else:
+        se = np.sqrt(np.diag(covariance))
+        std_errors = [float(v) for v in se]
+        rows = covariance.tolist()
+        correlation = (covariance / np.outer(se, se)).tolist()
+    asked = reporting(body)
+    table = inference.inference(names, params, std_errors, asked.dof(stats.dof), body.confidence)
+    if covariance is None:
+        warnings.extend(inference.undefined_warnings(std_errors, asked.dof(stats.dof)))
+    update = {
+        "std_errors": dict(zip(names, std_errors, strict=True)),
+        "covariance": rows,
+        "correlation": correlation,
+        "inference": Inference.model_validate(table),
+        "robust_cost": found.cost,
+        "downweighted": int(np.count_nonzero(found.weights < robust.DOWNWEIGHTED)),
+    }
+    return answer.model_copy(
+        update={
+            "stats": stats.model_copy(update=update),
+            "warnings": warnings,
+            "converged": answer.converged and found.converged,
+        }
+    )
 
 
 def with_starts(answer: ExpressionFitResponse, found: starts.Summary) -> ExpressionFitResponse:
