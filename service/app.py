@@ -24,7 +24,16 @@ from service.api.limits import BodyLimit
 from service.api.models import BUILT_IN, HttpModel
 from service.api.observe import HttpMetrics, ObservedRequests, TracedRequests
 from service.api.openapi import install_openapi
-from service.api.routes import compare, datasets, evaluate, expressions, fits, health, plots
+from service.api.routes import (
+    compare,
+    datasets,
+    evaluate,
+    expressions,
+    fits,
+    global_fits,
+    health,
+    plots,
+)
 from service.api.schemas import (
     MAX_EPOCH_COUNT,
     CompareRequest,
@@ -32,6 +41,7 @@ from service.api.schemas import (
     ExpressionBatchRequest,
     ExpressionFitRequest,
     GaussianDatasetRequest,
+    GlobalFitRequest,
     LinearDatasetRequest,
 )
 from service.logs import valid_request_id
@@ -113,6 +123,7 @@ def create_app(
     app.include_router(fits.router(models.values()))
     app.include_router(compare.router)
     app.include_router(expressions.router)
+    app.include_router(global_fits.router)
     app.include_router(evaluate.router)
     app.include_router(plots.router(models.values()))
     app.include_router(datasets.router)
@@ -141,6 +152,7 @@ def create_app(
             GaussianDatasetRequest,
             EvaluateRequest,
             CompareRequest,
+            GlobalFitRequest,
         ],
         {MAX_EPOCH_COUNT: min(settings.max_epochs, MAX_EPOCH_COUNT)},
     )

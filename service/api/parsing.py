@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from service.api.schemas import (
+    MAX_GLOBAL_PARAMETERS,
     CompareModel,
     CompareRequest,
     EvaluateRequest,
@@ -32,6 +33,7 @@ from service.api.schemas import (
     ExpressionFitRequest,
     GaussianDatasetRequest,
     GaussianParams,
+    GlobalFitRequest,
     LinearDatasetRequest,
     LinearFitRequest,
     LinearParams,
@@ -755,7 +757,10 @@ def _expression_data_errors(
 
 
 def _expression_plan(
-    request: ExpressionFitRequest | ExpressionBatchRequest | ExpressionBatchOptions,
+    request: ExpressionFitRequest
+    | ExpressionBatchRequest
+    | ExpressionBatchOptions
+    | GlobalFitRequest,
     variables: tuple[str, ...],
     n: int,
     used: int | None,
@@ -1062,3 +1067,75 @@ def _located(error: dict[str, Any], i: int) -> dict[str, Any]:
 def _parameter_count(parsed: Parsed[Any]) -> int:
     plan = parsed.plan
     return len(LinearParams.model_fields) if plan is None else len(plan.expression.parameters)
+
+
+# -- global fits --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalPlan:
+    """A global fit's expression and start, and which of its parameters are shared."""
+
+    expression: ExpressionPlan
+    shared: tuple[int, ...]
+    local: tuple[int, ...]
+
+
+def parse_global(body: bytes, context: dict[str, Any]) -> Parsed[GlobalFitRequest] | Invalid:
+    """A global fit: each set checked as a batch's, the expression planned against all the
+    points (times the starts), the shared names checked, and the size of θ bounded."""
+    if refused := _too_many_numbers(body, MAX_VARIABLES + 2, context):
+        return refused
+    try:
+        request = GlobalFitRequest.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        return _errors(exc, "body")
+    datasets = request.datasets
+    variables = datasets[0].variables()
+    errors: ErrorList = []
+    for i, d in enumerate(datasets):
+        at: list[str | int] = ["body", "datasets", i]
+        if d.variables() != variables:
+            errors.append(
+                _error(
+                    [*at, "x"],
+                    PydanticCustomError(
+                        "variables",
+                        "every data set needs the variables of the first: {names}",
+                        {"names": ", ".join(variables)},
+                    ),
+                )
+            )
+            continue
+        columns = [d.x] if isinstance(d.x, list) else list(d.x.values())
+        errors += _expression_data_errors(d, variables, columns, context, None, at)
+    points = sum(len(d.y) for d in datasets)
+    plan = None
+    if not errors:
+        plan = _expression_plan(request, variables, points, None, context, errors)
+    if plan is None:
+        return Invalid(errors)
+    names = plan.expression.parameters
+    for j, name in enumerate(request.shared):
+        if name not in names:
+            return _invalid(
+                ["body", "shared", j], "unknown_parameter", f"{name} is not a parameter"
+            )
+    if len(plan.given) < len(names):
+        return _invalid(
+            ["body", "parameters"], "missing", "a global fit needs every starting value"
+        )
+    shared = tuple(i for i, name in enumerate(names) if name in request.shared)
+    local = tuple(i for i in range(len(names)) if i not in shared)
+    size = len(shared) + len(datasets) * len(local)
+    used = sum(
+        len(d.y) if d.weights is None else sum(1 for w in d.weights if w > 0) for d in datasets
+    )
+    if size > MAX_GLOBAL_PARAMETERS or used <= size:
+        problem = (
+            f"shared + sets x locals = {size} parameters: at most {MAX_GLOBAL_PARAMETERS}"
+            if size > MAX_GLOBAL_PARAMETERS
+            else f"{used} points (with a positive weight) cannot determine {size} parameters"
+        )
+        return _invalid(["body", "datasets"], "too_many_parameters", problem)
+    return Parsed(request, {}, GlobalPlan(plan, shared, local))

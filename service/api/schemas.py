@@ -1711,3 +1711,110 @@ class CompareResponse(_Answer):
     fits: list[ExpressionFitResponse | LinearFitResponse] = Field(
         description="Each model's full fit answer, in request order."
     )
+
+
+# -- global fits ----------------------------------------------------------------------------
+
+#: Most parameters of one global fit (shared + sets x locals): its normal matrix is that
+#: square, inverted once for the covariance.
+MAX_GLOBAL_PARAMETERS = 2000
+GLOBAL_EXAMPLE: dict[str, Any] = {
+    "expression": "a*exp(-k*t) + c",
+    "parameters": {"a": 1000.0, "k": 0.001, "c": 0.0},
+    "shared": ["k"],
+    "datasets": [
+        {
+            "x": {"t": [0.0, 600.0, 1200.0, 1800.0, 2400.0, 3000.0]},
+            "y": [1203.1, 662.4, 368.9, 204.2, 113.0, 63.5],
+        },
+        {
+            "x": {"t": [0.0, 500.0, 1000.0, 2000.0, 4000.0]},
+            "y": [2500.4, 1841.1, 1356.0, 736.9, 217.3],
+        },
+    ],
+}
+
+
+class GlobalFitRequest(_ExpressionModel, _Reporting):
+    """One expression fitted to several data sets at once, some parameters shared by all of
+    them and the others each set's own: one least-squares problem."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [GLOBAL_EXAMPLE]})
+
+    shared: list[str] = Field(
+        description="The parameters common to every set; each other parameter is fitted per "
+        "set (reported as name[i] for set i).",
+        examples=[["k"]],
+    )
+    datasets: list[ExpressionData] = Field(
+        min_length=1,
+        description="The data sets, each its own x (the same variables), y and optional "
+        "weights or sigma. Their points x parameters count against "
+        "TAPEFIT_MAX_EXPRESSION_WORK, and shared + sets x locals may be at most "
+        f"{MAX_GLOBAL_PARAMETERS}.",
+    )
+    bounds: dict[str, Bound] | None = Field(
+        None, description="Bounds by parameter name, as for an expression fit (every set's)."
+    )
+    epochs: EpochCount = Field(DEFAULT_EXPRESSION_EPOCHS, description="Most iterations.")
+    timeout_s: PositiveFloat | None = Field(
+        None, description="Wall-clock budget in seconds, as for the other fits."
+    )
+    starts: Annotated[int, Field(strict=True, ge=1)] = Field(
+        1,
+        description="Starts, drawn as for an expression fit's (every set starting from the "
+        "same row), each a global fit; the lowest-rss converged one is answered.",
+    )
+    seed: Seed = Field(0, description="Seeds the draw of the extra `starts`.")
+
+    @field_validator("starts")
+    @classmethod
+    def _starts_within(cls, starts: int, info: ValidationInfo) -> int:
+        limit = context_limit(info.context, "max_starts")
+        if limit is not None and starts > limit:
+            raise PydanticCustomError(
+                "too_many_starts",
+                "at most {limit} starts are allowed (TAPEFIT_MAX_STARTS), got {count}",
+                {"limit": limit, "count": starts},
+            )
+        return starts
+
+
+class GlobalDatasetParams(_Answer):
+    params: dict[str, float] = Field(description="This set's own (local) parameters.")
+
+
+class GlobalStats(_Answer):
+    parameters: list[str] = Field(
+        description="The order of the covariance: the shared parameters by name, then each "
+        "set's locals as name[i]."
+    )
+    n_used: int = Field(description="Points with positive weight, all sets together.")
+    dof: int = Field(description="n_used - shared - sets x locals.")
+    rss: float | None = Field(description="Σw·r² over every set.")
+    residual_std: float | None = Field(description="sqrt(rss / dof).")
+    std_errors: dict[str, float | None] = Field(
+        description="sqrt of the covariance diagonal, keyed as `parameters`."
+    )
+    covariance: list[list[float | None]] = Field(
+        description="s²·(JᵀJ)⁻¹ of the whole stacked problem (shared-local blocks included), "
+        "s² = rss/dof."
+    )
+    correlation: list[list[float | None]] = Field(description="Correlation of the parameters.")
+    inference: Inference
+    starts: Starts | None = Field(None, description="With `starts` > 1.")
+
+
+class GlobalFitResponse(_Answer):
+    model_config = ConfigDict(extra="forbid")
+
+    expression: str = Field(description="The expression fitted (a named model's, if named).")
+    named_model: str | None = Field(description="The named model, if one was asked for.")
+    shared: dict[str, float] = Field(description="The shared parameters' values.")
+    datasets: list[GlobalDatasetParams] = Field(description="Each set's local parameters.")
+    loss_history: list[float] = Field(description="rss / Σw before each iteration.")
+    epochs_run: int = Field(description="Iterations run.")
+    stop_reason: StopReason = Field(description="As for the other fits.")
+    converged: bool = Field(description="At the optimum of the stacked problem.")
+    warnings: list[str] = Field(description="Why not to trust the answer as it is, if so.")
+    stats: GlobalStats

@@ -60,13 +60,14 @@ def expression_curve(tree: Node) -> Curve:
     """An expression's curve: its value and exact Jacobian by forward-mode jets."""
 
     def curve(params: Sequence[Any], xs: Sequence[Array]) -> tuple[Array, Array]:
-        """``params``: numbers (one fit), or columns [B, 1] (B fits: [B, m] and [B, m, k])."""
+        """``params``: numbers (one fit), or columns [B, 1] (B fits: [B, m] and [B, m, k]),
+        at the variables ``xs`` ([m], or each fit's own [B, m])."""
         columns = [np.asarray(x, dtype=np.float64) for x in xs]
-        m, k = columns[0].shape[0], len(params)
+        k = len(params)
         with np.errstate(all="ignore"):
             value = evaluate(tree, Jet.parameters(list(params)), columns, JETS)
-        lead = np.broadcast_shapes(*(np.shape(p) for p in params))[:-1]
-        shape = (*lead, m)
+        # [m]; [B, m] for parameter columns [B, 1]; the variables may be [B, m] themselves
+        shape = np.broadcast_shapes(*(np.shape(p) for p in params), columns[0].shape)
         if not isinstance(value, Jet):  # no parameter in it: a constant or a function of x
             f = np.broadcast_to(np.asarray(value, dtype=np.float64), shape)
             return f.astype(np.float64), np.zeros((*shape, k))

@@ -80,27 +80,31 @@ class Summary:
 def best(results: Sequence[FitResult | FitError]) -> tuple[int, Summary]:
     """The run to answer (the lowest-rss converged one, else the lowest-rss one), and the
     summary; a FitError if every run failed (the first run's)."""
-    fitted = [(i, r) for i, r in enumerate(results) if isinstance(r, FitResult)]
-    if not fitted:
+    if not any(isinstance(r, FitResult) for r in results):
         error = results[0]
         assert isinstance(error, FitError)
         raise error
-
-    def rss(result: FitResult) -> float:
-        value = result.stats.rss
-        return math.inf if value is None or not math.isfinite(value) else value
-
-    converged = [(i, r) for i, r in fitted if r.converged]
-    pool = converged or fitted
-    chosen, answer = min(pool, key=lambda item: (rss(item[1]), item[0]))
-    low = rss(answer)
-    same = [i for i, r in converged if _same(rss(r), low)]
-    others = [rss(r) for _, r in converged if not _same(rss(r), low) and rss(r) > low]
-    return chosen, Summary(
-        runs=len(results),
-        at_best=len(same),
-        next_rss=min(others) if others else None,
+    return summarize(
+        [(_rss(r.stats.rss), r.converged) if isinstance(r, FitResult) else None for r in results]
     )
+
+
+def summarize(runs: Sequence[tuple[float, bool] | None]) -> tuple[int, Summary]:
+    """:func:`best` of runs given as (rss, converged), None for a run that failed (at least
+    one must not have)."""
+    fitted = [(i, run) for i, run in enumerate(runs) if run is not None]
+    converged = [(i, rss) for i, (rss, ok) in fitted if ok]
+    pool = converged or [(i, rss) for i, (rss, _) in fitted]
+    chosen, low = min(pool, key=lambda item: (item[1], item[0]))
+    same = [i for i, rss in converged if _same(rss, low)]
+    others = [rss for _, rss in converged if not _same(rss, low) and rss > low]
+    return chosen, Summary(
+        runs=len(runs), at_best=len(same), next_rss=min(others) if others else None
+    )
+
+
+def _rss(value: float | None) -> float:
+    return math.inf if value is None or not math.isfinite(value) else value
 
 
 def _same(value: float, best: float) -> bool:
