@@ -29,6 +29,11 @@ from service.fitting.options import SAME_MINIMUM_RTOL
 from service.fitting.results import FitError, FitResult
 
 Array = npt.NDArray[np.float64]
+#: Iterations each run of a multi-start gets at most: Levenberg-Marquardt converges well
+#: within them from a start in the right basin, and a run still crawling across a plateau
+#: (a rate so large its exponential is 0 everywhere) would hold every other run's loop for
+#: all its epochs. The lowest-rss run, if it stopped there unconverged, is continued alone.
+EXPLORE_EPOCHS = 100
 #: Decades either way of the log-uniform draws, and the share of them with the sign flipped.
 DECADES = 1.0
 FLIPPED = 0.25
@@ -87,6 +92,12 @@ def best(results: Sequence[FitResult | FitError]) -> tuple[int, Summary]:
     return summarize(
         [(_rss(r.stats.rss), r.converged) if isinstance(r, FitResult) else None for r in results]
     )
+
+
+def lowest(results: Sequence[FitResult | FitError]) -> int | None:
+    """The run with the lowest rss, converged or not (None: every run failed)."""
+    fitted = [(_rss(r.stats.rss), i) for i, r in enumerate(results) if isinstance(r, FitResult)]
+    return min(fitted)[1] if fitted else None
 
 
 def summarize(runs: Sequence[tuple[float, bool] | None]) -> tuple[int, Summary]:

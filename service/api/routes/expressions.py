@@ -2,6 +2,7 @@
 /v1/models: the named models."""
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -308,7 +309,8 @@ async def _multi_start(
     own = None if exact is None else {"exact": exact}
     sets = tuple(SetData(job.data, tuple(row), weights=job.weights, options=own) for row in draws)
     options = {k: v for k, v in job.options.items() if k != "exact"}
-    sets_job = SetsJob(model="expression", sets=sets, training=job.training, options=options)
+    explore = replace(job.training, epochs=min(job.training.epochs, starts.EXPLORE_EPOCHS))
+    sets_job = SetsJob(model="expression", sets=sets, training=explore, options=options)
     points, variables = job.data[-1].size, len(expression.variables)
     history = body.starts * (body.epochs // body.history_step() + 1)
     cost = expression_cost(points * body.starts, variables, len(names), body.epochs, history)
@@ -318,6 +320,16 @@ async def _multi_start(
     results = await admitted.caller.unless_gone(
         worker.fit_sets(sets_job, body.timeout_s, admitted.ticket)
     )
+    lowest = starts.lowest(results)
+    if lowest is not None:
+        run = results[lowest]
+        assert isinstance(run, FitResult)
+        if not run.converged and run.epochs_run < job.training.epochs:  # continued alone
+            again = replace(job, initial=tuple(run.params[name] for name in names))
+            with contextlib.suppress(FitError):  # a continuation that fails keeps the run
+                results[lowest] = await admitted.caller.unless_gone(
+                    worker.fit(again, body.timeout_s, ticket=admitted.ticket)
+                )
     chosen, summary = starts.best(results)
     result = results[chosen]
     assert isinstance(result, FitResult)
