@@ -9,7 +9,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import engine, expressions, http, sets, tracing
+from bench import engine, expressions, find, http, sets, tracing
 
 
 def main() -> None:
@@ -25,6 +25,8 @@ def main() -> None:
     print(engine.table(rows, first))
     print()
     print(expressions.run(http=not args.no_http))
+    print()
+    print(find.run())
     print()
     print(sets.report(sets.run(args.quick, http=not args.no_http)))
     print()

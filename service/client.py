@@ -48,6 +48,7 @@ from service.api.schemas import (
     GaussianBatchResponse,
     GaussianFitResponse,
     GaussianOptions,
+    GlobalFitResponse,
     LinearBatchResponse,
     LinearFitResponse,
     LinearOptions,
@@ -327,6 +328,29 @@ def _evaluate_call(
     return _Call("POST", "/v1/evaluate", json=body)
 
 
+def _global_call(
+    datasets: Sequence[Mapping[str, Any]],
+    expression: str | None,
+    model: str | None,
+    parameters: Mapping[str, float] | None,
+    shared: Sequence[str],
+    options: dict[str, Any],
+) -> _Call:
+    """A global fit: each data set's x (one array or named arrays), y, and optional weights
+    or sigma; the ``shared`` parameters common to all."""
+    sets = []
+    for dataset in datasets:
+        one: dict[str, Any] = {"x": _xs(dataset["x"]), "y": _plain(dataset["y"])}
+        for name in ("weights", "sigma"):
+            if dataset.get(name) is not None:
+                one[name] = _plain(dataset[name])
+        sets.append(one)
+    body: dict[str, Any] = {"datasets": sets, "shared": list(shared)}
+    body |= {k: _plain(v) for k, v in options.items()}
+    body |= _expression_model(expression, model, parameters)
+    return _Call("POST", "/v1/fits/expression/global", json=body)
+
+
 def _xs(x: Values | Mapping[str, Values]) -> Any:
     return {name: _plain(v) for name, v in x.items()} if isinstance(x, Mapping) else _plain(x)
 
@@ -535,6 +559,21 @@ class Client(_Base):
         )
         return self._send(call).content
 
+    def fit_expression_global(
+        self,
+        datasets: Sequence[Mapping[str, Any]],
+        expression: str | None = None,
+        parameters: Mapping[str, float] | None = None,
+        *,
+        shared: Sequence[str],
+        model: str | None = None,
+        **options: Any,
+    ) -> GlobalFitResponse:
+        """One expression over every data set, the ``shared`` parameters common to all and
+        the others each set's own, as one least-squares problem."""
+        call = _global_call(datasets, expression, model, parameters, shared, options)
+        return self._model(call, GlobalFitResponse)
+
     def compare(
         self,
         x: Values | Mapping[str, Values],
@@ -700,6 +739,20 @@ class AsyncClient(_Base):
             "/v1/plots/expression", x, y, expression, model, parameters, options
         )
         return (await self._send(call)).content
+
+    async def fit_expression_global(
+        self,
+        datasets: Sequence[Mapping[str, Any]],
+        expression: str | None = None,
+        parameters: Mapping[str, float] | None = None,
+        *,
+        shared: Sequence[str],
+        model: str | None = None,
+        **options: Any,
+    ) -> GlobalFitResponse:
+        """As :meth:`Client.fit_expression_global`."""
+        call = _global_call(datasets, expression, model, parameters, shared, options)
+        return await self._model(call, GlobalFitResponse)
 
     async def compare(
         self,

@@ -186,6 +186,15 @@ def test_clients_compare_and_evaluate(server: Server) -> None:
             dof=s.dof,
         )
     assert shown.prediction.obs_upper == pytest.approx(fit.prediction.obs_upper, rel=1e-12)
+    with Client(server.url) as tapefit:
+        decays = [{"x": x, "y": a * np.exp(-0.3 * x) + 1.0} for a in (5.0, 9.0)]
+        joint = tapefit.fit_expression_global(
+            decays, "a*exp(-k*x) + c", {"a": 1.0, "k": 0.1, "c": 0.0}, shared=["k"]
+        )
+        assert joint.shared["k"] == pytest.approx(0.3, rel=1e-9)
+        assert [d.params["a"] for d in joint.datasets] == pytest.approx([5.0, 9.0], rel=1e-9)
+        robust = tapefit.fit_expression(x, y, text, start, loss="soft_l1", f_scale=0.1)
+        assert robust.stats.downweighted is not None
 
     async def asynchronous() -> None:
         async with AsyncClient(server.url) as tapefit:
