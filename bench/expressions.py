@@ -17,6 +17,7 @@ from bench.engine import fmt_time, timed
 from service.fitting import FitEngine, bands, profile
 from service.fitting.expression import parse
 from service.fitting.options import Optimizer
+from service.fitting.results import FitResult
 
 LM = Optimizer("levenberg_marquardt")
 TEXT = "a*exp(-k*x) + c"
@@ -29,11 +30,9 @@ def run(http: bool = True) -> str:
     start = (1.0, 1.0, 0.0)
     engine = FitEngine()
 
-    def ours(
-        text: str = TEXT, on: FitEngine = engine, uncompiled: bool = False
-    ) -> dict[str, float]:
+    def fitted(text: str = TEXT, on: FitEngine = engine, uncompiled: bool = False) -> FitResult:
         expression = parse(text, ("x",), ("a", "k", "c"))
-        fit = on.fit(
+        return on.fit(
             "expression",
             x,
             y,
@@ -44,7 +43,11 @@ def run(http: bool = True) -> str:
             options={"expression": expression},
             uncompiled=uncompiled,
         )
-        return fit.params
+
+    def ours(
+        text: str = TEXT, on: FitEngine = engine, uncompiled: bool = False
+    ) -> dict[str, float]:
+        return fitted(text, on, uncompiled).params
 
     def scipy() -> list[float]:
         popt, _ = curve_fit(lambda x, a, k, c: a * np.exp(-k * x) + c, x, y, p0=start)
@@ -67,7 +70,7 @@ def run(http: bool = True) -> str:
     )
     expression_traces = [n for n, c in fresh.trace_counts().items() if n.startswith("expr") and c]
     assert not expression_traces, "the numpy loop traced something"
-    profiled, conf_interval = _profile_costs(engine, x, y, start)
+    profiled, conf_interval = _profile_costs(x, y, fitted())
     lines = [
         "| expression fit, n = 1,000, 3 parameters | time |",
         "|---|---|",
@@ -94,31 +97,18 @@ def run(http: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _profile_costs(
-    engine: FitEngine, x: np.ndarray, y: np.ndarray, start: tuple[float, ...]
-) -> tuple[float, float]:
+def _profile_costs(x: np.ndarray, y: np.ndarray, fit: FitResult) -> tuple[float, float]:
     """The profile intervals of the cached fit, and lmfit's conf_interval of the same fit."""
     import lmfit
 
     expression = parse(TEXT, ("x",), ("a", "k", "c"))
-    fit = engine.fit(
-        "expression",
-        x,
-        y,
-        learning_rate=0.01,
-        epochs=1000,
-        initial=start,
-        optimizer=LM,
-        options={"expression": expression},
-    )
     stats, params = fit.stats, list(fit.params.values())
     assert stats.rss is not None
     rss, curve = stats.rss, bands.expression_curve(expression.tree)
 
     def ours() -> object:
-        return profile.intervals(
-            curve, [x], y, None, params, stats.std_errors, rss, stats.dof, 0.95
-        )
+        errors, dof = stats.std_errors, stats.dof
+        return profile.intervals(curve, [x], y, None, params, errors, rss, dof, 0.95)
 
     model = lmfit.Model(lambda x, a, k, c: a * np.exp(-k * x) + c)
     result = model.fit(y, x=x, **fit.params)

@@ -60,6 +60,20 @@ def _check_table(
         assert row["lower_found"] is None and row["upper_found"] is None
 
 
+def _check_line(inference: dict[str, Any], result: Any, confidence: float = 0.95) -> None:
+    """The line's table against a statsmodels OLS or WLS result (slope, then intercept)."""
+    order = [1, 0]
+    _check_table(
+        inference,
+        ["slope", "intercept"],
+        result.params[order],
+        result.bse[order],
+        result.tvalues[order],
+        result.pvalues[order],
+        result.conf_int(alpha=1.0 - confidence)[order],
+    )
+
+
 def _linear_cases() -> list[tuple[str, Array, Array]]:
     rng = np.random.default_rng(11)
     x_norris, y_norris = norris()
@@ -86,17 +100,7 @@ async def test_linear_table_is_statsmodels_ols(
     inference = answer["stats"]["inference"]
     assert inference["confidence"] == confidence
     assert inference["method"] == "t" and inference["dof"] == x.size - 2
-    ols = sm.OLS(y, sm.add_constant(x)).fit()
-    order = [1, 0]  # slope, intercept
-    _check_table(
-        inference,
-        ["slope", "intercept"],
-        ols.params[order],
-        ols.bse[order],
-        ols.tvalues[order],
-        ols.pvalues[order],
-        ols.conf_int(alpha=1.0 - confidence)[order],
-    )
+    _check_line(inference, sm.OLS(y, sm.add_constant(x)).fit(), confidence)
 
 
 async def test_weighted_linear_table_is_statsmodels_wls(client: httpx.AsyncClient) -> None:
@@ -110,17 +114,7 @@ async def test_weighted_linear_table_is_statsmodels_wls(client: httpx.AsyncClien
         json={"x": x.tolist(), "y": y.tolist(), "weights": w.tolist(), "optimizer": "newton"},
     )
     assert r.status_code == 200, r.text
-    wls = sm.WLS(y, sm.add_constant(x), weights=w).fit()
-    order = [1, 0]
-    _check_table(
-        r.json()["stats"]["inference"],
-        ["slope", "intercept"],
-        wls.params[order],
-        wls.bse[order],
-        wls.tvalues[order],
-        wls.pvalues[order],
-        wls.conf_int(alpha=0.05)[order],
-    )
+    _check_line(r.json()["stats"]["inference"], sm.WLS(y, sm.add_constant(x), weights=w).fit())
 
 
 async def test_gaussian_table_is_normal_theory(client: httpx.AsyncClient) -> None:
@@ -276,19 +270,10 @@ async def test_linear_sigma_is_statsmodels_wls(client: httpx.AsyncClient, absolu
     stats_ = r.json()["stats"]
     model = sm.WLS(y, sm.add_constant(x), weights=1.0 / sigma**2)
     wls = model.fit(cov_type="fixed scale") if absolute else model.fit()
-    order = [1, 0]
     inference = stats_["inference"]
     assert inference["method"] == ("normal" if absolute else "t")
     assert inference["dof"] == (None if absolute else x.size - 2)
-    _check_table(
-        inference,
-        ["slope", "intercept"],
-        wls.params[order],
-        wls.bse[order],
-        wls.tvalues[order],
-        wls.pvalues[order],
-        wls.conf_int(alpha=0.05)[order],
-    )
+    _check_line(inference, wls)
     chi2 = float(np.sum(((y - wls.fittedvalues) / sigma) ** 2))
     if absolute:
         assert stats_["chi2"] == pytest.approx(chi2, rel=1e-8)

@@ -109,14 +109,6 @@ async def test_too_many_starts_is_a_422_naming_it(client: httpx.AsyncClient) -> 
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "too_much_expression_work"
 
 
-@pytest.mark.parametrize("name", ["Misra1a", "MGH17"])
-async def test_nist_from_the_far_start_with_eight_starts(
-    client: httpx.AsyncClient, name: str
-) -> None:
-    """Two of the 19 here (every one: `make accuracy`, tests/test_starts_nist.py)."""
-    await check_far_start(client, name)
-
-
 async def check_far_start(client: httpx.AsyncClient, name: str) -> None:
     """NIST's first (far) start with `starts: 8`: parameters to 6 digits, SEs to 4."""
     problem = nist.load(name)

@@ -562,23 +562,7 @@ def parse_expression_batch(
         check_batch(len(datasets), sum(lengths), request.epochs, request.history_step(), context)
     except PydanticCustomError as error:
         return Invalid([_error(["body", "datasets"], error)])
-    errors: ErrorList = []
-    for i, d in enumerate(datasets):
-        at: list[str | int] = ["body", "datasets", i]
-        if d.variables() != variables:
-            errors.append(
-                _error(
-                    [*at, "x"],
-                    PydanticCustomError(
-                        "variables",
-                        "every data set needs the variables of the first: {names}",
-                        {"names": ", ".join(variables)},
-                    ),
-                )
-            )
-            continue
-        columns = [d.x] if isinstance(d.x, list) else list(d.x.values())
-        errors += _expression_data_errors(d, variables, columns, context, None, at)
+    errors = _datasets_errors(datasets, variables, context)
     plan = None
     if not errors:
         plan = _expression_plan(request, variables, max(lengths), None, context, errors)
@@ -699,6 +683,31 @@ def _exact_columns(body: bytes, variables: tuple[str, ...]) -> dict[str, npt.NDA
     exact = {f"exact:x:{name}": np.array(columns[name], dtype=np.longdouble) for name in variables}
     exact["exact:y"] = np.array(document["y"], dtype=np.longdouble)
     return exact
+
+
+def _datasets_errors(
+    datasets: list[Any], variables: tuple[str, ...], context: dict[str, Any]
+) -> ErrorList:
+    """Each data set of a batch or a global fit checked as a single fit's data, located at
+    ``["body", "datasets", i, ...]``: the variables of the first, lengths, weights."""
+    errors: ErrorList = []
+    for i, d in enumerate(datasets):
+        at: list[str | int] = ["body", "datasets", i]
+        if d.variables() != variables:
+            errors.append(
+                _error(
+                    [*at, "x"],
+                    PydanticCustomError(
+                        "variables",
+                        "every data set needs the variables of the first: {names}",
+                        {"names": ", ".join(variables)},
+                    ),
+                )
+            )
+            continue
+        columns = [d.x] if isinstance(d.x, list) else list(d.x.values())
+        errors += _expression_data_errors(d, variables, columns, context, None, at)
+    return errors
 
 
 def _expression_data_errors(
@@ -1092,24 +1101,12 @@ def parse_global(body: bytes, context: dict[str, Any]) -> Parsed[GlobalFitReques
         return _errors(exc, "body")
     datasets = request.datasets
     variables = datasets[0].variables()
-    errors: ErrorList = []
-    for i, d in enumerate(datasets):
-        at: list[str | int] = ["body", "datasets", i]
-        if d.variables() != variables:
-            errors.append(
-                _error(
-                    [*at, "x"],
-                    PydanticCustomError(
-                        "variables",
-                        "every data set needs the variables of the first: {names}",
-                        {"names": ", ".join(variables)},
-                    ),
-                )
-            )
-            continue
-        columns = [d.x] if isinstance(d.x, list) else list(d.x.values())
-        errors += _expression_data_errors(d, variables, columns, context, None, at)
     points = sum(len(d.y) for d in datasets)
+    try:  # the batch's limits on sets and points (one loss history: every = epochs)
+        check_batch(len(datasets), points, request.epochs, request.epochs, context)
+    except PydanticCustomError as error:
+        return Invalid([_error(["body", "datasets"], error)])
+    errors = _datasets_errors(datasets, variables, context)
     plan = None
     if not errors:
         plan = _expression_plan(request, variables, points, None, context, errors)

@@ -1186,7 +1186,42 @@ class ExpressionData(_SigmaAsWeights):
         return ("x",) if isinstance(self.x, list) else tuple(self.x)
 
 
-class _ExpressionOptions(_Reporting, _LeastSquaresReporting):
+class _Starts(_Strict):
+    """Multi-start options (expression and global fits)."""
+
+    starts: Annotated[int, Field(strict=True, ge=1)] = Field(
+        1,
+        description="Multi-start: fit from this many starts at once (one batched, compiled "
+        "call) and answer the lowest-rss converged run. The first start is the given (or "
+        "guessed) one; the others are drawn with `seed`: by Latin hypercube inside `bounds` "
+        "where both sides are given, elsewhere spread log-uniformly over a decade either way "
+        "around the first start's magnitude (a quarter with its sign flipped). "
+        "`stats.starts` says how many runs reached the answer's minimum. (A global fit runs "
+        "each start as a global fit.) At most "
+        "TAPEFIT_MAX_STARTS; points x parameters x starts count against "
+        "TAPEFIT_MAX_EXPRESSION_WORK.",
+        examples=[8],
+    )
+    seed: Seed = Field(
+        0,
+        description="Seeds the draw of the extra `starts`: the same seed, "
+        "the same starts and the same answer.",
+    )
+
+    @field_validator("starts")
+    @classmethod
+    def _starts_within(cls, starts: int, info: ValidationInfo) -> int:
+        limit = context_limit(info.context, "max_starts")
+        if limit is not None and starts > limit:
+            raise PydanticCustomError(
+                "too_many_starts",
+                "at most {limit} starts are allowed (TAPEFIT_MAX_STARTS), got {count}",
+                {"limit": limit, "count": starts},
+            )
+        return starts
+
+
+class _ExpressionOptions(_Reporting, _LeastSquaresReporting, _Starts):
     """How an expression fit trains, single or batch."""
 
     bounds: dict[str, Bound] | None = Field(
@@ -1233,36 +1268,6 @@ class _ExpressionOptions(_Reporting, _LeastSquaresReporting):
         "`lower_found`/`upper_found` is false, the end null, and a warning says so). All "
         "parameters' ends are searched together, in batched re-optimizations.",
     )
-
-    starts: Annotated[int, Field(strict=True, ge=1)] = Field(
-        1,
-        description="Multi-start: fit from this many starts at once (one batched, compiled "
-        "call) and answer the lowest-rss converged run. The first start is the given (or "
-        "guessed) one; the others are drawn with `seed`: by Latin hypercube inside `bounds` "
-        "where both sides are given, elsewhere spread log-uniformly over a decade either way "
-        "around the first start's magnitude (a quarter with its sign flipped). "
-        "`stats.starts` says how many runs reached the answer's minimum. At most "
-        "TAPEFIT_MAX_STARTS; points x parameters x starts count against "
-        "TAPEFIT_MAX_EXPRESSION_WORK.",
-        examples=[8],
-    )
-    seed: Seed = Field(
-        0,
-        description="Seeds the draw of the extra `starts`: the same seed, "
-        "the same starts and the same answer.",
-    )
-
-    @field_validator("starts")
-    @classmethod
-    def _starts_within(cls, starts: int, info: ValidationInfo) -> int:
-        limit = context_limit(info.context, "max_starts")
-        if limit is not None and starts > limit:
-            raise PydanticCustomError(
-                "too_many_starts",
-                "at most {limit} starts are allowed (TAPEFIT_MAX_STARTS), got {count}",
-                {"limit": limit, "count": starts},
-            )
-        return starts
 
     def history_step(self) -> int:
         if self.history_every is not None:
@@ -1735,7 +1740,7 @@ GLOBAL_EXAMPLE: dict[str, Any] = {
 }
 
 
-class GlobalFitRequest(_ExpressionModel, _Reporting):
+class GlobalFitRequest(_ExpressionModel, _Reporting, _Starts):
     """One expression fitted to several data sets at once, some parameters shared by all of
     them and the others each set's own: one least-squares problem."""
 
@@ -1760,24 +1765,6 @@ class GlobalFitRequest(_ExpressionModel, _Reporting):
     timeout_s: PositiveFloat | None = Field(
         None, description="Wall-clock budget in seconds, as for the other fits."
     )
-    starts: Annotated[int, Field(strict=True, ge=1)] = Field(
-        1,
-        description="Starts, drawn as for an expression fit's (every set starting from the "
-        "same row), each a global fit; the lowest-rss converged one is answered.",
-    )
-    seed: Seed = Field(0, description="Seeds the draw of the extra `starts`.")
-
-    @field_validator("starts")
-    @classmethod
-    def _starts_within(cls, starts: int, info: ValidationInfo) -> int:
-        limit = context_limit(info.context, "max_starts")
-        if limit is not None and starts > limit:
-            raise PydanticCustomError(
-                "too_many_starts",
-                "at most {limit} starts are allowed (TAPEFIT_MAX_STARTS), got {count}",
-                {"limit": limit, "count": starts},
-            )
-        return starts
 
 
 class GlobalDatasetParams(_Answer):
