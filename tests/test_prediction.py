@@ -289,3 +289,19 @@ async def test_evaluate_errors_name_the_field(
     r = await client.post("/v1/evaluate", json=body)
     assert r.status_code == 422, r.text[:300]
     assert field in r.json()["detail"][0]["loc"], r.json()
+
+
+async def test_predict_names_a_variable(client: httpx.AsyncClient) -> None:
+    """An x naming no variable, or a built-in model's x given as other variables, is a 422
+    naming predict (found by schemathesis: an empty object of predictors was a 500)."""
+    line = {"x": [1.0, 2.0, 3.0], "y": [1.0, 2.0, 4.0]}
+    for path, body in (("/v1/fits/linear", line), ("/v1/fits/gaussian", {"y": line["y"]})):
+        for bad in ({"x": {}}, {"x": {"t": [1.0]}}):
+            r = await client.post(path, json=body | {"predict": bad})
+            assert r.status_code == 422, r.text[:300]
+            assert r.json()["detail"][0]["loc"][:2] == ["body", "predict"]
+    expression = {"expression": "a*x", "parameters": {"a": 1.0}} | line
+    r = await client.post("/v1/fits/expression", json=expression | {"predict": {"x": {}}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "predict"]
+    r = await client.post("/v1/evaluate", json={"model": "linear", "params": {}, "x": {}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "x"]

@@ -460,6 +460,10 @@ NewPoints = Annotated[
 
 def _points_within(x: Any, info: ValidationInfo) -> Any:
     columns = [x] if isinstance(x, list) else list(x.values())
+    if not columns:
+        raise PydanticCustomError(
+            "no_variables", "x names no variable: give a list, or named lists", {}
+        )
     count = sum(len(c) for c in columns)
     limit = context_limit(info.context, "max_points")
     if limit is not None and count > limit:
@@ -510,7 +514,22 @@ class _Predicting(_Strict):
     predict: Predict | None = Field(None, description=PREDICT_DESCRIPTION)
 
 
-class LinearFitRequest(LinearOptions, _SigmaAsWeights, _Predicting):
+class _PredictingX(_Predicting):
+    """``predict`` of a built-in model: its one variable, x."""
+
+    @field_validator("predict")
+    @classmethod
+    def _one_variable(cls, predict: Predict | None) -> Predict | None:
+        if predict is not None and predict.variables() != ("x",):
+            raise PydanticCustomError(
+                "predict_variables",
+                "this model has one variable, x: give predict's x as a list",
+                {},
+            )
+        return predict
+
+
+class LinearFitRequest(LinearOptions, _SigmaAsWeights, _PredictingX):
     """Fit y = slope·x + intercept by gradient descent on the mean squared error."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [LINEAR_EXAMPLE]})
@@ -562,7 +581,7 @@ class GaussianOptions(_SingleFitOptions):
     )
 
 
-class GaussianFitRequest(GaussianOptions, _Predicting):
+class GaussianFitRequest(GaussianOptions, _PredictingX):
     """Fit a normal distribution N(mean, std²) by maximum likelihood (gradient descent on the
     negative log-likelihood)."""
 

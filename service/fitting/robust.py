@@ -164,7 +164,10 @@ def covariance(
     values, slope, curvature = rho(loss, z)
     scale = np.sqrt(np.maximum(slope + 2.0 * z * curvature, EPS))
     scaled = scale[:, None] * sw[:, None] * jacobian
-    _, singular, vt = np.linalg.svd(scaled, full_matrices=False)
+    try:
+        _, singular, vt = np.linalg.svd(scaled, full_matrices=False)
+    except np.linalg.LinAlgError:  # non-finite entries: no covariance
+        return None
     if singular.size == 0 or singular.min() <= EPS * max(scaled.shape) * singular.max():
         return None
     pcov = (vt.T / singular**2) @ vt
