@@ -296,7 +296,8 @@ async def test_predict_names_a_variable(client: httpx.AsyncClient) -> None:
     naming predict (found by schemathesis: an empty object of predictors was a 500)."""
     line = {"x": [1.0, 2.0, 3.0], "y": [1.0, 2.0, 4.0]}
     for path, body in (("/v1/fits/linear", line), ("/v1/fits/gaussian", {"y": line["y"]})):
-        for bad in ({"x": {}}, {"x": {"t": [1.0]}}):
+        bads: tuple[dict[str, Any], ...] = ({"x": {}}, {"x": {"t": [1.0]}})
+        for bad in bads:
             r = await client.post(path, json=body | {"predict": bad})
             assert r.status_code == 422, r.text[:300]
             assert r.json()["detail"][0]["loc"][:2] == ["body", "predict"]
