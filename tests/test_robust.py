@@ -106,3 +106,25 @@ async def test_robust_options_are_validated(client: httpx.AsyncClient) -> None:
         r = await client.post(FIT, json=_body(x, y, **change))
         assert r.status_code == 422, r.text[:300]
         assert r.json()["detail"][0]["loc"] == ["body", field]
+
+
+async def test_a_robust_fits_bands_come_from_its_covariance(client: httpx.AsyncClient) -> None:
+    x, y, _ = _data()
+    new = [100.0, 2500.0]
+    body = _body(x, y, loss="cauchy", f_scale=10.0, predict={"x": new}, confidence=0.9)
+    answer = (await client.post(FIT, json=body)).json()
+    evaluated = await client.post(
+        "/v1/evaluate",
+        json={
+            "expression": "a*exp(-k*x) + c",
+            "params": answer["params"],
+            "covariance": answer["stats"]["covariance"],
+            "residual_variance": answer["stats"]["residual_std"] ** 2,
+            "dof": answer["stats"]["dof"],
+            "x": new,
+            "confidence": 0.9,
+        },
+    )
+    want = evaluated.json()["prediction"]
+    for field in ("mean_lower", "mean_upper", "obs_lower", "obs_upper"):
+        assert answer["prediction"][field] == pytest.approx(want[field], rel=1e-12), field

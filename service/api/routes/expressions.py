@@ -44,6 +44,7 @@ from service.api.schemas import (
     ModelDescription,
     ModelList,
     Predict,
+    Prediction,
     Starts,
 )
 from service.api.streaming import (
@@ -280,11 +281,26 @@ def with_robust(
         "robust_cost": found.cost,
         "downweighted": int(np.count_nonzero(found.weights < robust.DOWNWEIGHTED)),
     }
+    prediction = answer.prediction
+    if body.predict is not None:  # its bands from this covariance too
+        columns = [np.asarray(c, dtype=np.float64) for c in body.predict.columns()]
+        values = bands.at_fit(
+            bands.expression_curve(plan.expression.tree),
+            params,
+            columns,
+            rows,
+            stats.residual_std,
+            asked.dof(stats.dof),
+            body.confidence,
+            body.absolute_sigma,
+        )
+        prediction = Prediction.model_validate({"x": body.predict.x, **values})
     return answer.model_copy(
         update={
             "stats": stats.model_copy(update=update),
             "warnings": warnings,
             "converged": answer.converged and found.converged,
+            "prediction": prediction,
         }
     )
 
