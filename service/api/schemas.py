@@ -1303,7 +1303,7 @@ class ExpressionFitRequest(_ExpressionModel, ExpressionData, _ExpressionOptions,
     progress_every: EpochCount | None = Field(
         None, description="With `Accept: text/event-stream`: epochs between progress events."
     )
-    loss: Literal["linear", "soft_l1", "huber", "cauchy", "arctan"] = Field(
+    loss: options.LossName = Field(
         "linear",
         description="The loss of the residuals r, as scipy least_squares' `loss`: minimize "
         "½·f_scale²·Σrho((r/f_scale)²) with rho(z) = z (linear: least squares), 2(√(1+z) - 1) "

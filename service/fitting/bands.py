@@ -137,6 +137,3 @@ def matrix(rows: Sequence[Sequence[float | None]] | None) -> Array | None:
     if rows is None or any(v is None for row in rows for v in row):
         return None
     return np.array(rows, dtype=np.float64)
-
-
-__all__: Any = ["Curve", "expression_curve", "line", "matrix", "normal_density", "predict"]

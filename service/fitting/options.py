@@ -24,6 +24,8 @@ StopReason = Literal[
     "max_epochs", "loss_tolerance", "gradient_tolerance", "step_tolerance", "timeout"
 ]
 
+#: The losses of a robust fit, as scipy least_squares' ``loss`` ("linear": least squares).
+LossName = Literal["linear", "soft_l1", "huber", "cauchy", "arctan"]
 #: Multi-start runs whose rss agree to this, relatively, reached the same minimum.
 SAME_MINIMUM_RTOL = 1e-6
 #: The confidence level of the parameter tables' intervals when a request gives none.

@@ -23,16 +23,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from service.fitting.bands import Curve
+from service.fitting.options import LossName
 
 Array = npt.NDArray[np.float64]
-Loss = Literal["linear", "soft_l1", "huber", "cauchy", "arctan"]
-LOSSES: tuple[Loss, ...] = ("linear", "soft_l1", "huber", "cauchy", "arctan")
+Loss = LossName
 #: A point whose weight rho'(z) the loss brings below this is counted as down-weighted.
 DOWNWEIGHTED = 0.5
 #: Converged: an accepted step lowers the cost by at most this, relatively.

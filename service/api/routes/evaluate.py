@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import orjson
@@ -79,6 +79,3 @@ async def evaluate(parsed: EvaluateBody) -> Response:
     is f ± q·sqrt(J·C·Jᵀ) with the exact Jacobian J; the band of a new observation adds the
     residual variance. Without a covariance the bounds are null."""
     return Response(await asyncio.to_thread(_answer, parsed), media_type="application/json")
-
-
-__all__: Any = ["router"]
