@@ -251,7 +251,7 @@ def _compile_chunk(
                 new_p, first, second, step = gradient_step(optimizer, c, p, g, first, second, step)
             elif optimizer == LEVENBERG_MARQUARDT:
                 assert residuals_fn is not None
-                new_p, damping, growth, scale, final = levenberg_marquardt(
+                new_p, damping, growth, scale, final, *_ = levenberg_marquardt(
                     residuals_fn, summary, p, damping, growth, scale, project_fn
                 )
                 stop = tf.where((stop == RUNNING) & final, STEP_TOLERANCE, stop)
@@ -416,10 +416,11 @@ def levenberg_marquardt(
     scale: Any,
     project_fn: Loss | None = None,
     normal: bool = False,
-) -> tuple[Any, Any, Any, Any, Any]:
+) -> LMStep:
     """One Levenberg-Marquardt iteration from ``p``: the new parameters (``p`` if the trial
-    step did not lower the sum of squares), the new damping and growth factor, and whether
-    the fit is done.
+    step did not lower the sum of squares), the new damping and growth factor, whether
+    the fit is done, and the sum of squares and Jᵀr at ``p`` (the loss and its gradient,
+    with no other evaluation of the model).
 
     The Jacobian of the residuals comes from the tape (exact). The step solves
     min ‖J·d + r‖² + λ·‖D·d‖² with MINPACK's scaling (D² the running maximum of diag(JᵀJ):
@@ -439,20 +440,16 @@ def levenberg_marquardt(
     r, jacobian = residuals_and_jacobian(residuals_fn, p, summary)
     scale = tf.maximum(scale, tf.reduce_sum(jacobian * jacobian, axis=-2))
     floored = tf.maximum(scale, 1e-30 * tf.reduce_max(scale, axis=-1, keepdims=True) + 1e-300)
+    jtr = None
     if normal:
         # (ĴᵀĴ + λ·I)·e = -Ĵᵀr with Ĵ = J·D⁻¹ and d = D⁻¹·e, by Cholesky: the columns
         # scaled to unit size first, so the square of J's condition number is only that of
         # its shape, not of its parameters' units.
         inverse = tf.math.rsqrt(floored)
-        scaled = jacobian * inverse[..., None, :]
-        k = p.shape[-1]
-        lhs = tf.linalg.matmul(scaled, scaled, transpose_a=True)
-        lhs += tf.linalg.diag(damping[..., None] * tf.ones_like(p)) + 1e-300 * tf.eye(
-            k, dtype=p.dtype
-        )
-        rhs_n = -tf.linalg.matvec(scaled, r, transpose_a=True)
-        e = tf.linalg.cholesky_solve(tf.linalg.cholesky(lhs), rhs_n[..., None])[..., 0]
+        gram, scaled_jtr = _normal_terms(jacobian * inverse[..., None, :], r)
+        e = _damped_solve(gram, scaled_jtr, damping)
         d = e * inverse
+        jtr = scaled_jtr / inverse
     else:
         diagonal = tf.linalg.diag(tf.sqrt(damping[..., None] * floored))
         augmented = tf.concat([jacobian, diagonal], axis=-2)
@@ -463,7 +460,7 @@ def levenberg_marquardt(
     trial = p + d if project_fn is None else project_fn(p + d, summary)
     d = trial - p
     rss = tf.reduce_sum(r * r, axis=-1)
-    predicted = r + tf.linalg.matvec(jacobian, d)
+    predicted = r + tf.reduce_sum(jacobian * d[..., None, :], axis=-1)  # fuses, as J·d
     predicted_decrease = rss - tf.reduce_sum(predicted * predicted, axis=-1)
     r_trial = residuals_fn(trial, summary)
     rss_trial = tf.reduce_sum(r_trial * r_trial, axis=-1)
@@ -479,7 +476,86 @@ def levenberg_marquardt(
     new_growth = tf.where(better, 2.0 * one, 2.0 * growth)
     small = tf.norm(d, axis=-1) <= LM_XTOL * (tf.norm(p, axis=-1) + LM_XTOL)
     done = (better & small) | (new_damping > MAX_DAMPING)
-    return tf.where(better[..., None], trial, p), new_damping, new_growth, scale, done
+    if jtr is None:
+        jtr = tf.linalg.matvec(jacobian, r, transpose_a=True)
+    return LMStep(
+        tf.where(better[..., None], trial, p), new_damping, new_growth, scale, done, rss, jtr
+    )
+
+
+class LMStep(NamedTuple):
+    """What :func:`levenberg_marquardt` returns (see there)."""
+
+    params: Any
+    damping: Any
+    growth: Any
+    scale: Any
+    done: Any
+    rss: Any
+    jtr: Any
+
+
+#: Up to this many parameters, the normal equations of a batch are formed and solved entry
+#: by entry (sums of column products and an unrolled Cholesky factorization: elementwise ops
+#: over the batch that XLA fuses), not by batched matrix kernels. Measured on 1,024 sets of
+#: 128 points and 3 parameters, XLA on CPU: the Levenberg-Marquardt step 5.9 -> 3.9 ms.
+UNROLLED_K = 12
+
+
+def _normal_terms(jacobian: Any, r: Any) -> tuple[Any, Any]:
+    """JᵀJ (as a symmetric k x k nested list of [...] tensors, or one [..., k, k] tensor
+    past ``UNROLLED_K``) and Jᵀr ([..., k])."""
+    k = jacobian.shape[-1]
+    if k > UNROLLED_K:
+        return (
+            tf.linalg.matmul(jacobian, jacobian, transpose_a=True),
+            tf.linalg.matvec(jacobian, r, transpose_a=True),
+        )
+    columns = [jacobian[..., i] for i in range(k)]
+    gram: list[list[Any]] = [[None] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i + 1):
+            gram[i][j] = gram[j][i] = tf.reduce_sum(columns[i] * columns[j], axis=-1)
+    return gram, tf.stack([tf.reduce_sum(column * r, axis=-1) for column in columns], axis=-1)
+
+
+def _damped_solve(gram: Any, jtr: Any, damping: Any) -> Any:
+    """e with (JᵀJ + λ·I)·e = -Jᵀr, by Cholesky (``gram`` as :func:`_normal_terms` gives
+    it)."""
+    k = jtr.shape[-1]
+    if not isinstance(gram, list):
+        lhs = (
+            gram
+            + tf.linalg.diag(damping[..., None] * tf.ones_like(jtr))
+            + 1e-300 * tf.eye(k, dtype=jtr.dtype)
+        )
+        return tf.linalg.cholesky_solve(tf.linalg.cholesky(lhs), -jtr[..., None])[..., 0]
+    a = [[gram[i][j] + (damping + 1e-300 if i == j else 0.0) for j in range(k)] for i in range(k)]
+    b = [-jtr[..., i] for i in range(k)]
+    lower: list[list[Any]] = [[None] * k for _ in range(k)]
+    for j in range(k):  # A = L·Lᵀ, column by column
+        diagonal = a[j][j]
+        for m in range(j):
+            diagonal = diagonal - lower[j][m] * lower[j][m]
+        lower[j][j] = tf.sqrt(diagonal)
+        for i in range(j + 1, k):
+            entry = a[i][j]
+            for m in range(j):
+                entry = entry - lower[i][m] * lower[j][m]
+            lower[i][j] = entry / lower[j][j]
+    y: list[Any] = [None] * k
+    for i in range(k):  # L·y = b
+        entry = b[i]
+        for m in range(i):
+            entry = entry - lower[i][m] * y[m]
+        y[i] = entry / lower[i][i]
+    x: list[Any] = [None] * k
+    for i in reversed(range(k)):  # Lᵀ·x = y
+        entry = y[i]
+        for m in range(i + 1, k):
+            entry = entry - lower[m][i] * x[m]
+        x[i] = entry / lower[i][i]
+    return tf.stack(x, axis=-1)
 
 
 #: One compiled loop per (update rule, stopping rules on?).

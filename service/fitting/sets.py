@@ -412,24 +412,32 @@ def _compile(
             s = dict(zip(layout.names, values, strict=True))
             p = s["params"]
             running = tf.equal(status, code(RUNNING))
-            with tf.GradientTape() as tape:
-                tape.watch(p)
-                loss = loss_fn(p, summary)
-                total = tf.reduce_sum(loss)  # each row's gradient: rows share no parameters
-            g = tape.gradient(total, p)
             first, second, step = s["first"], s["second"], s["step"]
             best, stall = s["best"], s["stall"]
             damping, growth, scale = s["damping"], s["growth"], s["scale"]
+            final = None
+            if optimizer in GRADIENT_RULES:
+                with tf.GradientTape() as tape:
+                    tape.watch(p)
+                    loss = loss_fn(p, summary)
+                    total = tf.reduce_sum(loss)  # each row's gradient: rows share no parameters
+                g = tape.gradient(total, p)
+            else:
+                # The loss (Σr²/Σw) and its gradient (2·Jᵀr/Σw) come from the step's own
+                # residuals and Jacobian at p: no further evaluation of the model, no tape.
+                assert residuals_fn is not None
+                new_p, damping, growth, scale, final, rss, jtr = levenberg_marquardt(
+                    residuals_fn, summary, p, damping, growth, scale, project_fn, normal=True
+                )
+                weight = spec.summary.columns(summary)[spec.spread]
+                loss = rss / weight
+                g = 2.0 * jtr / weight[:, None]
             stop = tf.fill([rows], code(RUNNING))
             if stopping:
                 stop, best, stall = stopping_rule(c, loss, g, best, stall, tf.float64)
-            if optimizer in GRADIENT_RULES:
+            if final is None:
                 new_p, first, second, step = gradient_step(optimizer, c, p, g, first, second, step)
             else:
-                assert residuals_fn is not None
-                new_p, damping, growth, scale, final = levenberg_marquardt(
-                    residuals_fn, summary, p, damping, growth, scale, project_fn, normal=True
-                )
                 stop = tf.where(tf.equal(stop, code(RUNNING)) & final, code(STEP_TOLERANCE), stop)
             if project_fn is not None:
                 new_p = project_fn(new_p, summary)

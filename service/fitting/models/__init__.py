@@ -107,8 +107,9 @@ class ModelSpec:
     #: Options the model takes beyond the training options (e.g. the Gaussian's reduction),
     #: with their defaults.
     options: Mapping[str, Any] = ()  # type: ignore[assignment]
-    #: Least squares: the (weighted) residuals whose sum of squares over Σw is the loss, on
-    #: the same parameters and summary. With them the loop offers Levenberg-Marquardt.
+    #: Least squares: the (weighted) residuals whose sum of squares over Σw (the ``spread``
+    #: field) is the loss, on the same parameters and summary. With them the loop offers
+    #: Levenberg-Marquardt (whose batched loop reads the loss from its own residuals).
     residuals: Loss | None = None
     #: Parameters -> the nearest allowed ones (bounds, by projection after every update).
     project: Loss | None = None
