@@ -191,6 +191,7 @@ def _compile_chunk(
     residuals_fn: Loss | None = None,
     project_fn: Loss | None = None,
     xla: bool = True,
+    jacobian_fn: Loss | None = None,
 ) -> Any:
     """An XLA-compiled loop (without ``xla``, a plain graph: see ``ModelSpec.xla``) of up to
     ``chunk`` epochs of the reference post's GradientTape step on ``loss_fn`` (``k``
@@ -252,8 +253,9 @@ def _compile_chunk(
             elif optimizer == LEVENBERG_MARQUARDT:
                 assert residuals_fn is not None
                 new_p, damping, growth, scale, final, *_ = levenberg_marquardt(
-                    residuals_fn, summary, p, damping, growth, scale, project_fn
-                )
+                    residuals_fn, summary, p, damping, growth, scale, project_fn,
+                    jacobian_fn=jacobian_fn,
+                )  # fmt: skip
                 stop = tf.where((stop == RUNNING) & final, STEP_TOLERANCE, stop)
             else:  # newton
                 hessian = tf.reshape(at["hessian"], [k, k])
@@ -416,6 +418,7 @@ def levenberg_marquardt(
     scale: Any,
     project_fn: Loss | None = None,
     normal: bool = False,
+    jacobian_fn: Loss | None = None,
 ) -> LMStep:
     """One Levenberg-Marquardt iteration from ``p``: the new parameters (``p`` if the trial
     step did not lower the sum of squares), the new damping and growth factor, whether
@@ -437,7 +440,10 @@ def levenberg_marquardt(
     Written for one set (``p`` [k], scalar damping) and for every set of a batch at once
     (``p`` [B, k], damping [B]) alike: each row takes its own step.
     """
-    r, jacobian = residuals_and_jacobian(residuals_fn, p, summary)
+    if jacobian_fn is None:
+        r, jacobian = residuals_and_jacobian(residuals_fn, p, summary)
+    else:  # the model's own: one pass (an expression's duals)
+        r, jacobian = jacobian_fn(p, summary)
     scale = tf.maximum(scale, tf.reduce_sum(jacobian * jacobian, axis=-2))
     floored = tf.maximum(scale, 1e-30 * tf.reduce_max(scale, axis=-1, keepdims=True) + 1e-300)
     jtr = None
@@ -644,6 +650,7 @@ class FitEngine:
                     residuals_fn=spec.residuals,
                     project_fn=spec.project,
                     xla=spec.xla,
+                    jacobian_fn=spec.residuals_jacobian,
                 )
 
     def _forget(self, name: str) -> None:

@@ -80,6 +80,11 @@ Array = npt.NDArray[np.float64]
 TILE = 1024
 #: Epochs per compiled call: a row whose set ended takes the next set between calls.
 CALL_EPOCHS = 8
+#: When every set has its own row (nothing waits to take a row), a call runs up to this many
+#: epochs, and about ``CALL_WORK`` summary values x epochs (the deadline is checked between
+#: calls): fewer calls, each ending with the curvature of every row.
+LONG_CALL_EPOCHS = 128
+CALL_WORK = 1 << 22
 MIN_ROWS = 4
 #: Rows whose statistics are computed at once (their extended-precision temporaries, about
 #: 6 x 16 bytes a padded point, stay ~100 MB for 1,024 rows of 16,384 points).
@@ -244,7 +249,7 @@ class _SetLoop:
         computing. Between calls (``CALL_EPOCHS`` epochs) the deadline is checked."""
         spec = self.spec
         sets = len(summaries)
-        key = _loop_key(self.engine, spec.name, sets, self.optimizer.name, self.stopping.enabled)
+        key = _loop_key(self.engine, spec, sets, self.optimizer.name, self.stopping.enabled)
         _, rows, chunk, _, _ = key
         loop = set_loop(self.engine, spec, key)
         summary = np.repeat(summaries[0][None], rows, 0)
@@ -347,12 +352,15 @@ LoopKey = tuple[str, int, int, ExpressionOptimizer, bool]
 
 
 def _loop_key(
-    engine: FitEngine, name: str, sets: int, optimizer: ExpressionOptimizer, stopping: bool
+    engine: FitEngine, spec: ModelSpec, sets: int, optimizer: ExpressionOptimizer, stopping: bool
 ) -> LoopKey:
-    """Which compiled loop ``sets`` sets of the spec ``name`` run in: its rows (a tile of at
-    most ``TILE``) and epochs per call, with the update rule and the stopping rules."""
+    """Which compiled loop ``sets`` sets of ``spec`` run in: its rows (a tile of at most
+    ``TILE``) and epochs per call, with the update rule and the stopping rules."""
     rows = min(rows_bucket(sets), TILE)
-    return name, rows, max(1, min(engine.epochs_per_call, CALL_EPOCHS)), optimizer, stopping
+    chunk = CALL_EPOCHS
+    if sets <= rows:  # no set waits for a row: longer calls, bounded in work
+        chunk = max(CALL_EPOCHS, min(LONG_CALL_EPOCHS, CALL_WORK // (rows * spec.summary.size)))
+    return spec.name, rows, max(1, min(engine.epochs_per_call, chunk)), optimizer, stopping
 
 
 def set_loop(engine: FitEngine, spec: ModelSpec, key: LoopKey) -> Any:
@@ -379,7 +387,7 @@ def expression_sets_compiled(
     spec = engine.expressions.peek(expression, n)
     if spec is None:
         return False
-    loop = engine.set_loops.get(_loop_key(engine, spec.name, sets, optimizer, stopping))
+    loop = engine.set_loops.get(_loop_key(engine, spec, sets, optimizer, stopping))
     return loop is not None and loop.experimental_get_tracing_count() > 0
 
 
@@ -427,8 +435,9 @@ def _compile(
                 # residuals and Jacobian at p: no further evaluation of the model, no tape.
                 assert residuals_fn is not None
                 new_p, damping, growth, scale, final, rss, jtr = levenberg_marquardt(
-                    residuals_fn, summary, p, damping, growth, scale, project_fn, normal=True
-                )
+                    residuals_fn, summary, p, damping, growth, scale, project_fn, normal=True,
+                    jacobian_fn=spec.residuals_jacobian,
+                )  # fmt: skip
                 weight = spec.summary.columns(summary)[spec.spread]
                 loss = rss / weight
                 g = 2.0 * jtr / weight[:, None]

@@ -111,6 +111,9 @@ class ModelSpec:
     #: field) is the loss, on the same parameters and summary. With them the loop offers
     #: Levenberg-Marquardt (whose batched loop reads the loss from its own residuals).
     residuals: Loss | None = None
+    #: The residuals and their exact Jacobian ([..., n, k]) in one pass, where the model
+    #: has them so (None: one forward-mode accumulator per parameter).
+    residuals_jacobian: Callable[[Any, Any], tuple[Any, Any]] | None = None
     #: Parameters -> the nearest allowed ones (bounds, by projection after every update).
     project: Loss | None = None
     #: The same residuals in numpy, for parameters given as numbers or as jets

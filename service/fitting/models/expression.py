@@ -48,6 +48,7 @@ from service.fitting.options import Scaling
 from service.fitting.results import FitResult, FitStats
 from service.fitting.scaling import IDENTITY, Coordinates
 from service.fitting.stats import AtFit, WeightSummary
+from service.fitting.tangents import DUALS, Dual
 
 Array = np.ndarray[Any, np.dtype[Any]]
 
@@ -132,6 +133,14 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
             [p[..., i : i + 1] for i in range(k)], summary, TENSORFLOW, tf.sqrt
         )
 
+    def residuals_jacobian(p: Any, summary: Any) -> tuple[Any, Any]:
+        r = weighted_residuals(
+            Dual.parameters([p[..., i : i + 1] for i in range(k)]), summary, DUALS, tf.sqrt
+        )
+        if not isinstance(r, Dual):  # no parameter reaches the model
+            return r, tf.zeros([*r.shape, k], r.dtype)
+        return r.value, r.jacobian()
+
     def numpy_residuals(p: Sequence[Any], summary: Array) -> Any:  # numbers or jets
         return weighted_residuals(list(p), summary, JETS, np.sqrt)
 
@@ -206,6 +215,7 @@ def expression_spec(expression: Expression, size: int, xla: bool = True) -> Mode
         dummy=(0.0,) * (layout.size - 2 * k - 1) + (1.0,) + (-math.inf,) * k + (math.inf,) * k,
         dummy_start=(0.0,) * k,
         residuals=residuals,
+        residuals_jacobian=residuals_jacobian,
         project=project,
         numpy_residuals=numpy_residuals,
         options={"bounds": None, "exact": None, "absolute_sigma": False},
