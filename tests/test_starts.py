@@ -5,11 +5,13 @@ single start stops in a local minimum."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from scipy.optimize import curve_fit, least_squares
 
 from service.fitting import starts
 from tests import nist
@@ -107,6 +109,119 @@ async def test_too_many_starts_is_a_422_naming_it(client: httpx.AsyncClient) -> 
     big = {"expression": "a*x + b", "parameters": {"a": 1.0, "b": 0.0}}
     r = await client.post(FIT, json=big | {"x": x.tolist(), "y": x.tolist(), "starts": 32})
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "too_much_expression_work"
+
+
+async def test_batch_runs_count_against_the_batch_limits(client: httpx.AsyncClient) -> None:
+    """Each set's starts are rows of one loop holding the set's data: sets x starts is
+    capped by TAPEFIT_MAX_BATCH (10,000), and so is the .npy twin (located in the query)."""
+    shared = {"expression": "a*x + b", "parameters": {"a": 1.0, "b": 0.0}}
+    datasets = [{"x": [0.0, 1.0, 2.0], "y": [0.0, 1.0, 2.1]}] * 157
+    r = await client.post(
+        "/v1/fits/expression/batch", json=shared | {"datasets": datasets, "starts": 64}
+    )
+    assert r.status_code == 422, r.text[:300]
+    error = r.json()["detail"][0]
+    assert error["loc"] == ["body", "starts"] and error["type"] == "too_many_runs"
+    assert "157 data sets x 64 starts = 10048 runs" in error["msg"]
+    ok = await client.post(
+        "/v1/fits/expression/batch", json=shared | {"datasets": datasets[:2], "starts": 64}
+    )
+    assert ok.status_code == 200 and ok.json()["succeeded"] == 2
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((157, 2, 3)) + np.arange(3.0))
+    r = await client.post(
+        "/v1/fits/expression/batch/binary",
+        content=buffer.getvalue(),
+        params={"expression": "a*x + b", "parameters": '{"a": 1, "b": 0}', "starts": "64"},
+        headers={"content-type": "application/x-npy"},
+    )
+    assert r.status_code == 422, r.text[:300]
+    error = r.json()["detail"][0]
+    assert error["loc"] == ["query", "starts"] and error["type"] == "too_many_runs"
+
+
+def _periodic() -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Callers' units: t in the thousands of seconds, a 0.5 swing on 1e7 (noise 0.05)."""
+    rng = np.random.default_rng(11)
+    t = np.sort(rng.uniform(0.0, 5000.0, 400))
+    y = 1e7 + 0.5 * np.sin(2 * np.pi * t / 731.0 + 0.8) + rng.normal(0.0, 0.05, t.size)
+    body = {
+        "expression": "c + a*sin(w*t + p)",
+        "parameters": {"c": 1e7, "a": 1.0, "w": 0.02, "p": 0.0},
+        "x": {"t": t.tolist()},
+        "y": y.tolist(),
+    }
+    return body, t, y
+
+
+async def test_multi_start_in_callers_units_finds_the_period(client: httpx.AsyncClient) -> None:
+    """From w = 0.02 (a 314 s period; the true one is 731 s) a single start stops in a
+    local minimum; 16 starts find the global one. The reference is scipy's least_squares
+    from the true values with the exact Jacobian and tight tolerances: the same sum of
+    squares to 1e-7 (float64 resolves these residuals, ~0.05 on 1e7, to ~2e-8) and the
+    same curve to 1e-4 of the swing (the answer's sign convention for w may differ)."""
+    body, t, y = _periodic()
+
+    def model(theta: np.ndarray) -> np.ndarray:
+        c, a, w, p = theta
+        return c + a * np.sin(w * t + p)
+
+    def jacobian(theta: np.ndarray) -> np.ndarray:
+        _, a, w, p = theta
+        phase = w * t + p
+        return -np.stack(
+            [np.ones_like(t), np.sin(phase), a * t * np.cos(phase), a * np.cos(phase)], axis=1
+        )
+
+    ref = least_squares(
+        lambda theta: y - model(theta), [1e7, 0.5, 2 * np.pi / 731.0, 0.8], jac=jacobian,
+        x_scale="jac", xtol=1e-15, ftol=1e-15, gtol=1e-15, method="lm",
+    )  # fmt: skip
+    ref_rss = float(np.sum(ref.fun**2))
+    one = (await client.post(FIT, json=body)).json()
+    assert one["converged"] and one["stats"]["rss"] > 40.0 * ref_rss
+    r = await client.post(FIT, json=body | {"starts": 16, "seed": 1})
+    assert r.status_code == 200, r.text[:400]
+    many = r.json()
+    assert many["converged"]
+    assert many["stats"]["rss"] == pytest.approx(ref_rss, rel=1e-7)
+    got = model(np.array([many["params"][name] for name in ("c", "a", "w", "p")]))
+    assert np.max(np.abs(got - model(ref.x))) <= 1e-4 * 0.5
+    assert abs(many["params"]["w"]) == pytest.approx(abs(ref.x[2]), rel=1e-6)
+    found = many["stats"]["starts"]
+    assert found["runs"] == 16 and found["at_best"] >= 1
+    assert found["next_rss"] is not None and found["next_rss"] > 40.0 * ref_rss
+
+
+async def test_multi_start_on_tiny_values(client: httpx.AsyncClient) -> None:
+    """A Hill binding curve in molar units (x from 1e-10 to 1e-5 M, a top of 2.5e-9, noise
+    2e-11) from a start two decades off in kd: the answer is scipy curve_fit's from the true
+    values to 1e-6, and several starts reach it."""
+    rng = np.random.default_rng(12)
+    x = np.geomspace(1e-10, 1e-5, 40)
+    y = 2.5e-9 * x**1.6 / (3e-7**1.6 + x**1.6) + rng.normal(0.0, 2e-11, x.size)
+
+    def hill(x: np.ndarray, top: float, kd: float, h: float) -> np.ndarray:
+        return np.asarray(top * x**h / (kd**h + x**h))
+
+    popt, pcov = curve_fit(hill, x, y, p0=[2.5e-9, 3e-7, 1.6], xtol=1e-15, ftol=1e-15, gtol=1e-15)
+    body = {
+        "expression": "top*x**h/(kd**h + x**h)",
+        "parameters": {"top": 1e-9, "kd": 1e-5, "h": 3.0},
+        "x": x.tolist(),
+        "y": y.tolist(),
+        "starts": 16,
+        "seed": 1,
+    }
+    r = await client.post(FIT, json=body)
+    assert r.status_code == 200, r.text[:400]
+    answer = r.json()
+    assert answer["converged"]
+    for name, want, se in zip(("top", "kd", "h"), popt, np.sqrt(np.diag(pcov)), strict=True):
+        assert answer["params"][name] == pytest.approx(want, rel=1e-6), name
+        assert answer["stats"]["std_errors"][name] == pytest.approx(se, rel=1e-4), name
+    found = answer["stats"]["starts"]
+    assert found["runs"] == 16 and found["at_best"] >= 2
 
 
 async def check_far_start(client: httpx.AsyncClient, name: str) -> None:

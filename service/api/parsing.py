@@ -38,6 +38,7 @@ from service.api.schemas import (
     LinearFitRequest,
     LinearParams,
     check_batch,
+    check_batch_starts,
     constant_error,
     context_limit,
     length_error,
@@ -562,6 +563,10 @@ def parse_expression_batch(
         check_batch(len(datasets), sum(lengths), request.epochs, request.history_step(), context)
     except PydanticCustomError as error:
         return Invalid([_error(["body", "datasets"], error)])
+    try:
+        check_batch_starts(len(datasets), sum(lengths), request.starts, context)
+    except PydanticCustomError as error:
+        return Invalid([_error(["body", "starts"], error)])
     errors = _datasets_errors(datasets, variables, context)
     plan = None
     if not errors:
@@ -605,6 +610,10 @@ def parse_expression_batch_binary(
     if isinstance(data, Invalid):
         return data
     sets, _, n = data.shape
+    try:
+        check_batch_starts(sets, sets * n, options.starts, context)
+    except PydanticCustomError as error:
+        return Invalid([_error(["query", "starts"], error)])
     errors: ErrorList = []
     for name in variables:
         if not name.isidentifier() or name in FUNCTIONS or name in CONSTANTS:

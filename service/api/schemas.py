@@ -690,6 +690,30 @@ def check_batch(
             )
 
 
+def check_batch_starts(sets: int, points: int, starts: int, context: dict[str, Any] | None) -> None:
+    """A multi-start batch's runs (each set's starts are rows of one loop, each holding its
+    set's data) within the batch limits: sets x starts at most TAPEFIT_MAX_BATCH, and all
+    points x starts at most TAPEFIT_MAX_POINTS."""
+    if starts <= 1:
+        return
+    limit = context_limit(context, "max_batch")
+    if limit is not None and sets * starts > limit:
+        raise PydanticCustomError(
+            "too_many_runs",
+            "{sets} data sets x {starts} starts = {runs} runs exceed {limit} "
+            "(TAPEFIT_MAX_BATCH); ask for fewer starts or send fewer sets",
+            {"sets": sets, "starts": starts, "runs": sets * starts, "limit": limit},
+        )
+    limit = context_limit(context, "max_points")
+    if limit is not None and points * starts > limit:
+        raise PydanticCustomError(
+            "too_many_runs",
+            "{points} points x {starts} starts = {work} exceed {limit} (TAPEFIT_MAX_POINTS); "
+            "ask for fewer starts or send fewer points",
+            {"points": points, "starts": starts, "work": points * starts, "limit": limit},
+        )
+
+
 class LinearBatchRequest(BatchOptions):
     """Fit y = slope·x + intercept to many data sets at once, in one vectorized loop. Set i
     without `initial` starts like a single fit with seed `seed + i`."""
