@@ -164,7 +164,7 @@ async def test_multi_start_in_callers_units_finds_the_period(client: httpx.Async
 
     def model(theta: np.ndarray) -> np.ndarray:
         c, a, w, p = theta
-        return c + a * np.sin(w * t + p)
+        return np.asarray(c + a * np.sin(w * t + p))
 
     def jacobian(theta: np.ndarray) -> np.ndarray:
         _, a, w, p = theta
