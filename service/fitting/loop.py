@@ -417,7 +417,6 @@ def levenberg_marquardt(
     growth: Any,
     scale: Any,
     project_fn: Loss | None = None,
-    normal: bool = False,
     jacobian_fn: Loss | None = None,
 ) -> LMStep:
     """One Levenberg-Marquardt iteration from ``p``: the new parameters (``p`` if the trial
@@ -425,11 +424,13 @@ def levenberg_marquardt(
     the fit is done, and the sum of squares and Jᵀr at ``p`` (the loss and its gradient,
     with no other evaluation of the model).
 
-    The Jacobian of the residuals comes from the tape (exact). The step solves
-    min ‖J·d + r‖² + λ·‖D·d‖² with MINPACK's scaling (D² the running maximum of diag(JᵀJ):
-    with the current diagonal alone, NIST's MGH17 from its far start ends in a wrong
-    minimum), by a QR factorization
-    of [J; √λ·D] (never forming JᵀJ, whose condition number is the square of J's). The
+    The Jacobian of the residuals is exact (the model's own one-pass duals, or forward-mode
+    autodiff). The step solves min ‖J·d + r‖² + λ·‖D·d‖² with MINPACK's scaling (D² the
+    running maximum of diag(JᵀJ): with the current diagonal alone, NIST's MGH17 from its far
+    start ends in a wrong minimum), by the normal equations of the unit-scaled columns and
+    Cholesky. (It was a QR factorization of [J; √λ·D], which never forms JᵀJ: 2.2x slower a
+    fit here, 3.2-4.1 ms against 1.4-1.8 ms for 33 iterations on 1,000 points, with the
+    same NIST digits, every problem and start at 6 or more either way.) The
     damping follows Nielsen (1999), as in Madsen, Nielsen and Tingleff's "Methods for
     non-linear least squares problems": with "rho" the actual over the predicted decrease of the
     sum of squares, a step with rho > 0 is taken and λ ← λ·max(1/3, 1 - (2·rho - 1)³), nu ← 2;
@@ -446,23 +447,12 @@ def levenberg_marquardt(
         r, jacobian = jacobian_fn(p, summary)
     scale = tf.maximum(scale, tf.reduce_sum(jacobian * jacobian, axis=-2))
     floored = tf.maximum(scale, 1e-30 * tf.reduce_max(scale, axis=-1, keepdims=True) + 1e-300)
-    jtr = None
-    if normal:
-        # (ĴᵀĴ + λ·I)·e = -Ĵᵀr with Ĵ = J·D⁻¹ and d = D⁻¹·e, by Cholesky: the columns
-        # scaled to unit size first, so the square of J's condition number is only that of
-        # its shape, not of its parameters' units.
-        inverse = tf.math.rsqrt(floored)
-        gram, scaled_jtr = _normal_terms(jacobian * inverse[..., None, :], r)
-        e = _damped_solve(gram, scaled_jtr, damping)
-        d = e * inverse
-        jtr = scaled_jtr / inverse
-    else:
-        diagonal = tf.linalg.diag(tf.sqrt(damping[..., None] * floored))
-        augmented = tf.concat([jacobian, diagonal], axis=-2)
-        rhs = tf.concat([-r, tf.zeros_like(p)], axis=-1)
-        q, upper = tf.linalg.qr(augmented)
-        qt_rhs = tf.linalg.matvec(q, rhs, transpose_a=True)
-        d = tf.linalg.triangular_solve(upper, qt_rhs[..., None], lower=False)[..., 0]
+    # (ĴᵀĴ + λ·I)·e = -Ĵᵀr with Ĵ = J·D⁻¹ and d = D⁻¹·e, by Cholesky: the columns scaled
+    # to unit size first, so the square of J's condition number is only that of its shape,
+    # not of its parameters' units.
+    inverse = tf.math.rsqrt(floored)
+    gram, scaled_jtr = _normal_terms(jacobian * inverse[..., None, :], r)
+    d = _damped_solve(gram, scaled_jtr, damping) * inverse
     trial = p + d if project_fn is None else project_fn(p + d, summary)
     d = trial - p
     rss = tf.reduce_sum(r * r, axis=-1)
@@ -482,10 +472,14 @@ def levenberg_marquardt(
     new_growth = tf.where(better, 2.0 * one, 2.0 * growth)
     small = tf.norm(d, axis=-1) <= LM_XTOL * (tf.norm(p, axis=-1) + LM_XTOL)
     done = (better & small) | (new_damping > MAX_DAMPING)
-    if jtr is None:
-        jtr = tf.linalg.matvec(jacobian, r, transpose_a=True)
     return LMStep(
-        tf.where(better[..., None], trial, p), new_damping, new_growth, scale, done, rss, jtr
+        tf.where(better[..., None], trial, p),
+        new_damping,
+        new_growth,
+        scale,
+        done,
+        rss,
+        scaled_jtr / inverse,
     )
 
 

@@ -185,7 +185,9 @@ def _step(
     lower: Array,
     upper: Array,
 ) -> tuple[Array, float, float, Array, bool, Any]:
-    """:func:`~service.fitting.loop.levenberg_marquardt` of one set (its QR form), its sums
+    """:func:`~service.fitting.loop.levenberg_marquardt` of one set, its step by a QR
+    factorization of [J; √λ·D] (the compiled loop solves the normal equations, which XLA
+    runs faster; NumPy's QR of one small set costs no more, and never forms JᵀJ), its sums
     of squares in extended precision (``rss`` at ``p``); also the new point's sum."""
     k = p.size
     scale = np.maximum(scale, np.sum(jac * jac, axis=0))

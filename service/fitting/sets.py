@@ -435,7 +435,7 @@ def _compile(
                 # residuals and Jacobian at p: no further evaluation of the model, no tape.
                 assert residuals_fn is not None
                 new_p, damping, growth, scale, final, rss, jtr = levenberg_marquardt(
-                    residuals_fn, summary, p, damping, growth, scale, project_fn, normal=True,
+                    residuals_fn, summary, p, damping, growth, scale, project_fn,
                     jacobian_fn=spec.residuals_jacobian,
                 )  # fmt: skip
                 weight = spec.summary.columns(summary)[spec.spread]
