@@ -118,6 +118,54 @@ def goodput(server: Server, seconds: int, rounds: int = 2) -> Goodput:
 
 
 @dataclass
+class CustomModel:
+    """A cached custom-model fit (NIST's Misra1a from its first start) over HTTP: tapefit
+    against FastAPI + curve_fit hard-coded to that one model (:mod:`bench.curve_fit_peer`)."""
+
+    peer: Load
+    tapefit: Load
+    #: The certified digits (LRE) of b1 in each answer.
+    peer_digits: float
+    tapefit_digits: float
+
+    @property
+    def ratio(self) -> float:
+        good = self.tapefit.rps * (1 - self.tapefit.errors / max(1, self.tapefit.requests))
+        return good / self.peer.rps
+
+
+def custom_model(server: Server, seconds: int, rounds: int = 2) -> CustomModel:
+    """16 connections of Misra1a fits against each, loaded one after the other ``rounds``
+    times over; each one's best round. Both answers are checked against NIST first."""
+    from tests import nist
+
+    problem = nist.load("Misra1a")
+    body = json.dumps(
+        {
+            "expression": problem.expression,
+            "parameters": problem.starts[0],
+            "x": nist.json_x(problem),
+            "y": problem.y.tolist(),
+        }
+    ).encode()
+    headers = {"content-type": "application/json"}
+    path = "/v1/fits/expression"
+    with peer("bench.curve_fit_peer") as peer_url:
+        digits = []
+        for url in (peer_url, server.url):
+            answer = httpx.post(url + path, content=body, headers=headers, timeout=60).json()
+            digits.append(nist.lre(answer["params"]["b1"], problem.certified["b1"]))
+            assert digits[-1] >= 6.0, (url, answer)
+            load(url, path, body, 2, CONNECTIONS)  # warm (and compile)
+        runs = [
+            [load(url, path, body, seconds, CONNECTIONS) for url in (peer_url, server.url)]
+            for _ in range(rounds)
+        ]
+    theirs, ours = (max(each, key=lambda r: r.rps) for each in zip(*runs, strict=True))
+    return CustomModel(theirs, ours, digits[0], digits[1])
+
+
+@dataclass
 class LongFit:
     points: int
     epochs: int
