@@ -251,6 +251,27 @@ def overload() -> Overload:
     return result
 
 
+def custom_report(c: CustomModel, driver: str, seconds: int) -> str:
+    """The custom-model rows: tapefit against FastAPI + curve_fit, and their ratio."""
+    lines = [
+        f"A cached custom-model fit over HTTP ({driver}, {seconds} s each, 2 rounds, each "
+        "server's best): NIST's Misra1a from its first start, 14 points, 2 parameters:",
+        "",
+        "| server | requests | req/s | refused or failed | p50 | p99 | p99/p50 | b1 digits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r, digits in (
+        ("peer: FastAPI + pydantic + scipy curve_fit (Misra1a only)", c.peer, c.peer_digits),
+        ("tapefit `POST /v1/fits/expression`, default settings", c.tapefit, c.tapefit_digits),
+    ):
+        lines.append(
+            f"| {name} | {r.requests:,} | {r.rps:,.0f} | {r.errors} | {r.p50_ms:.2f} ms "
+            f"| {r.p99_ms:.2f} ms | {r.p99_ms / r.p50_ms:.1f} | {digits:.1f} |"
+        )
+    lines += ["", f"- tapefit's successful fits/s over the curve_fit peer's: {c.ratio:.2f}x"]
+    return "\n".join(lines)
+
+
 def report(g: Goodput, long: LongFit | None, o: Overload, driver: str) -> str:
     rows = [
         ("peer: FastAPI + pydantic + numpy.polyfit", g.peer),

@@ -275,6 +275,8 @@ class HttpReport:
     batch: BatchBench
     driver: str
     good: goodput.Goodput
+    custom: goodput.CustomModel
+    seconds: int
     long_fit: goodput.LongFit | None
     overload: goodput.Overload
 
@@ -295,6 +297,7 @@ def run(quick: bool) -> HttpReport:
             total += load(server.url, "/v1/fits/linear", body, 3).requests
         rss_after, fit_rss_after = rss_mib(server), fit_process_rss_mib(server)
         good = goodput.goodput(server, seconds)
+        custom = goodput.custom_model(server, seconds)
         long = goodput.long_fit(server)
         big = None if quick else big_requests(server)
         batch = batch_bench(server, 1_000 if quick else 10_000)
@@ -316,6 +319,8 @@ def run(quick: bool) -> HttpReport:
         batch,
         driver,
         good,
+        custom,
+        seconds,
         long,
         overload,
     )
@@ -388,4 +393,5 @@ def report(r: HttpReport) -> str:
         f"| {bb.numpy_loop / bb.batch_npy:.1f}x faster |",
     ]
     lines += ["", goodput.report(r.good, r.long_fit, r.overload, r.driver)]
+    lines += ["", goodput.custom_report(r.custom, r.driver, r.seconds)]
     return "\n".join(lines)
