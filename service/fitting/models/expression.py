@@ -279,74 +279,85 @@ def stats_of_rows(
     rss = rss_long.astype(np.float64)
     # s²·(JᵀWJ)⁻¹, or (JᵀWJ)⁻¹ where the weights are 1/sigma² of the true sigma (absolute_sigma).
     scale = sigma2 if known_sigma is None else np.where(known_sigma, 1.0, sigma2)
-    covariances = _covariances(jacobians, scale)
+    covariance, usable = _covariances(jacobians, scale)
+    # Every row's numbers as arrays at once, then as lists (non-finite values None).
+    with np.errstate(all="ignore"):
+        se = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
+        corr = covariance / (se[:, :, None] * se[:, None, :])
+        corr[:, np.arange(k), np.arange(k)] = 1.0
+        count = used.astype(np.float64)
+        fitted = (rss > 0.0) & np.isfinite(rss)
+        loglik = np.where(
+            fitted,
+            -0.5 * count * (LOG_2PI + np.log(rss / count) + 1.0)
+            + 0.5 * np.array([ws.log_sum for ws in weights]),
+            np.nan,
+        )
+        r_squared = np.where(tss > 0.0, 1.0 - rss / tss, np.nan)
+        residual_std = np.where((dof > 0) & (sigma2 >= 0.0), np.sqrt(sigma2), np.nan)
+    unusable = ~usable[:, None]
+    se_rows = _listed(np.where(unusable, np.nan, se))
+    cov_rows = _listed(np.where(unusable[:, :, None], np.nan, covariance))
+    corr_rows = _listed(np.where(unusable[:, :, None], np.nan, corr))
+    logliks, r2s, stds, rsses = (
+        _listed(values) for values in (loglik, r_squared, residual_std, rss)
+    )
     out = []
     for i, fit in enumerate(fits):
-        ws, covariance = weights[i], covariances[i]
-        std_errors: tuple[float | None, ...] = (None,) * k
-        correlation: tuple[tuple[float | None, ...], ...] = tuple((None,) * k for _ in range(k))
-        cov_out: tuple[tuple[float | None, ...], ...] = correlation
-        if covariance is not None:
-            se = np.sqrt(np.diag(covariance))
-            std_errors = tuple(_finite(s) for s in se)
-            cov_out = tuple(tuple(_finite(c) for c in row) for row in covariance)
-            with np.errstate(all="ignore"):
-                corr = covariance / np.outer(se, se)
-            np.fill_diagonal(corr, 1.0)
-            correlation = tuple(tuple(_finite(c) for c in row) for row in corr)
-        rss_i, count = float(rss[i]), int(used[i])
-        loglik = (
-            -0.5 * count * (LOG_2PI + math.log(rss_i / count) + 1.0) + 0.5 * ws.log_sum
-            if rss_i > 0.0 and math.isfinite(rss_i)
-            else None
-        )
+        ws, rss_i, count_i, ll = weights[i], float(rss[i]), int(used[i]), logliks[i]
         step = fit.point.newton_vector()
         out.append(
             FitStats(
                 names=names,
                 n=ws.points,
-                n_used=count,
+                n_used=count_i,
                 dof=int(dof[i]),
                 loss=rss_i / ws.total,
                 gradient_norm=_finite(fit.point.gradient_norm),
                 newton_step=None if step is None else _finite(float(np.linalg.norm(step))),
-                std_errors=std_errors,
-                covariance=cov_out,
-                correlation=correlation,
-                log_likelihood=loglik,
-                aic=None if loglik is None else 2.0 * k - 2.0 * loglik,
-                bic=None if loglik is None else k * math.log(count) - 2.0 * loglik,
+                std_errors=tuple(se_rows[i]),
+                covariance=tuple(map(tuple, cov_rows[i])),
+                correlation=tuple(map(tuple, corr_rows[i])),
+                log_likelihood=ll,
+                aic=None if ll is None else 2.0 * k - 2.0 * ll,
+                bic=None if ll is None else k * math.log(count_i) - 2.0 * ll,
                 closed_form=None,
                 closed_form_loss=None,
                 gap=None,
-                r_squared=_finite(1.0 - rss_i / tss[i]) if tss[i] > 0.0 else None,
-                residual_std=(
-                    _finite(math.sqrt(sigma2[i])) if dof[i] > 0 and sigma2[i] >= 0.0 else None
-                ),
-                rss=_finite(rss_i),
+                r_squared=r2s[i],
+                residual_std=stds[i],
+                rss=rsses[i],
             )
         )
     return out
 
 
-def _covariances(jacobians: Array, sigma2: Array) -> list[Array | None]:
+def _covariances(jacobians: Array, sigma2: Array) -> tuple[Array, npt.NDArray[np.bool_]]:
     """s²·(JᵀJ)⁻¹ of each row through J = QR, so (JᵀJ)⁻¹ = R⁻¹R⁻ᵀ (the weight-0 padding's
-    zero rows change nothing); None where J is rank-deficient or s² is undefined."""
+    zero rows change nothing), and which rows have one: not where J is rank-deficient or s²
+    is undefined (their rows hold NaN)."""
     rows, k = jacobians.shape[0], jacobians.shape[-1]
     usable = np.isfinite(sigma2) & np.all(np.isfinite(jacobians), axis=(1, 2))
-    out: list[Array | None] = [None] * rows
+    covariance = np.full((rows, k, k), np.nan)
     if k == 0 or not usable.any():
-        return out
+        return covariance, usable & (k > 0)
     _, upper = np.linalg.qr(np.where(usable[:, None, None], jacobians, 0.0))
     diagonal = np.abs(np.diagonal(upper, axis1=1, axis2=2))
     usable &= diagonal.min(axis=1) > 1e-14 * diagonal.max(axis=1)
     eye = np.broadcast_to(np.eye(k), upper.shape)
     safe = np.where(usable[:, None, None], upper, eye)
     inverse = np.linalg.solve(safe, eye)
-    covariance = sigma2[:, None, None] * (inverse @ np.swapaxes(inverse, 1, 2))
-    for i in np.flatnonzero(usable):
-        out[i] = covariance[i]
-    return out
+    with np.errstate(all="ignore"):
+        product = sigma2[:, None, None] * (inverse @ np.swapaxes(inverse, 1, 2))
+    covariance[usable] = product[usable]
+    return covariance, usable
+
+
+def _listed(values: Array) -> Any:
+    """``values.tolist()`` with every non-finite number None (what the answers say)."""
+    listed = values.astype(object)
+    listed[~np.isfinite(values)] = None
+    return listed.tolist()
 
 
 def _finite(value: Any) -> float | None:
