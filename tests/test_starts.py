@@ -15,7 +15,7 @@ from scipy.optimize import curve_fit, least_squares
 
 from service.fitting import starts
 from tests import nist
-from tests.conftest import module_scoped
+from tests.conftest import app_settings, module_scoped, running_app
 
 pytestmark = pytest.mark.anyio
 anyio_backend, client = module_scoped()
@@ -138,6 +138,22 @@ async def test_batch_runs_count_against_the_batch_limits(client: httpx.AsyncClie
     assert r.status_code == 422, r.text[:300]
     error = r.json()["detail"][0]
     assert error["loc"] == ["query", "starts"] and error["type"] == "too_many_runs"
+
+
+async def test_batch_points_times_starts_count_against_the_points_limit() -> None:
+    """With TAPEFIT_MAX_POINTS at 1,000, two sets of 300 points fit with one start each
+    (600 points) and not with two (1,200), a 422 naming starts."""
+    x = np.linspace(0.0, 3e3, 300)
+    datasets = [{"x": x.tolist(), "y": (2e-3 * x + 1e7).tolist()}] * 2
+    body = {"expression": "a*x + b", "parameters": {"a": 1e-3, "b": 1e7}, "datasets": datasets}
+    async with running_app(app_settings(max_points=1000)) as app:
+        ok = await app.post("/v1/fits/expression/batch", json=body)
+        assert ok.status_code == 200 and ok.json()["succeeded"] == 2, ok.text[:300]
+        r = await app.post("/v1/fits/expression/batch", json=body | {"starts": 2})
+    assert r.status_code == 422, r.text[:300]
+    error = r.json()["detail"][0]
+    assert error["loc"] == ["body", "starts"] and error["type"] == "too_many_runs"
+    assert "600 points x 2 starts = 1200 points exceed 1000" in error["msg"]
 
 
 def _periodic() -> tuple[dict[str, Any], np.ndarray, np.ndarray]:

@@ -696,22 +696,26 @@ def check_batch_starts(sets: int, points: int, starts: int, context: dict[str, A
     points x starts at most TAPEFIT_MAX_POINTS."""
     if starts <= 1:
         return
-    limit = context_limit(context, "max_batch")
-    if limit is not None and sets * starts > limit:
-        raise PydanticCustomError(
-            "too_many_runs",
-            "{sets} data sets x {starts} starts = {runs} runs exceed {limit} "
-            "(TAPEFIT_MAX_BATCH); ask for fewer starts or send fewer sets",
-            {"sets": sets, "starts": starts, "runs": sets * starts, "limit": limit},
-        )
-    limit = context_limit(context, "max_points")
-    if limit is not None and points * starts > limit:
-        raise PydanticCustomError(
-            "too_many_runs",
-            "{points} points x {starts} starts = {work} exceed {limit} (TAPEFIT_MAX_POINTS); "
-            "ask for fewer starts or send fewer points",
-            {"points": points, "starts": starts, "work": points * starts, "limit": limit},
-        )
+    for key, setting, amount, what, total in (
+        ("max_batch", "TAPEFIT_MAX_BATCH", sets, "data sets", "runs"),
+        ("max_points", "TAPEFIT_MAX_POINTS", points, "points", "points"),
+    ):
+        limit = context_limit(context, key)
+        if limit is not None and amount * starts > limit:
+            raise PydanticCustomError(
+                "too_many_runs",
+                "{amount} {what} x {starts} starts = {product} {total} exceed {limit} "
+                "({setting}); ask for fewer starts or send fewer {what}",
+                {
+                    "amount": amount,
+                    "what": what,
+                    "starts": starts,
+                    "product": amount * starts,
+                    "total": total,
+                    "limit": limit,
+                    "setting": setting,
+                },
+            )
 
 
 class LinearBatchRequest(BatchOptions):

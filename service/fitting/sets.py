@@ -400,7 +400,7 @@ def _compile(
     loss history [chunk, rows], each row's loss, gradient and Hessian where it is, and the
     epochs each row ran."""
     layout = state_layout(spec.k)
-    loss_fn, residuals_fn, project_fn = spec.loss, spec.residuals, spec.project
+    loss_fn, project_fn = spec.loss, spec.project
     signature = [
         tf.TensorSpec([rows, spec.summary.size], tf.float64),
         tf.TensorSpec([rows, layout.size], tf.float64),
@@ -423,31 +423,23 @@ def _compile(
             first, second, step = s["first"], s["second"], s["step"]
             best, stall = s["best"], s["stall"]
             damping, growth, scale = s["damping"], s["growth"], s["scale"]
-            final = None
             if optimizer in GRADIENT_RULES:
                 with tf.GradientTape() as tape:
                     tape.watch(p)
                     loss = loss_fn(p, summary)
                     total = tf.reduce_sum(loss)  # each row's gradient: rows share no parameters
                 g = tape.gradient(total, p)
-            else:
-                # The loss (Σr²/Σw) and its gradient (2·Jᵀr/Σw) come from the step's own
-                # residuals and Jacobian at p: no further evaluation of the model, no tape.
-                assert residuals_fn is not None
-                new_p, damping, growth, scale, final, rss, jtr = levenberg_marquardt(
-                    residuals_fn, summary, p, damping, growth, scale, project_fn,
-                    jacobian_fn=spec.residuals_jacobian,
-                )  # fmt: skip
-                weight = spec.summary.columns(summary)[spec.spread]
-                loss = rss / weight
-                g = 2.0 * jtr / weight[:, None]
+            else:  # the loss from the step's own residuals
+                lm = levenberg_marquardt(spec, summary, p, damping, growth, scale)
+                loss, g = lm.loss, lm.gradient
             stop = tf.fill([rows], code(RUNNING))
             if stopping:
                 stop, best, stall = stopping_rule(c, loss, g, best, stall, tf.float64)
-            if final is None:
+            if optimizer in GRADIENT_RULES:
                 new_p, first, second, step = gradient_step(optimizer, c, p, g, first, second, step)
             else:
-                stop = tf.where(tf.equal(stop, code(RUNNING)) & final, code(STEP_TOLERANCE), stop)
+                new_p, damping, growth, scale = lm.params, lm.damping, lm.growth, lm.scale
+                stop = tf.where(tf.equal(stop, code(RUNNING)) & lm.done, code(STEP_TOLERANCE), stop)
             if project_fn is not None:
                 new_p = project_fn(new_p, summary)
             history = history.write(i, loss)

@@ -249,3 +249,43 @@ def test_whether_a_batch_must_compile_is_known_before_it_runs() -> None:
     _fit(sets, expression, engine, epochs=50)
     assert compiled(5) and compiled(8)  # the same tile of 8 rows
     assert not compiled(9)  # 16 rows: another loop
+
+
+def test_more_parameters_than_the_unrolled_solve_takes() -> None:
+    """Past UNROLLED_K (12) parameters the step's normal equations are solved by batched
+    matrix kernels: a model linear in 14 parameters, t in the thousands of seconds on a level
+    of 1e7, fitted by the single loop and as a batch of two sets, equals numpy's least
+    squares (lstsq on the same design) to 1e-6 of each standard error."""
+    from service.fitting.loop import UNROLLED_K
+
+    harmonics = 13
+    assert harmonics + 1 > UNROLLED_K
+    names = ("c", *(f"a{j}" for j in range(1, harmonics + 1)))
+    text = " + ".join(["c", *(f"a{j}*sin({j}*t/900 + {0.3 * j:.1f})" for j in range(1, 14))])
+    expression = parse(text, ("t",), names)
+    rng = np.random.default_rng(8)
+    t = np.sort(rng.uniform(0.0, 5000.0, 300))
+    design = np.column_stack(
+        [np.ones_like(t), *(np.sin(j * t / 900 + round(0.3 * j, 1)) for j in range(1, 14))]
+    )
+    truth = np.concatenate([[1e7], rng.uniform(-2.0, 2.0, harmonics)])
+    ys = [design @ truth + rng.normal(0.0, 0.1, t.size) for _ in range(2)]
+    start = (1e7 - 1.0, *([0.0] * harmonics))
+    engine = FitEngine()
+    single = engine.fit(
+        "expression", t, ys[0], learning_rate=1.0, epochs=200, initial=list(start),
+        optimizer=LM, options={"expression": expression}, scaling="none",
+    )  # fmt: skip
+    batch = fit_sets(
+        engine, "expression", [SetData((t, y), start) for y in ys], learning_rate=1.0,
+        epochs=200, options={"expression": expression}, optimizer=LM,
+    )  # fmt: skip
+    for fit, y in ((single, ys[0]), *zip(batch, ys, strict=True)):
+        assert isinstance(fit, FitResult) and fit.converged, fit
+        want, rss, *_ = np.linalg.lstsq(design, y, rcond=None)
+        se = np.sqrt(np.diag(rss[0] / (t.size - harmonics - 1) * np.linalg.inv(design.T @ design)))
+        got = np.array([fit.params[name] for name in names])
+        assert np.all(np.abs(got - want) <= 1e-6 * se), np.max(np.abs(got - want) / se)
+        # lstsq's float64 residuals resolve y (~1e7) to eps·|y|: its rss to ~2·eps·|y|/rms.
+        resolution = 2.0 * np.finfo(float).eps * float(np.max(np.abs(y))) / np.sqrt(rss[0] / t.size)
+        assert fit.stats.rss == pytest.approx(float(rss[0]), rel=4 * resolution)
