@@ -16,6 +16,7 @@ from scipy.optimize import curve_fit
 
 from tests import nist
 from tests.conftest import app_settings, running_app
+from tests.optimum import assert_same_optimum, resolution_se
 
 pytestmark = pytest.mark.anyio
 
@@ -38,13 +39,11 @@ def _decays(count: int, seed: int) -> list[dict[str, Any]]:
     return sets
 
 
-def _same_optimum(got: dict[str, Any], want: dict[str, Any]) -> None:
-    """Equal to 1e-9 relatively, or within 1e-6 of the standard error (the sum of squares
-    is flat to float64's resolution over ~1e-7 standard errors at the optimum)."""
-    for name, value in want["params"].items():
-        se = want["stats"]["std_errors"][name]
-        gap = abs(got["params"][name] - value)
-        assert gap <= 1e-9 * abs(value) or (se is not None and gap <= 1e-6 * se), name
+def _same_optimum(got: dict[str, Any], want: dict[str, Any], one: dict[str, Any]) -> None:
+    """The same optimum of set ``one``, to the float64 resolution of its sum of squares."""
+    stats = want["stats"]
+    tolerance = resolution_se(one["y"], stats["rss"], stats["dof"], one.get("weights"))
+    assert_same_optimum(got["params"], want["params"], stats["std_errors"], tolerance)
 
 
 async def test_each_entry_is_the_single_fit_of_its_set(client: httpx.AsyncClient) -> None:
@@ -65,7 +64,7 @@ async def test_each_entry_is_the_single_fit_of_its_set(client: httpx.AsyncClient
         single = await client.post(FIT, json=body | {"x": one["x"], "y": one["y"]})
         assert single.status_code == 200
         want, got = single.json(), entry["result"]
-        _same_optimum(got, want)
+        _same_optimum(got, want, one)
         assert got["start"] == want["start"] == shared | one["parameters"]
         for key in ("n", "stop_reason", "converged", "warnings", "history_every"):
             assert got[key] == want[key], key
@@ -134,7 +133,7 @@ async def test_a_named_model_guesses_each_sets_start(client: httpx.AsyncClient) 
     for one, entry in zip(sets, r.json()["results"], strict=True):
         single = (await client.post(FIT, json={"model": "michaelis_menten", **one})).json()
         assert entry["result"]["start"] == single["start"]  # guessed from its own data
-        _same_optimum(entry["result"], single)
+        _same_optimum(entry["result"], single, one)
 
 
 @pytest.mark.parametrize(

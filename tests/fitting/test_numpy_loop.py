@@ -21,6 +21,7 @@ from service.fitting.results import FitDiverged, FitResult
 from service.fitting.stats import curvature as tf_curvature
 from service.fitting.stats import residuals_and_jacobian
 from tests import nist
+from tests.optimum import assert_same_optimum, resolution_se
 
 LM = Optimizer("levenberg_marquardt")
 
@@ -152,8 +153,8 @@ def test_the_numpy_loop_answers_what_the_compiled_loop_answers(
     stopping: Stopping, bounds: dict[str, tuple[float | None, float | None]] | None
 ) -> None:
     """The same fit by both loops (each its own engine): parameters equal to 1e-9
-    relatively, or within 1e-6 of their standard error (the sum of squares is flat to
-    float64 there, and where each loop stops in that is rounding), the same standard errors
+    relatively, or within the float64 resolution of the sum of squares in standard errors
+    (:mod:`tests.optimum`: where each loop stops in that is rounding), the same standard errors
     to 1e-6, and the same stop reason, convergence, warnings and statistics otherwise."""
     t, y, w = _decay(3)
     expression = parse("c + a*exp(-t/k)", ("t",), ("c", "a", "k"))
@@ -179,10 +180,10 @@ def test_the_numpy_loop_answers_what_the_compiled_loop_answers(
         )
         assert _expression_traces(engine) == (0 if uncompiled else 1)
     ours, theirs = answers
-    for i, name in enumerate(("c", "a", "k")):
-        se = theirs.stats.std_errors[i]
-        gap = abs(ours.params[name] - theirs.params[name])
-        assert gap <= max(1e-9 * abs(theirs.params[name]), 1e-6 * (se or 0.0)), name
+    assert theirs.stats.rss is not None
+    tolerance = resolution_se(y, theirs.stats.rss, theirs.stats.dof, w)
+    assert_same_optimum(ours.params, theirs.params, theirs.stats.std_errors, tolerance)
+    for i, se in enumerate(theirs.stats.std_errors):
         if se is not None:
             assert ours.stats.std_errors[i] == pytest.approx(se, rel=1e-6)
     assert ours.stop_reason == theirs.stop_reason

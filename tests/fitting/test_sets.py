@@ -17,6 +17,7 @@ from service.fitting.options import Optimizer, OptimizerName, Stopping
 from service.fitting.results import DegenerateData, FitDiverged, FitError, FitResult
 from service.fitting.sets import LM, SetData, expression_sets_compiled, fit_sets, rows_bucket
 from tests import nist
+from tests.optimum import assert_same_optimum, resolution_se
 
 ENGINE = FitEngine()
 #: As the expression routes fit by default: no loss tolerance (Levenberg-Marquardt's
@@ -71,13 +72,11 @@ def _close(a: float | None, b: float | None, rtol: float) -> bool:
     return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-300)
 
 
-def _same_optimum(got: FitResult, want: FitResult) -> None:
-    """Equal parameters: to 1e-9 relatively, or within 1e-6 of their standard error. (At
-    the optimum the sum of squares is flat to float64's resolution over ~1e-7 standard
-    errors, so two fits whose steps round differently may end anywhere in that.)"""
-    for j, name in enumerate(want.params):
-        a, b, se = got.params[name], want.params[name], want.stats.std_errors[j]
-        assert _close(a, b, 1e-9) or (se is not None and abs(a - b) <= 1e-6 * se), (name, a, b)
+def _same_optimum(got: FitResult, want: FitResult, one: SetData) -> None:
+    """The same optimum of set ``one``, to the float64 resolution of its sum of squares."""
+    assert want.stats.rss is not None
+    tolerance = resolution_se(one.data[-1], want.stats.rss, want.stats.dof, one.weights)
+    assert_same_optimum(got.params, want.params, want.stats.std_errors, tolerance)
 
 
 def test_each_set_answers_what_its_single_fit_answers() -> None:
@@ -90,7 +89,7 @@ def test_each_set_answers_what_its_single_fit_answers() -> None:
     for one, got in zip(sets, batch, strict=True):
         assert isinstance(got, FitResult), got
         want = _single(one)
-        _same_optimum(got, want)
+        _same_optimum(got, want, one)
         for g, w in zip(got.stats.std_errors, want.stats.std_errors, strict=True):
             assert _close(g, w, 1e-7)
         assert _close(got.stats.rss, want.stats.rss, 1e-7)
@@ -128,7 +127,7 @@ def test_weights_are_each_sets_own() -> None:
     ]
     for one, got in zip(sets, _fit(sets), strict=True):
         assert isinstance(got, FitResult)
-        _same_optimum(got, _single(one))
+        _same_optimum(got, _single(one), one)
 
 
 def test_a_failing_set_fails_alone() -> None:
@@ -146,7 +145,7 @@ def test_a_failing_set_fails_alone() -> None:
     for i in (0, 2, 5):
         got = results[i]
         assert isinstance(got, FitResult)
-        _same_optimum(got, _single(sets[i]))
+        _same_optimum(got, _single(sets[i]), sets[i])
     constant_fit = results[3]  # fitted: a decay of height ~0 on the constant
     assert isinstance(constant_fit, FitResult)
     assert constant_fit.stats.rss is not None and constant_fit.stats.rss <= 1e-12 * 1e14
