@@ -18,6 +18,7 @@ from service.api.deps import Admitted, admission
 from service.api.openapi import binary_body, json_only_body
 from service.api.parsing import (
     NPY,
+    ExactDecimals,
     ExpressionPlan,
     Parsed,
     parse_expression,
@@ -593,14 +594,8 @@ async def _sets(
     xs = list(zip(*(split(f"x:{name}") for name in expression.variables), strict=True))
     ys, weights = split("y"), split("weights")
     exact = None
-    if f"exact:x:{expression.variables[0]}" in arrays:
-        exact = list(
-            zip(
-                *(split(f"exact:x:{name}") for name in expression.variables),
-                split("exact:y"),
-                strict=True,
-            )
-        )
+    if "exact:body" in arrays:  # read where the statistics need it
+        exact = ExactDecimals(arrays["exact:body"].tobytes(), expression.variables)
     names = expression.parameters
 
     def starts() -> list[dict[str, float]]:
@@ -620,7 +615,7 @@ async def _sets(
             (*xs[i], ys[i]),
             tuple(given[i].values()),
             weights=weights[i] if arrays["weighted"][i] else None,
-            options=None if exact is None else {"exact": exact[i]},
+            options=None if exact is None else {"exact": exact.of(i)},
         )
         for i in range(len(ys))
     )

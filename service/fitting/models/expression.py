@@ -105,6 +105,10 @@ def named(expression: Expression, result: FitResult) -> FitResult:
     )
 
 
+#: A set's data read from its decimal text: the variables and y, or a callable reading them.
+Exact = Sequence[Array] | Callable[[], Sequence[Array]]
+
+
 def bucket(n: int) -> int:
     """The padded length of n points: the next power of two, at least MIN_BUCKET."""
     return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
@@ -240,41 +244,52 @@ def stats_of_rows(
     fits: Sequence[AtFit],
     summaries: Array,
     weights: Sequence[WeightSummary],
-    exact: Sequence[Sequence[Array] | None],
+    exact: Sequence[Exact | None],
     jacobians: Array,
     known_sigma: npt.NDArray[np.bool_] | None = None,
 ) -> list[FitStats]:
     """The statistics of B fits of one spec at once ([B, S] summaries, [B, size, k]
     Jacobians at the fits), each as its single fit reports them, in NIST's convention.
     ``exact``: per fit, the variables and y read from the request's decimal text in
-    extended precision, or None (float64 data round each value by up to 1.1e-16
-    relatively, and on a fit as close as Lanczos1's that alone moves the residual sum of
-    squares in its third digit)."""
+    extended precision (or a callable reading them), or None: float64 data round each
+    value by up to 1.1e-16 relatively, and on a fit as close as Lanczos1's that alone moves
+    the residual sum of squares in its third digit. They are used (and read) for the rows
+    where that rounding could move a sum of squares by more than ``EXACT_RTOL``."""
     names = expression.parameters
     k, v, rows = len(names), len(expression.variables), len(fits)
     columns = layout.columns(summaries)
     x = np.asarray(columns["x"], dtype=np.longdouble).reshape(rows, v, size)
     y = np.asarray(columns["y"], dtype=np.longdouble)
     w = np.asarray(columns["w"], dtype=np.longdouble)
-    for i, given in enumerate(exact):
-        if given is not None:
-            n = weights[i].points
-            x[i, :, :n] = np.array(given[:-1], dtype=np.longdouble).reshape(v, n)
-            y[i, :n] = np.asarray(given[-1], dtype=np.longdouble)
-    params = np.array([fit.params for fit in fits], dtype=np.longdouble)
+    at = np.array([fit.params for fit in fits], dtype=np.longdouble).reshape(rows, k)
+    params = [at[:, j : j + 1] for j in range(k)]
     used = np.array([ws.count for ws in weights])
     dof = used - k
-    with np.errstate(all="ignore"):
-        predicted = evaluate(
-            expression.tree,
-            [params[:, j : j + 1] for j in range(k)],
-            [x[:, j] for j in range(v)],
-            LONG,
-        )
+
+    def sums(x: Any, y: Any) -> tuple[Any, Any, Any]:
+        """The model at x, the rss and the total sum of squares (extended precision)."""
+        predicted = evaluate(expression.tree, params, [x[:, j] for j in range(v)], LONG)
         r = np.sqrt(w) * (y - predicted)  # 0 at the weight-0 padding
-        rss_long = np.sum(r * r, axis=-1)
         mean = np.sum(w * y, axis=-1) / np.sum(w, axis=-1)
-        tss = np.sum(w * (y - mean[:, None]) ** 2, axis=-1).astype(np.float64)
+        return predicted, np.sum(r * r, axis=-1), np.sum(w * (y - mean[:, None]) ** 2, axis=-1)
+
+    with np.errstate(all="ignore"):
+        predicted, rss_long, tss_long = sums(x, y)
+        # The decimal text where float64's rounding of the data could move the sums.
+        wanted = [i for i, given in enumerate(exact) if given is not None]
+        if wanted:
+            moved = _rounding_moves(expression, params, x, y, w, predicted, rss_long, tss_long)
+            wanted = [i for i in wanted if moved[i]]
+        for i in wanted:
+            given = exact[i]
+            assert given is not None
+            values = given() if callable(given) else given
+            n = weights[i].points
+            x[i, :, :n] = np.array(values[:-1], dtype=np.longdouble).reshape(v, n)
+            y[i, :n] = np.asarray(values[-1], dtype=np.longdouble)
+        if wanted:
+            _, rss_long, tss_long = sums(x, y)
+        tss = tss_long.astype(np.float64)
         sigma2 = np.where(dof > 0, (rss_long / np.maximum(dof, 1)).astype(np.float64), np.nan)
     rss = rss_long.astype(np.float64)
     # s²·(JᵀWJ)⁻¹, or (JᵀWJ)⁻¹ where the weights are 1/sigma² of the true sigma (absolute_sigma).
@@ -330,6 +345,46 @@ def stats_of_rows(
             )
         )
     return out
+
+
+#: A set's statistics are computed from its decimal text (``exact``) where float64's rounding
+#: of its data could move its residual or total sum of squares by more than this,
+#: relatively: a fit as close as NIST's Lanczos1 (moved in its third digit), or one on a
+#: background of 1e7 with a noise of 0.1 (~1e-8); not noisy data at its own scale (~1e-13).
+EXACT_RTOL = 1e-12
+#: float64's unit roundoff: a decimal is read within this of its value, relatively.
+ROUNDOFF = 2.0**-53
+
+
+def _rounding_moves(
+    expression: Expression,
+    params: list[Any],
+    x: Any,
+    y: Any,
+    w: Any,
+    predicted: Any,
+    rss: Any,
+    tss: Any,
+) -> npt.NDArray[np.bool_]:
+    """Whether each row's sums of squares could move by more than ``EXACT_RTOL`` of
+    themselves between its float64 data and the decimals they were read from: a first-order
+    bound (each y within ``ROUNDOFF``·|y|; each variable's rounding through the model,
+    evaluated by moving it by as much, in extended precision where that move is exact)."""
+    v = len(expression.variables)
+    shift = ROUNDOFF * np.abs(y)
+    for j in range(v):
+        moved = x.copy()
+        moved[:, j] = x[:, j] * (1 + np.longdouble(ROUNDOFF))
+        at = evaluate(expression.tree, params, [moved[:, i] for i in range(v)], LONG)
+        shift = shift + np.abs(at - predicted)
+    root = np.sqrt(w)
+    r = root * (y - predicted)
+    rss_bound = np.sum(2.0 * np.abs(r) * root * shift + w * shift * shift, axis=-1)
+    mean = np.sum(w * y, axis=-1) / np.sum(w, axis=-1)
+    y_shift = ROUNDOFF * np.abs(y)
+    tss_bound = np.sum(w * (2.0 * np.abs(y - mean[:, None]) * y_shift + y_shift**2), axis=-1)
+    within = (rss_bound <= EXACT_RTOL * rss) & (tss_bound <= EXACT_RTOL * tss)
+    return np.asarray(~within)
 
 
 def _covariances(jacobians: Array, sigma2: Array) -> tuple[Array, npt.NDArray[np.bool_]]:
