@@ -91,8 +91,9 @@ def _model(result: FitResult, t: Any) -> Any:
 
 
 @pytest.mark.parametrize("read", [False, True])
-def test_given_decimals_are_used_the_same_way(read: bool) -> None:
-    """Decimals given as arrays (a single fit's) follow the same rule as a reader's."""
+def test_decimals_given_are_used_and_a_reader_only_where_they_matter(read: bool) -> None:
+    """Decimals given as arrays (a single fit's, read with its body) are always used; a
+    reader's (a batch's) where they move the sums, and then to the same numbers."""
     rng = np.random.default_rng(6)
     t = np.sort(rng.uniform(0.0, 5e3, 60))
     shape = np.exp(-8e-4 * t)
@@ -106,4 +107,11 @@ def test_given_decimals_are_used_the_same_way(read: bool) -> None:
     )  # fmt: skip
     assert isinstance(a, FitResult) and isinstance(b, FitResult)
     assert reader.reads == 1 + int(read)
-    assert a.stats.rss == b.stats.rss and a.params == b.params
+    assert a.params == b.params and a.stats.rss is not None and b.stats.rss is not None
+    # the decimals' own sum (to extended precision's rounding, then float64's)
+    assert b.stats.rss == pytest.approx(float(_exact_rss(b, reader)), rel=1e-15)
+    if read:
+        assert a.stats.rss == b.stats.rss
+    else:
+        assert a.stats.rss != b.stats.rss  # float64's data: another sum, within the bound
+        assert abs(a.stats.rss - b.stats.rss) <= EXACT_RTOL * b.stats.rss

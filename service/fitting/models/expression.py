@@ -251,10 +251,11 @@ def stats_of_rows(
     """The statistics of B fits of one spec at once ([B, S] summaries, [B, size, k]
     Jacobians at the fits), each as its single fit reports them, in NIST's convention.
     ``exact``: per fit, the variables and y read from the request's decimal text in
-    extended precision (or a callable reading them), or None: float64 data round each
+    extended precision, or a callable reading them, or None: float64 data round each
     value by up to 1.1e-16 relatively, and on a fit as close as Lanczos1's that alone moves
-    the residual sum of squares in its third digit. They are used (and read) for the rows
-    where that rounding could move a sum of squares by more than ``EXACT_RTOL``."""
+    the residual sum of squares in its third digit. Decimals given are used; a callable is
+    called only for the rows where that rounding could move a sum of squares by more than
+    ``EXACT_RTOL`` (a batch's decimals are read after its fits, and mostly not at all)."""
     names = expression.parameters
     k, v, rows = len(names), len(expression.variables), len(fits)
     columns = layout.columns(summaries)
@@ -275,11 +276,12 @@ def stats_of_rows(
 
     with np.errstate(all="ignore"):
         predicted, rss_long, tss_long = sums(x, y)
-        # The decimal text where float64's rounding of the data could move the sums.
-        wanted = [i for i, given in enumerate(exact) if given is not None]
-        if wanted:
+        # The decimals: where given, always; where they are still to be read, only for the
+        # rows where float64's rounding of the data could move the sums.
+        wanted = [i for i, given in enumerate(exact) if given is not None and not callable(given)]
+        if lazy := [i for i, given in enumerate(exact) if callable(given)]:
             moved = _rounding_moves(expression, params, x, y, w, predicted, rss_long, tss_long)
-            wanted = [i for i in wanted if moved[i]]
+            wanted += [i for i in lazy if moved[i]]
         for i in wanted:
             given = exact[i]
             assert given is not None
