@@ -274,23 +274,26 @@ def stats_of_rows(
         mean = np.sum(w * y, axis=-1) / np.sum(w, axis=-1)
         return predicted, np.sum(r * r, axis=-1), np.sum(w * (y - mean[:, None]) ** 2, axis=-1)
 
-    with np.errstate(all="ignore"):
-        predicted, rss_long, tss_long = sums(x, y)
-        # The decimals: where given, always; where they are still to be read, only for the
-        # rows where float64's rounding of the data could move the sums.
-        wanted = [i for i, given in enumerate(exact) if given is not None and not callable(given)]
-        if lazy := [i for i, given in enumerate(exact) if callable(given)]:
-            moved = _rounding_moves(expression, params, x, y, w, predicted, rss_long, tss_long)
-            wanted += [i for i in lazy if moved[i]]
-        for i in wanted:
+    def read(rows: Sequence[int]) -> None:
+        """The decimals of these rows in place of their float64 data."""
+        for i in rows:
             given = exact[i]
-            assert given is not None
             values = given() if callable(given) else given
+            assert values is not None
             n = weights[i].points
             x[i, :, :n] = np.array(values[:-1], dtype=np.longdouble).reshape(v, n)
             y[i, :n] = np.asarray(values[-1], dtype=np.longdouble)
-        if wanted:
-            _, rss_long, tss_long = sums(x, y)
+
+    with np.errstate(all="ignore"):
+        # Decimals given are used; those still to be read, only for the rows where float64's
+        # rounding of the data could move the sums.
+        read([i for i, given in enumerate(exact) if given is not None and not callable(given)])
+        predicted, rss_long, tss_long = sums(x, y)
+        if lazy := [i for i, given in enumerate(exact) if callable(given)]:
+            moved = _rounding_moves(expression, params, x, y, w, predicted, rss_long, tss_long)
+            if wanted := [i for i in lazy if moved[i]]:
+                read(wanted)
+                _, rss_long, tss_long = sums(x, y)
         tss = tss_long.astype(np.float64)
         sigma2 = np.where(dof > 0, (rss_long / np.maximum(dof, 1)).astype(np.float64), np.nan)
     rss = rss_long.astype(np.float64)
