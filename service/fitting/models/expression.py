@@ -274,9 +274,9 @@ def stats_of_rows(
         mean = np.sum(w * y, axis=-1) / np.sum(w, axis=-1)
         return predicted, np.sum(r * r, axis=-1), np.sum(w * (y - mean[:, None]) ** 2, axis=-1)
 
-    def read(rows: Sequence[int]) -> None:
+    def read(indices: Sequence[int]) -> None:
         """The decimals of these rows in place of their float64 data."""
-        for i in rows:
+        for i in indices:
             given = exact[i]
             values = given() if callable(given) else given
             assert values is not None
