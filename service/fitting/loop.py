@@ -443,8 +443,15 @@ def levenberg_marquardt(
     # to unit size first, so the square of J's condition number is only that of its shape,
     # not of its parameters' units.
     inverse = tf.math.rsqrt(floored)
-    gram, scaled_jtr = _normal_terms(jacobian * inverse[..., None, :], r)
-    d = _damped_solve(gram, scaled_jtr, damping) * inverse
+    scaled = jacobian * inverse[..., None, :]
+    gram, scaled_jtr = _normal_terms(scaled, r)
+    e = _damped_solve(gram, scaled_jtr, damping)
+    # One step of iterative refinement against Ĵ itself (corrected semi-normal equations):
+    # forming ĴᵀĴ squares the condition number, and on a fit as close as Lanczos1's the
+    # unrefined step left the loop short of the minimum (rss 5e-6 above it).
+    fitted = r + tf.reduce_sum(scaled * e[..., None, :], axis=-1)  # Ĵ·e + r
+    excess = tf.reduce_sum(scaled * fitted[..., None], axis=-2) + damping[..., None] * e
+    d = (e + _damped_solve(gram, excess, damping)) * inverse
     trial = p + d if project_fn is None else project_fn(p + d, summary)
     d = trial - p
     rss = tf.reduce_sum(r * r, axis=-1)
