@@ -44,6 +44,13 @@ FIT_BYTES_PER_POINT = 48.0
 BYTES_PER_HISTORY_VALUE = 64.0
 #: Per batch data set: its summary, statistics and response objects.
 BYTES_PER_SET = 4096.0
+#: Per data set of an expression batch, beyond its points: its prepared data and padded
+#: summary, its run's state, its result and statistics (kept until the answer has streamed),
+#: and the engine's per-row working set. Measured: a 10,000-set x 100-point JSON batch
+#: peaked 430-530 MiB over the warm server (PSS, three runs; 142-456 MiB as .npy) against
+#: 230-313 MiB charged without this, and one 10,000-set batch keeps ~15-19 KB a set from the
+#: end of its fit until its answer has streamed.
+BYTES_PER_EXPRESSION_SET = 24 * 1024
 #: Fixed overhead of any fit request (objects, response, statistics).
 REQUEST_BYTES = 256 * 1024
 
@@ -101,15 +108,17 @@ def fit_cost(
 
 
 def expression_cost(
-    points: int, variables: int, parameters: int, epochs: int, history: int
+    points: int, variables: int, parameters: int, epochs: int, history: int, sets: int = 0
 ) -> Cost:
-    """The cost of an expression fit: its arrays, its Jacobians, its iterations."""
+    """The cost of an expression fit (``sets`` > 0: a batch of that many sets, or rows):
+    its arrays, its Jacobians, its iterations."""
     entries = points * parameters
     memory = (
         REQUEST_BYTES
         + FIT_BYTES_PER_POINT * points * (variables + 2)
         + 8.0 * JACOBIAN_COPIES * entries
         + BYTES_PER_HISTORY_VALUE * history
+        + BYTES_PER_EXPRESSION_SET * sets
     )
     seconds = SECONDS_PER_FIT + epochs * (SECONDS_PER_EPOCH + SECONDS_PER_JACOBIAN_ENTRY * entries)
     return Cost(bytes=memory, seconds=seconds)

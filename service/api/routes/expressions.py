@@ -545,7 +545,7 @@ async def _fit_sets(
         )
     points, k = int(parsed.arrays["lengths"].sum()) * count, len(names)
     history = len(rows) * (body.epochs // body.history_step() + 1)
-    cost = expression_cost(points, len(expression.variables), k, body.epochs, history)
+    cost = expression_cost(points, len(expression.variables), k, body.epochs, history, len(rows))
     job = SetsJob(
         model="expression",
         sets=rows,
