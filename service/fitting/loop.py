@@ -710,7 +710,15 @@ class FitEngine:
     def compiled(self, spec: ModelSpec, optimizer: ExpressionOptimizer, stopping: bool) -> bool:
         """Whether the loop a fit of ``spec`` would run is compiled already (else the fit
         pays tracing and XLA compilation first: seconds for a large expression)."""
-        return (spec.name, (optimizer, stopping)) in self._loops
+        return self._ready(spec, (optimizer, stopping)) is not None
+
+    def _ready(self, spec: ModelSpec, variant: Variant) -> Callable[..., Any] | None:
+        """The compiled caller of a loop of ``spec`` if it is ready now, else None: one
+        lookup under the lock, so that an expression evicted meanwhile (its loops
+        forgotten) reads as not compiled rather than half there."""
+        key = (spec.name, variant)
+        with self._loops_lock:
+            return self._loops.get(key) if key in self._loop_fns else None
 
     # -- the compiled entry points -----------------------------------------------------------
 
@@ -735,8 +743,21 @@ class FitEngine:
         return caller
 
     def _loop(self, spec: ModelSpec, variant: Variant) -> Callable[..., Any]:
+        """The compiled caller of a loop of ``spec``, made on first use. An expression may
+        be evicted from the cache by another thread at any point (:meth:`_forget`): after
+        this fit resolved its spec (then the fit compiles a loop of its own, kept by no
+        cache), or while its loop traced (then the caller serves this fit and is not kept:
+        a kept one would say "compiled" for a model whose loops are gone)."""
         key = (spec.name, variant)
-        return self._caller(self._loops, key, self._loop_fns[key])
+        with self._loops_lock:
+            fn = self._loop_fns.get(key)
+        if fn is None:
+            return _fast_call(_compile_chunk(spec, self.epochs_per_call, *variant))
+        caller = self._caller(self._loops, key, fn)
+        with self._loops_lock:
+            if self._loop_fns.get(key) is not fn and self._loops.get(key) is caller:
+                del self._loops[key]
+        return caller
 
     def _moments(self, spec: ModelSpec, weights: Array | None, data: list[Array]) -> Array:
         """The data's moments: by numpy for small or weighted data (a graph call costs more
@@ -791,11 +812,13 @@ class FitEngine:
         )
         per_call = min(self.epochs_per_call, progress_every or self.epochs_per_call)
         variant = (optimizer.name, stopping.enabled)
-        if numpy_first and spec.numpy_residuals is not None and not self.compiled(spec, *variant):
+        numpy_first = numpy_first and spec.numpy_residuals is not None
+        ready = self._ready(spec, variant) if numpy_first else None
+        if numpy_first and ready is None:
             loop = self._numpy_loop(spec, stopping.enabled)
             per_call = min(per_call, NUMPY_EPOCHS_PER_CALL)  # deadlines checked as often
         else:
-            loop = self._loop(spec, variant)
+            loop = ready if ready is not None else self._loop(spec, variant)
         plan = _Plan(
             loop=loop,
             controls=loop_controls(learning_rate, min(per_call, epochs), optimizer, stopping),

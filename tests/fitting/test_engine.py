@@ -23,6 +23,7 @@ from service.fitting.models.gaussian import moments_graph as gaussian_summary
 from service.fitting.models.linear import moments_graph as linear_summary
 from service.fitting.options import Optimizer, Stopping
 from tests.conftest import seed_gaussian_data, seed_linear_data
+from tests.optimum import assert_same_optimum, resolution_se
 from tests.reference import (
     gaussian_closed_form,
     linear_closed_form,
@@ -431,3 +432,79 @@ def test_a_compiled_caller_outlives_the_eviction_of_its_expression() -> None:
     assert chunk.params.tolist() == pytest.approx(
         [expected.params[name] for name in ("a", "k", "c")], rel=1e-9
     )
+
+
+def test_an_expression_evicted_while_its_loop_traces_is_not_left_compiled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another fit's new spec evicts an expression while its loop is being traced (a
+    compile behind a first fit, on its own thread): the finished caller serves the fit
+    that traced it but is not kept, so the model reads as not compiled, and its next
+    first fit answers from the numpy loop. (A kept caller said "compiled" for a model
+    whose loops were gone, and that fit failed with a KeyError: a 500 seen in CI.)"""
+    from service.fitting import loop as loop_module
+    from service.fitting.expression import parse
+
+    engine = FitEngine(expression_cache_size=4)
+    x, y = _decay()
+    lm = Optimizer("levenberg_marquardt")
+    expression = parse("a*exp(-x/k) + c", ("x",), ("a", "k", "c"))
+    fast_call = loop_module._fast_call
+
+    def evicting(fn: Any) -> Any:  # the trace ends after an eviction
+        caller = fast_call(fn)
+        spec = engine.expressions.peek(expression, x.size)
+        assert spec is not None
+        engine._forget(spec.name)
+        return caller
+
+    def fit(uncompiled: bool) -> Any:
+        return engine.fit(
+            "expression", x, y, learning_rate=1.0, epochs=200, initial=START,
+            options={"expression": expression}, optimizer=lm, scaling="none",
+            uncompiled=uncompiled,
+        )  # fmt: skip
+
+    with monkeypatch.context() as patched:
+        patched.setattr(loop_module, "_fast_call", evicting)
+        traced = fit(uncompiled=False)  # the fit that traced it is answered
+    assert not engine.expression_compiled(expression, x.size, "levenberg_marquardt", False)
+    first = fit(uncompiled=True)  # from the numpy loop: no KeyError
+    assert first.converged and traced.converged and first.stats.rss is not None
+    tolerance = resolution_se(y, first.stats.rss, first.stats.dof)
+    assert_same_optimum(traced.params, first.params, first.stats.std_errors, tolerance)
+
+
+def test_an_expression_evicted_after_its_fit_resolved_it_still_fits() -> None:
+    """The eviction comes between a fit resolving its spec and taking its loop: the fit
+    compiles a loop of its own (kept by no cache) and answers."""
+    from service.fitting.expression import parse
+
+    engine = FitEngine(expression_cache_size=4)
+    x, y = _decay()
+    expression = parse("a*exp(-x/k) + c", ("x",), ("a", "k", "c"))
+    resolve = engine.resolve
+
+    def resolved_then_evicted(*args: Any, **kwargs: Any) -> Any:
+        spec, *rest = resolve(*args, **kwargs)
+        engine._forget(spec.name)
+        return (spec, *rest)
+
+    engine.resolve = resolved_then_evicted  # type: ignore[method-assign]
+    fit = engine.fit(
+        "expression", x, y, learning_rate=1.0, epochs=200, initial=START,
+        options={"expression": expression}, optimizer=Optimizer("levenberg_marquardt"),
+        scaling="none",
+    )  # fmt: skip
+    assert fit.converged
+    assert not engine.expression_compiled(expression, x.size, "levenberg_marquardt", False)
+
+
+#: A decay in callers' units (t to 5e3 s on a background of 1e7, noise 0.1) and its start.
+START = [10.0, 500.0, 9.9e6]
+
+
+def _decay() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(21)
+    x = np.sort(rng.uniform(0.0, 5e3, 60))
+    return x, 1e7 + 40.0 * np.exp(-x / 1.3e3) + rng.normal(0.0, 0.1, x.size)
