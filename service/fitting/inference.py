@@ -143,13 +143,17 @@ def inference(
     std_errors: Sequence[float | None],
     dof: int | None,
     confidence: float,
+    rows: dict[str, dict[str, float | None]] | None = None,
 ) -> dict[str, object]:
-    """``stats.inference`` of one fit: the method, the degrees of freedom and the table."""
+    """``stats.inference`` of one fit: the method, the degrees of freedom and the table
+    (``rows``, if its batch's :func:`tables` gave it already)."""
     return {
         "confidence": confidence,
         "method": "normal" if dof is None else "t",
         "dof": dof,
-        "parameters": table(names, estimates, std_errors, dof, confidence),
+        "parameters": table(names, estimates, std_errors, dof, confidence)
+        if rows is None
+        else rows,
     }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy.optimize import curve_fit
 
+from service.fitting import inference
 from tests import nist
 from tests.conftest import app_settings, running_app
 from tests.optimum import assert_same_optimum, resolution_se
@@ -46,6 +47,22 @@ def _same_optimum(got: dict[str, Any], want: dict[str, Any], one: dict[str, Any]
     assert_same_optimum(got["params"], want["params"], stats["std_errors"], tolerance)
 
 
+def _own_table(result: dict[str, Any]) -> None:
+    """The entry's parameter table (the batch computes them all at once) is exactly the one
+    its own estimates, standard errors and dof give."""
+    stats, names = result["stats"], list(result["params"])
+    table = stats["inference"]
+    want = inference.table(
+        names,
+        list(result["params"].values()),
+        [stats["std_errors"][name] for name in names],
+        table["dof"],
+        table["confidence"],
+    )
+    assert table["parameters"] == want
+    assert table["method"] == ("normal" if table["dof"] is None else "t")
+
+
 async def test_each_entry_is_the_single_fit_of_its_set(client: httpx.AsyncClient) -> None:
     shared = {"a": 1e4, "k": 1e-3, "c": 1e7 + 20.0}
     sets = _decays(9, seed=11)
@@ -70,6 +87,7 @@ async def test_each_entry_is_the_single_fit_of_its_set(client: httpx.AsyncClient
             assert got[key] == want[key], key
         for key in ("dof", "n_used"):
             assert got["stats"][key] == want["stats"][key]
+        _own_table(got)
         for name, se in want["stats"]["std_errors"].items():
             assert got["stats"]["std_errors"][name] == pytest.approx(se, rel=1e-6)
         assert got["stats"]["rss"] == pytest.approx(want["stats"]["rss"], rel=1e-7)
@@ -119,6 +137,15 @@ async def test_a_set_that_cannot_be_fitted_fails_alone(client: httpx.AsyncClient
     for i in (0, 2, 6):
         assert entries[i]["error"] is None and entries[i]["result"]["converged"]
         assert entries[i]["result"]["n"] == len(sets[i]["y"])
+    for i in (0, 2, 3, 6):  # failed sets between: each table is its own set's
+        _own_table(entries[i]["result"])
+    known = await client.post(BATCH, json=body | {"absolute_sigma": True, "confidence": 0.9})
+    assert known.status_code == 200, known.text
+    for i in (0, 2, 6):
+        result = known.json()["results"][i]["result"]
+        assert result["stats"]["inference"]["method"] == "normal"
+        assert result["stats"]["inference"]["confidence"] == 0.9
+        _own_table(result)
 
 
 async def test_a_named_model_guesses_each_sets_start(client: httpx.AsyncClient) -> None:

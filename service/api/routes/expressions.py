@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from functools import partial
 from typing import Any
@@ -421,7 +421,10 @@ def expression_response(
     result: FitResult,
     asked: inference.Reporting,
     predict: Predict | None = None,
+    rows: dict[str, dict[str, float | None]] | None = None,
 ) -> ExpressionFitResponse:
+    """A fit's answer; ``rows``: its parameter table, if its batch computed them all at
+    once (:func:`_tables`)."""
     s = result.stats
     names = list(s.names)
     dof = asked.dof(s.dof)
@@ -467,7 +470,7 @@ def expression_response(
             newton_step=s.newton_step,
             inference=Inference.model_validate(
                 inference.inference(
-                    names, list(result.params.values()), s.std_errors, dof, asked.confidence
+                    names, list(result.params.values()), s.std_errors, dof, asked.confidence, rows
                 )
             ),
             chi2=chi2,
@@ -659,11 +662,14 @@ def _sets_answer(
         "failed": failed,
     }
 
+    table = _tables(results, asked)
+
     def entry(i: int) -> dict[str, Any]:
         result = results[i]
         if isinstance(result, FitError):
             return {"index": i, "result": None, "error": str(result)}
-        answer = expression_response(plan, firsts[i], result, asked)
+        rows = table(i, result.stats.names)
+        answer = expression_response(plan, firsts[i], result, asked, rows=rows)
         if profile_of is not None:
             one = profile_of[i]
             answer = profiled(answer, plan, one.data, one.weights, result, asked.confidence)
@@ -672,6 +678,29 @@ def _sets_answer(
         return {"index": i, "result": answer.model_dump(mode="json"), "error": None}
 
     return batch_pieces(head, len(results), entry)
+
+
+def _tables(
+    results: list[FitResult | FitError], asked: inference.Reporting
+) -> Callable[[int, Sequence[str]], dict[str, dict[str, float | None]]]:
+    """Every fitted set's parameter table, computed at once as [B, k] arrays (the same
+    arithmetic as one fit's, element by element: 0.4 of a 10,000-set answer's 0.7 s went to
+    one table at a time); set ``i``'s rows by parameter name."""
+    fitted = [i for i, r in enumerate(results) if isinstance(r, FitResult)]
+    where = {i: j for j, i in enumerate(fitted)}
+    if not fitted:
+        return lambda i, names: {}
+    done = [r for r in results if isinstance(r, FitResult)]
+    estimates = np.array([list(r.params.values()) for r in done], dtype=np.float64)
+    errors = np.array(
+        [[math.nan if e is None else e for e in r.stats.std_errors] for r in done],
+        dtype=np.float64,
+    )
+    dofs = [asked.dof(r.stats.dof) for r in done]
+    tables = inference.tables(
+        estimates, errors, None if dofs[0] is None else np.array(dofs), asked.confidence
+    )
+    return lambda i, names: tables.row(where[i], names)
 
 
 @router.get(
