@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -662,13 +662,14 @@ def _sets_answer(
         "failed": failed,
     }
 
-    table = _tables(results, asked)
+    # Computed with the first entry, in the answer's thread (not on the event loop).
+    table = cache(partial(_tables, results, asked))
 
     def entry(i: int) -> dict[str, Any]:
         result = results[i]
         if isinstance(result, FitError):
             return {"index": i, "result": None, "error": str(result)}
-        rows = table(i, result.stats.names)
+        rows = table()(i, result.stats.names)
         answer = expression_response(plan, firsts[i], result, asked, rows=rows)
         if profile_of is not None:
             one = profile_of[i]
@@ -688,9 +689,7 @@ def _tables(
     one table at a time); set ``i``'s rows by parameter name."""
     fitted = [i for i, r in enumerate(results) if isinstance(r, FitResult)]
     where = {i: j for j, i in enumerate(fitted)}
-    if not fitted:
-        return lambda i, names: {}
-    done = [r for r in results if isinstance(r, FitResult)]
+    done = [r for r in results if isinstance(r, FitResult)]  # at least one: an entry asks
     estimates = np.array([list(r.params.values()) for r in done], dtype=np.float64)
     errors = np.array(
         [[math.nan if e is None else e for e in r.stats.std_errors] for r in done],
