@@ -687,9 +687,9 @@ def _tables(
     """Every fitted set's parameter table, computed at once as [B, k] arrays (the same
     arithmetic as one fit's, element by element: 0.4 of a 10,000-set answer's 0.7 s went to
     one table at a time); set ``i``'s rows by parameter name."""
-    fitted = [i for i, r in enumerate(results) if isinstance(r, FitResult)]
+    fitted = {i: r for i, r in enumerate(results) if isinstance(r, FitResult)}
     where = {i: j for j, i in enumerate(fitted)}
-    done = [r for r in results if isinstance(r, FitResult)]  # at least one: an entry asks
+    done = list(fitted.values())  # at least one: an entry asks
     estimates = np.array([list(r.params.values()) for r in done], dtype=np.float64)
     errors = np.array(
         [[math.nan if e is None else e for e in r.stats.std_errors] for r in done],
